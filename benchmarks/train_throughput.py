@@ -1,0 +1,114 @@
+"""Training throughput per technique, and the loop's overhead beyond the UNet and the optimizer.
+
+For each technique: images/s, s/step and peak memory of sdtune's training loop, then the same
+model, technique and batch shapes in a bare loop that does only UNet forward + backward +
+optimizer step on fixed tensors. overhead = 1 − bare / loop is the share of step time spent on
+everything else (data, latent sampling, noise, loss, clipping, EMA, logging). Target: < 10 %.
+
+    python benchmarks/train_throughput.py [--steps 30] [--model PATH] [--out results.json]
+
+Defaults to the demo base model (exact SD architecture, 64 px) on demo style-domain data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from sdtune.config import experiment_from_dict
+from sdtune.demo import world
+from sdtune.demo.run import TECHNIQUES, base_model_path
+from sdtune.models import family_for
+from sdtune.records import device_description, package_versions
+from sdtune.techniques import TECHNIQUES as REGISTRY
+from sdtune.techniques import trainable_named_parameters
+from sdtune.train import train_technique
+
+
+def bare_seconds_per_step(experiment, name: str, steps: int, warmup: int = 3) -> float:
+    """UNet forward + backward + AdamW step on fixed tensors of the loop's shapes."""
+    cfg = experiment.train_config_for(name)
+    spec = experiment.techniques[name]
+    bundle = family_for(experiment.model).load(experiment.model)
+    technique = REGISTRY.get(spec.kind)(spec.options)
+    torch.manual_seed(0)
+    technique.prepare(bundle)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    bundle.unet.to(device).train()
+    parameters = list(trainable_named_parameters(bundle).values())
+    optimizer = torch.optim.AdamW(parameters, lr=cfg.learning_rate)
+    side = experiment.data.resolution // 2 ** (len(bundle.vae.config.block_out_channels) - 1)
+    latents = torch.randn(cfg.batch_size, 4, side, side, device=device)
+    tokens = bundle.tokenizer.model_max_length
+    states = torch.randn(cfg.batch_size, tokens, bundle.text_encoder.config.hidden_size, device=device)
+    timesteps = torch.randint(0, 1000, (cfg.batch_size,), device=device)
+    for step in range(warmup + steps):
+        if step == warmup:
+            _sync(device)
+            started = time.perf_counter()
+        for _ in range(cfg.gradient_accumulation_steps):
+            prediction = bundle.unet(latents, timesteps, states, return_dict=False)[0]
+            torch.nn.functional.mse_loss(prediction, latents).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    _sync(device)
+    return (time.perf_counter() - started) / steps
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--model", default=None, help="a diffusers SD folder (default: the demo base model)")
+    parser.add_argument("--resolution", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--accumulation", type=int, default=4)
+    parser.add_argument("--techniques", default=",".join(TECHNIQUES))
+    parser.add_argument("--out", default=None, help="write the results as JSON here")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="sdtune-bench-"))
+    tune, _ = world.split_combos(0)
+    world.write_imagefolder(work / "data", world.sample_scenes(64, 0, "style", combos=tune), args.resolution)
+    names = args.techniques.split(",")
+    experiment = experiment_from_dict({
+        "model": args.model or str(base_model_path()),
+        "data": {"source": str(work / "data"), "resolution": args.resolution, "center_crop": True},
+        "train": {"batch_size": args.batch_size, "gradient_accumulation_steps": args.accumulation,
+                  "max_train_steps": args.steps, "checkpointing_steps": None, "log_every": 1},
+        "techniques": {name: TECHNIQUES[name] for name in names},
+    })
+    results = []
+    for name in names:
+        record = train_technique(experiment, name, work / "runs", progress=False).record
+        bare = bare_seconds_per_step(experiment, name, args.steps)
+        loop = record["timing"]["s_per_step"]
+        results.append({
+            "technique": name, "s_per_step": loop, "images_per_s": record["timing"]["images_per_s"],
+            "peak_memory_bytes": record["memory"]["peak"]["bytes"], "memory_kind": record["memory"]["peak"]["kind"],
+            "bare_s_per_step": bare, "overhead_share": max(0.0, 1 - bare / loop),
+            "trainable_parameters": record["parameters"]["trainable"],
+        })
+    print(f"device: {device_description(torch.device('cuda' if torch.cuda.is_available() else 'cpu'))['name']}, "
+          f"torch threads {torch.get_num_threads()}, batch {args.batch_size}×{args.accumulation}, {args.resolution}px")
+    print("| technique | img/s | s/step | peak memory | loop overhead |")
+    print("|---|---|---|---|---|")
+    for r in results:
+        print(f"| {r['technique']} | {r['images_per_s']:.1f} | {r['s_per_step']:.3f} | "
+              f"{r['peak_memory_bytes'] / 1e6:.0f} MB ({r['memory_kind']}) | {100 * r['overhead_share']:.1f} % |")
+    if args.out:
+        Path(args.out).write_text(json.dumps({"versions": package_versions(), "results": results}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""Resumable checkpoints, written atomically (temp folder + rename) and rotated.
+
+A checkpoint holds only what changes during training: the trainable tensors (safetensors), the
+optimizer, LR-scheduler, EMA and grad-scaler states, the step and the loss history. The data order
+and the noise are pure functions of (seed, step), so nothing else is needed to resume exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+CHECKPOINT_DIR = "checkpoints"
+_NAME = re.compile(r"^checkpoint-(\d+)$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing or does not fit the run being resumed."""
+
+
+def checkpoint_dirs(run_dir: Path) -> list[Path]:
+    """Finished checkpoints of a run, oldest first."""
+    folder = Path(run_dir) / CHECKPOINT_DIR
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _NAME.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    trainable: dict[str, torch.Tensor],
+    training_state: dict[str, Any],
+    total_limit: int | None,
+) -> Path:
+    """Write checkpoint-<step> atomically and delete all but the newest ``total_limit``."""
+    folder = Path(run_dir) / CHECKPOINT_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    final = folder / f"checkpoint-{step:08d}"
+    temporary = folder / f".tmp-checkpoint-{step:08d}"
+    shutil.rmtree(temporary, ignore_errors=True)
+    temporary.mkdir()
+    tensors = {name: tensor.detach().contiguous().cpu() for name, tensor in trainable.items()}
+    save_file(tensors, temporary / "trainable.safetensors", metadata={"format": "pt"})
+    torch.save(training_state, temporary / "training_state.pt")
+    (temporary / "meta.json").write_text(json.dumps({"step": step, "tensors": len(tensors)}, indent=2))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(temporary, final)
+    if total_limit is not None:
+        for old in checkpoint_dirs(run_dir)[:-total_limit]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def resolve_resume(run_dir: Path, resume: str | bool | None) -> Path | None:
+    """``True``/"latest" → the newest checkpoint of the run (None if there is none); a path → it."""
+    if not resume:
+        return None
+    if resume is True or resume == "latest":
+        found = checkpoint_dirs(run_dir)
+        return found[-1] if found else None
+    path = Path(str(resume)).expanduser()
+    if not (path / "trainable.safetensors").exists():
+        raise CheckpointError(f"--resume {str(path)!r}: not a checkpoint folder (no trainable.safetensors)")
+    return path
+
+
+def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    trainable = load_file(Path(path) / "trainable.safetensors")
+    state = torch.load(Path(path) / "training_state.pt", map_location="cpu", weights_only=False)
+    return trainable, state
+
+
+def restore_parameters(parameters: dict[str, torch.nn.Parameter], saved: dict[str, torch.Tensor]) -> None:
+    """Copy saved tensors into the live parameters, checking the names match exactly."""
+    missing = sorted(set(parameters) - set(saved))
+    extra = sorted(set(saved) - set(parameters))
+    if missing or extra:
+        example = (missing or extra)[0]
+        raise CheckpointError(
+            f"checkpoint does not match this technique: {len(missing)} trainable tensors missing and "
+            f"{len(extra)} unexpected (e.g. {example}); resume with the same experiment and technique"
+        )
+    with torch.no_grad():
+        for name, parameter in parameters.items():
+            parameter.copy_(saved[name].to(parameter.device, parameter.dtype))

@@ -1,0 +1,234 @@
+"""``sdtune``: a thin command line over the library; each subcommand calls one public function."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors that are the user's to fix: printed as one line, no traceback."""
+    from sdtune.checkpoint import CheckpointError
+    from sdtune.config import ConfigError
+    from sdtune.data import DataError
+    from sdtune.demo.run import DemoModelMissing
+    from sdtune.generate import RunNotFoundError
+    from sdtune.models import ModelLoadError
+    from sdtune.registry import RegistryError
+    from sdtune.train import RunExistsError
+
+    return (
+        ConfigError, DataError, ModelLoadError, RunExistsError, CheckpointError, RunNotFoundError, RegistryError,
+        DemoModelMissing,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from sdtune.techniques import TECHNIQUES
+
+    parser = argparse.ArgumentParser(
+        prog="sdtune",
+        description="Fine-tune Stable Diffusion with several techniques under identical data and "
+        "hyperparameters, and compare them.",
+        epilog=f"techniques: {', '.join(TECHNIQUES.names())}",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser(
+        "train", help="train the techniques of an experiment file",
+        epilog=f"technique kinds: {', '.join(TECHNIQUES.names())}",
+    )
+    train.add_argument("experiment", help="the experiment YAML file")
+    train.add_argument("--technique", action="append", metavar="NAME", help="train only this technique (repeatable)")
+    train.add_argument("--output", metavar="DIR", help="output folder (default: output_dir of the file or runs/<name>)")
+    train.add_argument(
+        "--resume", nargs="?", const="latest", metavar="PATH",
+        help="continue from the latest checkpoint, or from the checkpoint folder PATH",
+    )
+    train.add_argument("--overwrite", action="store_true", help="replace an existing finished run")
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key, e.g. train.max_train_steps=10")
+
+    generate = commands.add_parser("generate", help="generate images with a trained technique")
+    generate.add_argument("run_dir", help="a run folder: OUTPUT/<technique>")
+    generate.add_argument("--prompt", action="append", required=True, help="a prompt (repeatable)")
+    generate.add_argument("--num-images", type=int, default=4, help="images per prompt (seeds seed, seed+1, …)")
+    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--steps", type=int, default=50, help="inference steps")
+    generate.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
+    generate.add_argument("--scheduler", help="a diffusers scheduler class, e.g. DDIMScheduler")
+    generate.add_argument("--resolution", type=int, help="image side in pixels (default: the training resolution)")
+    generate.add_argument("--out", help="folder for the PNGs (default: RUN_DIR/samples)")
+    generate.add_argument("--no-fuse", action="store_true", help="keep adapters unfused (slower sampling)")
+    compare = commands.add_parser(
+        "compare", help="train every technique, generate the same images, measure, and write the report"
+    )
+    compare.add_argument("experiment", help="the experiment YAML file")
+    compare.add_argument("--output", metavar="DIR", help="output folder (default: output_dir of the file or runs/<name>)")
+    compare.add_argument("--seeds", type=_seed_list, metavar="0,1,2", help="repeat each training once per seed")
+    compare.add_argument("--only", metavar="NAME", help="run only this technique")
+    compare.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key of the file")
+
+    demo = commands.add_parser(
+        "demo", help="the built-in demo: the study in miniature, on a CPU in minutes (or `demo pretrain`)"
+    )
+    demo.add_argument("action", nargs="?", choices=["run", "pretrain"], default="run",
+                      help="run (default): the whole comparison; pretrain: rebuild the demo base model")
+    demo.add_argument("--output", default="demo-output", metavar="DIR", help="output folder (default: demo-output)")
+    demo.add_argument("--quick", action="store_true", help="a few steps only (a smoke test)")
+    demo.add_argument("--out", metavar="DIR", help="pretrain: where to write the base model")
+    demo.add_argument("--unet-steps", type=int, default=3000, help="pretrain: UNet/text-encoder steps")
+    demo.add_argument("--vae-steps", type=int, default=800, help="pretrain: VAE steps")
+
+    export = commands.add_parser("export", help="write a run as a full pipeline with its adapter merged")
+    export.add_argument("run_dir", help="a run folder: OUTPUT/<technique>")
+    export.add_argument("--merged", action="store_true", required=True, help="fold the adapter into the weights")
+    export.add_argument("--out", required=True, metavar="DIR", help="where to write the pipeline")
+    export.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
+
+    report = commands.add_parser("report", help="re-render the report of a comparison from its records")
+    report.add_argument("output", metavar="DIR", help="the comparison's output folder")
+    return parser
+
+
+def _seed_list(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers, e.g. 0,1,2") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore", message=".*torchvision.*")
+    args = build_parser().parse_args(argv)
+    _quiet_libraries()
+    try:
+        return COMMANDS[args.command](args)
+    except _user_errors() as error:
+        print(f"sdtune: error: {error}", file=sys.stderr)
+        return 2
+
+
+def _quiet_libraries() -> None:
+    """Keep the terminal to sdtune's own progress bars and results (library bars and notices off)."""
+    import logging
+
+    for name in ("diffusers", "transformers", "datasets", "accelerate", "huggingface_hub"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        import datasets
+        import diffusers
+        import transformers
+
+        datasets.disable_progress_bars()
+        diffusers.utils.logging.set_verbosity_error()
+        diffusers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+    except (ImportError, AttributeError):
+        pass
+
+
+def _train(args: argparse.Namespace) -> int:
+    from sdtune.config import load_experiment
+    from sdtune.train import train
+
+    experiment = load_experiment(args.experiment, args.set)
+    results = train(experiment, args.technique, args.output, args.resume, args.overwrite)
+    for result in results:
+        record = result.record
+        timing = record["timing"]
+        print(
+            f"{record['technique']['name']}: {result.status} at step {record['steps']['done']}/{record['steps']['max']}, "
+            f"{timing['s_per_step']:.3f} s/step, {timing['images_per_s']:.2f} img/s, "
+            f"{record['bytes_on_disk'] / 1e6:.2f} MB written → {result.run_dir}"
+        )
+        if result.status == "interrupted":
+            print(f"resume with: sdtune train {args.experiment} --technique {record['technique']['name']} --resume")
+            return 130
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from sdtune.generate import generate
+
+    result = generate(
+        args.run_dir, args.prompt, num_images=args.num_images, seed=args.seed, steps=args.steps,
+        guidance=args.guidance, out_dir=args.out, fuse=not args.no_fuse, scheduler=args.scheduler,
+        resolution=args.resolution,
+    )
+    mean = sum(result.latencies_s) / max(len(result.latencies_s), 1)
+    print(f"model load: {result.load_time_s:.2f} s; per image: {mean:.3f} s (mean of {len(result.latencies_s)})")
+    for path in result.paths:
+        print(path)
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from sdtune.compare import compare
+    from sdtune.config import load_experiment
+
+    experiment = load_experiment(args.experiment, args.set)
+    report = compare(experiment, args.output, args.seeds, args.only)
+    print(summary_table(report.parent))
+    print(f"report: {report}")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from sdtune.report import render_report
+
+    report = render_report(Path(args.output))
+    print(summary_table(Path(args.output)))
+    print(f"report: {report}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from sdtune.generate import export_merged
+
+    out = export_merged(args.run_dir, args.out, args.overwrite)
+    print(f"merged pipeline written to {out} (load it with StableDiffusionPipeline.from_pretrained)")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    if args.action == "pretrain":
+        from sdtune.demo.pretrain import pretrain
+
+        out = Path(args.out or "demo-base")
+        summary = pretrain(out, vae_steps=args.vae_steps, unet_steps=args.unet_steps)
+        print(f"demo base model written to {out} (VAE PSNR {summary['vae']['psnr_db']:.1f} dB)")
+        return 0
+    from sdtune.demo.run import run_demo
+
+    report = run_demo(args.output, quick=args.quick)
+    print(summary_table(report.parent))
+    print(f"report: {report}")
+    return 0
+
+
+def summary_table(root: Path) -> str:
+    """A short plain-text table of the comparison for the terminal."""
+    from sdtune.report import build_rows, load_records, tables
+
+    rows = build_rows(*load_records(root))
+    lines = []
+    for title, header, body, _ in tables(rows):
+        if title.startswith("Sizes"):
+            keep = [header.index(c) for c in ("Model", "Status", "Adapter/weights", "s/step", "s/image")]
+            header, body = [header[i] for i in keep], [[row[i] for i in keep] for row in body]
+        widths = [max(len(str(x)) for x in column) for column in zip(header, *body)]
+        lines.append(title)
+        lines += ["  " + "  ".join(str(c).ljust(w) for c, w in zip(line, widths)) for line in [header, *body]]
+        lines.append("")
+    return "\n".join(lines)
+
+
+COMMANDS = {"train": _train, "generate": _generate, "compare": _compare, "report": _report, "demo": _demo,
+            "export": _export}
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,283 @@
+"""``sdtune compare``: train every technique, generate the same images, measure, write the report.
+
+Everything measured lands in ``DIR/records/*.json`` (one per training run, one per evaluated
+model); :func:`sdtune.report.render_report` builds the report from those files alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+import traceback
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from sdtune import records
+from sdtune.config import Experiment
+from sdtune.generate import (
+    default_device,
+    generate_images,
+    load_base_pipeline,
+    load_run_pipeline,
+    set_scheduler,
+    slug,
+)
+from sdtune.train import output_root, train_technique
+
+log = logging.getLogger(__name__)
+RECORDS_DIR = "records"
+IMAGES_DIR = "images"
+BASE_LABEL = "base"
+
+
+@dataclasses.dataclass
+class EvaluationPlan:
+    """The fixed prompts × seeds every model is sampled at."""
+
+    prompts: list[str]
+    in_domain: list[bool]
+    seeds: list[int]
+
+    @classmethod
+    def from_experiment(cls, experiment: Experiment) -> EvaluationPlan:
+        evaluation = experiment.evaluation
+        prompts = list(evaluation.prompts)
+        in_domain = [True] * len(prompts)
+        if evaluation.prompts_file:
+            for line in Path(evaluation.prompts_file).read_text().splitlines():
+                line = line.strip()
+                if line and not line.startswith("#"):
+                    out_of_domain = line.startswith("!")
+                    prompts.append(line[1:].strip() if out_of_domain else line)
+                    in_domain.append(not out_of_domain)
+        for prompt in evaluation.out_of_domain_prompts:
+            prompts.append(prompt)
+            in_domain.append(False)
+        if not prompts:
+            prompts, in_domain = list(DEFAULT_PROMPTS), list(DEFAULT_IN_DOMAIN)
+        return cls(prompts, in_domain, list(range(evaluation.seeds_per_prompt)))
+
+
+# The study's prompt plus a small default set: in the dataset's domain (Pokémon-like creatures) and
+# outside it (to measure how much of the base model survives fine-tuning).
+DEFAULT_PROMPTS = (
+    "yoda", "a cute green dragon", "a blue bird with big eyes", "a fire monster",
+    "a photo of a city street at night", "a bowl of fruit on a wooden table", "a portrait of an old man",
+)
+DEFAULT_IN_DOMAIN = (True, True, True, True, False, False, False)
+
+
+def compare(
+    experiment: Experiment,
+    output_dir: str | Path | None = None,
+    seeds: list[int] | None = None,
+    only: str | None = None,
+    progress: bool = True,
+    clip_loader: Any = None,
+) -> Path:
+    """Train (or reuse) every technique per training seed, evaluate all models, render the report."""
+    from sdtune.report import render_report
+
+    root = output_root(experiment, output_dir)
+    (root / RECORDS_DIR).mkdir(parents=True, exist_ok=True)
+    names = [only] if only else list(experiment.techniques)
+    if only and only not in experiment.techniques:
+        from sdtune.config import ConfigError
+
+        raise ConfigError(f"--only {only!r} is not a technique of the experiment; it has: {', '.join(experiment.techniques)}")
+    train_seeds = seeds or [experiment.train.seed]
+    runs = []
+    for seed in train_seeds:
+        seeded = _with_seed(experiment, seed)
+        out = root if seeds is None else root / f"seed-{seed}"
+        for name in names:
+            runs.append(_train_or_reuse(seeded, name, out, root, seed, progress))
+    plan = EvaluationPlan.from_experiment(experiment)
+    scorer = _SharedClip(experiment, clip_loader)
+    references = reference_images(experiment)
+    base = _evaluate(experiment, plan, root, BASE_LABEL, None, None, references, None, scorer, progress)
+    for run in runs:
+        if run["status"] == "finished":
+            _evaluate(experiment, plan, root, run["technique"]["name"], run, run["seeds"]["train"],
+                      references, base, scorer, progress)
+    return render_report(root)
+
+
+def default_metric_names() -> list[str]:
+    """Every registered metric except the demo's judge metrics (meaningful for the demo only)."""
+    from sdtune.metrics import METRICS
+
+    return [name for name in METRICS.names() if METRICS.get(name).needs != "judge"]
+
+
+def _with_seed(experiment: Experiment, seed: int) -> Experiment:
+    return dataclasses.replace(experiment, train=dataclasses.replace(experiment.train, seed=seed))
+
+
+def _train_or_reuse(experiment: Experiment, name: str, out: Path, root: Path, seed: int, progress: bool) -> dict:
+    """Train one technique unless a finished record exists; a failure becomes a 'failed' record."""
+    run_dir = out / name
+    record = records.read_record(run_dir)
+    if record is None or record.get("status") != "finished":
+        try:
+            # resume an interrupted run; otherwise the folder holds nothing finished (a failure's log)
+            resumable = (run_dir / "checkpoints").exists()
+            record = train_technique(
+                experiment, name, out, resume=True if resumable else None, overwrite=not resumable, progress=progress
+            ).record
+        except Exception as error:  # one technique failing must not lose the others' results
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "error.log").write_text(traceback.format_exc())
+            log.error("technique %s (seed %s) failed: %s", name, seed, error)
+            print(f"technique {name} (seed {seed}) failed: {error} (details: {run_dir / 'error.log'})")
+            record = {
+                "kind": "train", "status": "failed", "error": f"{type(error).__name__}: {error}"[:500],
+                "technique": {"name": name, "kind": experiment.techniques[name].kind},
+                "seeds": {"train": seed}, "config": experiment.raw,
+            }
+    record["run_dir"] = str(run_dir)
+    records.write_json_atomic(root / RECORDS_DIR / f"train-{name}-seed{seed}.json", record)
+    return record
+
+
+class _SharedClip:
+    """Loads the CLIP scorer once for all rows (or remembers why it could not)."""
+
+    def __init__(self, experiment: Experiment, loader: Any) -> None:
+        self.experiment, self.loader, self.scorer, self.error = experiment, loader, None, None
+
+    def __call__(self) -> Any:
+        from sdtune.metrics import ClipScorer, MetricUnavailable
+
+        if self.error is not None:
+            raise MetricUnavailable(self.error)
+        if self.scorer is None:
+            try:
+                self.scorer = self.loader() if self.loader else ClipScorer.load(
+                    self.experiment.evaluation.clip_model, device=str(default_device())
+                )
+            except MetricUnavailable as error:
+                self.error = str(error)
+                print(f"CLIP metrics skipped: {error}")
+                raise
+        return self.scorer
+
+
+def reference_images(experiment: Experiment) -> list[Any]:
+    """Up to ``evaluation.max_reference_images`` training images, centre-cropped to the resolution."""
+    from PIL import Image
+
+    from sdtune.data import decode_image, load_rows, transform_image
+
+    dataset, image_column, _, base_dir = load_rows(experiment.data)
+    images = []
+    for row in range(min(len(dataset), experiment.evaluation.max_reference_images)):
+        try:
+            image = decode_image(dataset[row][image_column], base_dir)
+        except Exception:
+            continue  # unreadable: training skipped it too
+        pixels = transform_image(image, _eval_resolution(experiment), None, False)
+        array = ((pixels.permute(1, 2, 0).numpy() + 1) * 127.5).round().clip(0, 255).astype("uint8")
+        images.append(Image.fromarray(array))
+    return images
+
+
+def _eval_resolution(experiment: Experiment) -> int:
+    return experiment.evaluation.resolution or experiment.data.resolution
+
+
+def _evaluate(
+    experiment: Experiment,
+    plan: EvaluationPlan,
+    root: Path,
+    label: str,
+    run: dict | None,
+    train_seed: int | None,
+    references: list[Any],
+    base: dict | None,
+    scorer: _SharedClip,
+    progress: bool,
+) -> dict:
+    """Generate the plan's images with one model, measure them, write ``records/eval-….json``."""
+    from sdtune.metrics import MetricContext, compute_all
+
+    evaluation = experiment.evaluation
+    suffix = "" if train_seed is None else f"-seed{train_seed}"
+    record_path = root / RECORDS_DIR / f"eval-{label}{suffix}.json"
+    started = time.perf_counter()
+    if run is None:
+        pipe = load_base_pipeline(experiment.model).to(default_device())
+    else:
+        pipe, _ = load_run_pipeline(run["run_dir"], fuse=True)
+    set_scheduler(pipe, evaluation.scheduler)
+    load_time = time.perf_counter() - started
+    result = generate_images(
+        pipe, plan.prompts, plan.seeds, evaluation.num_inference_steps, evaluation.guidance_scale,
+        _eval_resolution(experiment), progress,
+    )
+    folder = root / IMAGES_DIR / f"{label}{suffix}"
+    folder.mkdir(parents=True, exist_ok=True)
+    entries = []
+    in_domain = [plan.in_domain[plan.prompts.index(p)] for p in result.prompts]
+    for index, (image, prompt, seed) in enumerate(zip(result.images, result.prompts, result.seeds)):
+        path = folder / f"{index:03d}-{slug(prompt)}-seed{seed}.png"
+        image.save(path)
+        entries.append({"path": str(path.relative_to(root)), "prompt": prompt, "seed": seed,
+                        "in_domain": in_domain[index]})
+    context = MetricContext(
+        images=result.images, prompts=result.prompts, seeds=result.seeds, training_images=references,
+        in_domain=in_domain, base_images=None if base is None else base["_images"],
+        style_labels=list(evaluation.style_labels), clip_model=evaluation.clip_model, clip_loader=scorer,
+    )
+    metrics = compute_all(context, evaluation.metrics or default_metric_names())
+    record = {
+        "kind": "eval",
+        "label": label,
+        "technique": None if run is None else run["technique"],
+        "train_seed": train_seed,
+        "train_record": None if run is None else f"train-{label}-seed{train_seed}.json",
+        "model": experiment.model.path,
+        "images": entries,
+        "generation": {
+            "load_time_s": load_time,
+            "latency_s_mean": sum(result.latencies_s) / len(result.latencies_s),
+            "latencies_s": result.latencies_s,
+            "num_inference_steps": evaluation.num_inference_steps,
+            "guidance_scale": evaluation.guidance_scale,
+            "scheduler": type(pipe.scheduler).__name__,
+            "resolution": _eval_resolution(experiment),
+            "fused": run is not None,
+            "device": records.device_description(pipe.device),
+        },
+        "base_sizes": _pipeline_sizes(experiment.model.path) if run is None else None,
+        "base_parameters": _pipeline_parameters(pipe) if run is None else None,
+        "metrics": metrics,
+        "versions": records.package_versions(),
+        "git_commit": records.git_commit(),
+        "config": experiment.raw,
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    records.write_json_atomic(record_path, record)
+    record["_images"] = result.images  # in memory only: the base row's images for preservation
+    del pipe
+    return record
+
+
+def _pipeline_sizes(path: str) -> dict[str, int] | None:
+    """Bytes on disk of the base model's weight files per component (local models only)."""
+    folder = Path(path).expanduser()
+    if folder.is_file():
+        return {"checkpoint": folder.stat().st_size}
+    if not folder.is_dir():
+        return None
+    sizes = {}
+    for part in ("unet", "vae", "text_encoder"):
+        files = [f for f in (folder / part).glob("*") if f.suffix in (".safetensors", ".bin")]
+        sizes[part] = sum(f.stat().st_size for f in files)
+    return sizes
+
+
+def _pipeline_parameters(pipe: Any) -> dict[str, int]:
+    return {part: sum(p.numel() for p in getattr(pipe, part).parameters()) for part in ("unet", "vae", "text_encoder")}

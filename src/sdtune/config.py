@@ -1,0 +1,462 @@
+"""Typed experiment configuration: each field declared once, validated when the file is loaded.
+
+An experiment file has five sections: ``model``, ``data``, ``train`` (shared by every technique),
+``techniques`` (name → kind, technique options and per-technique overrides of ``train``) and
+``evaluation`` (used by ``sdtune compare``). Every error is one line naming the key, the value and
+what is allowed.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad experiment file: the message names the key, the bad value and the fix."""
+
+
+# --------------------------------------------------------------------------------------------
+# Sections
+
+
+@dataclass
+class ModelConfig:
+    """Which base model to fine-tune."""
+
+    path: str  # hub id, local diffusers folder, or a single .safetensors/.ckpt file
+    family: str = "auto"  # a registered model family (see `sdtune families`); auto = detect
+    revision: str | None = None
+    variant: str | None = None  # e.g. "fp16" weight files of a hub repo
+    single_file_config: str | None = None  # diffusers folder/hub id with the configs of a single file
+
+    def validate(self) -> None:
+        if not self.path:
+            _fail("model", self.path, "a hub id, a local diffusers folder or a .safetensors file")
+        if looks_like_local_path(self.path) and not Path(self.path).expanduser().exists():
+            raise ConfigError(
+                f"model: {self.path!r} does not exist; give an existing diffusers folder, a single "
+                ".safetensors/.ckpt file, or a hub id like 'stable-diffusion-v1-5/stable-diffusion-v1-5'"
+            )
+
+
+@dataclass
+class DataConfig:
+    """The captioned images and how they become training tensors."""
+
+    source: str  # hub dataset id, imagefolder, or a .parquet/.jsonl/.json/.csv file
+    split: str = "train"
+    revision: str | None = None
+    image_column: str | None = None  # auto-detected when absent
+    caption_column: str | None = None  # auto-detected when absent
+    resolution: int = 512
+    center_crop: bool = False  # false = random crop
+    random_flip: bool = False
+    max_samples: int | None = None  # use only the first N rows (quick experiments)
+    on_bad_image: Literal["skip", "error"] = "skip"
+    cache: Literal["auto", "memory", "disk", "off"] = "auto"
+    cache_memory_limit_gb: float = 4.0  # auto: above this estimate the cache goes to disk
+    cache_batch_size: int = 8  # images per VAE forward while building the cache
+
+    def validate(self) -> None:
+        if self.resolution <= 0 or self.resolution % 8:
+            _fail("data.resolution", self.resolution, "a positive multiple of 8 (the VAE downsamples by 8)")
+        _positive("data.max_samples", self.max_samples, allow_none=True)
+        _positive("data.cache_batch_size", self.cache_batch_size)
+        if self.cache_memory_limit_gb <= 0:
+            _fail("data.cache_memory_limit_gb", self.cache_memory_limit_gb, "a positive number of GB")
+        if looks_like_local_path(self.source) and not Path(self.source).expanduser().exists():
+            raise ConfigError(
+                f"data.source: {self.source!r} does not exist; give an imagefolder, a "
+                ".parquet/.jsonl/.csv file, or a hub dataset id like 'lambdalabs/pokemon-blip-captions'"
+            )
+        if self.cache in ("memory", "disk") and not self.center_crop:
+            raise ConfigError(
+                f"data.cache: {self.cache!r} needs data.center_crop: true (random crops change every "
+                "epoch, so latents cannot be cached); set data.cache: off or auto"
+            )
+
+
+@dataclass
+class TrainConfig:
+    """Hyperparameters shared by every technique unless a technique overrides them."""
+
+    batch_size: int = 1  # per device, per micro-step
+    gradient_accumulation_steps: int = 1
+    max_train_steps: int | None = None  # optimizer steps; or give num_epochs
+    num_epochs: float | None = None
+    learning_rate: float = 1e-5
+    scale_lr: bool = False  # multiply lr by total batch size (diffusers' --scale_lr)
+    lr_scheduler: Literal[
+        "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
+    ] = "constant"
+    lr_warmup_steps: int = 0
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    seed: int = 0
+    checkpointing_steps: int | None = 500  # null = only the Ctrl-C checkpoint
+    checkpoints_total_limit: int | None = 2  # keep the last N checkpoints; null = keep all
+    max_grad_norm: float = 1.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 1e-2
+    adam_epsilon: float = 1e-8
+    use_8bit_adam: bool = False  # needs bitsandbytes (CUDA)
+    use_ema: bool = False
+    ema_decay: float = 0.9999  # with diffusers' warm-up: min(decay, (1 + step) / (10 + step))
+    snr_gamma: float | None = None  # min-SNR weighting (Hang et al. 2023); 5.0 is their default
+    noise_offset: float = 0.0  # Guttenberg 2023; ~0.05 helps very dark/bright images
+    caption_dropout: float = 0.0  # share of captions replaced by "" (trains classifier-free guidance)
+    prediction_type: Literal["epsilon", "v_prediction", "sample"] | None = None  # None = the scheduler's
+    gradient_checkpointing: bool = False
+    allow_tf32: bool = True  # TF32 matmuls on Ampere+ GPUs; no effect on CPU
+    log_every: int = 1  # TensorBoard/record loss every N optimizer steps
+
+    def validate(self) -> None:
+        _positive("train.batch_size", self.batch_size)
+        _positive("train.gradient_accumulation_steps", self.gradient_accumulation_steps)
+        _positive("train.max_train_steps", self.max_train_steps, allow_none=True)
+        if self.num_epochs is not None and self.num_epochs <= 0:
+            _fail("train.num_epochs", self.num_epochs, "a positive number")
+        if self.max_train_steps is None and self.num_epochs is None:
+            raise ConfigError("train: give max_train_steps or num_epochs (how long to train)")
+        if self.learning_rate <= 0:
+            _fail("train.learning_rate", self.learning_rate, "a positive number such as 1.0e-5")
+        if self.lr_warmup_steps < 0:
+            _fail("train.lr_warmup_steps", self.lr_warmup_steps, "0 or more")
+        _positive("train.checkpointing_steps", self.checkpointing_steps, allow_none=True)
+        _positive("train.checkpoints_total_limit", self.checkpoints_total_limit, allow_none=True)
+        _positive("train.log_every", self.log_every)
+        if self.max_grad_norm <= 0:
+            _fail("train.max_grad_norm", self.max_grad_norm, "a positive number")
+        if not 0.0 <= self.ema_decay < 1.0:
+            _fail("train.ema_decay", self.ema_decay, "a number in [0, 1), e.g. 0.9999")
+        if self.snr_gamma is not None and self.snr_gamma <= 0:
+            _fail("train.snr_gamma", self.snr_gamma, "a positive number (5.0 in the paper) or null")
+        if not 0.0 <= self.caption_dropout < 1.0:
+            _fail("train.caption_dropout", self.caption_dropout, "a share in [0, 1), e.g. 0.1")
+        if self.noise_offset < 0:
+            _fail("train.noise_offset", self.noise_offset, "0 or a small positive number like 0.05")
+
+
+@dataclass
+class TechniqueSpec:
+    """One entry of ``techniques``: a registered kind, its options, and overrides of ``train``."""
+
+    name: str
+    kind: str
+    options: dict[str, Any] = field(default_factory=dict)
+    train_overrides: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class EvaluationConfig:
+    """Fixed prompts × seeds for generation and quality metrics (``sdtune compare``)."""
+
+    prompts: list[str] = field(default_factory=list)
+    prompts_file: str | None = None  # one prompt a line; a line starting with '!' is out-of-domain
+    out_of_domain_prompts: list[str] = field(default_factory=list)  # for base-model preservation
+    seeds_per_prompt: int = 2
+    num_inference_steps: int = 30
+    guidance_scale: float = 7.5
+    scheduler: str | None = None  # a diffusers scheduler class name; None = the model's own
+    resolution: int | None = None  # None = data.resolution
+    metrics: list[str] | None = None  # None = every registered metric
+    clip_model: str = "openai/clip-vit-base-patch32"  # hub id or local folder for CLIP metrics
+    style_labels: list[str] = field(default_factory=lambda: ["realistic", "semi-cartoon", "cartoon"])
+    max_reference_images: int = 200  # training images used as the reference set of the metrics
+
+    def validate(self) -> None:
+        _positive("evaluation.seeds_per_prompt", self.seeds_per_prompt)
+        _positive("evaluation.num_inference_steps", self.num_inference_steps)
+        _positive("evaluation.max_reference_images", self.max_reference_images)
+        if self.guidance_scale < 0:
+            _fail("evaluation.guidance_scale", self.guidance_scale, "0 or more (7.5 is usual)")
+        if self.resolution is not None and (self.resolution <= 0 or self.resolution % 8):
+            _fail("evaluation.resolution", self.resolution, "a positive multiple of 8")
+        if self.prompts_file and not Path(self.prompts_file).expanduser().exists():
+            raise ConfigError(f"evaluation.prompts_file: {self.prompts_file!r} does not exist")
+        if self.metrics is not None:
+            from sdtune.metrics import METRICS  # late import: metrics are heavier than configs
+
+            for name in self.metrics:
+                if name not in METRICS:
+                    raise ConfigError(
+                        f"evaluation.metrics: {name!r} is not a metric; choose from: {', '.join(METRICS.names())}"
+                    )
+
+
+@dataclass
+class Experiment:
+    """A whole experiment file, validated."""
+
+    model: ModelConfig
+    data: DataConfig
+    train: TrainConfig
+    techniques: dict[str, TechniqueSpec]
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    name: str = "experiment"
+    output_dir: str | None = None  # default: ./runs/<name>
+    source_path: str | None = None  # the file it was loaded from
+    raw: dict[str, Any] = field(default_factory=dict)  # the resolved mapping, for records
+
+    def train_config_for(self, technique: str) -> TrainConfig:
+        """The shared ``train`` section with this technique's overrides applied."""
+        spec = self.techniques[technique]
+        merged = dataclasses.replace(self.train, **spec.train_overrides)
+        merged.validate()
+        return merged
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+
+_TOP_KEYS = {"name", "model", "data", "train", "techniques", "evaluation", "output_dir"}
+_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def load_experiment(path: str | Path, overrides: list[str] | None = None) -> Experiment:
+    """Read a YAML experiment file, apply ``key.path=value`` overrides and validate everything."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"experiment file {str(path)!r} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the experiment file must be a mapping of sections, got {type(raw).__name__}")
+    for override in overrides or []:
+        apply_override(raw, override)
+    return experiment_from_dict(raw, source_path=str(path), base_dir=path.parent)
+
+
+def apply_override(raw: dict[str, Any], override: str) -> None:
+    """Set ``a.b.c=value`` (value parsed as YAML) in a nested mapping, in place."""
+    if "=" not in override:
+        raise ConfigError(f"--set {override!r}: expected KEY=VALUE, e.g. train.max_train_steps=10")
+    key, value_text = override.split("=", 1)
+    parts = key.strip().split(".")
+    node = raw
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {override!r}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = yaml.safe_load(value_text) if value_text.strip() else None
+
+
+def experiment_from_dict(
+    raw: dict[str, Any], source_path: str | None = None, base_dir: Path | None = None
+) -> Experiment:
+    """Validate a mapping shaped like an experiment file (relative paths resolve against base_dir)."""
+    raw = copy.deepcopy(raw)
+    _check_keys("", raw, _TOP_KEYS)
+    for required in ("model", "data", "techniques"):
+        if required not in raw:
+            raise ConfigError(f"missing section {required!r}; see configs/pokemon-paper.yaml for an example")
+    base_dir = base_dir or Path.cwd()
+
+    model_raw = raw["model"]
+    if isinstance(model_raw, str):
+        model_raw = {"path": model_raw}
+    model = _build(ModelConfig, model_raw, "model")
+    model.path = _resolve_local(model.path, base_dir)
+    model.validate()
+
+    data_raw = raw["data"]
+    if isinstance(data_raw, str):
+        data_raw = {"source": data_raw}
+    data = _build(DataConfig, data_raw, "data")
+    data.source = _resolve_local(data.source, base_dir)
+    data.validate()
+
+    train = _build(TrainConfig, raw.get("train") or {}, "train")
+    evaluation = _build(EvaluationConfig, raw.get("evaluation") or {}, "evaluation")
+    if evaluation.prompts_file:
+        evaluation.prompts_file = _resolve_local(evaluation.prompts_file, base_dir)
+    evaluation.validate()
+
+    techniques = _build_techniques(raw["techniques"], train)
+    name = str(raw.get("name") or (Path(source_path).stem if source_path else "experiment"))
+    output_dir = raw.get("output_dir")
+    if output_dir is not None:
+        output_dir = _resolve_local(str(output_dir), base_dir)
+    resolved = {
+        "name": name,
+        "model": dataclasses.asdict(model),
+        "data": dataclasses.asdict(data),
+        "train": dataclasses.asdict(train),
+        "techniques": {
+            spec.name: {"kind": spec.kind, **spec.options, **spec.train_overrides}
+            for spec in techniques.values()
+        },
+        "evaluation": dataclasses.asdict(evaluation),
+    }
+    return Experiment(
+        model=model,
+        data=data,
+        train=train,
+        techniques=techniques,
+        evaluation=evaluation,
+        name=name,
+        output_dir=output_dir,
+        source_path=source_path,
+        raw=resolved,
+    )
+
+
+def _build_techniques(raw: Any, train: TrainConfig) -> dict[str, TechniqueSpec]:
+    from sdtune.techniques import TECHNIQUES  # late import: techniques import config
+
+    if not isinstance(raw, dict) or not raw:
+        raise ConfigError("techniques: expected a mapping name → {kind: ...}, e.g. {lora: {kind: lora}}")
+    train_hints = typing.get_type_hints(TrainConfig)
+    specs: dict[str, TechniqueSpec] = {}
+    for name, entry in raw.items():
+        name = str(name)
+        if not _NAME_PATTERN.match(name):
+            _fail(f"techniques.{name}", name, "a name of letters, digits, '-', '_' or '.' (it names a folder)")
+        entry = dict(entry or {})
+        kind = entry.pop("kind", name)
+        if kind not in TECHNIQUES:
+            raise ConfigError(
+                f"techniques.{name}.kind: {kind!r} is not a technique; choose one of: "
+                f"{', '.join(TECHNIQUES.names())}"
+            )
+        overrides = {
+            key: coerce(entry.pop(key), train_hints[key], f"techniques.{name}.{key}")
+            for key in list(entry)
+            if key in train_hints
+        }
+        technique_cls = TECHNIQUES.get(kind)
+        options = technique_cls.validate_options(entry, f"techniques.{name}")
+        spec = TechniqueSpec(name=name, kind=kind, options=options, train_overrides=overrides)
+        dataclasses.replace(train, **overrides).validate()
+        specs[name] = spec
+    return specs
+
+
+def _build(cls: type, raw: Any, where: str) -> Any:
+    """Build dataclass ``cls`` from a mapping, checking keys and value types."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {raw!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    _check_keys(where, raw, set(fields))
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for key, value in raw.items():
+        values[key] = coerce(value, hints[key], f"{where}.{key}" if where else key)
+    missing = [
+        name
+        for name, spec in fields.items()
+        if name not in values
+        and spec.default is dataclasses.MISSING
+        and spec.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        raise ConfigError(f"{where}: missing required key {missing[0]!r}")
+    return cls(**values)
+
+
+def _check_keys(where: str, raw: dict[str, Any], allowed: set[str]) -> None:
+    for key in raw:
+        if key not in allowed:
+            close = difflib.get_close_matches(str(key), sorted(allowed), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            prefix = f"{where}." if where else ""
+            raise ConfigError(
+                f"{prefix}{key}: unknown key{hint}; allowed keys: {', '.join(sorted(allowed))}"
+            )
+
+
+def coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Check ``value`` against a type annotation; numbers written as strings ("1e-5") are parsed."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return coerce(value, option, key)
+            except ConfigError as error:
+                errors.append(error)
+        raise errors[0]
+    if origin is Literal:
+        if value not in args:
+            _fail(key, value, "one of " + ", ".join(repr(a) for a in args))
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            _fail(key, value, "a list")
+        return [coerce(item, args[0], f"{key}[{i}]") for i, item in enumerate(value)] if args else value
+    if origin is dict:
+        if not isinstance(value, dict):
+            _fail(key, value, "a mapping")
+        return value
+    if annotation is Any:
+        return value
+    if annotation is bool:
+        if not isinstance(value, bool):
+            _fail(key, value, "true or false")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            _fail(key, value, "a whole number")
+        return value
+    if annotation is float:
+        if isinstance(value, str):
+            try:
+                return float(value)  # YAML 1.1 reads "1e-5" as a string
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            _fail(key, value, "a number")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            _fail(key, value, "a string")
+        return str(value)
+    return value
+
+
+def looks_like_local_path(text: str) -> bool:
+    """True for strings that can only mean a local path (not a hub id like 'org/name')."""
+    return (
+        text.startswith(("/", "./", "../", "~"))
+        or text.endswith((".safetensors", ".ckpt", ".parquet", ".jsonl", ".json", ".csv"))
+        or text.count("/") > 1
+        or Path(text).expanduser().exists()
+    )
+
+
+def _resolve_local(text: str, base_dir: Path) -> str:
+    """Relative local paths in an experiment file are relative to the file; hub ids stay as they are."""
+    candidate = Path(text).expanduser()
+    if candidate.is_absolute():
+        return str(candidate)
+    relative_to_file = base_dir / candidate
+    if relative_to_file.exists() or (looks_like_local_path(text) and not candidate.exists()):
+        return str(relative_to_file.resolve()) if relative_to_file.exists() else str(relative_to_file)
+    return str(candidate.resolve()) if candidate.exists() else text
+
+
+def _positive(key: str, value: int | None, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if value is None or value <= 0:
+        _fail(key, value, "a positive whole number")
+
+
+def _fail(key: str, value: Any, allowed: str) -> typing.NoReturn:
+    raise ConfigError(f"{key}: {value!r} is not allowed; expected {allowed}")

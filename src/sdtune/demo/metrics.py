@@ -1,0 +1,85 @@
+"""The demo's exact metrics: the judge reads colour, shape and style off every generated image.
+
+Registered in the metric registry with ``needs="judge"``, so they run only where an experiment asks
+for them by name (``evaluation.metrics``): they are meaningful only for the demo's world.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from sdtune.demo import world
+from sdtune.demo.judge import STYLE_CLASSES, judge_many
+from sdtune.metrics.maths import bootstrap_ci
+from sdtune.metrics.registry import MetricContext, register_metric
+
+JUDGE = "judge"
+
+
+def prompt_targets(prompt: str) -> tuple[str | None, str | None]:
+    """The colour and shape a demo prompt asks for (None where it names none)."""
+    words = prompt.lower().split()
+    colour = next((w for w in words if w in world.COLOURS), None)
+    shape = next((w for w in words if w in world.SHAPES), None)
+    return colour, shape
+
+
+def _judged(ctx: MetricContext) -> list[Any]:
+    cached = getattr(ctx, "_judgements", None)
+    if cached is None:
+        cached = judge_many(ctx.images)
+        ctx._judgements = cached  # judged once for all judge metrics of this row
+    return cached
+
+
+def _correct(ctx: MetricContext) -> tuple[np.ndarray, np.ndarray]:
+    judgements = _judged(ctx)
+    targets = [prompt_targets(p) for p in ctx.prompts]
+    colour = np.array([j.colour == c for j, (c, _) in zip(judgements, targets)], dtype=float)
+    shape = np.array([j.shape == s for j, (_, s) in zip(judgements, targets)], dtype=float)
+    return colour, shape
+
+
+def _share(values: np.ndarray, rows: np.ndarray, seed: int) -> dict[str, Any]:
+    if not len(rows):
+        return {"value": None}
+    mean, low, high = bootstrap_ci(values[rows], seed=seed)
+    return {"value": mean, "ci_low": low, "ci_high": high, "n": len(rows)}
+
+
+@register_metric("judge_prompt_accuracy", direction="higher", needs=JUDGE)
+def prompt_accuracy(ctx: MetricContext) -> dict[str, Any]:
+    """Share of images whose colour and shape are the ones the prompt asks for (all prompts)."""
+    colour, shape = _correct(ctx)
+    both = colour * shape
+    result = _share(both, np.arange(len(both)), ctx.seed)
+    result["colour"] = float(colour.mean())
+    result["shape"] = float(shape.mean())
+    return result
+
+
+@register_metric("judge_heldout_accuracy", direction="higher", needs=JUDGE)
+def heldout_accuracy(ctx: MetricContext) -> dict[str, Any]:
+    """Prompt accuracy on held-out combinations (never in the fine-tuning set): preservation."""
+    colour, shape = _correct(ctx)
+    return _share(colour * shape, ctx.indices(in_domain=False), ctx.seed)
+
+
+@register_metric("judge_style_split", direction="none", needs=JUDGE)
+def style_split(ctx: MetricContext) -> dict[str, Any]:
+    """Share of images in each style class (base look / partial style / full style): the study's table."""
+    styles = [j.style for j in _judged(ctx)]
+    shares = {name: styles.count(name) / len(styles) for name in STYLE_CLASSES}
+    return {"value": shares}
+
+
+@register_metric("judge_full_style", direction="none", needs=JUDGE)
+def full_style(ctx: MetricContext) -> dict[str, Any]:
+    """Share of images drawn in the full fine-tuning style (how strongly the style took/leaked)."""
+    full = np.array([j.style == "full" for j in _judged(ctx)], dtype=float)
+    return _share(full, np.arange(len(full)), ctx.seed)
+
+
+JUDGE_METRICS = ["judge_prompt_accuracy", "judge_heldout_accuracy", "judge_full_style", "judge_style_split"]

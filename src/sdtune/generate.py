@@ -1,0 +1,178 @@
+"""Load a trained technique (or the base model) into a pipeline and generate images.
+
+Model load time and per-image latency are measured separately; a one-step warm-up run (not
+saved, not timed) comes first so lazy initialisation does not count as latency.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sdtune.config import ModelConfig
+from sdtune.models import family_for
+from sdtune.records import read_record
+from sdtune.techniques import TECHNIQUES
+
+
+class RunNotFoundError(FileNotFoundError):
+    """The folder is not a finished sdtune run."""
+
+
+@dataclass
+class GenerationResult:
+    images: list[Any]  # PIL images, in order of (prompt, seed)
+    prompts: list[str]
+    seeds: list[int]
+    paths: list[Path] = field(default_factory=list)
+    load_time_s: float = 0.0
+    latencies_s: list[float] = field(default_factory=list)  # per image, warm-up excluded
+
+
+def default_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def load_run_pipeline(
+    run_dir: str | Path, fuse: bool = True, device: torch.device | None = None, dtype: torch.dtype = torch.float32
+) -> tuple[Any, dict[str, Any]]:
+    """The pipeline of a finished run: its own folder (full) or base model + its weights."""
+    run_dir = Path(run_dir)
+    record = read_record(run_dir)
+    if record is None or record.get("kind") != "train":
+        raise RunNotFoundError(f"{run_dir} is not an sdtune run folder (no record.json); give OUTPUT/<technique>")
+    if record.get("status") != "finished":
+        raise RunNotFoundError(f"{run_dir}: the run is {record.get('status')}; finish it with `sdtune train --resume`")
+    technique = TECHNIQUES.get(record["technique"]["kind"])
+    model_config = ModelConfig(**record["config"]["model"])
+    family = family_for(model_config)
+    if technique.own_pipeline(run_dir):
+        pipe = family.load_pipeline(str(run_dir), dtype)
+    else:
+        pipe = load_base_pipeline(model_config, dtype)
+        pipe = technique.load_into(pipe, run_dir, record["technique"]["options"])
+        if fuse:
+            pipe = technique.merge(pipe)
+    return pipe.to(device or default_device()), record
+
+
+def export_merged(run_dir: str | Path, out_dir: str | Path, overwrite: bool = False) -> Path:
+    """``sdtune export --merged``: the base model with the run's weights folded in, as a full pipeline."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise RunNotFoundError(f"{out_dir} is not empty; choose another --out or pass --overwrite")
+    pipe, _ = load_run_pipeline(run_dir, fuse=True, device=torch.device("cpu"))
+    pipe.save_pretrained(out_dir, safe_serialization=True)
+    return out_dir
+
+
+def load_base_pipeline(model_config: ModelConfig, dtype: torch.dtype = torch.float32) -> Any:
+    family = family_for(model_config)
+    kwargs: dict[str, Any] = {}
+    if model_config.revision:
+        kwargs["revision"] = model_config.revision
+    if model_config.variant:
+        kwargs["variant"] = model_config.variant
+    if model_config.single_file_config:
+        kwargs["single_file_config"] = model_config.single_file_config
+    return family.load_pipeline(model_config.path, dtype, **kwargs)
+
+
+def set_scheduler(pipe: Any, name: str | None) -> None:
+    """Swap the sampler by diffusers class name (e.g. DDIMScheduler), keeping the noise schedule."""
+    if not name:
+        return
+    import diffusers
+
+    scheduler_cls = getattr(diffusers, name, None)
+    if scheduler_cls is None or not hasattr(scheduler_cls, "from_config"):
+        raise ValueError(f"scheduler {name!r} is not a diffusers scheduler class (e.g. DDIMScheduler, EulerDiscreteScheduler)")
+    pipe.scheduler = scheduler_cls.from_config(pipe.scheduler.config)
+
+
+def generate_images(
+    pipe: Any,
+    prompts: list[str],
+    seeds: list[int],
+    num_inference_steps: int,
+    guidance_scale: float,
+    resolution: int | None = None,
+    progress: bool = True,
+) -> GenerationResult:
+    """One image per (prompt, seed), each from its own seeded generator (same noise for every model)."""
+    from tqdm.auto import tqdm
+
+    pipe.set_progress_bar_config(disable=True)
+    device = pipe.device
+    size = {"height": resolution, "width": resolution} if resolution else {}
+    pipe(prompts[0], num_inference_steps=1, guidance_scale=guidance_scale, output_type="pil", **size)  # warm-up
+    result = GenerationResult(images=[], prompts=[], seeds=[])
+    pairs = [(prompt, seed) for prompt in prompts for seed in seeds]
+    for prompt, seed in tqdm(pairs, desc="generating", disable=not progress, leave=False):
+        generator = torch.Generator(device="cpu").manual_seed(seed)  # CPU noise: same on every device
+        _synchronize(device)
+        started = time.perf_counter()
+        image = pipe(
+            prompt, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+            generator=generator, **size,
+        ).images[0]
+        _synchronize(device)
+        result.latencies_s.append(time.perf_counter() - started)
+        result.images.append(image)
+        result.prompts.append(prompt)
+        result.seeds.append(seed)
+    return result
+
+
+def save_images(result: GenerationResult, out_dir: Path) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for index, (image, prompt, seed) in enumerate(zip(result.images, result.prompts, result.seeds)):
+        path = out_dir / f"{index:03d}-{slug(prompt)}-seed{seed}.png"
+        image.save(path)
+        paths.append(path)
+    result.paths = paths
+    return paths
+
+
+def generate(
+    run_dir: str | Path,
+    prompts: list[str],
+    num_images: int = 4,
+    seed: int = 0,
+    steps: int = 50,
+    guidance: float = 7.5,
+    out_dir: str | Path | None = None,
+    fuse: bool = True,
+    scheduler: str | None = None,
+    resolution: int | None = None,
+    progress: bool = True,
+) -> GenerationResult:
+    """``sdtune generate``: load a run, write ``num_images`` PNGs per prompt (seeds seed, seed+1, …)."""
+    started = time.perf_counter()
+    pipe, record = load_run_pipeline(run_dir, fuse=fuse)
+    set_scheduler(pipe, scheduler)
+    load_time = time.perf_counter() - started
+    resolution = resolution or record["config"]["data"]["resolution"]
+    result = generate_images(pipe, prompts, list(range(seed, seed + num_images)), steps, guidance, resolution, progress)
+    result.load_time_s = load_time
+    save_images(result, Path(out_dir) if out_dir else Path(run_dir) / "samples")
+    return result
+
+
+def slug(text: str, limit: int = 40) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit] or "prompt"
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

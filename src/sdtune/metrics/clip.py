@@ -1,0 +1,179 @@
+"""CLIP embeddings, CLIPScore and zero-shot classification for the quality metrics.
+
+Radford et al. 2021, "Learning Transferable Visual Models From Natural Language Supervision".
+Images are preprocessed here with PIL/numpy the way CLIP's processor does (bicubic resize of the
+short side, centre crop, scale to [0, 1], normalise per channel), so torchvision is not needed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from sdtune.metrics import maths
+from sdtune.metrics.errors import MetricUnavailable
+
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def _batches(items: Sequence, size: int) -> Iterator[Sequence]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _unit_rows(x: torch.Tensor) -> np.ndarray:
+    x = x.float()
+    return (x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)).cpu().numpy()
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text[:200]}{'…' if len(text) > 200 else ''}"
+
+
+def _processor_values(name_or_path: str, image_size: int) -> tuple[int, tuple, tuple]:
+    """Crop size, mean and std from the model's ``preprocessor_config.json`` (OpenAI values without one)."""
+    from transformers.image_processing_base import ImageProcessingMixin
+
+    try:
+        config, _ = ImageProcessingMixin.get_image_processor_dict(name_or_path)
+    except (OSError, ValueError):
+        return image_size, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+    crop = config.get("crop_size", image_size)
+    size = crop.get("height", image_size) if isinstance(crop, dict) else int(crop)
+    mean = tuple(config.get("image_mean", OPENAI_CLIP_MEAN))
+    std = tuple(config.get("image_std", OPENAI_CLIP_STD))
+    return size, mean, std
+
+
+class ClipScorer:
+    """A CLIP model and tokenizer, with the embeddings and scores the metrics need.
+
+    Build one with :meth:`load` (a hub id or local folder), or directly from a loaded
+    ``transformers.CLIPModel`` and its tokenizer. Every method runs in batches of ``batch_size``
+    under :func:`torch.no_grad` on ``device`` (default: wherever the model already is).
+    """
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        image_size: int = 224,
+        mean: Sequence[float] = OPENAI_CLIP_MEAN,
+        std: Sequence[float] = OPENAI_CLIP_STD,
+        device: str | torch.device | None = None,
+        batch_size: int = 32,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        self.model = model.eval()
+        if device is not None:
+            self.model.to(device)
+        self.device = next(self.model.parameters()).device
+        self.dtype = next(self.model.parameters()).dtype
+        self.tokenizer = tokenizer
+        self.image_size = int(image_size)
+        self.mean = np.asarray(mean, dtype=np.float32).reshape(3, 1, 1)
+        self.std = np.asarray(std, dtype=np.float32).reshape(3, 1, 1)
+        self.batch_size = batch_size
+
+    @classmethod
+    def load(cls, name_or_path: str, device: str | torch.device = "cpu", batch_size: int = 32) -> ClipScorer:
+        """Load a CLIP model, its tokenizer and its preprocessing values from a hub id or a local folder.
+
+        Raises :class:`MetricUnavailable` with a one-line message when the model cannot be had.
+        """
+        from transformers import AutoTokenizer, CLIPModel
+
+        try:
+            model = CLIPModel.from_pretrained(name_or_path)
+            tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        except Exception as error:  # any failure means: this model cannot be had here
+            where = "" if Path(name_or_path).expanduser().is_dir() else " (and no local folder of that name)"
+            raise MetricUnavailable(
+                f"CLIP model {name_or_path!r} could not be loaded{where}: {_one_line(error)}; "
+                "download it once where there is network (e.g. `hf download openai/clip-vit-base-patch32 "
+                "--local-dir ./clip`) and set evaluation.clip_model to that folder"
+            ) from error
+        size, mean, std = _processor_values(name_or_path, model.config.vision_config.image_size)
+        return cls(
+            model, tokenizer, image_size=size, mean=mean, std=std, device=device, batch_size=batch_size
+        )
+
+    def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """Images → normalised ``(n, 3, size, size)`` pixel tensor on the model's device and dtype."""
+        arrays = [self._pixels(image) for image in images]
+        return torch.from_numpy(np.stack(arrays)).to(device=self.device, dtype=self.dtype)
+
+    def _pixels(self, image: Image.Image) -> np.ndarray:
+        image = image.convert("RGB")
+        scale = self.image_size / min(image.size)
+        width, height = (max(self.image_size, round(side * scale)) for side in image.size)
+        image = image.resize((width, height), Image.Resampling.BICUBIC)
+        left, top = (width - self.image_size) // 2, (height - self.image_size) // 2
+        image = image.crop((left, top, left + self.image_size, top + self.image_size))
+        pixels = np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / 255.0
+        return (pixels - self.mean) / self.std
+
+    @torch.no_grad()
+    def image_embeddings(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """L2-normalised image embeddings, shape ``(len(images), projection_dim)``."""
+        if len(images) == 0:
+            raise ValueError("image_embeddings: no images")
+        chunks = []
+        for batch in _batches(list(images), self.batch_size):
+            pooled = self.model.vision_model(pixel_values=self.preprocess(batch)).pooler_output
+            chunks.append(_unit_rows(self.model.visual_projection(pooled)))
+        return np.concatenate(chunks)
+
+    @torch.no_grad()
+    def text_embeddings(self, texts: Sequence[str]) -> np.ndarray:
+        """L2-normalised text embeddings, shape ``(len(texts), projection_dim)``; long texts are truncated."""
+        if len(texts) == 0:
+            raise ValueError("text_embeddings: no texts")
+        max_length = min(
+            self.tokenizer.model_max_length, self.model.config.text_config.max_position_embeddings
+        )
+        chunks = []
+        for batch in _batches(list(texts), self.batch_size):
+            tokens = self.tokenizer(
+                list(batch), padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+            ).to(self.device)
+            pooled = self.model.text_model(
+                input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]
+            ).pooler_output
+            chunks.append(_unit_rows(self.model.text_projection(pooled)))
+        return np.concatenate(chunks)
+
+    @property
+    def logit_scale(self) -> float:
+        """The model's learned temperature, exp(logit_scale) (100 for OpenAI's CLIPs)."""
+        return float(self.model.logit_scale.detach().exp())
+
+    def clip_score(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> np.ndarray:
+        """CLIPScore of each image with its prompt: ``100 · max(cos, 0)``, in [0, 100].
+
+        Hessel et al. 2021, "CLIPScore: A Reference-free Evaluation Metric for Image Captioning", with
+        the weight w = 100 used by torchmetrics' ``CLIPScore`` (see :func:`maths.clip_scores`).
+        """
+        if len(images) != len(prompts):
+            raise ValueError(f"clip_score: {len(images)} images but {len(prompts)} prompts")
+        return maths.clip_scores(self.image_embeddings(images), self.text_embeddings(prompts))
+
+    def zero_shot(
+        self, images: Sequence[Image.Image], labels: Sequence[str], template: str = "a {} image"
+    ) -> np.ndarray:
+        """Zero-shot class probabilities, shape ``(len(images), len(labels))``; rows sum to 1.
+
+        Radford et al. 2021: softmax over ``logit_scale · cos(image, text)``, one text a label made
+        with ``template.format(label)`` (see :func:`maths.zero_shot_probabilities`).
+        """
+        if len(labels) == 0:
+            raise ValueError("zero_shot: no labels")
+        texts = self.text_embeddings([template.format(label) for label in labels])
+        return maths.zero_shot_probabilities(self.image_embeddings(images), texts, self.logit_scale)

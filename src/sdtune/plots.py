@@ -1,0 +1,150 @@
+"""Figures of the report (matplotlib, Agg backend) and the image grid (PIL)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+if TYPE_CHECKING:
+    from sdtune.report import Row
+
+GRID_CELL = 128  # pixels per image in the grid (small images are upscaled without smoothing)
+QUALITY_PREFERENCE = ("judge_prompt_accuracy", "clip_score", "fidelity", "preservation")
+
+
+def all_figures(rows: list[Row], root: Path, folder: Path) -> list[tuple[str, Path]]:
+    figures = []
+    grid = image_grid(rows, root, folder / "grid.png")
+    if grid:
+        figures.append(("Images: rows = prompt × seed, columns = models (same noise across a row)", grid))
+    for title, function in (
+        ("Training loss", loss_curves),
+        ("Quality metrics (95 % CI)", metric_bars),
+        ("Size on disk vs quality", tradeoff),
+    ):
+        path = function(rows, folder)
+        if path:
+            figures.append((title, path))
+    return figures
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def image_grid(rows: list[Row], root: Path, path: Path) -> Path | None:
+    """One column per model (first training seed), one row per (prompt, seed)."""
+    columns = [(row.label, row.evals[0]) for row in rows if row.evals]
+    if not columns:
+        return None
+    keys = [(e["prompt"], e["seed"]) for e in columns[0][1]["images"]]
+    font = ImageFont.load_default()
+    label_width, header = 220, 24
+    grid = Image.new("RGB", (label_width + GRID_CELL * len(columns), header + GRID_CELL * len(keys)), "white")
+    draw = ImageDraw.Draw(grid)
+    for c, (label, _) in enumerate(columns):
+        draw.text((label_width + c * GRID_CELL + 4, 6), label[:20], fill="black", font=font)
+    for r, (prompt, seed) in enumerate(keys):
+        draw.text((4, header + r * GRID_CELL + GRID_CELL // 2 - 6), f"{prompt[:30]} (seed {seed})", fill="black", font=font)
+        for c, (_, record) in enumerate(columns):
+            match = next((e for e in record["images"] if (e["prompt"], e["seed"]) == (prompt, seed)), None)
+            if match is None or not (root / match["path"]).exists():
+                continue
+            image = Image.open(root / match["path"]).convert("RGB")
+            resample = Image.NEAREST if image.width < GRID_CELL else Image.LANCZOS
+            grid.paste(image.resize((GRID_CELL, GRID_CELL), resample), (label_width + c * GRID_CELL, header + r * GRID_CELL))
+    grid.save(path)
+    return path
+
+
+def loss_curves(rows: list[Row], folder: Path) -> Path | None:
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(8, 4.5))
+    drawn = False
+    for row in rows:
+        for record in row.train:
+            history = record.get("loss_history") or []
+            if history:
+                steps = [h["step"] for h in history]
+                label = f"{row.label} (seed {record['seeds']['train']})" if len(row.train) > 1 else row.label
+                axis.plot(steps, _smooth([h["loss"] for h in history]), label=label)
+                drawn = True
+    if not drawn:
+        plt.close(figure)
+        return None
+    axis.set_xlabel("optimizer step")
+    axis.set_ylabel("loss (moving average)")
+    axis.legend(fontsize=8)
+    axis.grid(alpha=0.3)
+    return _save(plt, figure, folder / "loss.png")
+
+
+def _smooth(values: list[float], window: int = 10) -> np.ndarray:
+    values_array = np.asarray(values, dtype=float)
+    if len(values_array) < window:
+        return values_array
+    kernel = np.ones(window) / window
+    head = [values_array[: i + 1].mean() for i in range(window - 1)]
+    return np.concatenate([head, np.convolve(values_array, kernel, mode="valid")])
+
+
+def metric_bars(rows: list[Row], folder: Path) -> Path | None:
+    from sdtune.report import metric_names, metric_summary
+
+    numeric, _ = metric_names(rows)
+    summaries = {m: [(row.label, metric_summary(row, m)) for row in rows] for m in numeric}
+    summaries = {m: [(label, s) for label, s in items if s and "value" in s] for m, items in summaries.items()}
+    summaries = {m: items for m, items in summaries.items() if items}
+    if not summaries:
+        return None
+    plt = _pyplot()
+    figure, axes = plt.subplots(1, len(summaries), figsize=(3.2 * len(summaries), 3.6), squeeze=False)
+    for axis, (name, items) in zip(axes[0], summaries.items()):
+        labels = [label for label, _ in items]
+        values = np.array([s["value"] for _, s in items])
+        low = np.array([s["low"] if s.get("low") is not None else s["value"] for _, s in items])
+        high = np.array([s["high"] if s.get("high") is not None else s["value"] for _, s in items])
+        axis.bar(range(len(labels)), values, yerr=[values - low, high - values], capsize=3, color="#5b8def")
+        axis.set_xticks(range(len(labels)), labels, rotation=45, ha="right", fontsize=8)
+        axis.set_title(name, fontsize=10)
+        axis.grid(axis="y", alpha=0.3)
+    figure.tight_layout()
+    return _save(plt, figure, folder / "metrics.png")
+
+
+def tradeoff(rows: list[Row], folder: Path) -> Path | None:
+    from sdtune.report import metric_names, metric_summary, study_table
+
+    numeric, _ = metric_names(rows)
+    quality = next((m for m in QUALITY_PREFERENCE if m in numeric), numeric[0] if numeric else None)
+    if quality is None:
+        return None
+    sizes = {e["model"]: e.get("adapter") or sum(e.get(p) or 0 for p in ("unet", "vae", "text_encoder")) for e in study_table(rows)}
+    points = [(row.label, sizes.get(row.label), metric_summary(row, quality)) for row in rows]
+    points = [(label, size, s["value"]) for label, size, s in points if size and s and "value" in s]
+    if not points:
+        return None
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for label, size, value in points:
+        axis.scatter(size / 1e6, value, s=40)
+        axis.annotate(label, (size / 1e6, value), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    axis.set_xscale("log")
+    axis.set_xlabel("bytes on disk (MB, log scale)")
+    axis.set_ylabel(quality)
+    axis.grid(alpha=0.3)
+    return _save(plt, figure, folder / "tradeoff.png")
+
+
+def _save(plt, figure, path: Path) -> Path:
+    figure.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(figure)
+    return path

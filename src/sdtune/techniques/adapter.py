@@ -1,0 +1,259 @@
+"""Adapters through peft: LoRA (and LoCon, with conv targets), DoRA, LoHa and LoKr.
+
+One technique class serves every peft method. The experiment's fields go straight into the
+method's peft config class (``rank``/``alpha``/``dropout`` are accepted as friendly aliases), so
+peft alone validates them; nothing here re-declares a peft field or writes an adapter layer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+
+from sdtune.config import ConfigError, _build
+from sdtune.techniques.base import TECHNIQUES, Technique, TechniqueOptions, files_under
+
+if TYPE_CHECKING:
+    from sdtune.models import ModelBundle
+
+ATTENTION_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # the study's LoRA placement
+TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+# peft fields that describe the wrapping model, not the adapter: never set from an experiment
+_RESERVED_PEFT_FIELDS = {
+    "task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
+    "inference_mode",
+}
+DIFFUSERS_LORA_FILE = "pytorch_lora_weights.safetensors"
+KOHYA_LORA_FILE = "pytorch_lora_weights_kohya.safetensors"
+
+
+@dataclass
+class AdapterOptions(TechniqueOptions):
+    text_encoder_target_modules: list[str] = field(default_factory=lambda: list(TEXT_ENCODER_TARGETS))
+    peft: dict[str, Any] = field(default_factory=dict)  # the peft config's arguments, as validated
+
+
+class AdapterTechnique(Technique):
+    """A peft adapter on the UNet (and optionally the text encoder); the base weights stay frozen."""
+
+    Options = AdapterOptions
+    peft_config_name: ClassVar[str]  # the peft config class
+    alpha_field: ClassVar[str]
+    fixed: ClassVar[dict[str, Any]] = {}  # peft arguments this kind sets itself (DoRA: use_dora)
+
+    # -- configuration --------------------------------------------------------------------------
+    @classmethod
+    def config_class(cls) -> type:
+        import peft
+
+        return getattr(peft, cls.peft_config_name)
+
+    @classmethod
+    def validate_options(cls, raw: dict[str, Any], where: str) -> dict[str, Any]:
+        raw = dict(raw)
+        own = {f.name for f in dataclasses.fields(AdapterOptions)} - {"peft"}
+        options = _build(AdapterOptions, {key: raw.pop(key) for key in list(raw) if key in own}, where)
+        aliases = {"rank": "r", "alpha": cls.alpha_field}
+        if cls.alpha_field == "lora_alpha":
+            aliases["dropout"] = "lora_dropout"
+        peft_args: dict[str, Any] = {"r": 4, "target_modules": list(ATTENTION_TARGETS)}
+        for key, value in raw.items():
+            peft_args[aliases.get(key, key)] = value
+        peft_args.setdefault(cls.alpha_field, peft_args["r"])  # alpha = rank: scale 1, the usual default
+        allowed = {f.name for f in dataclasses.fields(cls.config_class()) if f.init}
+        allowed -= _RESERVED_PEFT_FIELDS | set(cls.fixed)
+        for key in peft_args:
+            if key not in allowed:
+                names = sorted(allowed | set(aliases) | own)
+                raise ConfigError(
+                    f"{where}.{key}: not an option of technique kind {cls.kind!r}; allowed: {', '.join(names)}"
+                )
+        try:
+            cls.config_class()(**peft_args, **cls.fixed)
+        except (TypeError, ValueError) as error:
+            raise ConfigError(f"{where}: peft rejected the {cls.kind} options: {error}") from None
+        options.peft = peft_args
+        return dataclasses.asdict(options)
+
+    def peft_config(self, target_modules: list[str] | None = None) -> Any:
+        args = dict(self.options.peft)
+        if target_modules is not None:
+            args["target_modules"] = target_modules
+        return self.config_class()(**args, **self.fixed)
+
+    # -- training ---------------------------------------------------------------------------------
+    def make_trainable(self, bundle: ModelBundle) -> None:
+        from peft import inject_adapter_in_model
+
+        inject_adapter_in_model(self.peft_config(), bundle.unet)
+        if self.options.train_text_encoder:
+            inject_adapter_in_model(self.peft_config(self.options.text_encoder_target_modules), bundle.text_encoder)
+        _check_injected(bundle.unet, self.options.peft["target_modules"], "UNet")
+
+    # -- outputs ----------------------------------------------------------------------------------
+    def save(self, bundle: ModelBundle, out_dir: Path) -> dict[str, list[str]]:
+        from peft import get_peft_model_state_dict
+        from safetensors.torch import save_file
+
+        written = []
+        for name, module, targets in self._adapted(bundle.unet, bundle.text_encoder):
+            state = {k: v.detach().contiguous().cpu() for k, v in get_peft_model_state_dict(module).items()}
+            save_file(state, out_dir / f"{name}_adapter.safetensors", metadata={"format": "pt"})
+            config = self.peft_config(targets).to_dict()
+            (out_dir / f"{name}_adapter_config.json").write_text(json.dumps(_jsonable(config), indent=2))
+            written += [out_dir / f"{name}_adapter.safetensors", out_dir / f"{name}_adapter_config.json"]
+        return {"adapter": files_under(out_dir, written)}
+
+    def _adapted(self, unet: Any, text_encoder: Any) -> list[tuple[str, Any, list[str]]]:
+        parts = [("unet", unet, self.options.peft["target_modules"])]
+        if self.options.train_text_encoder:
+            parts.append(("text_encoder", text_encoder, self.options.text_encoder_target_modules))
+        return parts
+
+    @classmethod
+    def load_into(cls, pipe: Any, run_dir: Path, options: dict[str, Any]) -> Any:
+        from peft import inject_adapter_in_model, set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        for name in ("unet", "text_encoder"):
+            weights = run_dir / f"{name}_adapter.safetensors"
+            if not weights.exists():
+                continue
+            config_dict = json.loads((run_dir / f"{name}_adapter_config.json").read_text())
+            config = cls.config_class().from_peft_type(**config_dict)
+            module = getattr(pipe, name)
+            inject_adapter_in_model(config, module)
+            result = set_peft_model_state_dict(module, load_file(weights))
+            unexpected = getattr(result, "unexpected_keys", [])
+            if unexpected:
+                raise RuntimeError(f"{weights}: {len(unexpected)} adapter tensors did not fit the model")
+        return pipe
+
+    @classmethod
+    def merge(cls, pipe: Any) -> Any:
+        for name in ("unet", "text_encoder"):
+            merge_adapters(getattr(pipe, name))
+        return pipe
+
+
+def merge_adapters(model: torch.nn.Module) -> None:
+    """Fold every peft adapter layer of ``model`` into its base layer and remove the wrapper."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    wrapped = [(name, module) for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)]
+    for name, module in wrapped:
+        module.merge()
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, module.get_base_layer())
+    if hasattr(model, "peft_config"):
+        del model.peft_config
+    if hasattr(model, "_hf_peft_config_loaded"):
+        model._hf_peft_config_loaded = False
+
+
+def _check_injected(module: torch.nn.Module, targets: list[str], what: str) -> None:
+    if not any(p.requires_grad for p in module.parameters()):
+        raise ConfigError(f"target_modules {targets} matched no layer of the {what}")
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (set, tuple, list)):
+        return [_jsonable(v) for v in sorted(value, key=str)] if isinstance(value, set) else [
+            _jsonable(v) for v in value
+        ]
+    if hasattr(value, "value") and not isinstance(value, (str, int, float, bool)):  # enums
+        return value.value
+    return value
+
+
+@TECHNIQUES.register("lora")
+class LoRA(AdapterTechnique):
+    """LoRA (Hu et al. 2021); with conv layers in target_modules it is LoCon.
+
+    Besides the peft files it writes ``pytorch_lora_weights.safetensors`` (diffusers'
+    ``load_lora_weights``) and a kohya-format copy for A1111/ComfyUI.
+    """
+
+    kind = "lora"
+    peft_config_name = "LoraConfig"
+    alpha_field = "lora_alpha"
+
+    def save(self, bundle: ModelBundle, out_dir: Path) -> dict[str, list[str]]:
+        parts = super().save(bundle, out_dir)
+        from diffusers.utils import convert_state_dict_to_diffusers
+        from peft import get_peft_model_state_dict
+        from safetensors.torch import save_file
+
+        peft_state: dict[str, torch.Tensor] = {}
+        lora_layers: dict[str, Any] = {}
+        for name, module, targets in self._adapted(bundle.unet, bundle.text_encoder):
+            state = {k: v.detach().contiguous().cpu() for k, v in get_peft_model_state_dict(module).items()}
+            peft_state.update({f"{name}.{key}": value for key, value in state.items()})
+            lora_layers[f"{name}_lora_layers"] = convert_state_dict_to_diffusers(state)
+            # the metadata keeps alpha and targets, so load_lora_weights rebuilds the same scale
+            lora_layers[f"{name}_lora_adapter_metadata"] = _jsonable(self.peft_config(targets).to_dict())
+        bundle.family.pipeline_class().save_lora_weights(
+            out_dir, weight_name=DIFFUSERS_LORA_FILE, safe_serialization=True, **lora_layers
+        )
+        save_file(
+            to_kohya(peft_state, float(self.options.peft["lora_alpha"])),
+            out_dir / KOHYA_LORA_FILE,
+            metadata={"format": "pt", "ss_network_module": "networks.lora"},
+        )
+        parts["diffusers_lora"] = [DIFFUSERS_LORA_FILE]
+        parts["kohya_lora"] = [KOHYA_LORA_FILE]
+        return parts
+
+    @classmethod
+    def load_into(cls, pipe: Any, run_dir: Path, options: dict[str, Any]) -> Any:
+        pipe.load_lora_weights(str(run_dir), weight_name=DIFFUSERS_LORA_FILE, adapter_name="default")
+        return pipe
+
+
+def to_kohya(peft_state: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
+    """Kohya/A1111/ComfyUI keys (``lora_unet_…​.lora_down.weight`` + ``.alpha``) from peft keys.
+
+    Uses diffusers' converter, then writes the configured alpha: the converter assumes alpha = rank.
+    """
+    from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
+
+    kohya = convert_state_dict_to_kohya(peft_state)
+    for key in [k for k in kohya if k.endswith(".alpha")]:
+        kohya[key] = torch.tensor(alpha)
+    return {k: v.contiguous() for k, v in kohya.items()}
+
+
+@TECHNIQUES.register("dora")
+class DoRA(AdapterTechnique):
+    """Weight-decomposed LoRA (Liu et al. 2024): peft ``LoraConfig(use_dora=True)``."""
+
+    kind = "dora"
+    peft_config_name = "LoraConfig"
+    alpha_field = "lora_alpha"
+    fixed = {"use_dora": True}
+
+
+@TECHNIQUES.register("loha")
+class LoHa(AdapterTechnique):
+    """Low-rank Hadamard product (Hyeon-Woo et al. 2022, FedPara; LyCORIS): peft ``LoHaConfig``."""
+
+    kind = "loha"
+    peft_config_name = "LoHaConfig"
+    alpha_field = "alpha"
+
+
+@TECHNIQUES.register("lokr")
+class LoKr(AdapterTechnique):
+    """Low-rank Kronecker product (Yeh et al. 2023, LyCORIS): peft ``LoKrConfig``."""
+
+    kind = "lokr"
+    peft_config_name = "LoKrConfig"
+    alpha_field = "alpha"

@@ -1,0 +1,109 @@
+"""The technique plug-in interface: which parameters train, how they are saved and loaded.
+
+A technique never runs its own loop. The one loop in :mod:`sdtune.train` asks it to ``prepare``
+the model (freeze, inject adapters), trains whatever has ``requires_grad``, then asks it to
+``save`` the result; ``load_into`` puts a saved result onto a base pipeline for generation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+
+from sdtune.config import ConfigError, _build
+from sdtune.registry import Registry
+
+if TYPE_CHECKING:
+    from sdtune.models import ModelBundle
+
+
+@dataclass
+class TechniqueOptions:
+    """Options every technique accepts (besides overrides of ``train``)."""
+
+    train_text_encoder: bool = False  # also train the text encoder (fully, or with an adapter)
+    text_encoder_learning_rate: float | None = None  # None = the technique's learning_rate
+
+
+class Technique:
+    """Base class of techniques; subclasses register themselves in :data:`TECHNIQUES`."""
+
+    kind: ClassVar[str]
+    Options: ClassVar[type] = TechniqueOptions
+
+    def __init__(self, options: dict[str, Any]) -> None:
+        self.options = self.Options(**options) if not isinstance(options, self.Options) else options
+
+    # -- configuration --------------------------------------------------------------------------
+    @classmethod
+    def validate_options(cls, raw: dict[str, Any], where: str) -> dict[str, Any]:
+        """Check a technique entry's own keys; return the options as a plain mapping."""
+        return dataclasses.asdict(_build(cls.Options, raw, where))
+
+    # -- training ---------------------------------------------------------------------------------
+    def prepare(self, bundle: ModelBundle) -> None:
+        """Freeze everything, then make trainable what this technique trains."""
+        for module in (bundle.unet, bundle.vae, bundle.text_encoder):
+            module.requires_grad_(False)
+        self.make_trainable(bundle)
+
+    def make_trainable(self, bundle: ModelBundle) -> None:
+        raise NotImplementedError
+
+    # -- outputs ----------------------------------------------------------------------------------
+    def save(self, bundle: ModelBundle, out_dir: Path) -> dict[str, list[str]]:
+        """Write the trained result to ``out_dir``; return component → files written (relative)."""
+        raise NotImplementedError
+
+    @classmethod
+    def load_into(cls, pipe: Any, run_dir: Path, options: dict[str, Any]) -> Any:
+        """Apply a saved result to ``pipe`` (a base pipeline) and return the pipeline to sample from."""
+        raise NotImplementedError
+
+    @classmethod
+    def own_pipeline(cls, run_dir: Path) -> bool:
+        """True when the run folder is itself a complete pipeline (no base model needed)."""
+        return False
+
+    @classmethod
+    def merge(cls, pipe: Any) -> Any:
+        """Fold a loaded result into the plain weights of ``pipe`` (for ``export --merged``)."""
+        return pipe
+
+
+TECHNIQUES: Registry[type[Technique]] = Registry("technique")
+
+
+def trainable_named_parameters(bundle: ModelBundle) -> dict[str, torch.nn.Parameter]:
+    """Every parameter with requires_grad, named ``unet.…`` or ``text_encoder.…``."""
+    named = {}
+    for prefix, module in (("unet", bundle.unet), ("text_encoder", bundle.text_encoder)):
+        for name, parameter in module.named_parameters():
+            if parameter.requires_grad:
+                named[f"{prefix}.{name}"] = parameter
+    return named
+
+
+def count_parameters(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def files_under(out_dir: Path, paths: list[Path]) -> list[str]:
+    """Paths relative to out_dir, expanding folders to the files they hold."""
+    result = []
+    for path in paths:
+        if path.is_dir():
+            result += sorted(str(p.relative_to(out_dir)) for p in path.rglob("*") if p.is_file())
+        elif path.exists():
+            result.append(str(path.relative_to(out_dir)))
+    return result
+
+
+def reject_unknown(raw: dict[str, Any], allowed: set[str], where: str, what: str) -> None:
+    for key in raw:
+        if key not in allowed:
+            raise ConfigError(f"{where}.{key}: not an option of {what}; allowed: {', '.join(sorted(allowed))}")

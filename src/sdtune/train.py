@@ -1,0 +1,605 @@
+"""The one training loop, shared by every technique and model family.
+
+Read :func:`train_technique` top to bottom: setup, then the loop (noise → timesteps → add noise →
+predict → target by prediction type → loss → backward → clip → step), then the outputs and the
+run record. Everything random in a step is drawn from (seed, process, step, micro-step), and the
+data order from (seed, position), so a resumed run equals an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import shutil
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from sdtune import cache as cache_lib
+from sdtune import diffusion, records
+from sdtune.checkpoint import load_checkpoint, resolve_resume, restore_parameters, save_checkpoint
+from sdtune.config import ConfigError, Experiment, TrainConfig
+from sdtune.data import TrainingSet, augmentation, prepare_training_set, stream_samples
+from sdtune.models import ModelBundle, family_for
+from sdtune.techniques import TECHNIQUES, Technique, count_parameters, trainable_named_parameters
+
+
+class RunExistsError(RuntimeError):
+    """The run folder holds a finished (or resumable) run; the message says how to proceed."""
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    status: str  # finished | interrupted
+    record: dict[str, Any]
+    bundle: ModelBundle | None = None  # the trained model, still in memory (EMA weights if used)
+
+
+@dataclass
+class StepContext:
+    """Everything a training step reads; built once by :func:`_setup`."""
+
+    config: TrainConfig
+    bundle: ModelBundle
+    technique: Technique
+    accelerator: Any
+    training_set: TrainingSet
+    latent_cache: cache_lib.LatentCache | None
+    parameters: dict[str, torch.nn.Parameter]
+    weight_dtype: torch.dtype
+    prediction_type: str
+    alphas_cumprod: torch.Tensor
+    latent_scale: float
+    train_text_encoder: bool
+    empty_text_states: torch.Tensor | None = None
+
+
+def train(
+    experiment: Experiment,
+    techniques: list[str] | None = None,
+    output_dir: str | Path | None = None,
+    resume: str | bool | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> list[TrainResult]:
+    """Train the named techniques (default: all of the experiment) one after the other."""
+    names = techniques or list(experiment.techniques)
+    for name in names:
+        if name not in experiment.techniques:
+            raise ConfigError(
+                f"--technique {name!r} is not in the experiment; it has: {', '.join(experiment.techniques)}"
+            )
+    results = []
+    for name in names:
+        results.append(train_technique(experiment, name, output_dir, resume, overwrite, progress))
+        if results[-1].status != "finished":
+            break
+    return results
+
+
+def output_root(experiment: Experiment, output_dir: str | Path | None) -> Path:
+    return Path(output_dir or experiment.output_dir or Path("runs") / experiment.name)
+
+
+def train_technique(
+    experiment: Experiment,
+    name: str,
+    output_dir: str | Path | None = None,
+    resume: str | bool | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    after_step: Callable[[int], None] | None = None,
+) -> TrainResult:
+    """Train one technique of the experiment into ``OUTPUT/<name>/`` and write its record."""
+    started = time.perf_counter()
+    run_dir = output_root(experiment, output_dir) / name
+    checkpoint = _claim_run_dir(run_dir, resume, overwrite)
+    ctx = _setup(experiment, name, run_dir, progress)
+    cfg, accelerator = ctx.config, ctx.accelerator
+    optimizer, lr_scheduler, ema, max_steps = _optimisation(ctx)
+    state = {"step": 0, "loss_history": [], "train_time_s": 0.0, "resumed_from": []}
+    if checkpoint is not None:
+        state = _resume(ctx, checkpoint, optimizer, lr_scheduler, ema, state)
+    setup_time = time.perf_counter() - started
+    stop = _StopRequest()
+    per_step = cfg.batch_size * cfg.gradient_accumulation_steps * accelerator.num_processes
+    bar = _progress_bar(max_steps, state["step"], progress and accelerator.is_main_process, name)
+    records.reset_peak_memory(accelerator.device)
+    models = [m for m in (ctx.bundle.unet, ctx.bundle.text_encoder) if any(p.requires_grad for p in m.parameters())]
+    for model in models:
+        model.train()
+    loop_started, first_step = time.perf_counter(), state["step"]
+    status = "finished"
+    with stop.installed():
+        for step in range(state["step"], max_steps):
+            step_started = time.perf_counter()
+            step_loss = 0.0
+            for micro in range(cfg.gradient_accumulation_steps):
+                generator = _step_generator(cfg.seed, accelerator, step, micro)
+                latents, text_states = _micro_batch(ctx, step, micro, generator)
+                # --- the diffusion objective (Ho et al. 2020), target set by the prediction type ---
+                noise = diffusion.sample_noise(latents, generator, cfg.noise_offset)
+                timesteps = diffusion.sample_timesteps(
+                    latents.shape[0], len(ctx.alphas_cumprod), generator, latents.device
+                )
+                noisy_latents = diffusion.add_noise(latents, noise, timesteps, ctx.alphas_cumprod)
+                target = diffusion.training_target(
+                    ctx.prediction_type, latents, noise, timesteps, ctx.alphas_cumprod
+                )
+                last_micro = micro == cfg.gradient_accumulation_steps - 1
+                with _no_sync(accelerator, models, skip=last_micro):
+                    prediction = ctx.bundle.unet(noisy_latents, timesteps, text_states, return_dict=False)[0]
+                    weights = None
+                    if cfg.snr_gamma is not None:
+                        snr = diffusion.snr(timesteps, ctx.alphas_cumprod)
+                        weights = diffusion.min_snr_weights(snr, cfg.snr_gamma, ctx.prediction_type)
+                    loss = diffusion.diffusion_loss(prediction, target, weights)
+                    accelerator.backward(loss / cfg.gradient_accumulation_steps)
+                step_loss += loss.detach().float() / cfg.gradient_accumulation_steps
+            accelerator.clip_grad_norm_(list(ctx.parameters.values()), cfg.max_grad_norm)
+            lr = lr_scheduler.get_last_lr()[0]  # the rate this step uses
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.step(ctx.parameters.values())
+            done = step + 1
+            state["step"] = done
+            state["train_time_s"] += time.perf_counter() - step_started
+            mean_loss = accelerator.gather(step_loss.reshape(1)).mean().item()
+            _check_finite(mean_loss, done)
+            if done % cfg.log_every == 0 or done == max_steps:
+                state["loss_history"].append({"step": done, "loss": mean_loss, "lr": lr})
+                accelerator.log({"train/loss": mean_loss, "train/lr": lr}, step=done)
+            images_per_s = per_step * (done - first_step) / (time.perf_counter() - loop_started)
+            bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{images_per_s:.2f}")
+            bar.update(1)
+            if after_step is not None:
+                after_step(done)
+            interrupted = stop.requested and done < max_steps
+            periodic = cfg.checkpointing_steps and done % cfg.checkpointing_steps == 0 and done < max_steps
+            if interrupted or periodic:
+                _write_checkpoint(ctx, run_dir, done, optimizer, lr_scheduler, ema, state)
+            if interrupted:
+                status = "interrupted"
+                break
+    bar.close()
+    accelerator.wait_for_everyone()
+    timing = {"setup_time_s": setup_time, "train_time_s": state["train_time_s"], "images_per_step": per_step}
+    record = _finish(ctx, experiment, name, run_dir, status, state, ema, timing, max_steps)
+    accelerator.end_training()
+    return TrainResult(run_dir=run_dir, status=status, record=record, bundle=_unwrapped(ctx))
+
+
+# ----------------------------------------------------------------------------------------------
+# Setup
+
+
+def _setup(experiment: Experiment, name: str, run_dir: Path, progress: bool) -> StepContext:
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import ProjectConfiguration
+
+    cfg = experiment.train_config_for(name)
+    spec = experiment.techniques[name]
+    AcceleratorState._reset_state()  # techniques of one file may differ in mixed precision
+    accelerator = Accelerator(
+        mixed_precision=cfg.mixed_precision,
+        log_with="tensorboard",
+        project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")),
+    )
+    if cfg.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32)
+    family = family_for(experiment.model)
+    bundle = family.load(experiment.model)
+    technique = TECHNIQUES.get(spec.kind)(spec.options)
+    torch.manual_seed(cfg.seed)  # adapter initialisation is random: same seed, same start
+    technique.prepare(bundle)
+    train_text_encoder = any(p.requires_grad for p in bundle.text_encoder.parameters())
+    for module in (bundle.unet, bundle.text_encoder, bundle.vae):
+        for parameter in module.parameters():  # frozen weights in the compute dtype, trained ones fp32
+            parameter.data = parameter.data.to(accelerator.device, torch.float32 if parameter.requires_grad else weight_dtype)
+        module.to(accelerator.device)
+    if cfg.gradient_checkpointing:
+        bundle.unet.enable_gradient_checkpointing()
+        if train_text_encoder:
+            bundle.text_encoder.gradient_checkpointing_enable()
+    training_set = prepare_training_set(experiment.data, progress=progress and accelerator.is_main_process)
+    scheduler_config = bundle.noise_scheduler.config
+    prediction_type = cfg.prediction_type or scheduler_config.prediction_type
+    ctx = StepContext(
+        config=cfg,
+        bundle=bundle,
+        technique=technique,
+        accelerator=accelerator,
+        training_set=training_set,
+        latent_cache=None,
+        parameters={},
+        weight_dtype=weight_dtype,
+        prediction_type=prediction_type,
+        alphas_cumprod=bundle.noise_scheduler.alphas_cumprod.to(accelerator.device),
+        latent_scale=family.latent_scale(bundle),
+        train_text_encoder=train_text_encoder,
+    )
+    ctx.latent_cache = _latent_cache(ctx, experiment, run_dir.parent, progress)
+    models = [m for m in (bundle.unet, bundle.text_encoder) if any(p.requires_grad for p in m.parameters())]
+    prepared = accelerator.prepare(*models)
+    prepared = prepared if isinstance(prepared, tuple) else (prepared,)
+    for model, wrapped in zip(models, prepared):
+        if model is bundle.unet:
+            bundle.unet = wrapped
+        else:
+            bundle.text_encoder = wrapped
+    ctx.parameters = trainable_named_parameters(_unwrapped(ctx))
+    if accelerator.is_main_process:
+        accelerator.init_trackers("sdtune", config=_flat_scalars(dataclasses.asdict(cfg)))
+    return ctx
+
+
+def _latent_cache(
+    ctx: StepContext, experiment: Experiment, output_root: Path, progress: bool
+) -> cache_lib.LatentCache | None:
+    data = experiment.data
+    mode = data.cache
+    if mode == "off" or (mode == "auto" and not data.center_crop):
+        return None
+    bundle, family = ctx.bundle, ctx.bundle.family
+    cache_texts = not ctx.train_text_encoder
+    if mode == "auto":
+        text_numel = 0
+        if cache_texts:
+            probe = family.tokenize(bundle, ["probe"])
+            text_numel = probe.shape[1] * bundle.text_encoder.config.hidden_size
+        variants = 2 if data.random_flip else 1
+        estimate = cache_lib.estimate_bytes(len(ctx.training_set), data.resolution, variants, text_numel)
+        mode = "memory" if estimate <= data.cache_memory_limit_gb * 1e9 else "disk"
+    key = cache_lib.cache_key(
+        {
+            "model": dataclasses.asdict(experiment.model),
+            "data": {k: v for k, v in dataclasses.asdict(data).items() if k not in ("cache", "cache_batch_size")},
+            "texts": cache_texts,
+            "dtype": str(ctx.weight_dtype),
+            "rows": ctx.training_set.indices,
+        }
+    )
+    device = ctx.accelerator.device
+
+    @torch.no_grad()
+    def encode_images(pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        posterior = bundle.vae.encode(pixels.to(device, ctx.weight_dtype)).latent_dist
+        return posterior.mean, posterior.std
+
+    @torch.no_grad()
+    def encode_texts(captions: list[str]) -> torch.Tensor:
+        return family.encode_text(bundle, family.tokenize(bundle, captions))
+
+    return cache_lib.build_cache(
+        ctx.training_set,
+        encode_images,
+        encode_texts if cache_texts else None,
+        key,
+        mode,
+        output_root / ".cache",
+        progress=progress and ctx.accelerator.is_main_process,
+    )
+
+
+def _optimisation(ctx: StepContext) -> tuple[Any, Any, Any, int]:
+    """Optimizer (AdamW), LR schedule (diffusers), optional EMA, and the number of steps."""
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import EMAModel
+
+    cfg, accelerator = ctx.config, ctx.accelerator
+    per_step = cfg.batch_size * cfg.gradient_accumulation_steps * accelerator.num_processes
+    max_steps = cfg.max_train_steps or math.ceil(cfg.num_epochs * len(ctx.training_set) / per_step)
+    learning_rate = cfg.learning_rate * (per_step if cfg.scale_lr else 1)
+    text_lr = ctx.technique.options.text_encoder_learning_rate or learning_rate
+    groups = [
+        {"params": [p for n, p in ctx.parameters.items() if n.startswith("unet.")], "lr": learning_rate},
+        {"params": [p for n, p in ctx.parameters.items() if n.startswith("text_encoder.")], "lr": text_lr},
+    ]
+    groups = [g for g in groups if g["params"]]
+    optimizer_cls = torch.optim.AdamW
+    if cfg.use_8bit_adam:
+        try:
+            import bitsandbytes
+        except ImportError:
+            raise ConfigError(
+                "train.use_8bit_adam: true needs bitsandbytes; pip install 'sdtune[bnb]' or set it to false"
+            ) from None
+        optimizer_cls = bitsandbytes.optim.AdamW8bit
+    optimizer = optimizer_cls(
+        groups,
+        betas=(cfg.adam_beta1, cfg.adam_beta2),
+        weight_decay=cfg.adam_weight_decay,
+        eps=cfg.adam_epsilon,
+    )
+    optimizer = accelerator.prepare(optimizer)
+    # stepped once per optimizer step by the loop itself (not prepared: no per-process scaling)
+    lr_scheduler = get_scheduler(
+        cfg.lr_scheduler, optimizer=optimizer, num_warmup_steps=cfg.lr_warmup_steps, num_training_steps=max_steps
+    )
+    ema = None
+    if cfg.use_ema:
+        ema = EMAModel(list(ctx.parameters.values()), decay=cfg.ema_decay)
+        ema.to(accelerator.device)
+    return optimizer, lr_scheduler, ema, max_steps
+
+
+# ----------------------------------------------------------------------------------------------
+# One micro-batch
+
+
+def _step_generator(seed: int, accelerator: Any, step: int, micro: int) -> torch.Generator:
+    """A generator seeded from (seed, process, step, micro-step); also seeds torch's global RNG
+    (dropout) the same way, so every random draw of a step can be replayed on resume."""
+    derived = int(np.random.SeedSequence([seed, accelerator.process_index, step, micro]).generate_state(1)[0])
+    torch.manual_seed(derived)
+    return torch.Generator(device=accelerator.device).manual_seed(derived)
+
+
+def _micro_batch(
+    ctx: StepContext, step: int, micro: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Latents and text states of this process's share of a micro-step (deterministic)."""
+    cfg, accelerator, data = ctx.config, ctx.accelerator, ctx.training_set.config
+    global_micro = step * cfg.gradient_accumulation_steps + micro
+    start = (global_micro * accelerator.num_processes + accelerator.process_index) * cfg.batch_size
+    indices, epochs = stream_samples(cfg.seed, len(ctx.training_set), start, cfg.batch_size)
+    flips, crops, dropped = [], [], []
+    for index, epoch in zip(indices.tolist(), epochs.tolist()):
+        choice = augmentation(cfg.seed, epoch, index)
+        flips.append(choice.flip and data.random_flip)
+        crops.append(None if data.center_crop else choice.crop)
+        dropped.append(choice.caption_draw < cfg.caption_dropout)
+    device = accelerator.device
+    bundle, family = ctx.bundle, ctx.bundle.family
+    if ctx.latent_cache is not None:
+        mean, std = ctx.latent_cache.posterior(indices.tolist(), flips)
+        mean, std = mean.to(device), std.to(device)
+    else:
+        pixels = torch.stack([ctx.training_set.pixels(i, f, c) for i, f, c in zip(indices, flips, crops)])
+        with torch.no_grad():
+            posterior = bundle.vae.encode(pixels.to(device, ctx.weight_dtype)).latent_dist
+        mean, std = posterior.mean.float(), posterior.std.float()
+    latents = diffusion.sample_latents(mean, std, ctx.latent_scale, generator)
+    if ctx.latent_cache is not None and ctx.latent_cache.has_texts:
+        text_states = ctx.latent_cache.text(indices.tolist()).to(device, ctx.weight_dtype)
+        if any(dropped):
+            text_states[torch.tensor(dropped, device=device)] = _empty_caption_states(ctx).to(text_states.dtype)
+    else:
+        captions = ["" if drop else ctx.training_set.captions[i] for i, drop in zip(indices, dropped)]
+        with contextlib.nullcontext() if ctx.train_text_encoder else torch.no_grad():
+            text_states = family.encode_text(bundle, family.tokenize(bundle, captions).to(device))
+    return latents.to(ctx.weight_dtype), text_states
+
+
+def _empty_caption_states(ctx: StepContext) -> torch.Tensor:
+    """The frozen text encoder's output for "" (computed once; used for dropped captions)."""
+    if ctx.empty_text_states is None:
+        family = ctx.bundle.family
+        with torch.no_grad():
+            ids = family.tokenize(ctx.bundle, [""]).to(ctx.accelerator.device)
+            ctx.empty_text_states = family.encode_text(ctx.bundle, ids)[0]
+    return ctx.empty_text_states
+
+
+@contextlib.contextmanager
+def _no_sync(accelerator: Any, models: list[torch.nn.Module], skip: bool):
+    """Skip the gradient all-reduce on all but the last micro-step of an accumulation."""
+    if skip or accelerator.num_processes == 1:
+        yield
+        return
+    with contextlib.ExitStack() as stack:
+        for model in models:
+            stack.enter_context(accelerator.no_sync(model))
+        yield
+
+
+def _check_finite(loss: float, step: int) -> None:
+    if not math.isfinite(loss):
+        raise FloatingPointError(
+            f"loss became {loss} at step {step}; lower train.learning_rate, or use bf16 instead of fp16"
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints, interruption, outputs
+
+
+def _claim_run_dir(run_dir: Path, resume: str | bool | None, overwrite: bool) -> Path | None:
+    """Refuse to clobber a finished or resumable run; return the checkpoint to resume from."""
+    record = records.read_record(run_dir)
+    if overwrite and run_dir.exists():
+        shutil.rmtree(run_dir)
+        record = None
+    if record is not None and record.get("status") == "finished":
+        raise RunExistsError(
+            f"{run_dir} holds a finished run; pass --overwrite to replace it or --output to write elsewhere"
+        )
+    checkpoint = resolve_resume(run_dir, resume)
+    if resume and checkpoint is None:
+        print(f"no checkpoint in {run_dir}; starting from step 0")
+    if checkpoint is None and run_dir.exists() and any(run_dir.iterdir()):
+        raise RunExistsError(
+            f"{run_dir} is not empty (an unfinished run?); pass --resume to continue it or --overwrite to "
+            "start over"
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return checkpoint
+
+
+def _resume(ctx: StepContext, checkpoint: Path, optimizer: Any, lr_scheduler: Any, ema: Any, state: dict) -> dict:
+    trainable, saved = load_checkpoint(checkpoint)
+    restore_parameters(ctx.parameters, trainable)
+    optimizer.load_state_dict(saved["optimizer"])
+    lr_scheduler.load_state_dict(saved["lr_scheduler"])
+    if ema is not None:
+        ema.load_state_dict(saved["ema"])
+        ema.to(ctx.accelerator.device)
+    scaler = getattr(ctx.accelerator, "scaler", None)
+    if scaler is not None and saved.get("scaler") is not None:
+        scaler.load_state_dict(saved["scaler"])
+    state = dict(saved["state"])
+    state["resumed_from"] = [*state.get("resumed_from", []), str(checkpoint)]
+    print(f"resumed from {checkpoint} at step {state['step']}")
+    return state
+
+
+def _write_checkpoint(ctx: StepContext, run_dir: Path, step: int, optimizer: Any, lr_scheduler: Any, ema: Any, state: dict) -> None:
+    if ctx.accelerator.is_main_process:
+        scaler = getattr(ctx.accelerator, "scaler", None)
+        training_state = {
+            "optimizer": optimizer.state_dict(),
+            "lr_scheduler": lr_scheduler.state_dict(),
+            "ema": ema.state_dict() if ema is not None else None,
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "state": state,
+        }
+        save_checkpoint(run_dir, step, ctx.parameters, training_state, ctx.config.checkpoints_total_limit)
+    ctx.accelerator.wait_for_everyone()
+
+
+class _StopRequest:
+    """Ctrl-C (SIGINT) asks the loop to checkpoint and stop after the current step; a second Ctrl-C
+    stops at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nstopping after this step (a checkpoint will be saved); Ctrl-C again to abort at once")
+
+    @contextlib.contextmanager
+    def installed(self):
+        try:
+            previous = signal.signal(signal.SIGINT, self._handle)
+        except ValueError:  # not the main thread: no handler, Ctrl-C behaves as usual
+            yield
+            return
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+
+def _progress_bar(total: int, initial: int, enabled: bool, name: str) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled, desc=f"train {name}", unit="step")
+
+
+def _unwrapped(ctx: StepContext) -> ModelBundle:
+    unwrap = ctx.accelerator.unwrap_model
+    return dataclasses.replace(ctx.bundle, unet=unwrap(ctx.bundle.unet), text_encoder=unwrap(ctx.bundle.text_encoder))
+
+
+def _finish(
+    ctx: StepContext,
+    experiment: Experiment,
+    name: str,
+    run_dir: Path,
+    status: str,
+    state: dict,
+    ema: Any,
+    timing: dict,
+    max_steps: int,
+) -> dict[str, Any]:
+    """Save the technique's outputs (EMA weights when used) and write the run record."""
+    accelerator = ctx.accelerator
+    bundle = _unwrapped(ctx)
+    outputs: dict[str, Any] = {}
+    if status == "finished" and accelerator.is_main_process:
+        if ema is not None:
+            ema.copy_to(ctx.parameters.values())  # the study saved the EMA weights
+        for module in (bundle.unet, bundle.text_encoder):
+            module.eval()
+        saved = ctx.technique.save(bundle, run_dir)
+        outputs = {
+            part: {"files": files, "bytes": records.bytes_on_disk(run_dir, files)} for part, files in saved.items()
+        }
+    steps_run = max(state["step"], 1)
+    spec = experiment.techniques[name]
+    record = {
+        "kind": "train",
+        "status": status,
+        "experiment": experiment.name,
+        "technique": {"name": name, "kind": spec.kind, "options": spec.options},
+        "model": {"source": experiment.model.path, "family": bundle.family.name},
+        "config": experiment.raw,
+        "train": dataclasses.asdict(ctx.config),
+        "seeds": {"train": ctx.config.seed},
+        "prediction_type": ctx.prediction_type,
+        "steps": {"done": state["step"], "max": max_steps},
+        "versions": records.package_versions(),
+        "git_commit": records.git_commit(),
+        "device": records.device_description(accelerator.device),
+        "num_processes": accelerator.num_processes,
+        "timing": {
+            **timing,
+            "s_per_step": timing["train_time_s"] / steps_run,
+            "images_per_s": timing["images_per_step"] * steps_run / max(timing["train_time_s"], 1e-9),
+        },
+        "memory": {"peak": records.peak_memory(accelerator.device)},
+        "parameters": {
+            "trainable": sum(p.numel() for p in ctx.parameters.values()),
+            "unet": count_parameters(bundle.unet),
+            "text_encoder": count_parameters(bundle.text_encoder),
+            "vae": count_parameters(bundle.vae),
+            "trained_modules": trained_modules(ctx.parameters, bundle),
+        },
+        "outputs": outputs,
+        "bytes_on_disk": sum(part["bytes"] for part in outputs.values()),
+        "data": {
+            "source": experiment.data.source,
+            "num_samples": len(ctx.training_set),
+            "skipped_images": len(ctx.training_set.skipped),
+            "skipped_examples": ctx.training_set.skipped[:10],
+            "cache": None if ctx.latent_cache is None else ("disk" if ctx.latent_cache.folder else "memory"),
+        },
+        "loss_history": state["loss_history"],
+        "resumed_from": state.get("resumed_from", []),
+        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    if accelerator.is_main_process:
+        records.write_json_atomic(run_dir / records.RECORD_FILE, record)
+    return record
+
+
+def trained_modules(parameters: dict[str, torch.nn.Parameter], bundle: ModelBundle) -> list[str]:
+    """Names of the modules holding trained parameters; a fully trained component is one entry."""
+    result = []
+    for prefix, module in (("unet", bundle.unet), ("text_encoder", bundle.text_encoder)):
+        names = [n for n in parameters if n.startswith(prefix + ".")]
+        if not names:
+            continue
+        if len(names) == sum(1 for _ in module.parameters()):
+            result.append(f"{prefix} (all)")
+            continue
+        result += sorted({n.rsplit(".", 1)[0] for n in names})
+    return result
+
+
+def _flat_scalars(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(_flat_scalars(value, f"{prefix}{key}."))
+        elif isinstance(value, (int, float, str, bool)):
+            flat[f"{prefix}{key}"] = value
+        else:
+            flat[f"{prefix}{key}"] = str(value)
+    return flat

@@ -1,0 +1,49 @@
+"""The command line: a thin layer whose errors are one line and whose help lists the choices."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from sdtune.cli import main
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def _run(*args):
+    return subprocess.run([sys.executable, "-m", "sdtune", *args], capture_output=True, text=True, env=ENV)
+
+
+def test_help_lists_technique_kinds(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    assert "dora, full, loha, lokr, lora, partial" in capsys.readouterr().out
+
+
+def test_bad_config_is_one_line_and_exit_2(write_experiment):
+    path = write_experiment()
+    result = _run("train", str(path), "--set", "train.batch_size=-1")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "sdtune: error: train.batch_size: -1 is not allowed; expected a positive whole number"
+    ]
+
+
+def test_train_then_generate_end_to_end(write_experiment, tmp_path):
+    path = write_experiment(max_train_steps=2)
+    result = _run("train", str(path), "--technique", "lora", "--set", "train.log_every=1")
+    assert result.returncode == 0, result.stderr
+    assert "lora: finished at step 2/2" in result.stdout
+    run_dir = tmp_path / "runs" / "lora"
+    out = tmp_path / "samples"
+    result = _run("generate", str(run_dir), "--prompt", "a red circle", "--num-images", "2", "--steps", "2", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "model load:" in result.stdout and "per image:" in result.stdout
+    assert len(list(out.glob("*.png"))) == 2
+    again = _run("train", str(path), "--technique", "lora")
+    assert again.returncode == 2 and "--overwrite" in again.stderr
+    missing = _run("generate", str(tmp_path / "nowhere"), "--prompt", "x")
+    assert missing.returncode == 2 and "not an sdtune run folder" in missing.stderr

@@ -1,0 +1,93 @@
+"""`sdtune compare` end to end on the tiny model: records, report, re-rendering, failures."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from sdtune.compare import compare
+from sdtune.config import load_experiment
+from sdtune.report import render_report
+
+
+@pytest.fixture
+def compare_experiment(write_experiment, tiny_clip_dir):
+    def write(**extra):
+        path = write_experiment(max_train_steps=2)
+        raw = yaml.safe_load(path.read_text())
+        raw["evaluation"] = {
+            "prompts": ["a red circle"], "out_of_domain_prompts": ["yoda"], "seeds_per_prompt": 2,
+            "num_inference_steps": 2, "guidance_scale": 3.0, "clip_model": str(tiny_clip_dir),
+            "max_reference_images": 6, **extra,
+        }
+        path.write_text(yaml.safe_dump(raw))
+        return load_experiment(path)
+
+    return write
+
+
+def test_compare_two_techniques_two_seeds(compare_experiment, tmp_path):
+    experiment = compare_experiment()
+    report = compare(experiment, seeds=[0, 1], progress=False)
+    root = report.parent
+    names = sorted(p.name for p in (root / "records").glob("*.json"))
+    assert names == [
+        "eval-base.json", "eval-full-seed0.json", "eval-full-seed1.json", "eval-lora-seed0.json",
+        "eval-lora-seed1.json", "train-full-seed0.json", "train-full-seed1.json", "train-lora-seed0.json",
+        "train-lora-seed1.json",
+    ]
+    lora0 = json.loads((root / "records" / "train-lora-seed0.json").read_text())
+    lora1 = json.loads((root / "records" / "train-lora-seed1.json").read_text())
+    assert lora0["seeds"]["train"] == 0 and lora1["seeds"]["train"] == 1
+    assert lora0["loss_history"] != lora1["loss_history"]  # different seeds, different runs
+    evaluation = json.loads((root / "records" / "eval-lora-seed0.json").read_text())
+    assert len(evaluation["images"]) == 4 and all((root / e["path"]).exists() for e in evaluation["images"])
+    metrics = evaluation["metrics"]
+    for name in ("clip_score", "fidelity", "diversity", "preservation", "fid", "kid"):
+        assert metrics[name]["skipped"] is None and isinstance(metrics[name]["value"], float), name
+    assert abs(sum(metrics["style_split"]["value"].values()) - 1) < 1e-6
+    markdown = (root / "report.md").read_text()
+    # the measured numbers are in the tables
+    seconds = f"{lora0['timing']['s_per_step']:.3g}"
+    assert "| lora | lora | finished |" in markdown and "clip_score" in markdown
+    assert seconds in markdown or f"{(lora0['timing']['s_per_step'] + lora1['timing']['s_per_step']) / 2:.3g}" in markdown
+    html = report.read_text()
+    assert html.count("data:image/png;base64,") == 4 and "<script" not in html
+    # re-rendering from the records alone gives the same tables
+    (root / "report.md").unlink()
+    render_report(root)
+    assert (root / "report.md").read_text() == markdown
+
+
+def test_failed_technique_keeps_others_and_is_marked(compare_experiment, monkeypatch):
+    experiment = compare_experiment(metrics=["clip_score"])
+    import sdtune.compare as compare_module
+
+    real = compare_module.train_technique
+
+    def failing(experiment, name, *args, **kwargs):
+        if name == "full":
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return real(experiment, name, *args, **kwargs)
+
+    monkeypatch.setattr(compare_module, "train_technique", failing)
+    report = compare(experiment, progress=False)
+    markdown = (report.parent / "report.md").read_text()
+    assert "| full | full | failed |" in markdown and "CUDA out of memory (simulated)" in markdown
+    assert (report.parent / "records" / "eval-lora-seed0.json").exists()
+    # a second run retries only the failed technique; lora's finished record is reused
+    monkeypatch.setattr(compare_module, "train_technique", real)
+    lora_before = (report.parent / "lora" / "record.json").read_text()
+    compare(experiment, progress=False)
+    assert (report.parent / "lora" / "record.json").read_text() == lora_before
+    assert "| full | full | finished |" in (report.parent / "report.md").read_text()
+
+
+def test_missing_clip_model_skips_clip_metrics_with_a_reason(compare_experiment, tmp_path):
+    experiment = compare_experiment(clip_model=str(tmp_path / "no-clip-here"), metrics=["clip_score", "fid"])
+    report = compare(experiment, only="lora", progress=False)
+    evaluation = json.loads((report.parent / "records" / "eval-lora-seed0.json").read_text())
+    assert "could not be loaded" in evaluation["metrics"]["clip_score"]["skipped"]
+    assert "Skipped: clip_score:" in (report.parent / "report.md").read_text()

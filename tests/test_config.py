@@ -1,0 +1,97 @@
+"""The experiment file: shipped configs load, every bad value fails at load with one clear line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sdtune.config import ConfigError, load_experiment
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = sorted((ROOT / "configs").rglob("*.yaml"))
+
+
+def test_every_shipped_config_loads():
+    assert len(SHIPPED) == 2, [p.name for p in SHIPPED]  # update when adding a config
+    for path in SHIPPED:
+        experiment = load_experiment(path)
+        for name in experiment.techniques:
+            experiment.train_config_for(name)
+
+
+def test_pokemon_paper_has_the_study_parameters():
+    experiment = load_experiment(ROOT / "configs" / "pokemon-paper.yaml")
+    data, train = experiment.data, experiment.train
+    assert (data.resolution, data.center_crop, data.random_flip) == (512, True, True)
+    assert train.batch_size * train.gradient_accumulation_steps == 16
+    assert (train.max_train_steps, train.learning_rate, train.mixed_precision) == (100, 1e-5, "no")
+    full, lora = experiment.train_config_for("full"), experiment.train_config_for("lora")
+    assert (full.lr_scheduler, full.use_ema) == ("constant", True)
+    assert (lora.lr_scheduler, lora.use_ema) == ("cosine", False)
+    assert experiment.techniques["lora"].options["peft"]["r"] == 4
+
+
+def _write(tmp_path, raw) -> Path:
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda r: r["train"].update(max_train_steps=-5), "train.max_train_steps: -5 is not allowed"),
+        (lambda r: r["train"].update(bacth_size=2), "did you mean 'batch_size'"),
+        (lambda r: r["train"].update(batch_size="four"), "train.batch_size: 'four' is not allowed; expected a whole number"),
+        (lambda r: r["data"].update(resolution=500), "data.resolution: 500 is not allowed; expected a positive multiple of 8"),
+        (lambda r: r.update(model="./no/such/model"), "does not exist"),
+        (lambda r: r["data"].update(source="/no/such/folder"), "data.source: '/no/such/folder' does not exist"),
+        (lambda r: r["techniques"].update(x={"kind": "qlora"}), "'qlora' is not a technique; choose one of: dora, full, loha, lokr, lora, partial"),
+        (lambda r: r["techniques"]["lora"].update(rnak=4), "techniques.lora.rnak: not an option of technique kind 'lora'"),
+        (lambda r: r["train"].update(mixed_precision="fp8"), "expected one of 'no', 'fp16', 'bf16'"),
+        (lambda r: r["train"].update(max_train_steps=None), "give max_train_steps or num_epochs"),
+        (lambda r: r.update(trian={}), "trian: unknown key (did you mean 'train'?)"),
+        (lambda r: r["techniques"]["full"].update(lr_scheduler="cosine_warm"), "lr_scheduler: 'cosine_warm' is not allowed"),
+        (lambda r: r["data"].update(cache="disk", center_crop=False), "data.cache: 'disk' needs data.center_crop: true"),
+        (lambda r: r["techniques"].update(p={"kind": "partial", "preset": "middle"}), "'middle' is not a preset"),
+        (lambda r: r["techniques"]["lora"].update(layers_pattern="x"), "peft rejected the lora options"),
+    ],
+)
+def test_bad_values_fail_at_load_with_one_line(tmp_path, tiny_model, tiny_data, change, message):
+    from conftest import experiment_dict
+
+    raw = experiment_dict(tiny_model, tiny_data)
+    change(raw)
+    with pytest.raises(ConfigError) as error:
+        load_experiment(_write(tmp_path, raw))
+    assert message in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_overrides_and_number_strings(tmp_path, tiny_model, tiny_data):
+    from conftest import experiment_dict
+
+    raw = experiment_dict(tiny_model, tiny_data)
+    raw["train"]["learning_rate"] = "1e-5"  # YAML 1.1 reads this as a string
+    experiment = load_experiment(
+        _write(tmp_path, raw), ["train.max_train_steps=10", "techniques.lora.rank=8", "data.random_flip=false"]
+    )
+    assert experiment.train.learning_rate == 1e-5
+    assert experiment.train.max_train_steps == 10
+    assert experiment.techniques["lora"].options["peft"]["r"] == 8
+    assert experiment.data.random_flip is False
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        load_experiment(_write(tmp_path, raw), ["train.max_train_steps"])
+
+
+def test_relative_paths_resolve_against_the_file(tmp_path, tiny_model, tiny_data):
+    import shutil
+
+    from conftest import experiment_dict
+
+    shutil.copytree(tiny_data, tmp_path / "images")
+    raw = experiment_dict(tiny_model, "images")
+    experiment = load_experiment(_write(tmp_path, raw))
+    assert Path(experiment.data.source) == (tmp_path / "images").resolve()

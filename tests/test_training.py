@@ -1,0 +1,190 @@
+"""The training engine, for every technique: what trains, what is saved, what reloads, resume."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sdtune.config import load_experiment
+from sdtune.generate import generate_images, load_run_pipeline
+from sdtune.train import RunExistsError, train_technique
+
+ALL_TECHNIQUES = {
+    "full": {"kind": "full", "use_ema": True, "ema_decay": 0.9},
+    "lora": {"kind": "lora", "rank": 4, "alpha": 8, "lr_scheduler": "cosine"},
+    "locon": {"kind": "lora", "rank": 2, "target_modules": ["to_q", "to_v", "conv1", "conv2"]},
+    "dora": {"kind": "dora", "rank": 2},
+    "loha": {"kind": "loha", "rank": 2, "alpha": 2},
+    "lokr": {"kind": "lokr", "rank": 2, "alpha": 2},
+    "partial": {"kind": "partial", "preset": "cross-attention"},
+    "lora-te": {"kind": "lora", "rank": 2, "train_text_encoder": True, "text_encoder_learning_rate": 1e-3},
+}
+
+
+def _base_state(model_dir, part):
+    return load_file(model_dir / part / "diffusion_pytorch_model.safetensors") if part != "text_encoder" else load_file(
+        model_dir / part / "model.safetensors"
+    )
+
+
+def _images(pipe, prompts=("a red circle", "a blue square")):
+    result = generate_images(pipe, list(prompts), [0], num_inference_steps=3, guidance_scale=3.0, resolution=32, progress=False)
+    return np.stack([np.asarray(image, dtype=np.float32) for image in result.images])
+
+
+@pytest.mark.parametrize("name", list(ALL_TECHNIQUES))
+def test_technique_trains_saves_and_reloads(name, write_experiment, tiny_model, tmp_path):
+    experiment = load_experiment(write_experiment(techniques={name: ALL_TECHNIQUES[name]}))
+    result = train_technique(experiment, name, progress=False)
+    record = result.record
+    assert result.status == "finished" and record["steps"]["done"] == 3
+    assert record["parameters"]["trainable"] > 0 and record["bytes_on_disk"] > 0
+    assert len(record["loss_history"]) == 3 and all(np.isfinite(h["loss"]) for h in record["loss_history"])
+
+    # reload in a fresh process (sdtune generate) → the same images as the in-memory trained model
+    in_memory = result.bundle.family.build_pipeline(result.bundle)
+    expected = _images(in_memory)
+    out = tmp_path / "fresh"
+    script = (
+        "import sys, numpy as np; from sdtune.generate import load_run_pipeline, generate_images;"
+        f"pipe, _ = load_run_pipeline({str(result.run_dir)!r}, fuse=False, device=__import__('torch').device('cpu'));"
+        "r = generate_images(pipe, ['a red circle', 'a blue square'], [0], 3, 3.0, 32, progress=False);"
+        f"np.save({str(out)!r}, np.stack([np.asarray(i, dtype=np.float32) for i in r.images]))"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    reloaded = np.load(f"{out}.npy")
+    assert np.abs(reloaded - expected).max() <= 1.0  # uint8 images: at most one level of rounding apart
+
+    # merged (fused) adapter equals the unmerged one within float tolerance
+    fused, _ = load_run_pipeline(result.run_dir, fuse=True, device=torch.device("cpu"))
+    assert np.abs(_images(fused) - expected).max() <= 2.0
+
+
+def test_lora_trains_only_adapters_and_writes_diffusers_and_kohya(write_experiment, tiny_model):
+    experiment = load_experiment(write_experiment())
+    result = train_technique(experiment, "lora", progress=False)
+    run_dir = result.run_dir
+    assert all("lora_" in name for name in load_file(run_dir / "unet_adapter.safetensors"))
+    base = _base_state(tiny_model, "unet")
+    pipe, _ = load_run_pipeline(run_dir, fuse=False, device=torch.device("cpu"))
+    state = pipe.unet.state_dict()
+    for key, tensor in base.items():  # the base UNet is bit-identical under the adapter
+        live = state.get(key) if key in state else state[key.replace(".weight", ".base_layer.weight").replace(".bias", ".base_layer.bias")]
+        assert torch.equal(live, tensor), key
+    kohya = load_file(run_dir / "pytorch_lora_weights_kohya.safetensors")
+    assert kohya and all(k.startswith("lora_unet_") for k in kohya)
+    downs = [k for k in kohya if k.endswith(".lora_down.weight")]
+    assert downs and all(k.replace(".lora_down.weight", ".alpha") in kohya for k in downs)
+    assert all(kohya[k.replace(".lora_down.weight", ".alpha")].item() == 8.0 for k in downs)
+    assert any("_attn2_to_k" in k for k in downs)
+    assert (run_dir / "pytorch_lora_weights.safetensors").exists()
+    assert result.record["parameters"]["trained_modules"][0].startswith("unet.")
+
+
+def test_full_changes_unet_only_and_saves_ema_weights(write_experiment, tiny_model, tmp_path):
+    ema = load_experiment(write_experiment(techniques={"full": {"kind": "full", "use_ema": True, "ema_decay": 0.9}}))
+    raw = load_experiment(
+        write_experiment(techniques={"full": {"kind": "full", "use_ema": False}}), [f"output_dir={tmp_path / 'raw'}"]
+    )
+    zero = load_experiment(
+        write_experiment(techniques={"full": {"kind": "full", "use_ema": True, "ema_decay": 0.0}}),
+        [f"output_dir={tmp_path / 'zero'}"],
+    )
+    runs = {name: train_technique(exp, "full", progress=False).run_dir for name, exp in
+            [("ema", ema), ("raw", raw), ("zero", zero)]}
+    saved = {name: _base_state(run, "unet") for name, run in runs.items()}
+    base = _base_state(tiny_model, "unet")
+    changed = [k for k in base if not torch.equal(base[k], saved["raw"][k])]
+    assert len(changed) > 0.9 * len(base)
+    for part in ("vae", "text_encoder"):
+        frozen = _base_state(runs["raw"], part)
+        assert all(torch.equal(t, frozen[k]) for k, t in _base_state(tiny_model, part).items())
+    # EMA weights differ from the raw ones, and they are what was saved (decay 0 → EMA == raw)
+    assert any(not torch.equal(saved["ema"][k], saved["raw"][k]) for k in changed)
+    # (the EMA update s − (1 − d)(s − p) with d = 0 equals p up to float rounding)
+    assert all(torch.allclose(saved["zero"][k], saved["raw"][k], rtol=0, atol=1e-6) for k in base)
+
+
+def test_partial_trains_exactly_the_chosen_tensors(write_experiment, tiny_model):
+    experiment = load_experiment(write_experiment(techniques={"p": {"kind": "partial", "preset": "cross-attention"}}))
+    result = train_technique(experiment, "p", progress=False)
+    trained = load_file(result.run_dir / "partial_weights.safetensors")
+    base = _base_state(tiny_model, "unet")
+    assert trained and all(".attn2." in k for k in trained)
+    expected = {f"unet.{k}" for k in base if ".attn2." in k}
+    assert set(trained) == expected
+    changed = [k for k, v in trained.items() if not torch.equal(v, base[k[5:]])]
+    assert len(changed) >= len(trained) - 2  # to_k/to_v of every block move (a bias may stay ~put)
+
+
+def _interrupt_at(step):
+    def hook(done):
+        if done == step:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    return hook
+
+
+@pytest.mark.parametrize("name", ["full", "lora"])
+def test_resume_equals_uninterrupted_bit_for_bit(name, write_experiment, tmp_path):
+    path = write_experiment(max_train_steps=6, lr_scheduler="cosine")
+    straight = load_experiment(path, [f"output_dir={tmp_path / 'straight'}"])
+    first = train_technique(straight, name, progress=False)
+    stopped = load_experiment(path, [f"output_dir={tmp_path / 'stopped'}"])
+    half = train_technique(stopped, name, progress=False, after_step=_interrupt_at(3))
+    assert half.status == "interrupted" and half.record["steps"]["done"] == 3
+    assert (half.run_dir / "checkpoints" / "checkpoint-00000003").is_dir()
+    with pytest.raises(RunExistsError, match="--resume"):
+        train_technique(stopped, name, progress=False)
+    resumed = train_technique(stopped, name, progress=False, resume=True)
+    assert resumed.status == "finished" and resumed.record["resumed_from"]
+    weights = "unet/diffusion_pytorch_model.safetensors" if name == "full" else "unet_adapter.safetensors"
+    a, b = load_file(first.run_dir / weights), load_file(resumed.run_dir / weights)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [h["loss"] for h in first.record["loss_history"]] == [h["loss"] for h in resumed.record["loss_history"]]
+
+
+def test_finished_run_is_never_overwritten_and_checkpoints_rotate(write_experiment):
+    experiment = load_experiment(
+        write_experiment(max_train_steps=4, checkpointing_steps=1, checkpoints_total_limit=2), []
+    )
+    result = train_technique(experiment, "lora", progress=False)
+    checkpoints = sorted(p.name for p in (result.run_dir / "checkpoints").iterdir())
+    assert checkpoints == ["checkpoint-00000002", "checkpoint-00000003"]
+    with pytest.raises(RunExistsError, match="--overwrite"):
+        train_technique(experiment, "lora", progress=False)
+    again = train_technique(experiment, "lora", progress=False, overwrite=True)
+    assert again.status == "finished"
+    assert list((again.run_dir / "logs").rglob("events.out.tfevents.*"))  # TensorBoard
+
+
+def test_same_data_and_noise_for_every_technique(write_experiment):
+    experiment = load_experiment(write_experiment())
+    full = train_technique(experiment, "full", progress=False)
+    lora = train_technique(experiment, "lora", progress=False)
+    # before any update both see the same batch, noise and timesteps from the same base model
+    assert full.record["loss_history"][0]["loss"] == lora.record["loss_history"][0]["loss"]
+    for key in ("versions", "git_commit", "device", "seeds", "timing", "memory", "config"):
+        assert key in full.record
+    assert full.record["memory"]["peak"]["bytes"] > 0
+
+
+def test_export_merged_equals_the_unmerged_adapter(write_experiment, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    from sdtune.generate import export_merged
+
+    experiment = load_experiment(write_experiment(techniques={"loha": ALL_TECHNIQUES["loha"]}))
+    result = train_technique(experiment, "loha", progress=False)
+    unmerged, _ = load_run_pipeline(result.run_dir, fuse=False, device=torch.device("cpu"))
+    out = export_merged(result.run_dir, tmp_path / "merged")
+    merged = StableDiffusionPipeline.from_pretrained(out, safety_checker=None, requires_safety_checker=False)
+    assert not any("lora" in k or "hada" in k for k in merged.unet.state_dict())
+    assert np.abs(_images(merged) - _images(unmerged)).max() <= 2.0

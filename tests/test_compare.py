@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 
 import pytest
 import yaml
@@ -55,6 +57,7 @@ def test_compare_two_techniques_two_seeds(compare_experiment, tmp_path):
     assert seconds in markdown or f"{(lora0['timing']['s_per_step'] + lora1['timing']['s_per_step']) / 2:.3g}" in markdown
     html = report.read_text()
     assert html.count("data:image/png;base64,") == 4 and "<script" not in html
+    _open_in_chromium(report, expected_images=4)
     # re-rendering from the records alone gives the same tables
     (root / "report.md").unlink()
     render_report(root)
@@ -91,3 +94,27 @@ def test_missing_clip_model_skips_clip_metrics_with_a_reason(compare_experiment,
     evaluation = json.loads((report.parent / "records" / "eval-lora-seed0.json").read_text())
     assert "could not be loaded" in evaluation["metrics"]["clip_score"]["skipped"]
     assert "Skipped: clip_score:" in (report.parent / "report.md").read_text()
+
+
+CHROMIUM_FLAGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--enable-logging=stderr", "--v=0",
+]
+
+
+def _open_in_chromium(report, expected_images):
+    """The HTML report opens in a real browser with no console messages and all figures decoded."""
+    browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if browser is None:
+        pytest.skip("no Chromium on this machine (.ci/run installs Debian's chromium)")
+    profile = report.parent / ".chromium-profile"
+    result = subprocess.run(
+        [browser, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--dump-dom", report.as_uri()],
+        capture_output=True, text=True, timeout=120,
+    )
+    console = [line for line in result.stderr.splitlines() if ":CONSOLE" in line]
+    assert console == [], console
+    assert result.stdout.count("<img") == expected_images
+    assert "Sizes, parameters, training and generation" in result.stdout
+    shutil.rmtree(profile, ignore_errors=True)

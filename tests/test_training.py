@@ -48,6 +48,8 @@ def test_technique_trains_saves_and_reloads(name, write_experiment, tiny_model, 
     assert record["parameters"]["trainable"] > 0 and record["bytes_on_disk"] > 0
     assert len(record["loss_history"]) == 3 and all(np.isfinite(h["loss"]) for h in record["loss_history"])
 
+    _assert_only_intended_tensors_changed(name, result.bundle, tiny_model)
+
     # reload in a fresh process (sdtune generate) → the same images as the in-memory trained model
     in_memory = result.bundle.family.build_pipeline(result.bundle)
     expected = _images(in_memory)
@@ -124,6 +126,34 @@ def test_partial_trains_exactly_the_chosen_tensors(write_experiment, tiny_model)
     assert len(changed) >= len(trained) - 2  # to_k/to_v of every block move (a bias may stay ~put)
 
 
+ADAPTER_MARKERS = ("lora_", "hada_", "lokr_")
+INTENDED = {  # which trainable tensors each technique of the matrix should have
+    "full": lambda n: n.startswith("unet."),
+    "partial": lambda n: n.startswith("unet.") and ".attn2." in n,
+    "lora-te": lambda n: any(m in n for m in ADAPTER_MARKERS),
+}
+
+
+def _assert_only_intended_tensors_changed(name, bundle, model_dir):
+    """Tensor by tensor: frozen ones equal the base model; trained ones are the intended ones and moved."""
+    intended = INTENDED.get(name, lambda n: n.startswith("unet.") and any(m in n for m in ADAPTER_MARKERS))
+    moved, trained = 0, 0
+    for prefix, module in (("unet", bundle.unet), ("text_encoder", bundle.text_encoder)):
+        base = _base_state(model_dir, prefix)
+        for key, parameter in module.named_parameters():
+            full_name = f"{prefix}.{key}"
+            base_key = key.replace(".base_layer.", ".")
+            if parameter.requires_grad:
+                trained += 1
+                assert intended(full_name), f"{name}: {full_name} trained but should not"
+                moved += base_key not in base or not torch.equal(parameter.detach().cpu(), base[base_key])
+            else:
+                assert torch.equal(parameter.detach().cpu(), base[base_key]), f"{name}: frozen {full_name} changed"
+    assert trained > 0 and moved >= 0.9 * trained
+    if name == "lora-te":
+        assert any(n.startswith("text_encoder.") for n, p in bundle.text_encoder.named_parameters(prefix="text_encoder") if p.requires_grad)
+
+
 def _interrupt_at(step):
     def hook(done):
         if done == step:
@@ -188,3 +218,39 @@ def test_export_merged_equals_the_unmerged_adapter(write_experiment, tmp_path):
     merged = StableDiffusionPipeline.from_pretrained(out, safety_checker=None, requires_safety_checker=False)
     assert not any("lora" in k or "hada" in k for k in merged.unet.state_dict())
     assert np.abs(_images(merged) - _images(unmerged)).max() <= 2.0
+
+
+def test_checkpoint_state_round_trips_without_pickles():
+    from sdtune.checkpoint import join_tensors, split_tensors
+
+    state = {"optimizer": {"state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.ones(2)}},
+                           "param_groups": [{"lr": 0.1, "betas": (0.9, 0.999), "params": [0]}]},
+             "ema": None, "state": {"step": 3, "loss_history": [{"step": 1, "loss": 0.5}]}}
+    structure, tensors = split_tensors(state)
+    import json
+
+    restored = join_tensors(json.loads(json.dumps(structure)), tensors)
+    assert restored["optimizer"]["param_groups"][0]["betas"] == (0.9, 0.999)
+    assert torch.equal(restored["optimizer"]["state"][0]["exp_avg"], torch.ones(2))
+    assert restored["state"] == state["state"] and restored["ema"] is None
+
+
+def test_cache_modes_give_the_same_training(write_experiment, tmp_path):
+    losses = {}
+    for mode in ("memory", "disk", "off"):
+        path = write_experiment(techniques={"lora": ALL_TECHNIQUES["lora"]}, data={"cache": mode})
+        experiment = load_experiment(path, [f"output_dir={tmp_path / mode}"])
+        record = train_technique(experiment, "lora", progress=False).record
+        assert record["data"]["cache"] == (None if mode == "off" else mode)
+        losses[mode] = [h["loss"] for h in record["loss_history"]]
+    assert losses["disk"] == losses["memory"]  # the same cached posteriors, read from files
+    assert np.allclose(losses["off"], losses["memory"], rtol=1e-4)  # encoded each step instead
+    assert list((tmp_path / "disk" / ".cache").glob("*/00000000.safetensors"))
+
+
+def test_caption_dropout_changes_what_the_model_sees(write_experiment, tmp_path):
+    plain = load_experiment(write_experiment(), [f"output_dir={tmp_path / 'a'}"])
+    dropped = load_experiment(write_experiment(caption_dropout=0.5), [f"output_dir={tmp_path / 'b'}"])
+    a = train_technique(plain, "lora", progress=False).record["loss_history"]
+    b = train_technique(dropped, "lora", progress=False).record["loss_history"]
+    assert [h["loss"] for h in a] != [h["loss"] for h in b]

@@ -1,7 +1,8 @@
 """Resumable checkpoints, written atomically (temp folder + rename) and rotated.
 
-A checkpoint holds only what changes during training: the trainable tensors (safetensors), the
-optimizer, LR-scheduler, EMA and grad-scaler states, the step and the loss history. The data order
+A checkpoint holds only what changes during training: the trainable tensors, the optimizer,
+LR-scheduler, EMA and grad-scaler states, the step and the loss history — as safetensors + JSON,
+never pickles. The data order
 and the noise are pure functions of (seed, step), so nothing else is needed to resume exactly.
 """
 
@@ -50,7 +51,9 @@ def save_checkpoint(
     temporary.mkdir()
     tensors = {name: tensor.detach().contiguous().cpu() for name, tensor in trainable.items()}
     save_file(tensors, temporary / "trainable.safetensors", metadata={"format": "pt"})
-    torch.save(training_state, temporary / "training_state.pt")
+    structure, state_tensors = split_tensors(training_state)
+    save_file(state_tensors, temporary / "training_state.safetensors", metadata={"format": "pt"})
+    (temporary / "training_state.json").write_text(json.dumps(structure))
     (temporary / "meta.json").write_text(json.dumps({"step": step, "tensors": len(tensors)}, indent=2))
     if final.exists():
         shutil.rmtree(final)
@@ -76,8 +79,60 @@ def resolve_resume(run_dir: Path, resume: str | bool | None) -> Path | None:
 
 def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     trainable = load_file(Path(path) / "trainable.safetensors")
-    state = torch.load(Path(path) / "training_state.pt", map_location="cpu", weights_only=False)
+    structure = json.loads((Path(path) / "training_state.json").read_text())
+    state = join_tensors(structure, load_file(Path(path) / "training_state.safetensors"))
     return trainable, state
+
+
+_TENSOR = "__tensor__"
+_TUPLE = "__tuple__"
+_INT_KEYS = "__int_keys__"
+
+
+def split_tensors(value: Any, prefix: str = "state") -> tuple[Any, dict[str, torch.Tensor]]:
+    """Split a nested state (dicts, lists, tensors, numbers) into JSON and a flat tensor dict.
+
+    Optimizer, scheduler and EMA states are saved this way instead of pickles, so a checkpoint is
+    only safetensors + JSON and loading one never runs code.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+
+    def walk(item: Any, key: str) -> Any:
+        if isinstance(item, torch.Tensor):
+            tensors[key] = item.detach().contiguous().cpu()
+            return {_TENSOR: key}
+        if isinstance(item, dict):
+            int_keys = [k for k in item if isinstance(k, int)]
+            converted = {str(k): walk(v, f"{key}.{k}") for k, v in item.items()}
+            if int_keys:
+                converted[_INT_KEYS] = [str(k) for k in int_keys]
+            return converted
+        if isinstance(item, (list, tuple)):
+            walked = [walk(v, f"{key}.{i}") for i, v in enumerate(item)]
+            return {_TUPLE: walked} if isinstance(item, tuple) else walked
+        if item is None or isinstance(item, (bool, int, float, str)):
+            return item
+        raise TypeError(f"cannot checkpoint a value of type {type(item).__name__} at {key}")
+
+    return walk(value, prefix), tensors
+
+
+def join_tensors(structure: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """The inverse of :func:`split_tensors`."""
+    if isinstance(structure, dict):
+        if _TENSOR in structure:
+            return tensors[structure[_TENSOR]]
+        if _TUPLE in structure:
+            return tuple(join_tensors(v, tensors) for v in structure[_TUPLE])
+        int_keys = set(structure.get(_INT_KEYS, []))
+        return {
+            (int(k) if k in int_keys else k): join_tensors(v, tensors)
+            for k, v in structure.items()
+            if k != _INT_KEYS
+        }
+    if isinstance(structure, list):
+        return [join_tensors(v, tensors) for v in structure]
+    return structure
 
 
 def restore_parameters(parameters: dict[str, torch.nn.Parameter], saved: dict[str, torch.Tensor]) -> None:

@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 import warnings
+from pathlib import Path
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -78,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--output", default="demo-output", metavar="DIR", help="output folder (default: demo-output)")
     demo.add_argument("--quick", action="store_true", help="a few steps only (a smoke test)")
     demo.add_argument("--out", metavar="DIR", help="pretrain: where to write the base model")
-    demo.add_argument("--unet-steps", type=int, default=3000, help="pretrain: UNet/text-encoder steps")
+    demo.add_argument("--unet-steps", type=int, default=2500, help="pretrain: UNet/text-encoder steps")
     demo.add_argument("--vae-steps", type=int, default=800, help="pretrain: VAE steps")
 
     export = commands.add_parser("export", help="write a run as a full pipeline with its adapter merged")

@@ -46,7 +46,7 @@ def pretrain(
     out_dir: str | Path,
     work_dir: str | Path | None = None,
     vae_steps: int = 800,
-    unet_steps: int = 3000,
+    unet_steps: int = 2500,
     num_images: int = 6000,
     seed: int = 0,
     progress: bool = True,
@@ -173,5 +173,7 @@ def _train_unet(init_dir: Path, data_dir: Path, runs_dir: Path, steps: int, seed
             "techniques": {"base": {"kind": "full", "train_text_encoder": True}},
         }
     )
-    resume = (runs_dir / "base" / "checkpoints").exists()
-    return train_technique(experiment, "base", runs_dir, resume=resume or None, progress=progress)
+    resumable = (runs_dir / "base" / "checkpoints").exists()
+    return train_technique(
+        experiment, "base", runs_dir, resume=True if resumable else None, overwrite=not resumable, progress=progress
+    )

@@ -57,6 +57,13 @@ def _write(tmp_path, raw) -> Path:
         (lambda r: r["data"].update(cache="disk", center_crop=False), "data.cache: 'disk' needs data.center_crop: true"),
         (lambda r: r["techniques"].update(p={"kind": "partial", "preset": "middle"}), "'middle' is not a preset"),
         (lambda r: r["techniques"]["lora"].update(layers_pattern="x"), "peft rejected the lora options"),
+        (lambda r: r["techniques"].update(lora="lora"), "techniques.lora: 'lora' is not allowed; expected a mapping"),
+        (lambda r: r["train"].update(num_epochs=2), "give max_train_steps or num_epochs, not both"),
+        (lambda r: r["train"].update(lr_warmup_steps=10), "use lr_scheduler: constant_with_warmup"),
+        (lambda r: r.update(evaluation={"scheduler": "FastScheduler"}), "evaluation.scheduler: 'FastScheduler'"),
+        (lambda r: r.update(evaluation={"metrics": ["clip"]}), "evaluation.metrics: 'clip' is not a metric"),
+        (lambda r: r.update(model={"path": r["model"], "family": "sdxl"}), "model.family: 'sdxl' is not allowed"),
+        (lambda r: r["techniques"]["lora"].update(use_dora=True), "techniques.lora.use_dora: not an option"),
     ],
 )
 def test_bad_values_fail_at_load_with_one_line(tmp_path, tiny_model, tiny_data, change, message):

@@ -12,6 +12,7 @@ from pathlib import Path
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors that are the user's to fix: printed as one line, no traceback."""
     from sdtune.checkpoint import CheckpointError
+    from sdtune.compare import ComparisonInterrupted
     from sdtune.config import ConfigError
     from sdtune.data import DataError
     from sdtune.demo.run import DemoModelMissing
@@ -22,7 +23,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
     return (
         ConfigError, DataError, ModelLoadError, RunExistsError, CheckpointError, RunNotFoundError, RegistryError,
-        DemoModelMissing,
+        DemoModelMissing, ComparisonInterrupted,
     )
 
 

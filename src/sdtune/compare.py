@@ -21,8 +21,8 @@ from sdtune.generate import (
     generate_images,
     load_base_pipeline,
     load_run_pipeline,
+    save_images,
     set_scheduler,
-    slug,
 )
 from sdtune.train import output_root, train_technique
 
@@ -30,6 +30,10 @@ log = logging.getLogger(__name__)
 RECORDS_DIR = "records"
 IMAGES_DIR = "images"
 BASE_LABEL = "base"
+
+
+class ComparisonInterrupted(RuntimeError):
+    """Ctrl-C during a comparison: the technique was checkpointed; rerunning resumes it."""
 
 
 @dataclasses.dataclass
@@ -87,6 +91,8 @@ def compare(
         from sdtune.config import ConfigError
 
         raise ConfigError(f"--only {only!r} is not a technique of the experiment; it has: {', '.join(experiment.techniques)}")
+    from accelerate import PartialState
+
     train_seeds = seeds or [experiment.train.seed]
     runs = []
     for seed in train_seeds:
@@ -94,6 +100,12 @@ def compare(
         out = root if seeds is None else root / f"seed-{seed}"
         for name in names:
             runs.append(_train_or_reuse(seeded, name, out, root, seed, progress))
+            if runs[-1]["status"] == "interrupted":
+                raise ComparisonInterrupted(
+                    f"{name} was interrupted and checkpointed; run the same `sdtune compare` again to resume"
+                )
+    if not PartialState().is_main_process:
+        return root / "report.html"  # under `accelerate launch`, one process evaluates and reports
     plan = EvaluationPlan.from_experiment(experiment)
     scorer = _SharedClip(experiment, clip_loader)
     references = reference_images(experiment)
@@ -217,15 +229,12 @@ def _evaluate(
         pipe, plan.prompts, plan.seeds, evaluation.num_inference_steps, evaluation.guidance_scale,
         _eval_resolution(experiment), progress,
     )
-    folder = root / IMAGES_DIR / f"{label}{suffix}"
-    folder.mkdir(parents=True, exist_ok=True)
-    entries = []
     in_domain = [plan.in_domain[plan.prompts.index(p)] for p in result.prompts]
-    for index, (image, prompt, seed) in enumerate(zip(result.images, result.prompts, result.seeds)):
-        path = folder / f"{index:03d}-{slug(prompt)}-seed{seed}.png"
-        image.save(path)
-        entries.append({"path": str(path.relative_to(root)), "prompt": prompt, "seed": seed,
-                        "in_domain": in_domain[index]})
+    paths = save_images(result, root / IMAGES_DIR / f"{label}{suffix}")
+    entries = [
+        {"path": str(path.relative_to(root)), "prompt": prompt, "seed": seed, "in_domain": domain}
+        for path, prompt, seed, domain in zip(paths, result.prompts, result.seeds, in_domain)
+    ]
     context = MetricContext(
         images=result.images, prompts=result.prompts, seeds=result.seeds, training_images=references,
         in_domain=in_domain, base_images=None if base is None else base["_images"],
@@ -249,9 +258,10 @@ def _evaluate(
             "scheduler": type(pipe.scheduler).__name__,
             "resolution": _eval_resolution(experiment),
             "fused": run is not None,
+            "dtype": str(pipe.unet.dtype),
             "device": records.device_description(pipe.device),
         },
-        "base_sizes": _pipeline_sizes(experiment.model.path) if run is None else None,
+        "base_sizes": _pipeline_sizes(experiment.model.path, experiment.model.variant) if run is None else None,
         "base_parameters": _pipeline_parameters(pipe) if run is None else None,
         "metrics": metrics,
         "versions": records.package_versions(),
@@ -265,17 +275,30 @@ def _evaluate(
     return record
 
 
-def _pipeline_sizes(path: str) -> dict[str, int] | None:
-    """Bytes on disk of the base model's weight files per component (local models only)."""
+def _pipeline_sizes(path: str, variant: str | None = None) -> dict[str, int] | None:
+    """Bytes on disk of the weight files ``from_pretrained`` loads, per component (local models;
+    a hub id is looked up in the local hub cache). Folders often hold several copies (fp16, non-EMA,
+    .bin): only the file that would be loaded is counted."""
     folder = Path(path).expanduser()
     if folder.is_file():
         return {"checkpoint": folder.stat().st_size}
     if not folder.is_dir():
-        return None
+        try:
+            from huggingface_hub import snapshot_download
+
+            folder = Path(snapshot_download(path, local_files_only=True))
+        except Exception:
+            return None  # not downloaded: the report shows parameters instead
     sizes = {}
+    infix = f".{variant}" if variant else ""
     for part in ("unet", "vae", "text_encoder"):
-        files = [f for f in (folder / part).glob("*") if f.suffix in (".safetensors", ".bin")]
-        sizes[part] = sum(f.stat().st_size for f in files)
+        for stem in ("diffusion_pytorch_model", "model"):
+            matches = [folder / part / f"{stem}{infix}{ext}" for ext in (".safetensors", ".bin")]
+            shards = sorted((folder / part).glob(f"{stem}{infix}-*-of-*.safetensors"))
+            found = [m for m in matches if m.exists()][:1] or shards
+            if found:
+                sizes[part] = sum(f.stat().st_size for f in found)
+                break
     return sizes
 
 

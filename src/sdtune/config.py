@@ -42,6 +42,10 @@ class ModelConfig:
     def validate(self) -> None:
         if not self.path:
             _fail("model", self.path, "a hub id, a local diffusers folder or a .safetensors file")
+        from sdtune.models import FAMILIES  # late import: models import this module
+
+        if self.family != "auto" and self.family not in FAMILIES:
+            _fail("model.family", self.family, "auto or one of " + ", ".join(FAMILIES.names()))
         if looks_like_local_path(self.path) and not Path(self.path).expanduser().exists():
             raise ConfigError(
                 f"model: {self.path!r} does not exist; give an existing diffusers folder, a single "
@@ -128,6 +132,19 @@ class TrainConfig:
             _fail("train.num_epochs", self.num_epochs, "a positive number")
         if self.max_train_steps is None and self.num_epochs is None:
             raise ConfigError("train: give max_train_steps or num_epochs (how long to train)")
+        if self.max_train_steps is not None and self.num_epochs is not None:
+            raise ConfigError("train: give max_train_steps or num_epochs, not both (set the other to null)")
+        if self.lr_warmup_steps > 0 and self.lr_scheduler == "constant":
+            raise ConfigError(
+                "train.lr_warmup_steps: 'constant' ignores warm-up; use lr_scheduler: constant_with_warmup"
+            )
+        if self.use_8bit_adam:
+            try:
+                import bitsandbytes  # noqa: F401
+            except ImportError:
+                raise ConfigError(
+                    "train.use_8bit_adam: true needs bitsandbytes; pip install 'sdtune[bnb]' or set it to false"
+                ) from None
         if self.learning_rate <= 0:
             _fail("train.learning_rate", self.learning_rate, "a positive number such as 1.0e-5")
         if self.lr_warmup_steps < 0:
@@ -184,6 +201,11 @@ class EvaluationConfig:
             _fail("evaluation.resolution", self.resolution, "a positive multiple of 8")
         if self.prompts_file and not Path(self.prompts_file).expanduser().exists():
             raise ConfigError(f"evaluation.prompts_file: {self.prompts_file!r} does not exist")
+        if self.scheduler is not None:
+            import diffusers
+
+            if not hasattr(getattr(diffusers, self.scheduler, None), "from_config") or "Scheduler" not in self.scheduler:
+                _fail("evaluation.scheduler", self.scheduler, "a diffusers scheduler class, e.g. DDIMScheduler")
         if self.metrics is not None:
             from sdtune.metrics import METRICS  # late import: metrics are heavier than configs
 
@@ -325,8 +347,12 @@ def _build_techniques(raw: Any, train: TrainConfig) -> dict[str, TechniqueSpec]:
         name = str(name)
         if not _NAME_PATTERN.match(name):
             _fail(f"techniques.{name}", name, "a name of letters, digits, '-', '_' or '.' (it names a folder)")
+        if entry is not None and not isinstance(entry, dict):
+            _fail(f"techniques.{name}", entry, "a mapping such as {kind: lora, rank: 4}")
         entry = dict(entry or {})
         kind = entry.pop("kind", name)
+        if not isinstance(kind, str):
+            _fail(f"techniques.{name}.kind", kind, "a technique name")
         if kind not in TECHNIQUES:
             raise ConfigError(
                 f"techniques.{name}.kind: {kind!r} is not a technique; choose one of: "

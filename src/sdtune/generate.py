@@ -62,6 +62,8 @@ def load_run_pipeline(
         pipe = technique.load_into(pipe, run_dir, record["technique"]["options"])
         if fuse:
             pipe = technique.merge(pipe)
+    if record.get("prediction_type") and record["prediction_type"] != pipe.scheduler.config.prediction_type:
+        pipe.scheduler.register_to_config(prediction_type=record["prediction_type"])  # trained with an override
     return pipe.to(device or default_device()), record
 
 

@@ -113,7 +113,8 @@ def study_table(rows: list[Row]) -> list[dict[str, Any]]:
     for row in rows:
         entry: dict[str, Any] = {"model": row.label, "kind": row.kind, "status": row.status}
         if row.label == "base":
-            entry.update({part: base_sizes.get(part) for part in ("unet", "vae", "text_encoder")})
+            for part in ("unet", "vae", "text_encoder"):  # files on disk, else fp32 parameter bytes
+                entry[part] = base_sizes.get(part) or (4 * base_params[part] if part in base_params else None)
             entry["total_params"] = sum(base_params.values()) if base_params else None
         finished = [t for t in row.train if t.get("status") == "finished"]
         if finished:
@@ -188,7 +189,9 @@ def tables(rows: list[Row]) -> list[tuple[str, list[str], list[list[str]], str]]
         [[fmt(e) for _, fmt in STUDY_COLUMNS] for e in study],
         "Sizes are bytes on disk of what each technique saves (adapters: the diffusers LoRA file, or "
         "the peft file); “—” means shared with the base model. Peak memory: CUDA max allocated, or "
-        "the process's peak RSS on CPU. Generation: adapters fused; warm-up excluded.",
+        "the process's peak RSS on CPU (cumulative: a later technique in the same process shows at "
+        "least the earlier peaks). Generation: adapters fused; warm-up excluded. The base row's sizes "
+        "are its weight files, or 4 bytes per parameter when the model is not on disk here.",
     )]
     numeric, shares = metric_names(rows)
     if numeric:

@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import math
-import shutil
-import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,15 +24,20 @@ import torch
 
 from sdtune import cache as cache_lib
 from sdtune import diffusion, records
-from sdtune.checkpoint import load_checkpoint, resolve_resume, restore_parameters, save_checkpoint
+from sdtune.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    resolve_resume,
+    restore_parameters,
+    save_checkpoint,
+)
 from sdtune.config import ConfigError, Experiment, TrainConfig
 from sdtune.data import TrainingSet, augmentation, prepare_training_set, stream_samples
 from sdtune.models import ModelBundle, family_for
+from sdtune.runs import RunExistsError, StopRequest, claim_run_dir, flat_scalars, trained_modules
 from sdtune.techniques import TECHNIQUES, Technique, count_parameters, trainable_named_parameters
 
-
-class RunExistsError(RuntimeError):
-    """The run folder holds a finished (or resumable) run; the message says how to proceed."""
+__all__ = ["RunExistsError", "TrainResult", "output_root", "train", "train_technique"]
 
 
 @dataclass
@@ -60,6 +64,8 @@ class StepContext:
     alphas_cumprod: torch.Tensor
     latent_scale: float
     train_text_encoder: bool
+    models: list[torch.nn.Module]  # the (wrapped) models that train
+    images_per_step: int  # batch × accumulation × processes
     empty_text_states: torch.Tensor | None = None
 
 
@@ -71,17 +77,30 @@ def train(
     overwrite: bool = False,
     progress: bool = True,
 ) -> list[TrainResult]:
-    """Train the named techniques (default: all of the experiment) one after the other."""
+    """Train the named techniques (default: all of the experiment) one after the other.
+
+    With ``resume``, techniques that already finished are skipped; a checkpoint path needs exactly
+    one technique. The returned results do not keep the models (see :func:`train_technique`).
+    """
     names = techniques or list(experiment.techniques)
     for name in names:
         if name not in experiment.techniques:
             raise ConfigError(
                 f"--technique {name!r} is not in the experiment; it has: {', '.join(experiment.techniques)}"
             )
+    if resume not in (None, False, True, "latest") and len(names) != 1:
+        raise CheckpointError("--resume PATH names one run's checkpoint: add --technique NAME")
     results = []
     for name in names:
-        results.append(train_technique(experiment, name, output_dir, resume, overwrite, progress))
-        if results[-1].status != "finished":
+        run_dir = output_root(experiment, output_dir) / name
+        finished = (records.read_record(run_dir) or {}).get("status") == "finished"
+        if resume and finished and not overwrite:
+            print(f"{name}: already finished in {run_dir}; skipped")
+            continue
+        result = train_technique(experiment, name, output_dir, resume, overwrite, progress)
+        result.bundle = None  # free the model before the next technique
+        results.append(result)
+        if result.status != "finished":
             break
     return results
 
@@ -99,22 +118,24 @@ def train_technique(
     progress: bool = True,
     after_step: Callable[[int], None] | None = None,
 ) -> TrainResult:
-    """Train one technique of the experiment into ``OUTPUT/<name>/`` and write its record."""
+    """Train one technique of the experiment into ``OUTPUT/<name>/`` and write its record.
+
+    The result keeps the trained model (``bundle``, EMA weights if used) for the caller.
+    """
     started = time.perf_counter()
     run_dir = output_root(experiment, output_dir) / name
-    checkpoint = _claim_run_dir(run_dir, resume, overwrite)
+    checkpoint = _claim(run_dir, resume, overwrite)
     ctx = _setup(experiment, name, run_dir, progress)
     cfg, accelerator = ctx.config, ctx.accelerator
     optimizer, lr_scheduler, ema, max_steps = _optimisation(ctx)
-    state = {"step": 0, "loss_history": [], "train_time_s": 0.0, "resumed_from": []}
+    state = {"step": 0, "loss_history": [], "train_time_s": 0.0, "resumed_from": [], "layout": _layout(ctx, max_steps)}
     if checkpoint is not None:
         state = _resume(ctx, checkpoint, optimizer, lr_scheduler, ema, state)
     setup_time = time.perf_counter() - started
-    stop = _StopRequest()
-    per_step = cfg.batch_size * cfg.gradient_accumulation_steps * accelerator.num_processes
+    stop = StopRequest()
     bar = _progress_bar(max_steps, state["step"], progress and accelerator.is_main_process, name)
     records.reset_peak_memory(accelerator.device)
-    models = [m for m in (ctx.bundle.unet, ctx.bundle.text_encoder) if any(p.requires_grad for p in m.parameters())]
+    models = ctx.models
     for model in models:
         model.train()
     loop_started, first_step = time.perf_counter(), state["step"]
@@ -124,19 +145,19 @@ def train_technique(
             step_started = time.perf_counter()
             step_loss = 0.0
             for micro in range(cfg.gradient_accumulation_steps):
-                generator = _step_generator(cfg.seed, accelerator, step, micro)
-                latents, text_states = _micro_batch(ctx, step, micro, generator)
-                # --- the diffusion objective (Ho et al. 2020), target set by the prediction type ---
-                noise = diffusion.sample_noise(latents, generator, cfg.noise_offset)
-                timesteps = diffusion.sample_timesteps(
-                    latents.shape[0], len(ctx.alphas_cumprod), generator, latents.device
-                )
-                noisy_latents = diffusion.add_noise(latents, noise, timesteps, ctx.alphas_cumprod)
-                target = diffusion.training_target(
-                    ctx.prediction_type, latents, noise, timesteps, ctx.alphas_cumprod
-                )
                 last_micro = micro == cfg.gradient_accumulation_steps - 1
-                with _no_sync(accelerator, models, skip=last_micro):
+                with _no_sync(accelerator, models, skip=last_micro):  # all-reduce on the last only
+                    generator = _step_generator(cfg.seed, accelerator, step, micro)
+                    latents, text_states = _micro_batch(ctx, step, micro, generator)
+                    # --- the diffusion objective (Ho et al. 2020), in fp32; target by prediction type ---
+                    noise = diffusion.sample_noise(latents, generator, cfg.noise_offset)
+                    timesteps = diffusion.sample_timesteps(
+                        latents.shape[0], len(ctx.alphas_cumprod), generator, latents.device
+                    )
+                    noisy_latents = diffusion.add_noise(latents, noise, timesteps, ctx.alphas_cumprod)
+                    target = diffusion.training_target(
+                        ctx.prediction_type, latents, noise, timesteps, ctx.alphas_cumprod
+                    )
                     prediction = ctx.bundle.unet(noisy_latents, timesteps, text_states, return_dict=False)[0]
                     weights = None
                     if cfg.snr_gamma is not None:
@@ -154,18 +175,21 @@ def train_technique(
                 ema.step(ctx.parameters.values())
             done = step + 1
             state["step"] = done
+            if after_step is not None:
+                after_step(done)
             state["train_time_s"] += time.perf_counter() - step_started
-            mean_loss = accelerator.gather(step_loss.reshape(1)).mean().item()
+            # one gather per step: the mean loss, and whether any process was asked to stop
+            flags = torch.stack([step_loss.reshape(()), torch.tensor(float(stop.requested), device=step_loss.device)])
+            gathered = accelerator.gather(flags.reshape(1, 2)).reshape(-1, 2)
+            mean_loss, stop_requested = gathered[:, 0].mean().item(), bool(gathered[:, 1].max() > 0)
             _check_finite(mean_loss, done)
             if done % cfg.log_every == 0 or done == max_steps:
                 state["loss_history"].append({"step": done, "loss": mean_loss, "lr": lr})
                 accelerator.log({"train/loss": mean_loss, "train/lr": lr}, step=done)
-            images_per_s = per_step * (done - first_step) / (time.perf_counter() - loop_started)
+            images_per_s = ctx.images_per_step * (done - first_step) / (time.perf_counter() - loop_started)
             bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{images_per_s:.2f}")
             bar.update(1)
-            if after_step is not None:
-                after_step(done)
-            interrupted = stop.requested and done < max_steps
+            interrupted = stop_requested and done < max_steps
             periodic = cfg.checkpointing_steps and done % cfg.checkpointing_steps == 0 and done < max_steps
             if interrupted or periodic:
                 _write_checkpoint(ctx, run_dir, done, optimizer, lr_scheduler, ema, state)
@@ -174,10 +198,23 @@ def train_technique(
                 break
     bar.close()
     accelerator.wait_for_everyone()
-    timing = {"setup_time_s": setup_time, "train_time_s": state["train_time_s"], "images_per_step": per_step}
+    timing = {"setup_time_s": setup_time, "train_time_s": state["train_time_s"], "images_per_step": ctx.images_per_step}
     record = _finish(ctx, experiment, name, run_dir, status, state, ema, timing, max_steps)
     accelerator.end_training()
-    return TrainResult(run_dir=run_dir, status=status, record=record, bundle=_unwrapped(ctx))
+    bundle = _unwrapped(ctx)
+    accelerator.free_memory()
+    return TrainResult(run_dir=run_dir, status=status, record=record, bundle=bundle)
+
+
+def _claim(run_dir: Path, resume: str | bool | None, overwrite: bool) -> Path | None:
+    """Claim the run folder on the main process only, then agree on the checkpoint everywhere."""
+    from accelerate import PartialState
+
+    state = PartialState()
+    if state.is_main_process:
+        claim_run_dir(run_dir, resume, overwrite)
+    state.wait_for_everyone()
+    return resolve_resume(run_dir, resume)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -191,12 +228,22 @@ def _setup(experiment: Experiment, name: str, run_dir: Path, progress: bool) -> 
 
     cfg = experiment.train_config_for(name)
     spec = experiment.techniques[name]
+    if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise ConfigError("train.mixed_precision: 'fp16' needs a CUDA GPU; use 'bf16' or 'no' here")
+    gc.collect()  # the previous technique's model, if the caller dropped it
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     AcceleratorState._reset_state()  # techniques of one file may differ in mixed precision
     accelerator = Accelerator(
         mixed_precision=cfg.mixed_precision,
         log_with="tensorboard",
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")),
     )
+    if accelerator.distributed_type.value in ("DEEPSPEED", "FSDP"):
+        raise ConfigError(
+            f"{accelerator.distributed_type.value} is not supported yet: the loop accumulates gradients "
+            "itself and prepares models separately; use plain multi-GPU (DDP) with `accelerate launch`"
+        )
     if cfg.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32)
@@ -230,8 +277,11 @@ def _setup(experiment: Experiment, name: str, run_dir: Path, progress: bool) -> 
         alphas_cumprod=bundle.noise_scheduler.alphas_cumprod.to(accelerator.device),
         latent_scale=family.latent_scale(bundle),
         train_text_encoder=train_text_encoder,
+        models=[],
+        images_per_step=cfg.batch_size * cfg.gradient_accumulation_steps * accelerator.num_processes,
     )
-    ctx.latent_cache = _latent_cache(ctx, experiment, run_dir.parent, progress)
+    with accelerator.main_process_first():  # one process builds a disk cache, the others read it
+        ctx.latent_cache = _latent_cache(ctx, experiment, run_dir.parent, progress)
     models = [m for m in (bundle.unet, bundle.text_encoder) if any(p.requires_grad for p in m.parameters())]
     prepared = accelerator.prepare(*models)
     prepared = prepared if isinstance(prepared, tuple) else (prepared,)
@@ -240,9 +290,10 @@ def _setup(experiment: Experiment, name: str, run_dir: Path, progress: bool) -> 
             bundle.unet = wrapped
         else:
             bundle.text_encoder = wrapped
+    ctx.models = [m for m in (bundle.unet, bundle.text_encoder) if m in prepared]
     ctx.parameters = trainable_named_parameters(_unwrapped(ctx))
     if accelerator.is_main_process:
-        accelerator.init_trackers("sdtune", config=_flat_scalars(dataclasses.asdict(cfg)))
+        accelerator.init_trackers("sdtune", config=flat_scalars(dataclasses.asdict(cfg)))
     return ctx
 
 
@@ -272,12 +323,8 @@ def _latent_cache(
             "rows": ctx.training_set.indices,
         }
     )
-    device = ctx.accelerator.device
-
-    @torch.no_grad()
     def encode_images(pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        posterior = bundle.vae.encode(pixels.to(device, ctx.weight_dtype)).latent_dist
-        return posterior.mean, posterior.std
+        return family.encode_images(bundle, pixels.to(ctx.accelerator.device, ctx.weight_dtype))
 
     @torch.no_grad()
     def encode_texts(captions: list[str]) -> torch.Tensor:
@@ -300,9 +347,8 @@ def _optimisation(ctx: StepContext) -> tuple[Any, Any, Any, int]:
     from diffusers.training_utils import EMAModel
 
     cfg, accelerator = ctx.config, ctx.accelerator
-    per_step = cfg.batch_size * cfg.gradient_accumulation_steps * accelerator.num_processes
-    max_steps = cfg.max_train_steps or math.ceil(cfg.num_epochs * len(ctx.training_set) / per_step)
-    learning_rate = cfg.learning_rate * (per_step if cfg.scale_lr else 1)
+    max_steps = cfg.max_train_steps or math.ceil(cfg.num_epochs * len(ctx.training_set) / ctx.images_per_step)
+    learning_rate = cfg.learning_rate * (ctx.images_per_step if cfg.scale_lr else 1)
     text_lr = ctx.technique.options.text_encoder_learning_rate or learning_rate
     groups = [
         {"params": [p for n, p in ctx.parameters.items() if n.startswith("unet.")], "lr": learning_rate},
@@ -310,13 +356,9 @@ def _optimisation(ctx: StepContext) -> tuple[Any, Any, Any, int]:
     ]
     groups = [g for g in groups if g["params"]]
     optimizer_cls = torch.optim.AdamW
-    if cfg.use_8bit_adam:
-        try:
-            import bitsandbytes
-        except ImportError:
-            raise ConfigError(
-                "train.use_8bit_adam: true needs bitsandbytes; pip install 'sdtune[bnb]' or set it to false"
-            ) from None
+    if cfg.use_8bit_adam:  # the config check made sure bitsandbytes imports
+        import bitsandbytes
+
         optimizer_cls = bitsandbytes.optim.AdamW8bit
     optimizer = optimizer_cls(
         groups,
@@ -366,13 +408,10 @@ def _micro_batch(
     bundle, family = ctx.bundle, ctx.bundle.family
     if ctx.latent_cache is not None:
         mean, std = ctx.latent_cache.posterior(indices.tolist(), flips)
-        mean, std = mean.to(device), std.to(device)
     else:
         pixels = torch.stack([ctx.training_set.pixels(i, f, c) for i, f, c in zip(indices, flips, crops)])
-        with torch.no_grad():
-            posterior = bundle.vae.encode(pixels.to(device, ctx.weight_dtype)).latent_dist
-        mean, std = posterior.mean.float(), posterior.std.float()
-    latents = diffusion.sample_latents(mean, std, ctx.latent_scale, generator)
+        mean, std = family.encode_images(bundle, pixels.to(device, ctx.weight_dtype))
+    latents = diffusion.sample_latents(mean.to(device).float(), std.to(device).float(), ctx.latent_scale, generator)
     if ctx.latent_cache is not None and ctx.latent_cache.has_texts:
         text_states = ctx.latent_cache.text(indices.tolist()).to(device, ctx.weight_dtype)
         if any(dropped):
@@ -381,7 +420,7 @@ def _micro_batch(
         captions = ["" if drop else ctx.training_set.captions[i] for i, drop in zip(indices, dropped)]
         with contextlib.nullcontext() if ctx.train_text_encoder else torch.no_grad():
             text_states = family.encode_text(bundle, family.tokenize(bundle, captions).to(device))
-    return latents.to(ctx.weight_dtype), text_states
+    return latents, text_states  # fp32 latents: the noising maths stays exact; autocast feeds the UNet
 
 
 def _empty_caption_states(ctx: StepContext) -> torch.Tensor:
@@ -417,30 +456,15 @@ def _check_finite(loss: float, step: int) -> None:
 # Checkpoints, interruption, outputs
 
 
-def _claim_run_dir(run_dir: Path, resume: str | bool | None, overwrite: bool) -> Path | None:
-    """Refuse to clobber a finished or resumable run; return the checkpoint to resume from."""
-    record = records.read_record(run_dir)
-    if overwrite and run_dir.exists():
-        shutil.rmtree(run_dir)
-        record = None
-    if record is not None and record.get("status") == "finished":
-        raise RunExistsError(
-            f"{run_dir} holds a finished run; pass --overwrite to replace it or --output to write elsewhere"
-        )
-    checkpoint = resolve_resume(run_dir, resume)
-    if resume and checkpoint is None:
-        print(f"no checkpoint in {run_dir}; starting from step 0")
-    if checkpoint is None and run_dir.exists() and any(run_dir.iterdir()):
-        raise RunExistsError(
-            f"{run_dir} is not empty (an unfinished run?); pass --resume to continue it or --overwrite to "
-            "start over"
-        )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return checkpoint
-
-
 def _resume(ctx: StepContext, checkpoint: Path, optimizer: Any, lr_scheduler: Any, ema: Any, state: dict) -> dict:
     trainable, saved = load_checkpoint(checkpoint)
+    layout = saved["state"].get("layout")
+    if layout is not None and layout != state["layout"]:
+        changed = ", ".join(f"{k} {layout[k]} → {state['layout'][k]}" for k in layout if layout[k] != state["layout"].get(k))
+        raise CheckpointError(
+            f"cannot resume {checkpoint}: {changed}; resume with the batch size, accumulation, number of "
+            "processes and steps it was started with (the data order depends on them)"
+        )
     restore_parameters(ctx.parameters, trainable)
     optimizer.load_state_dict(saved["optimizer"])
     lr_scheduler.load_state_dict(saved["lr_scheduler"])
@@ -454,6 +478,17 @@ def _resume(ctx: StepContext, checkpoint: Path, optimizer: Any, lr_scheduler: An
     state["resumed_from"] = [*state.get("resumed_from", []), str(checkpoint)]
     print(f"resumed from {checkpoint} at step {state['step']}")
     return state
+
+
+def _layout(ctx: StepContext, max_steps: int) -> dict[str, int]:
+    """What the data order and schedule depend on: a resumed run must match it."""
+    cfg = ctx.config
+    return {
+        "batch_size": cfg.batch_size,
+        "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+        "num_processes": ctx.accelerator.num_processes,
+        "max_steps": max_steps,
+    }
 
 
 def _write_checkpoint(ctx: StepContext, run_dir: Path, step: int, optimizer: Any, lr_scheduler: Any, ema: Any, state: dict) -> None:
@@ -470,32 +505,6 @@ def _write_checkpoint(ctx: StepContext, run_dir: Path, step: int, optimizer: Any
     ctx.accelerator.wait_for_everyone()
 
 
-class _StopRequest:
-    """Ctrl-C (SIGINT) asks the loop to checkpoint and stop after the current step; a second Ctrl-C
-    stops at once."""
-
-    def __init__(self) -> None:
-        self.requested = False
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        print("\nstopping after this step (a checkpoint will be saved); Ctrl-C again to abort at once")
-
-    @contextlib.contextmanager
-    def installed(self):
-        try:
-            previous = signal.signal(signal.SIGINT, self._handle)
-        except ValueError:  # not the main thread: no handler, Ctrl-C behaves as usual
-            yield
-            return
-        try:
-            yield
-        finally:
-            signal.signal(signal.SIGINT, previous)
-
-
 def _progress_bar(total: int, initial: int, enabled: bool, name: str) -> Any:
     from tqdm.auto import tqdm
 
@@ -505,6 +514,21 @@ def _progress_bar(total: int, initial: int, enabled: bool, name: str) -> Any:
 def _unwrapped(ctx: StepContext) -> ModelBundle:
     unwrap = ctx.accelerator.unwrap_model
     return dataclasses.replace(ctx.bundle, unet=unwrap(ctx.bundle.unet), text_encoder=unwrap(ctx.bundle.text_encoder))
+
+
+def _with_original_frozen_parts(ctx: StepContext, bundle: ModelBundle, experiment: Experiment) -> ModelBundle:
+    """Frozen parts were cast to the compute dtype for speed; a technique that saves them (``full``
+    writes a whole pipeline) gets the base model's own fp32 weights back instead of rounded ones."""
+    if ctx.weight_dtype == torch.float32 or not ctx.technique.saves_frozen_parts:
+        return bundle
+    frozen = [
+        name for name in ("vae", "text_encoder")
+        if not any(p.requires_grad for p in getattr(bundle, name).parameters())
+    ]
+    if not frozen:
+        return bundle
+    original = bundle.family.load(experiment.model)
+    return dataclasses.replace(bundle, **{name: getattr(original, name) for name in frozen})
 
 
 def _finish(
@@ -527,7 +551,8 @@ def _finish(
             ema.copy_to(ctx.parameters.values())  # the study saved the EMA weights
         for module in (bundle.unet, bundle.text_encoder):
             module.eval()
-        saved = ctx.technique.save(bundle, run_dir)
+        bundle.inference_scheduler.register_to_config(prediction_type=ctx.prediction_type)
+        saved = ctx.technique.save(_with_original_frozen_parts(ctx, bundle, experiment), run_dir)
         outputs = {
             part: {"files": files, "bytes": records.bytes_on_disk(run_dir, files)} for part, files in saved.items()
         }
@@ -577,29 +602,3 @@ def _finish(
     if accelerator.is_main_process:
         records.write_json_atomic(run_dir / records.RECORD_FILE, record)
     return record
-
-
-def trained_modules(parameters: dict[str, torch.nn.Parameter], bundle: ModelBundle) -> list[str]:
-    """Names of the modules holding trained parameters; a fully trained component is one entry."""
-    result = []
-    for prefix, module in (("unet", bundle.unet), ("text_encoder", bundle.text_encoder)):
-        names = [n for n in parameters if n.startswith(prefix + ".")]
-        if not names:
-            continue
-        if len(names) == sum(1 for _ in module.parameters()):
-            result.append(f"{prefix} (all)")
-            continue
-        result += sorted({n.rsplit(".", 1)[0] for n in names})
-    return result
-
-
-def _flat_scalars(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat = {}
-    for key, value in values.items():
-        if isinstance(value, dict):
-            flat.update(_flat_scalars(value, f"{prefix}{key}."))
-        elif isinstance(value, (int, float, str, bool)):
-            flat[f"{prefix}{key}"] = value
-        else:
-            flat[f"{prefix}{key}"] = str(value)
-    return flat

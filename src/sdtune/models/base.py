@@ -45,6 +45,10 @@ class ModelFamily:
     def encode_text(self, bundle: ModelBundle, input_ids: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def encode_images(self, bundle: ModelBundle, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The VAE posterior (mean, std) of pixels in [-1, 1], without gradients."""
+        raise NotImplementedError
+
     def latent_scale(self, bundle: ModelBundle) -> float:
         raise NotImplementedError
 

@@ -91,6 +91,11 @@ class StableDiffusion1(ModelFamily):
     def encode_text(self, bundle: ModelBundle, input_ids: torch.Tensor) -> torch.Tensor:
         return bundle.text_encoder(input_ids.to(bundle.text_encoder.device), return_dict=False)[0]
 
+    @torch.no_grad()
+    def encode_images(self, bundle: ModelBundle, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        posterior = bundle.vae.encode(pixels).latent_dist
+        return posterior.mean, posterior.std
+
     def latent_scale(self, bundle: ModelBundle) -> float:
         return float(bundle.vae.config.scaling_factor)
 

@@ -28,6 +28,7 @@ _RESERVED_PEFT_FIELDS = {
     "task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
     "inference_mode",
 }
+ADAPTER_MARKERS = ("lora_", "hada_", "lokr_")  # names of peft adapter tensors
 DIFFUSERS_LORA_FILE = "pytorch_lora_weights.safetensors"
 KOHYA_LORA_FILE = "pytorch_lora_weights_kohya.safetensors"
 
@@ -97,23 +98,31 @@ class AdapterTechnique(Technique):
 
     # -- outputs ----------------------------------------------------------------------------------
     def save(self, bundle: ModelBundle, out_dir: Path) -> dict[str, list[str]]:
+        return {"adapter": self._save_peft(self._adapted_states(bundle), out_dir)}
+
+    def _adapted_states(self, bundle: ModelBundle) -> list[tuple[str, Any, list[str], dict[str, torch.Tensor]]]:
+        """(component, module, target modules, adapter tensors) of every adapted component."""
         from peft import get_peft_model_state_dict
+
+        parts = [("unet", bundle.unet, self.options.peft["target_modules"])]
+        if self.options.train_text_encoder:
+            parts.append(("text_encoder", bundle.text_encoder, self.options.text_encoder_target_modules))
+        return [
+            (name, module, targets, {k: v.detach().contiguous().cpu() for k, v in get_peft_model_state_dict(module).items()})
+            for name, module, targets in parts
+        ]
+
+    def _save_peft(self, adapted: list, out_dir: Path) -> list[str]:
+        """peft's own format: ``<component>_adapter.safetensors`` + ``<component>_adapter_config.json``."""
         from safetensors.torch import save_file
 
         written = []
-        for name, module, targets in self._adapted(bundle.unet, bundle.text_encoder):
-            state = {k: v.detach().contiguous().cpu() for k, v in get_peft_model_state_dict(module).items()}
+        for name, _, targets, state in adapted:
             save_file(state, out_dir / f"{name}_adapter.safetensors", metadata={"format": "pt"})
             config = self.peft_config(targets).to_dict()
             (out_dir / f"{name}_adapter_config.json").write_text(json.dumps(_jsonable(config), indent=2))
             written += [out_dir / f"{name}_adapter.safetensors", out_dir / f"{name}_adapter_config.json"]
-        return {"adapter": files_under(out_dir, written)}
-
-    def _adapted(self, unet: Any, text_encoder: Any) -> list[tuple[str, Any, list[str]]]:
-        parts = [("unet", unet, self.options.peft["target_modules"])]
-        if self.options.train_text_encoder:
-            parts.append(("text_encoder", text_encoder, self.options.text_encoder_target_modules))
-        return parts
+        return files_under(out_dir, written)
 
     @classmethod
     def load_into(cls, pipe: Any, run_dir: Path, options: dict[str, Any]) -> Any:
@@ -130,8 +139,12 @@ class AdapterTechnique(Technique):
             inject_adapter_in_model(config, module)
             result = set_peft_model_state_dict(module, load_file(weights))
             unexpected = getattr(result, "unexpected_keys", [])
-            if unexpected:
-                raise RuntimeError(f"{weights}: {len(unexpected)} adapter tensors did not fit the model")
+            missing = [k for k in getattr(result, "missing_keys", []) if any(m in k for m in ADAPTER_MARKERS)]
+            if unexpected or missing:
+                raise RuntimeError(
+                    f"{weights}: {len(unexpected)} adapter tensors did not fit the model and {len(missing)} "
+                    "adapter tensors were missing; is this the run's base model?"
+                )
         return pipe
 
     @classmethod
@@ -185,31 +198,32 @@ class LoRA(AdapterTechnique):
     kind = "lora"
     peft_config_name = "LoraConfig"
     alpha_field = "lora_alpha"
+    fixed = {"use_dora": False}  # DoRA is its own kind
+    writes_kohya = True
 
     def save(self, bundle: ModelBundle, out_dir: Path) -> dict[str, list[str]]:
-        parts = super().save(bundle, out_dir)
         from diffusers.utils import convert_state_dict_to_diffusers
-        from peft import get_peft_model_state_dict
         from safetensors.torch import save_file
 
-        peft_state: dict[str, torch.Tensor] = {}
+        adapted = self._adapted_states(bundle)
+        parts = {"adapter": self._save_peft(adapted, out_dir)}
         lora_layers: dict[str, Any] = {}
-        for name, module, targets in self._adapted(bundle.unet, bundle.text_encoder):
-            state = {k: v.detach().contiguous().cpu() for k, v in get_peft_model_state_dict(module).items()}
-            peft_state.update({f"{name}.{key}": value for key, value in state.items()})
+        for name, _, targets, state in adapted:
             lora_layers[f"{name}_lora_layers"] = convert_state_dict_to_diffusers(state)
             # the metadata keeps alpha and targets, so load_lora_weights rebuilds the same scale
             lora_layers[f"{name}_lora_adapter_metadata"] = _jsonable(self.peft_config(targets).to_dict())
         bundle.family.pipeline_class().save_lora_weights(
             out_dir, weight_name=DIFFUSERS_LORA_FILE, safe_serialization=True, **lora_layers
         )
-        save_file(
-            to_kohya(peft_state, float(self.options.peft["lora_alpha"])),
-            out_dir / KOHYA_LORA_FILE,
-            metadata={"format": "pt", "ss_network_module": "networks.lora"},
-        )
         parts["diffusers_lora"] = [DIFFUSERS_LORA_FILE]
-        parts["kohya_lora"] = [KOHYA_LORA_FILE]
+        if self.writes_kohya:
+            peft_state = {f"{name}.{key}": value for name, _, _, state in adapted for key, value in state.items()}
+            save_file(
+                to_kohya(peft_state, kohya_alphas(adapted)),
+                out_dir / KOHYA_LORA_FILE,
+                metadata={"format": "pt", "ss_network_module": "networks.lora"},
+            )
+            parts["kohya_lora"] = [KOHYA_LORA_FILE]
         return parts
 
     @classmethod
@@ -218,27 +232,46 @@ class LoRA(AdapterTechnique):
         return pipe
 
 
-def to_kohya(peft_state: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
+KOHYA_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_"}  # SD1/2: one text encoder, "lora_te_"
+
+
+def kohya_alphas(adapted: list) -> dict[str, float]:
+    """Each LoRA layer's alpha as kohya stores it (scale = alpha / rank): scaling × rank, per layer,
+    so rank_pattern, alpha_pattern and rsLoRA are exported faithfully."""
+    from peft.tuners.lora import LoraLayer
+
+    alphas = {}
+    for name, module, _, _ in adapted:
+        for path, layer in module.named_modules():
+            if isinstance(layer, LoraLayer) and "default" in layer.scaling:
+                alphas[KOHYA_PREFIXES[name] + path.replace(".", "_")] = layer.scaling["default"] * layer.r["default"]
+    return alphas
+
+
+def to_kohya(peft_state: dict[str, torch.Tensor], alphas: dict[str, float]) -> dict[str, torch.Tensor]:
     """Kohya/A1111/ComfyUI keys (``lora_unet_…​.lora_down.weight`` + ``.alpha``) from peft keys.
 
-    Uses diffusers' converter, then writes the configured alpha: the converter assumes alpha = rank.
+    Uses diffusers' converter, then writes each layer's real alpha (the converter assumes alpha = rank).
     """
     from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
 
-    kohya = convert_state_dict_to_kohya(peft_state)
-    for key in [k for k in kohya if k.endswith(".alpha")]:
-        kohya[key] = torch.tensor(alpha)
-    return {k: v.contiguous() for k, v in kohya.items()}
+    kohya = {}
+    for key, value in convert_state_dict_to_kohya(peft_state).items():
+        key = key.replace("lora_te1_", KOHYA_PREFIXES["text_encoder"])
+        if key.endswith(".alpha"):
+            value = torch.tensor(float(alphas[key[: -len(".alpha")]]))
+        kohya[key] = value.contiguous()
+    return kohya
 
 
 @TECHNIQUES.register("dora")
-class DoRA(AdapterTechnique):
-    """Weight-decomposed LoRA (Liu et al. 2024): peft ``LoraConfig(use_dora=True)``."""
+class DoRA(LoRA):
+    """Weight-decomposed LoRA (Liu et al. 2024): peft ``LoraConfig(use_dora=True)``; saved for
+    diffusers' ``load_lora_weights`` (no kohya copy: its DoRA layout differs between tools)."""
 
     kind = "dora"
-    peft_config_name = "LoraConfig"
-    alpha_field = "lora_alpha"
     fixed = {"use_dora": True}
+    writes_kohya = False
 
 
 @TECHNIQUES.register("loha")

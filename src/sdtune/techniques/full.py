@@ -20,6 +20,7 @@ PIPELINE_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 @TECHNIQUES.register("full")
 class FullFineTuning(Technique):
     kind = "full"
+    saves_frozen_parts = True  # a whole pipeline folder
 
     def make_trainable(self, bundle: ModelBundle) -> None:
         bundle.unet.requires_grad_(True)

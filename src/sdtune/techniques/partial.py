@@ -14,7 +14,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sdtune.config import ConfigError, _build
-from sdtune.techniques.base import TECHNIQUES, Technique, TechniqueOptions, files_under
+from sdtune.techniques.base import (
+    TECHNIQUES,
+    Technique,
+    TechniqueOptions,
+    files_under,
+    trainable_named_parameters,
+)
 
 if TYPE_CHECKING:
     from sdtune.models import ModelBundle
@@ -74,11 +80,7 @@ class PartialFineTuning(Technique):
     def save(self, bundle: ModelBundle, out_dir: Path) -> dict[str, list[str]]:
         from safetensors.torch import save_file
 
-        tensors = {}
-        for prefix, module in (("unet", bundle.unet), ("text_encoder", bundle.text_encoder)):
-            for name, parameter in module.named_parameters():
-                if parameter.requires_grad:
-                    tensors[f"{prefix}.{name}"] = parameter.detach().contiguous().cpu()
+        tensors = {n: p.detach().contiguous().cpu() for n, p in trainable_named_parameters(bundle).items()}
         save_file(tensors, out_dir / WEIGHTS_FILE, metadata={"format": "pt"})
         listing = {"patterns": self.patterns(), "parameters": sorted(tensors)}
         (out_dir / LIST_FILE).write_text(json.dumps(listing, indent=2))

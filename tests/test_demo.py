@@ -28,8 +28,8 @@ def test_shipped_base_model_follows_prompts():
     pipe = StableDiffusionPipeline.from_pretrained(base_model_path(), safety_checker=None, requires_safety_checker=False)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.to(torch.device("cpu"))
-    prompts = [f"a {colour} {shape}" for shape, colour in world.all_combos()]
-    result = generate_images(pipe, prompts, [0, 1], num_inference_steps=25, guidance_scale=4.0, resolution=64, progress=False)
+    prompts = [f"a {size} {colour} {shape}" for shape, colour in world.all_combos() for size in world.SIZES]
+    result = generate_images(pipe, prompts, [0], num_inference_steps=25, guidance_scale=4.0, resolution=64, progress=False)
     judgements = judge_many(result.images)
     targets = [prompt_targets(p) for p in result.prompts]
     colour = sum(j.colour == c for j, (c, _) in zip(judgements, targets)) / len(targets)

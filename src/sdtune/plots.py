@@ -46,14 +46,17 @@ def image_grid(rows: list[Row], root: Path, path: Path) -> Path | None:
     if not columns:
         return None
     keys = [(e["prompt"], e["seed"]) for e in columns[0][1]["images"]]
-    font = ImageFont.load_default()
-    label_width, header = 220, 24
+    try:
+        font = ImageFont.load_default(size=14)  # Pillow ≥ 10.1: a scalable font
+    except TypeError:
+        font = ImageFont.load_default()
+    label_width, header = 260, 28
     grid = Image.new("RGB", (label_width + GRID_CELL * len(columns), header + GRID_CELL * len(keys)), "white")
     draw = ImageDraw.Draw(grid)
     for c, (label, _) in enumerate(columns):
-        draw.text((label_width + c * GRID_CELL + 4, 6), label[:20], fill="black", font=font)
+        draw.text((label_width + c * GRID_CELL + 4, 6), label[:16], fill="black", font=font)
     for r, (prompt, seed) in enumerate(keys):
-        draw.text((4, header + r * GRID_CELL + GRID_CELL // 2 - 6), f"{prompt[:30]} (seed {seed})", fill="black", font=font)
+        draw.text((4, header + r * GRID_CELL + GRID_CELL // 2 - 8), f"{prompt[:28]} (seed {seed})", fill="black", font=font)
         for c, (_, record) in enumerate(columns):
             match = next((e for e in record["images"] if (e["prompt"], e["seed"]) == (prompt, seed)), None)
             if match is None or not (root / match["path"]).exists():

@@ -56,7 +56,8 @@ def build_rows(train: list[dict], evals: list[dict]) -> list[Row]:
     for record in evals:
         if record["label"] != "base" and record["label"] in rows:
             rows[record["label"]].evals.append(record)
-    return list(rows.values())
+    order = ["base", *((train[0].get("config") or {}).get("techniques") or {} if train else {})]
+    return sorted(rows.values(), key=lambda row: order.index(row.label) if row.label in order else len(order))
 
 
 # ----------------------------------------------------------------------------------------------

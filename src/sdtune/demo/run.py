@@ -48,15 +48,15 @@ QUICK = DemoSettings(
 )
 
 # The study's two techniques with its schedules (full: constant + EMA; LoRA: cosine), plus the other
-# plug-ins. Learning rates are scaled up from SD's 1e-5/1e-4 because the demo model is ~1000× smaller
-# and trained for the same 100 steps; every technique keeps its relative rate.
+# plug-ins. Learning rates are 5× SD's usual ones (1e-5 full, 1e-4 LoRA; LyCORIS' higher rates for
+# LoHa/LoKr) because the demo model is ~1000× smaller; every technique keeps its relative rate.
 TECHNIQUES: dict[str, dict[str, Any]] = {
-    "full": {"kind": "full", "use_ema": True, "ema_decay": 0.99, "lr_scheduler": "constant", "learning_rate": 2.0e-4},
-    "lora": {"kind": "lora", "rank": 4, "alpha": 4, "lr_scheduler": "cosine", "learning_rate": 2.0e-3},
-    "dora": {"kind": "dora", "rank": 4, "alpha": 4, "lr_scheduler": "cosine", "learning_rate": 2.0e-3},
-    "loha": {"kind": "loha", "rank": 4, "alpha": 4, "lr_scheduler": "cosine", "learning_rate": 4.0e-3},
-    "lokr": {"kind": "lokr", "rank": 4, "alpha": 4, "lr_scheduler": "cosine", "learning_rate": 8.0e-3},
-    "cross-attention": {"kind": "partial", "preset": "cross-attention", "lr_scheduler": "constant", "learning_rate": 2.0e-4},
+    "full": {"kind": "full", "use_ema": True, "ema_decay": 0.99, "lr_scheduler": "constant", "learning_rate": 5.0e-5},
+    "lora": {"kind": "lora", "rank": 4, "alpha": 4, "lr_scheduler": "cosine", "learning_rate": 5.0e-4},
+    "dora": {"kind": "dora", "rank": 4, "alpha": 4, "lr_scheduler": "cosine", "learning_rate": 5.0e-4},
+    "loha": {"kind": "loha", "rank": 4, "alpha": 4, "lr_scheduler": "cosine", "learning_rate": 1.0e-3},
+    "lokr": {"kind": "lokr", "rank": 4, "alpha": 4, "lr_scheduler": "cosine", "learning_rate": 2.0e-3},
+    "cross-attention": {"kind": "partial", "preset": "cross-attention", "lr_scheduler": "constant", "learning_rate": 5.0e-5},
 }
 
 
@@ -77,8 +77,12 @@ def demo_experiment(output_dir: Path, settings: DemoSettings, seed: int = 0) -> 
     data_dir = output_dir / "data"
     if not (data_dir / "metadata.jsonl").exists():
         world.write_imagefolder(data_dir, world.sample_scenes(settings.num_images, seed + 7, "style", combos=tune))
-    in_domain = [f"a {colour} {shape}" for shape, colour in tune[: settings.in_domain_prompts]]
-    held = [f"a {colour} {shape}" for shape, colour in held_out[: settings.held_out_prompts]]
+    # prompts worded like the captions ("a large red circle"), alternating sizes
+    sizes = list(world.SIZES)
+    in_domain = [
+        f"a {sizes[i % 2]} {colour} {shape}" for i, (shape, colour) in enumerate(tune[: settings.in_domain_prompts])
+    ]
+    held = [f"a {sizes[i % 2]} {colour} {shape}" for i, (shape, colour) in enumerate(held_out[: settings.held_out_prompts])]
     experiment = {
         "name": "demo",
         "model": str(base_model_path()),

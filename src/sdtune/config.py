@@ -287,17 +287,11 @@ def experiment_from_dict(
             raise ConfigError(f"missing section {required!r}; see configs/pokemon-paper.yaml for an example")
     base_dir = base_dir or Path.cwd()
 
-    model_raw = raw["model"]
-    if isinstance(model_raw, str):
-        model_raw = {"path": model_raw}
-    model = _build(ModelConfig, model_raw, "model")
+    # `model: id` and `data: source` are shorthands for their one required key
+    model = _build(ModelConfig, _expand(raw["model"], "path"), "model")
     model.path = _resolve_local(model.path, base_dir)
     model.validate()
-
-    data_raw = raw["data"]
-    if isinstance(data_raw, str):
-        data_raw = {"source": data_raw}
-    data = _build(DataConfig, data_raw, "data")
+    data = _build(DataConfig, _expand(raw["data"], "source"), "data")
     data.source = _resolve_local(data.source, base_dir)
     data.validate()
 
@@ -334,6 +328,10 @@ def experiment_from_dict(
         source_path=source_path,
         raw=resolved,
     )
+
+
+def _expand(value: Any, key: str) -> Any:
+    return {key: value} if isinstance(value, str) else value
 
 
 def _build_techniques(raw: Any, train: TrainConfig) -> dict[str, TechniqueSpec]:

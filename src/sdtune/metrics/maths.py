@@ -111,7 +111,9 @@ def _mean_and_covariance(feats: np.ndarray, name: str) -> tuple[np.ndarray, np.n
 def _trace_sqrt_product(sigma_a: np.ndarray, sigma_b: np.ndarray) -> float:
     """tr(sqrtm(Σa Σb)), made robust the usual way: an ε·I offset when the product is too singular for
     :func:`scipy.linalg.sqrtm`, and dropping the round-off imaginary part."""
-    root = linalg.sqrtm(sigma_a @ sigma_b)
+    with warnings.catch_warnings():  # small sets give singular covariances: handled just below
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)
+        root = linalg.sqrtm(sigma_a @ sigma_b)
     if not np.all(np.isfinite(root)):
         offset = np.eye(sigma_a.shape[0]) * 1e-6
         root = linalg.sqrtm((sigma_a + offset) @ (sigma_b + offset))

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import shutil
 import signal
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -12,6 +14,7 @@ import torch
 
 from sdtune import records
 from sdtune.checkpoint import resolve_resume
+from sdtune.techniques import count_parameters
 
 if TYPE_CHECKING:
     from sdtune.models import ModelBundle
@@ -94,3 +97,54 @@ def flat_scalars(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[f"{prefix}{key}"] = str(value)
     return flat
+
+
+def train_record(
+    ctx: Any, experiment: Any, name: str, bundle: ModelBundle, status: str, state: dict, timing: dict,
+    max_steps: int, outputs: dict,
+) -> dict[str, Any]:
+    """The run record of a training run: everything needed to judge and reproduce it."""
+    steps_run = max(state["step"], 1)
+    spec = experiment.techniques[name]
+    accelerator = ctx.accelerator
+    return {
+        "kind": "train",
+        "status": status,
+        "experiment": experiment.name,
+        "technique": {"name": name, "kind": spec.kind, "options": spec.options},
+        "model": {"source": experiment.model.path, "family": bundle.family.name},
+        "config": experiment.raw,
+        "train": dataclasses.asdict(ctx.config),
+        "seeds": {"train": ctx.config.seed},
+        "prediction_type": ctx.prediction_type,
+        "steps": {"done": state["step"], "max": max_steps},
+        "versions": records.package_versions(),
+        "git_commit": records.git_commit(),
+        "device": records.device_description(accelerator.device),
+        "num_processes": accelerator.num_processes,
+        "timing": {
+            **timing,
+            "s_per_step": timing["train_time_s"] / steps_run,
+            "images_per_s": timing["images_per_step"] * steps_run / max(timing["train_time_s"], 1e-9),
+        },
+        "memory": {"peak": records.peak_memory(accelerator.device)},
+        "parameters": {
+            "trainable": sum(p.numel() for p in ctx.parameters.values()),
+            "unet": count_parameters(bundle.unet),
+            "text_encoder": count_parameters(bundle.text_encoder),
+            "vae": count_parameters(bundle.vae),
+            "trained_modules": trained_modules(ctx.parameters, bundle),
+        },
+        "outputs": outputs,
+        "bytes_on_disk": sum(part["bytes"] for part in outputs.values()),
+        "data": {
+            "source": experiment.data.source,
+            "num_samples": len(ctx.training_set),
+            "skipped_images": len(ctx.training_set.skipped),
+            "skipped_examples": ctx.training_set.skipped[:10],
+            "cache": None if ctx.latent_cache is None else ("disk" if ctx.latent_cache.folder else "memory"),
+        },
+        "loss_history": state["loss_history"],
+        "resumed_from": state.get("resumed_from", []),
+        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }

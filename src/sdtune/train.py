@@ -15,7 +15,6 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +33,8 @@ from sdtune.checkpoint import (
 from sdtune.config import ConfigError, Experiment, TrainConfig
 from sdtune.data import TrainingSet, augmentation, prepare_training_set, stream_samples
 from sdtune.models import ModelBundle, family_for
-from sdtune.runs import RunExistsError, StopRequest, claim_run_dir, flat_scalars, trained_modules
-from sdtune.techniques import TECHNIQUES, Technique, count_parameters, trainable_named_parameters
+from sdtune.runs import RunExistsError, StopRequest, claim_run_dir, flat_scalars, train_record
+from sdtune.techniques import TECHNIQUES, Technique, trainable_named_parameters
 
 __all__ = ["RunExistsError", "TrainResult", "output_root", "train", "train_technique"]
 
@@ -556,49 +555,7 @@ def _finish(
         outputs = {
             part: {"files": files, "bytes": records.bytes_on_disk(run_dir, files)} for part, files in saved.items()
         }
-    steps_run = max(state["step"], 1)
-    spec = experiment.techniques[name]
-    record = {
-        "kind": "train",
-        "status": status,
-        "experiment": experiment.name,
-        "technique": {"name": name, "kind": spec.kind, "options": spec.options},
-        "model": {"source": experiment.model.path, "family": bundle.family.name},
-        "config": experiment.raw,
-        "train": dataclasses.asdict(ctx.config),
-        "seeds": {"train": ctx.config.seed},
-        "prediction_type": ctx.prediction_type,
-        "steps": {"done": state["step"], "max": max_steps},
-        "versions": records.package_versions(),
-        "git_commit": records.git_commit(),
-        "device": records.device_description(accelerator.device),
-        "num_processes": accelerator.num_processes,
-        "timing": {
-            **timing,
-            "s_per_step": timing["train_time_s"] / steps_run,
-            "images_per_s": timing["images_per_step"] * steps_run / max(timing["train_time_s"], 1e-9),
-        },
-        "memory": {"peak": records.peak_memory(accelerator.device)},
-        "parameters": {
-            "trainable": sum(p.numel() for p in ctx.parameters.values()),
-            "unet": count_parameters(bundle.unet),
-            "text_encoder": count_parameters(bundle.text_encoder),
-            "vae": count_parameters(bundle.vae),
-            "trained_modules": trained_modules(ctx.parameters, bundle),
-        },
-        "outputs": outputs,
-        "bytes_on_disk": sum(part["bytes"] for part in outputs.values()),
-        "data": {
-            "source": experiment.data.source,
-            "num_samples": len(ctx.training_set),
-            "skipped_images": len(ctx.training_set.skipped),
-            "skipped_examples": ctx.training_set.skipped[:10],
-            "cache": None if ctx.latent_cache is None else ("disk" if ctx.latent_cache.folder else "memory"),
-        },
-        "loss_history": state["loss_history"],
-        "resumed_from": state.get("resumed_from", []),
-        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
+    record = train_record(ctx, experiment, name, bundle, status, state, timing, max_steps, outputs)
     if accelerator.is_main_process:
         records.write_json_atomic(run_dir / records.RECORD_FILE, record)
     return record

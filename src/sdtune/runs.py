@@ -24,8 +24,8 @@ class RunExistsError(RuntimeError):
     """The run folder holds a finished (or resumable) run; the message says how to proceed."""
 
 
-def claim_run_dir(run_dir: Path, resume: str | bool | None, overwrite: bool) -> Path | None:
-    """Refuse to clobber a finished or resumable run; return the checkpoint to resume from."""
+def claim_run_dir(run_dir: Path, resume: str | bool | None, overwrite: bool) -> None:
+    """Refuse to clobber a finished or resumable run; clear what may be cleared; create the folder."""
     record = records.read_record(run_dir)
     if overwrite and run_dir.exists():
         shutil.rmtree(run_dir)
@@ -44,7 +44,6 @@ def claim_run_dir(run_dir: Path, resume: str | bool | None, overwrite: bool) -> 
             "start over"
         )
     run_dir.mkdir(parents=True, exist_ok=True)
-    return checkpoint
 
 
 class StopRequest:

@@ -289,7 +289,7 @@ def _setup(experiment: Experiment, name: str, run_dir: Path, progress: bool) -> 
             bundle.unet = wrapped
         else:
             bundle.text_encoder = wrapped
-    ctx.models = [m for m in (bundle.unet, bundle.text_encoder) if m in prepared]
+    ctx.models = list(prepared)
     ctx.parameters = trainable_named_parameters(_unwrapped(ctx))
     if accelerator.is_main_process:
         accelerator.init_trackers("sdtune", config=flat_scalars(dataclasses.asdict(cfg)))

@@ -32,7 +32,7 @@ from sdtune.train import train_technique
 
 
 def bare_seconds_per_step(experiment, name: str, steps: int, warmup: int = 3) -> float:
-    """UNet forward + backward + AdamW step on fixed tensors of the loop's shapes."""
+    """Denoiser forward + backward + AdamW step on fixed tensors of the loop's shapes."""
     cfg = experiment.train_config_for(name)
     spec = experiment.techniques[name]
     bundle = family_for(experiment.model).load(experiment.model)
@@ -40,20 +40,26 @@ def bare_seconds_per_step(experiment, name: str, steps: int, warmup: int = 3) ->
     torch.manual_seed(0)
     technique.prepare(bundle)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    bundle.unet.to(device).train()
+    family = bundle.family
+    for module in bundle.components.values():
+        module.to(device)
+    bundle.denoiser.train()
     parameters = list(trainable_named_parameters(bundle).values())
     optimizer = torch.optim.AdamW(parameters, lr=cfg.learning_rate)
-    side = experiment.data.resolution // 2 ** (len(bundle.vae.config.block_out_channels) - 1)
-    latents = torch.randn(cfg.batch_size, 4, side, side, device=device)
-    tokens = bundle.tokenizer.model_max_length
-    states = torch.randn(cfg.batch_size, tokens, bundle.text_encoder.config.hidden_size, device=device)
+    side = experiment.data.resolution // family.vae_downsampling(bundle)
+    latents = torch.randn(cfg.batch_size, family.latent_channels(bundle), side, side, device=device)
+    with torch.no_grad():
+        conditioning = family.encode_prompt(bundle, ["a fixed caption"] * cfg.batch_size)
+    resolution = experiment.data.resolution
+    geometry = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]] * cfg.batch_size, device=device)
+    conditioning.update(family.image_conditioning(geometry.float()))
     timesteps = torch.randint(0, 1000, (cfg.batch_size,), device=device)
     for step in range(warmup + steps):
         if step == warmup:
             _sync(device)
             started = time.perf_counter()
         for _ in range(cfg.gradient_accumulation_steps):
-            prediction = bundle.unet(latents, timesteps, states, return_dict=False)[0]
+            prediction = family.predict(bundle, latents, timesteps, conditioning)
             torch.nn.functional.mse_loss(prediction, latents).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -47,6 +47,33 @@ def tiny_model(tmp_path_factory) -> Path:
     return folder
 
 
+FAMILY_BUILDERS = {  # a tiny random model of each family: (builder, keyword arguments)
+    "sd1": ("build_tiny_pipeline", {}),
+    "sd2": ("build_tiny_sd2_pipeline", {}),
+    "sdxl": ("build_tiny_sdxl_pipeline", {}),
+    "sd3": ("build_tiny_sd3_pipeline", {}),
+    "sd3-no-t5": ("build_tiny_sd3_pipeline", {"with_t5": False}),
+}
+
+
+@pytest.fixture(scope="session")
+def family_model(tmp_path_factory, tiny_model):
+    """family name → the folder of a tiny random model of that family (built once per session)."""
+    import sdtune.tiny
+
+    built = {"sd1": tiny_model}
+
+    def get(family: str) -> Path:
+        if family not in built:
+            builder, kwargs = FAMILY_BUILDERS[family]
+            folder = tmp_path_factory.mktemp(f"tiny-{family}")
+            getattr(sdtune.tiny, builder)(folder, words=WORDS, **kwargs)
+            built[family] = folder
+        return built[family]
+
+    return get
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     return make_imagefolder(tmp_path_factory.mktemp("tiny-data"))
@@ -76,8 +103,10 @@ def experiment_dict(model: Path, data: Path, **train) -> dict:
 def write_experiment(tmp_path, tiny_model, tiny_data):
     """Write an experiment YAML for the tiny model/data; keyword arguments update the train section."""
 
-    def write(techniques: dict | None = None, data: dict | None = None, **train) -> Path:
+    def write(techniques: dict | None = None, data: dict | None = None, model=None, **train) -> Path:
         raw = experiment_dict(tiny_model, tiny_data, **train)
+        if model is not None:
+            raw["model"] = model if isinstance(model, dict) else str(model)
         if techniques is not None:
             raw["techniques"] = techniques
         raw["data"].update(data or {})

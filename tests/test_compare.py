@@ -118,3 +118,24 @@ def _open_in_chromium(report, expected_images):
     assert result.stdout.count("<img") == expected_images
     assert "Sizes, parameters, training and generation" in result.stdout
     shutil.rmtree(profile, ignore_errors=True)
+
+
+@pytest.mark.parametrize("family", ["sdxl", "sd3"])
+def test_compare_runs_and_reports_on_every_family(family, write_experiment, family_model, tiny_clip_dir):
+    path = write_experiment(max_train_steps=2, model=family_model(family))
+    raw = yaml.safe_load(path.read_text())
+    raw["evaluation"] = {
+        "prompts": ["a red circle"], "seeds_per_prompt": 1, "num_inference_steps": 2, "guidance_scale": 3.0,
+        "clip_model": str(tiny_clip_dir), "metrics": ["clip_score"],
+    }
+    path.write_text(yaml.safe_dump(raw))
+    report = compare(load_experiment(path), progress=False)
+    root = report.parent
+    for name in ("full", "lora"):
+        record = json.loads((root / "records" / f"train-{name}-seed0.json").read_text())
+        assert record["status"] == "finished" and record["model"]["family"] == family
+        evaluation = json.loads((root / "records" / f"eval-{name}-seed0.json").read_text())
+        assert evaluation["metrics"]["clip_score"]["skipped"] is None
+    markdown = (root / "report.md").read_text()
+    assert "| Denoiser | VAE | Text encoders |" in markdown.replace("Model | Kind | Status | ", "")
+    assert "| full | full | finished |" in markdown and "| lora | lora | finished |" in markdown

@@ -1,10 +1,12 @@
-"""Encode each training image once: cached VAE posteriors and text embeddings.
+"""Encode each training image once: cached VAE posteriors and text conditioning.
 
-With a frozen VAE and text encoder, their outputs are the same every epoch, so a training step
-only needs the UNet. We cache the posterior (mean, std), not a latent, so every step still draws a
-fresh latent (see :func:`sdtune.diffusion.sample_latents`); with ``random_flip`` both flip variants
-are cached. The disk cache is keyed by everything that changes its content and reused by every
-technique and run of an experiment.
+With a frozen VAE and text encoders, their outputs are the same every epoch, so a training step
+only needs the denoiser. We cache the posterior (mean, std), not a latent, so every step still
+draws a fresh latent (see :func:`sdtune.diffusion.sample_latents`); with ``random_flip`` both flip
+variants are cached. The text conditioning is whatever the family's ``encode_prompt`` returns
+(SD1: hidden states; SDXL: states and pooled embedding; SD3: CLIP+T5 states and pooled), each
+tensor cached under its own name. The disk cache is keyed by everything that changes its content
+and reused by every technique and run of an experiment.
 """
 
 from __future__ import annotations
@@ -23,20 +25,20 @@ from safetensors.torch import load_file, save_file
 from sdtune.data import TrainingSet
 
 Encoder = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # pixels → (mean, std)
-TextEncoder = Callable[[list[str]], torch.Tensor]  # captions → embeddings
+TextEncoder = Callable[[list[str]], dict[str, torch.Tensor]]  # captions → conditioning tensors
 
 _MEMORY: dict[str, LatentCache] = {}  # reused across techniques trained in one process
 
 
 @dataclass
 class LatentCache:
-    """Per-sample posterior (mean, std) for each flip variant, and optionally text embeddings."""
+    """Per-sample posterior (mean, std) for each flip variant, and optionally the text conditioning."""
 
     key: str
     flips: tuple[bool, ...]
     means: torch.Tensor | None = None  # (variants, N, C, h, w) in memory mode
     stds: torch.Tensor | None = None
-    texts: torch.Tensor | None = None  # (N, tokens, dim)
+    texts: dict[str, torch.Tensor] | None = None  # name → (N, …) in memory mode
     folder: Path | None = None  # disk mode: one safetensors file per sample
     has_texts: bool = False
 
@@ -50,20 +52,27 @@ class LatentCache:
         stds = torch.stack([r["std"][self.flips.index(f)] for r, f in zip(records, flips)])
         return means, stds
 
-    def text(self, indices: list[int]) -> torch.Tensor:
+    def text(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        """The cached text conditioning of these samples, batch-first."""
         if self.folder is None:
-            return self.texts[torch.tensor(indices)]
-        return torch.stack([load_file(self.folder / f"{i:08d}.safetensors")["text"] for i in indices])
+            rows = torch.tensor(indices)
+            return {name: values[rows] for name, values in self.texts.items()}
+        records = [load_file(self.folder / f"{i:08d}.safetensors") for i in indices]
+        names = [key[len(TEXT_PREFIX):] for key in records[0] if key.startswith(TEXT_PREFIX)]
+        return {name: torch.stack([r[TEXT_PREFIX + name] for r in records]) for name in names}
+
+
+TEXT_PREFIX = "text."  # disk records: "mean", "std", and "text.<conditioning name>"
 
 
 def cache_key(parts: dict) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def estimate_bytes(num_samples: int, resolution: int, variants: int, text_numel: int) -> int:
-    """Bytes of a float32 cache: mean+std of 4×(res/8)² latents per variant, plus text embeddings."""
-    latent = 4 * (resolution // 8) ** 2
-    return 4 * num_samples * (2 * latent * variants + text_numel)
+def estimate_bytes(num_samples: int, latent_numel: int, variants: int, text_numel: int) -> int:
+    """Bytes of a float32 cache: mean+std of each latent variant, plus the text conditioning
+    (``text_numel`` from the real shapes: SD3's T5 states alone are 77 × 4096 values a caption)."""
+    return 4 * num_samples * (2 * latent_numel * variants + text_numel)
 
 
 def build_cache(
@@ -85,7 +94,7 @@ def build_cache(
     if mode == "disk" and (target / "complete").exists():
         return LatentCache(key=key, flips=flips, folder=target, has_texts=encode_texts is not None)
     batch = training_set.config.cache_batch_size
-    means, stds, texts = [], [], []
+    means, stds, texts = [], [], {}
     if mode == "disk":
         partial = folder / f"{key}.partial"
         shutil.rmtree(partial, ignore_errors=True)
@@ -99,20 +108,20 @@ def build_cache(
             variant_means.append(mean.float().cpu())
             variant_stds.append(std.float().cpu())
         mean_block, std_block = torch.stack(variant_means, 1), torch.stack(variant_stds, 1)  # (B, V, …)
-        text_block = None
+        text_block = {}
         if encode_texts is not None:
-            text_block = encode_texts([training_set.captions[i] for i in rows]).float().cpu()
+            encoded = encode_texts([training_set.captions[i] for i in rows])
+            text_block = {name: value.float().cpu() for name, value in encoded.items()}
         if mode == "disk":
             for j, i in enumerate(rows):
                 record = {"mean": mean_block[j].contiguous(), "std": std_block[j].contiguous()}
-                if text_block is not None:
-                    record["text"] = text_block[j].contiguous()
+                record.update({TEXT_PREFIX + name: value[j].contiguous() for name, value in text_block.items()})
                 save_file(record, partial / f"{i:08d}.safetensors")
         else:
             means.append(mean_block)
             stds.append(std_block)
-            if text_block is not None:
-                texts.append(text_block)
+            for name, value in text_block.items():
+                texts.setdefault(name, []).append(value)
     if mode == "disk":
         (partial / "complete").write_text("ok")
         shutil.rmtree(target, ignore_errors=True)
@@ -123,7 +132,7 @@ def build_cache(
         flips=flips,
         means=torch.cat(means).transpose(0, 1).contiguous(),
         stds=torch.cat(stds).transpose(0, 1).contiguous(),
-        texts=torch.cat(texts) if texts else None,
+        texts={name: torch.cat(values) for name, values in texts.items()} if texts else None,
         has_texts=encode_texts is not None,
     )
     _MEMORY.clear()  # keep one experiment's cache, not every one ever built

@@ -14,10 +14,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from sdtune import records
 from sdtune.config import Experiment
 from sdtune.generate import (
     default_device,
+    denoiser_of,
     generate_images,
     load_base_pipeline,
     load_run_pipeline,
@@ -258,7 +261,7 @@ def _evaluate(
             "scheduler": type(pipe.scheduler).__name__,
             "resolution": _eval_resolution(experiment),
             "fused": run is not None,
-            "dtype": str(pipe.unet.dtype),
+            "dtype": str(denoiser_of(pipe).dtype),
             "device": records.device_description(pipe.device),
         },
         "base_sizes": _pipeline_sizes(experiment.model.path, experiment.model.variant) if run is None else None,
@@ -291,7 +294,8 @@ def _pipeline_sizes(path: str, variant: str | None = None) -> dict[str, int] | N
             return None  # not downloaded: the report shows parameters instead
     sizes = {}
     infix = f".{variant}" if variant else ""
-    for part in ("unet", "vae", "text_encoder"):
+    parts = [p.name for p in sorted(folder.iterdir()) if p.is_dir() and (p / "config.json").exists()]
+    for part in parts:
         for stem in ("diffusion_pytorch_model", "model"):
             matches = [folder / part / f"{stem}{infix}{ext}" for ext in (".safetensors", ".bin")]
             shards = sorted((folder / part).glob(f"{stem}{infix}-*-of-*.safetensors"))
@@ -303,4 +307,8 @@ def _pipeline_sizes(path: str, variant: str | None = None) -> dict[str, int] | N
 
 
 def _pipeline_parameters(pipe: Any) -> dict[str, int]:
-    return {part: sum(p.numel() for p in getattr(pipe, part).parameters()) for part in ("unet", "vae", "text_encoder")}
+    return {
+        name: sum(p.numel() for p in module.parameters())
+        for name, module in pipe.components.items()
+        if isinstance(module, torch.nn.Module)
+    }

@@ -34,10 +34,12 @@ class ModelConfig:
     """Which base model to fine-tune."""
 
     path: str  # hub id, local diffusers folder, or a single .safetensors/.ckpt file
-    family: str = "auto"  # a registered model family (see `sdtune families`); auto = detect
+    family: str = "auto"  # a registered model family (sd1, sd2, sdxl, sd3); auto = detect from the model
     revision: str | None = None
     variant: str | None = None  # e.g. "fp16" weight files of a hub repo
     single_file_config: str | None = None  # diffusers folder/hub id with the configs of a single file
+    vae: str | None = None  # a separately distributed VAE (folder, hub id or file), e.g. SDXL's fp16 fix
+    text_encoder_3: bool = True  # SD3: false drops T5-XXL (zeros in its place, as the pipeline does)
 
     def validate(self) -> None:
         if not self.path:
@@ -51,6 +53,8 @@ class ModelConfig:
                 f"model: {self.path!r} does not exist; give an existing diffusers folder, a single "
                 ".safetensors/.ckpt file, or a hub id like 'stable-diffusion-v1-5/stable-diffusion-v1-5'"
             )
+        if self.vae and looks_like_local_path(self.vae) and not Path(self.vae).expanduser().exists():
+            raise ConfigError(f"model.vae: {self.vae!r} does not exist; give a VAE folder, a hub id or a .safetensors file")
 
 
 @dataclass
@@ -62,7 +66,7 @@ class DataConfig:
     revision: str | None = None
     image_column: str | None = None  # auto-detected when absent
     caption_column: str | None = None  # auto-detected when absent
-    resolution: int = 512
+    resolution: int | None = None  # None = the model's native resolution (512 SD1.5, 768 SD2.1, 1024 SDXL/SD3)
     center_crop: bool = False  # false = random crop
     random_flip: bool = False
     max_samples: int | None = None  # use only the first N rows (quick experiments)
@@ -72,7 +76,7 @@ class DataConfig:
     cache_batch_size: int = 8  # images per VAE forward while building the cache
 
     def validate(self) -> None:
-        if self.resolution <= 0 or self.resolution % 8:
+        if self.resolution is not None and (self.resolution <= 0 or self.resolution % 8):
             _fail("data.resolution", self.resolution, "a positive multiple of 8 (the VAE downsamples by 8)")
         _positive("data.max_samples", self.max_samples, allow_none=True)
         _positive("data.cache_batch_size", self.cache_batch_size)
@@ -119,7 +123,13 @@ class TrainConfig:
     snr_gamma: float | None = None  # min-SNR weighting (Hang et al. 2023); 5.0 is their default
     noise_offset: float = 0.0  # Guttenberg 2023; ~0.05 helps very dark/bright images
     caption_dropout: float = 0.0  # share of captions replaced by "" (trains classifier-free guidance)
-    prediction_type: Literal["epsilon", "v_prediction", "sample"] | None = None  # None = the scheduler's
+    prediction_type: Literal["epsilon", "v_prediction", "sample"] | None = None  # DDPM; None = the scheduler's
+    # rectified flow (SD3) only; None = the defaults filled in at load (logit_normal 0/1, mode 1.29, none)
+    timestep_sampling: Literal["uniform", "logit_normal", "mode"] | None = None
+    logit_mean: float | None = None
+    logit_std: float | None = None
+    mode_scale: float | None = None
+    flow_weighting: Literal["none", "sigma_sqrt", "cosmap"] | None = None
     gradient_checkpointing: bool = False
     allow_tf32: bool = True  # TF32 matmuls on Ampere+ GPUs; no effect on CPU
     log_every: int = 1  # TensorBoard/record loss every N optimizer steps
@@ -162,6 +172,19 @@ class TrainConfig:
             _fail("train.caption_dropout", self.caption_dropout, "a share in [0, 1), e.g. 0.1")
         if self.noise_offset < 0:
             _fail("train.noise_offset", self.noise_offset, "0 or a small positive number like 0.05")
+        if self.logit_std is not None and self.logit_std <= 0:
+            _fail("train.logit_std", self.logit_std, "a positive number (1.0 in the SD3 paper)")
+
+
+# Keys of `train` that belong to one objective (sdtune.diffusion); the other's families reject them.
+OBJECTIVE_KEYS = {
+    "ddpm": ("snr_gamma", "prediction_type"),
+    "flow": ("timestep_sampling", "logit_mean", "logit_std", "mode_scale", "flow_weighting"),
+}
+FLOW_DEFAULTS = {  # Esser et al. 2024 (SD3): logit-normal(0, 1) sampling; mode scale 1.29; no weighting
+    "timestep_sampling": "logit_normal", "logit_mean": 0.0, "logit_std": 1.0, "mode_scale": 1.29,
+    "flow_weighting": "none",
+}
 
 
 @dataclass
@@ -290,18 +313,28 @@ def experiment_from_dict(
     # `model: id` and `data: source` are shorthands for their one required key
     model = _build(ModelConfig, _expand(raw["model"], "path"), "model")
     model.path = _resolve_local(model.path, base_dir)
+    for key in ("vae", "single_file_config"):
+        if getattr(model, key):
+            setattr(model, key, _resolve_local(getattr(model, key), base_dir))
     model.validate()
+    family = _resolve_family(model)
     data = _build(DataConfig, _expand(raw["data"], "source"), "data")
     data.source = _resolve_local(data.source, base_dir)
     data.validate()
+    if data.resolution is None:
+        data.resolution = family.native_resolution(model)
 
-    train = _build(TrainConfig, raw.get("train") or {}, "train")
+    train = _objective_keys(_build(TrainConfig, raw.get("train") or {}, "train"), family, "train")
     evaluation = _build(EvaluationConfig, raw.get("evaluation") or {}, "evaluation")
     if evaluation.prompts_file:
         evaluation.prompts_file = _resolve_local(evaluation.prompts_file, base_dir)
     evaluation.validate()
 
     techniques = _build_techniques(raw["techniques"], train)
+    for spec in techniques.values():
+        where = f"techniques.{spec.name}"
+        _objective_keys(dataclasses.replace(train, **spec.train_overrides), family, where, spec.train_overrides)
+        _check_technique_for_family(spec, family, where)
     name = str(raw.get("name") or (Path(source_path).stem if source_path else "experiment"))
     output_dir = raw.get("output_dir")
     if output_dir is not None:
@@ -328,6 +361,49 @@ def experiment_from_dict(
         source_path=source_path,
         raw=resolved,
     )
+
+
+def _resolve_family(model: ModelConfig) -> Any:
+    """The model's family (detected for ``auto``); ``model.family`` is set to its name, and keys
+    that only one family has are checked against it."""
+    from sdtune.models import ModelLoadError, family_for  # late import: models import this module
+
+    try:
+        family = family_for(model)
+    except ModelLoadError as error:
+        raise ConfigError(str(error)) from None
+    model.family = family.name
+    if not model.text_encoder_3 and "text_encoder_3" not in family.text_encoders:
+        raise ConfigError(f"model.text_encoder_3: only SD3-style families have a third text encoder, not {family.name}")
+    return family
+
+
+def _objective_keys(train: TrainConfig, family: Any, where: str, given: dict | None = None) -> TrainConfig:
+    """Reject keys of the other objective; fill in the flow defaults for flow-matching families."""
+    given = dataclasses.asdict(train) if given is None else given
+    for objective, keys in OBJECTIVE_KEYS.items():
+        if objective == family.objective:
+            continue
+        for key in keys:
+            if given.get(key) is not None:
+                from sdtune.models import FAMILIES
+
+                owners = [n for n in FAMILIES if FAMILIES.get(n).objective == objective]
+                raise ConfigError(
+                    f"{where}.{key}: applies to {objective} families ({', '.join(owners)}), not to {family.name} "
+                    f"({family.objective}); remove it"
+                )
+    if family.objective == "flow":
+        filled = {k: v for k, v in FLOW_DEFAULTS.items() if getattr(train, k) is None}
+        train = dataclasses.replace(train, **filled)
+    return train
+
+
+def _check_technique_for_family(spec: TechniqueSpec, family: Any, where: str) -> None:
+    """A technique's options that depend on the family (text encoders it names, presets)."""
+    from sdtune.techniques import TECHNIQUES
+
+    TECHNIQUES.get(spec.kind).check_family(spec.options, family, where)
 
 
 def _expand(value: Any, key: str) -> Any:

@@ -141,19 +141,44 @@ def transform_image(
     ``crop_top_left`` is the crop's position as fractions of the free space (None = centre).
     Returns a float32 tensor of shape (3, resolution, resolution).
     """
-    width, height = image.size
-    scale = resolution / min(width, height)
-    new_size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
+    new_size = resized_size(image.size, resolution)
     if new_size != image.size:
         image = image.resize(new_size, Image.BILINEAR)
-    free_x, free_y = new_size[0] - resolution, new_size[1] - resolution
-    fx, fy = crop_top_left if crop_top_left is not None else (0.5, 0.5)
-    left, top = int(round(free_x * fx)), int(round(free_y * fy))
+    top, left = crop_origin(new_size, resolution, crop_top_left)
     image = image.crop((left, top, left + resolution, top + resolution))
     if flip:
         image = image.transpose(Image.FLIP_LEFT_RIGHT)
     array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(array.transpose(2, 0, 1).copy())
+
+
+def resized_size(size: tuple[int, int], resolution: int) -> tuple[int, int]:
+    """(width, height) after scaling the shorter side to ``resolution``."""
+    width, height = size
+    scale = resolution / min(width, height)
+    return max(resolution, round(width * scale)), max(resolution, round(height * scale))
+
+
+def crop_origin(
+    resized: tuple[int, int], resolution: int, crop_top_left: tuple[float, float] | None
+) -> tuple[int, int]:
+    """(top, left) pixel of the square crop in the resized image (fractions of the free space; None = centre)."""
+    free_x, free_y = resized[0] - resolution, resized[1] - resolution
+    fx, fy = crop_top_left if crop_top_left is not None else (0.5, 0.5)
+    return int(round(free_y * fy)), int(round(free_x * fx))
+
+
+def crop_geometry(
+    size: tuple[int, int], resolution: int, crop_top_left: tuple[float, float] | None, flip: bool
+) -> tuple[int, int, int, int, int, int]:
+    """(original height, original width, crop top, crop left, target height, target width) of a
+    training sample: SDXL's micro-conditioning (Podell et al. 2023, §2.2). A flip mirrors the crop's
+    left edge, so the numbers describe the image the model sees."""
+    resized = resized_size(size, resolution)
+    top, left = crop_origin(resized, resolution, crop_top_left)
+    if flip:
+        left = resized[0] - resolution - left
+    return size[1], size[0], top, left, resolution, resolution
 
 
 # --------------------------------------------------------------------------------------------
@@ -205,6 +230,7 @@ class TrainingSet:
     base_dir: Path | None
     indices: list[int]  # dataset rows whose image decodes
     captions: list[str]
+    sizes: list[tuple[int, int]]  # (width, height) of each image as stored
     skipped: list[dict[str, str]] = field(default_factory=list)  # {"row": …, "error": …}
 
     def __len__(self) -> int:
@@ -216,6 +242,9 @@ class TrainingSet:
     def pixels(self, i: int, flip: bool, crop_top_left: tuple[float, float] | None) -> torch.Tensor:
         return transform_image(self.image(i), self.config.resolution, crop_top_left, flip)
 
+    def geometry(self, i: int, flip: bool, crop_top_left: tuple[float, float] | None) -> tuple[int, ...]:
+        return crop_geometry(self.sizes[i], self.config.resolution, crop_top_left, flip)
+
 
 def prepare_training_set(config: DataConfig, progress: bool = True) -> TrainingSet:
     """Load the dataset and check that every image decodes (bad ones: skipped or an error)."""
@@ -223,11 +252,11 @@ def prepare_training_set(config: DataConfig, progress: bool = True) -> TrainingS
 
     dataset, image_column, caption_column, base_dir = load_rows(config)
     captions_column = dataset[caption_column]
-    indices, captions, skipped = [], [], []
+    indices, captions, sizes, skipped = [], [], [], []
     for row in tqdm(range(len(dataset)), desc="checking images", disable=not progress, leave=False):
         value = dataset[row][image_column]
         try:
-            decode_image(value, base_dir)
+            size = decode_image(value, base_dir).size
         except Exception as error:
             where = _describe(value, row)
             if config.on_bad_image == "error":
@@ -237,12 +266,13 @@ def prepare_training_set(config: DataConfig, progress: bool = True) -> TrainingS
             skipped.append({"row": str(row), "image": where, "error": str(error)[:200]})
             continue
         indices.append(row)
+        sizes.append(size)
         captions.append(caption_text(captions_column[row]))
     if skipped:
         warnings.warn(f"skipped {len(skipped)} unreadable image(s), first: {skipped[0]['image']}", stacklevel=2)
     if not indices:
         raise DataError(f"data.source: none of the {len(dataset)} images of {config.source!r} could be read")
-    return TrainingSet(config, dataset, image_column, caption_column, base_dir, indices, captions, skipped)
+    return TrainingSet(config, dataset, image_column, caption_column, base_dir, indices, captions, sizes, skipped)
 
 
 def _describe(value: Any, row: int) -> str:

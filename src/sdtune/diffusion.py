@@ -1,6 +1,19 @@
-"""Diffusion training maths as small pure functions of tensors (no configs, no I/O)."""
+"""Diffusion training maths as small pure functions of tensors (no configs, no I/O).
+
+Two objectives, each a small frozen dataclass over these functions that the training loop calls
+in the same order (timesteps → noisy latents → target → loss weights):
+
+- :class:`DDPMObjective`: discrete-time denoising diffusion with ε, v or x0 targets (SD1/2, SDXL);
+- :class:`FlowMatchingObjective`: rectified flow (SD3/3.5), x_σ = (1−σ)·x0 + σ·ε with target ε − x0,
+  σ drawn uniform, logit-normal or by the mode density and shifted like the model's scheduler.
+
+A model family names its objective; the objective never knows the family.
+"""
 
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass
 
 import torch
 
@@ -102,12 +115,139 @@ def diffusion_loss(
 
 
 def sample_latents(
-    mean: torch.Tensor, std: torch.Tensor, scale: float, generator: torch.Generator
+    mean: torch.Tensor, std: torch.Tensor, scale: float, generator: torch.Generator, shift: float = 0.0
 ) -> torch.Tensor:
-    """Draw z ~ N(mean, std²) from a VAE posterior and scale it to the UNet's latent range.
+    """Draw z ~ N(mean, std²) from a VAE posterior and bring it to the denoiser's latent range.
 
-    Same as ``latent_dist.sample() * scaling_factor`` (Rombach et al. 2022, §3 and App. G), so cached
-    distributions still give a fresh latent every step.
+    Same as ``(latent_dist.sample() − shift_factor) * scaling_factor`` (Rombach et al. 2022, §3 and
+    App. G; SD3's VAE adds the shift), so cached distributions still give a fresh latent every step.
     """
     eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-    return (mean + std * eps) * scale
+    return (mean + std * eps - shift) * scale
+
+
+# ----------------------------------------------------------------------------------------------
+# Rectified flow (Liu et al. 2022, "Flow Straight and Fast"; Esser et al. 2024, "Scaling Rectified
+# Flow Transformers for High-Resolution Image Synthesis", the SD3 paper, cited as [E24])
+
+
+def flow_noisy_latents(latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+    """x_σ = (1 − σ)·x0 + σ·ε, the straight path from data (σ = 0) to noise (σ = 1) ([E24] eq. 3, 11)."""
+    sigma = sigmas.to(latents.dtype).view(-1, *([1] * (latents.ndim - 1)))
+    return (1 - sigma) * latents + sigma * noise
+
+
+def flow_target(latents: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """The velocity d x_σ / dσ = ε − x0 that the network predicts ([E24] eq. 13 with c = 1)."""
+    return noise - latents
+
+
+def sample_flow_sigmas(
+    batch_size: int,
+    sampling: str,
+    generator: torch.Generator,
+    device: torch.device,
+    logit_mean: float = 0.0,
+    logit_std: float = 1.0,
+    mode_scale: float = 1.29,
+) -> torch.Tensor:
+    """Noise levels σ ∈ (0, 1) drawn from the training density of [E24] §3.1:
+
+    - ``uniform``: σ ~ U(0, 1);
+    - ``logit_normal``: σ = sigmoid(n), n ~ N(mean, std²) (eq. 19; SD3 trains with mean 0, std 1);
+    - ``mode``: σ = 1 − u − s·(cos²(πu/2) − 1 + u), u ~ U(0, 1) (eq. 20; s = 1.29 in the paper).
+    """
+    if sampling == "uniform":
+        return torch.rand(batch_size, generator=generator, device=device)
+    if sampling == "logit_normal":
+        normal = torch.randn(batch_size, generator=generator, device=device) * logit_std + logit_mean
+        return torch.sigmoid(normal)
+    if sampling == "mode":
+        u = torch.rand(batch_size, generator=generator, device=device)
+        return 1 - u - mode_scale * (torch.cos(math.pi * u / 2) ** 2 - 1 + u)
+    raise ValueError(f"unknown timestep sampling {sampling!r}; expected uniform, logit_normal or mode")
+
+
+def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
+    """σ' = s·σ / (1 + (s − 1)·σ): the resolution-dependent shift of [E24] §5.3.2 (eq. 23), the same
+    map diffusers' FlowMatchEulerDiscreteScheduler applies with its ``shift`` (3.0 for SD3)."""
+    return shift * sigmas / (1 + (shift - 1) * sigmas)
+
+
+def flow_loss_weights(sigmas: torch.Tensor, weighting: str) -> torch.Tensor | None:
+    """Per-sample loss weights of the velocity MSE:
+
+    - ``none``: 1 (the rectified-flow loss as is; SD3's own default);
+    - ``sigma_sqrt``: σ⁻², the ε-prediction loss written for a velocity network;
+    - ``cosmap``: 2 / (π·(1 − 2σ + 2σ²)), the "CosMap" weighting of [E24] §3.1 (eq. 21–22).
+    """
+    if weighting == "none":
+        return None
+    if weighting == "sigma_sqrt":
+        return sigmas.float() ** -2.0
+    if weighting == "cosmap":
+        return 2 / (math.pi * (1 - 2 * sigmas.float() + 2 * sigmas.float() ** 2))
+    raise ValueError(f"unknown flow weighting {weighting!r}; expected none, sigma_sqrt or cosmap")
+
+
+# ----------------------------------------------------------------------------------------------
+# The objectives the loop calls
+
+
+@dataclass(frozen=True)
+class DDPMObjective:
+    """Denoising diffusion with the model's discrete noise schedule (Ho et al. 2020)."""
+
+    alphas_cumprod: torch.Tensor
+    prediction_type: str  # epsilon | v_prediction | sample
+    snr_gamma: float | None = None  # min-SNR-γ weighting
+
+    name = "ddpm"
+
+    def sample_timesteps(self, batch_size: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+        return sample_timesteps(batch_size, len(self.alphas_cumprod), generator, device)
+
+    def noisy_latents(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        return add_noise(latents, noise, timesteps, self.alphas_cumprod)
+
+    def target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        return training_target(self.prediction_type, latents, noise, timesteps, self.alphas_cumprod)
+
+    def loss_weights(self, timesteps: torch.Tensor) -> torch.Tensor | None:
+        if self.snr_gamma is None:
+            return None
+        return min_snr_weights(snr(timesteps, self.alphas_cumprod), self.snr_gamma, self.prediction_type)
+
+
+@dataclass(frozen=True)
+class FlowMatchingObjective:
+    """Rectified flow as SD3 trains it; the denoiser's timestep is σ · num_train_timesteps."""
+
+    num_train_timesteps: int
+    shift: float = 1.0
+    sampling: str = "logit_normal"  # uniform | logit_normal | mode
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+    weighting: str = "none"  # none | sigma_sqrt | cosmap
+
+    name = "flow"
+    prediction_type = "flow"
+
+    def sample_timesteps(self, batch_size: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+        sigmas = sample_flow_sigmas(
+            batch_size, self.sampling, generator, device, self.logit_mean, self.logit_std, self.mode_scale
+        )
+        return shift_sigmas(sigmas, self.shift) * self.num_train_timesteps
+
+    def sigmas(self, timesteps: torch.Tensor) -> torch.Tensor:
+        return timesteps / self.num_train_timesteps
+
+    def noisy_latents(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        return flow_noisy_latents(latents, noise, self.sigmas(timesteps))
+
+    def target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        return flow_target(latents, noise)
+
+    def loss_weights(self, timesteps: torch.Tensor) -> torch.Tensor | None:
+        return flow_loss_weights(self.sigmas(timesteps), self.weighting)

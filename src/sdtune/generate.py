@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from sdtune.config import ModelConfig
-from sdtune.models import family_for
+from sdtune.models import FAMILIES, ModelFamily, family_for
 from sdtune.records import read_record
 from sdtune.techniques import TECHNIQUES
 
@@ -62,7 +62,8 @@ def load_run_pipeline(
         pipe = technique.load_into(pipe, run_dir, record["technique"]["options"])
         if fuse:
             pipe = technique.merge(pipe)
-    if record.get("prediction_type") and record["prediction_type"] != pipe.scheduler.config.prediction_type:
+    trained_for = record.get("prediction_type")
+    if (record.get("objective") or {}).get("name", "ddpm") == "ddpm" and trained_for and trained_for != pipe.scheduler.config.get("prediction_type"):
         pipe.scheduler.register_to_config(prediction_type=record["prediction_type"])  # trained with an override
     return pipe.to(device or default_device()), record
 
@@ -78,15 +79,19 @@ def export_merged(run_dir: str | Path, out_dir: str | Path, overwrite: bool = Fa
 
 
 def load_base_pipeline(model_config: ModelConfig, dtype: torch.dtype = torch.float32) -> Any:
-    family = family_for(model_config)
-    kwargs: dict[str, Any] = {}
-    if model_config.revision:
-        kwargs["revision"] = model_config.revision
-    if model_config.variant:
-        kwargs["variant"] = model_config.variant
-    if model_config.single_file_config:
-        kwargs["single_file_config"] = model_config.single_file_config
-    return family.load_pipeline(model_config.path, dtype, **kwargs)
+    return family_for(model_config).load_pipeline(model_config.path, dtype, model_config)
+
+
+def family_of_pipeline(pipe: Any) -> ModelFamily:
+    """The registered family whose pipeline class ``pipe`` is."""
+    for name in FAMILIES:
+        if FAMILIES.get(name).pipeline_class_name == type(pipe).__name__:
+            return FAMILIES.get(name)()
+    raise ValueError(f"{type(pipe).__name__} is not the pipeline of a registered model family")
+
+
+def denoiser_of(pipe: Any) -> torch.nn.Module:
+    return getattr(pipe, family_of_pipeline(pipe).denoiser)
 
 
 def set_scheduler(pipe: Any, name: str | None) -> None:
@@ -116,6 +121,7 @@ def generate_images(
     pipe.set_progress_bar_config(disable=True)
     device = pipe.device
     size = {"height": resolution, "width": resolution} if resolution else {}
+    size.update(family_of_pipeline(pipe).generation_kwargs)  # sample as the model was trained (SD3: T5 length)
     pipe(prompts[0], num_inference_steps=1, guidance_scale=guidance_scale, output_type="pil", **size)  # warm-up
     result = GenerationResult(images=[], prompts=[], seeds=[])
     pairs = [(prompt, seed) for prompt in prompts for seed in seeds]

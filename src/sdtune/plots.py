@@ -130,7 +130,7 @@ def tradeoff(rows: list[Row], folder: Path) -> Path | None:
     quality = next((m for m in QUALITY_PREFERENCE if m in numeric), numeric[0] if numeric else None)
     if quality is None:
         return None
-    sizes = {e["model"]: e.get("adapter") or sum(e.get(p) or 0 for p in ("unet", "vae", "text_encoder")) for e in study_table(rows)}
+    sizes = {e["model"]: e.get("adapter") or sum(e.get(p) or 0 for p in ("denoiser", "vae", "text_encoders")) for e in study_table(rows)}
     points = [(row.label, sizes.get(row.label), metric_summary(row, quality)) for row in rows]
     points = [(label, size, s["value"]) for label, size, s in points if size and s and "value" in s]
     if not points:

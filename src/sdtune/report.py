@@ -113,20 +113,19 @@ def study_table(rows: list[Row]) -> list[dict[str, Any]]:
     table = []
     for row in rows:
         entry: dict[str, Any] = {"model": row.label, "kind": row.kind, "status": row.status}
-        if row.label == "base":
-            for part in ("unet", "vae", "text_encoder"):  # files on disk, else fp32 parameter bytes
-                entry[part] = base_sizes.get(part) or (4 * base_params[part] if part in base_params else None)
+        if row.label == "base":  # files on disk, else fp32 parameter bytes
+            sizes = {part: base_sizes.get(part) or 4 * count for part, count in base_params.items()} or base_sizes
+            entry.update(component_columns(sizes))
             entry["total_params"] = sum(base_params.values()) if base_params else None
         finished = [t for t in row.train if t.get("status") == "finished"]
         if finished:
             outputs = finished[0]["outputs"]
-            for part in ("unet", "vae", "text_encoder"):
-                entry[part] = outputs.get(part, {}).get("bytes")
+            entry.update(component_columns({part: value.get("bytes") for part, value in outputs.items()}))
             adapter = outputs.get("diffusers_lora") or outputs.get("adapter") or outputs.get("partial")
             entry["adapter"] = adapter["bytes"] if adapter else None
             params = finished[0]["parameters"]
             entry["trainable_params"] = params["trainable"]
-            entry["total_params"] = params["unet"] + params["text_encoder"] + params["vae"]
+            entry["total_params"] = sum(params["components"].values())
             entry["train_time_s"] = _mean([t["timing"]["train_time_s"] for t in finished])
             entry["s_per_step"] = _mean([t["timing"]["s_per_step"] for t in finished])
             entry["images_per_s"] = _mean([t["timing"]["images_per_s"] for t in finished])
@@ -137,6 +136,21 @@ def study_table(rows: list[Row]) -> list[dict[str, Any]]:
             entry["s_per_image"] = _mean([e["generation"]["latency_s_mean"] for e in row.evals])
         table.append(entry)
     return table
+
+
+def component_columns(sizes: dict[str, int | None]) -> dict[str, int | None]:
+    """Bytes per component grouped as the study's table shows them: the denoiser (UNet or
+    transformer), the VAE, and all text encoders together (None where nothing was written)."""
+
+    def total(names: list[str]) -> int | None:
+        values = [sizes[name] for name in names if sizes.get(name) is not None]
+        return sum(values) if values else None
+
+    return {
+        "denoiser": total([n for n in sizes if n in ("unet", "transformer")]),
+        "vae": total(["vae"]),
+        "text_encoders": total([n for n in sizes if n.startswith("text_encoder")]),
+    }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -172,8 +186,8 @@ def _metric_cell(summary: dict | None) -> str:
 
 STUDY_COLUMNS = [
     ("Model", lambda e: e["model"]), ("Kind", lambda e: e["kind"]), ("Status", lambda e: e["status"]),
-    ("UNet", lambda e: _size(e.get("unet"))), ("VAE", lambda e: _size(e.get("vae"))),
-    ("Text encoder", lambda e: _size(e.get("text_encoder"))), ("Adapter/weights", lambda e: _size(e.get("adapter"))),
+    ("Denoiser", lambda e: _size(e.get("denoiser"))), ("VAE", lambda e: _size(e.get("vae"))),
+    ("Text encoders", lambda e: _size(e.get("text_encoders"))), ("Adapter/weights", lambda e: _size(e.get("adapter"))),
     ("Trainable params", lambda e: _number(e.get("trainable_params"))), ("Total params", lambda e: _number(e.get("total_params"))),
     ("Train time (s)", lambda e: _number(e.get("train_time_s"))), ("s/step", lambda e: _number(e.get("s_per_step"))),
     ("img/s (train)", lambda e: _number(e.get("images_per_s"))), ("Peak memory", lambda e: _size(e.get("peak_memory"))),

@@ -75,7 +75,8 @@ class StopRequest:
 def trained_modules(parameters: dict[str, torch.nn.Parameter], bundle: ModelBundle) -> list[str]:
     """Names of the modules holding trained parameters; a fully trained component is one entry."""
     result = []
-    for prefix, module in (("unet", bundle.unet), ("text_encoder", bundle.text_encoder)):
+    for prefix in bundle.trainable_names():
+        module = bundle.components[prefix]
         names = [n for n in parameters if n.startswith(prefix + ".")]
         if not names:
             continue
@@ -98,6 +99,12 @@ def flat_scalars(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def _objective(objective: Any) -> dict[str, Any]:
+    """The objective's settings as plain values (the DDPM schedule tensor is left out)."""
+    values = {f.name: getattr(objective, f.name) for f in dataclasses.fields(objective) if f.name != "alphas_cumprod"}
+    return {"name": objective.name, **values}
+
+
 def train_record(
     ctx: Any, experiment: Any, name: str, bundle: ModelBundle, status: str, state: dict, timing: dict,
     max_steps: int, outputs: dict,
@@ -111,11 +118,12 @@ def train_record(
         "status": status,
         "experiment": experiment.name,
         "technique": {"name": name, "kind": spec.kind, "options": spec.options},
-        "model": {"source": experiment.model.path, "family": bundle.family.name},
+        "model": {"source": experiment.model.path, "family": bundle.family.name, "denoiser": bundle.family.denoiser},
         "config": experiment.raw,
         "train": dataclasses.asdict(ctx.config),
         "seeds": {"train": ctx.config.seed},
-        "prediction_type": ctx.prediction_type,
+        "objective": _objective(ctx.objective),
+        "prediction_type": ctx.objective.prediction_type,
         "steps": {"done": state["step"], "max": max_steps},
         "versions": records.package_versions(),
         "git_commit": records.git_commit(),
@@ -129,9 +137,7 @@ def train_record(
         "memory": {"peak": records.peak_memory(accelerator.device)},
         "parameters": {
             "trainable": sum(p.numel() for p in ctx.parameters.values()),
-            "unet": count_parameters(bundle.unet),
-            "text_encoder": count_parameters(bundle.text_encoder),
-            "vae": count_parameters(bundle.vae),
+            "components": {name: count_parameters(module) for name, module in bundle.components.items()},
             "trained_modules": trained_modules(ctx.parameters, bundle),
         },
         "outputs": outputs,

@@ -1,8 +1,9 @@
 """The one training loop, shared by every technique and model family.
 
 Read :func:`train_technique` top to bottom: setup, then the loop (noise → timesteps → add noise →
-predict → target by prediction type → loss → backward → clip → step), then the outputs and the
-run record. Everything random in a step is drawn from (seed, process, step, micro-step), and the
+predict → target → loss → backward → clip → step), then the outputs and the run record. The
+model family supplies the conditioning and the denoiser call; the objective (DDPM or rectified
+flow, :mod:`sdtune.diffusion`) supplies timesteps, noising, target and loss weights. Everything random in a step is drawn from (seed, process, step, micro-step), and the
 data order from (seed, position), so a resumed run equals an uninterrupted one.
 """
 
@@ -32,7 +33,7 @@ from sdtune.checkpoint import (
 )
 from sdtune.config import ConfigError, Experiment, TrainConfig
 from sdtune.data import TrainingSet, augmentation, prepare_training_set, stream_samples
-from sdtune.models import ModelBundle, family_for
+from sdtune.models import Conditioning, ModelBundle, family_for
 from sdtune.runs import RunExistsError, StopRequest, claim_run_dir, flat_scalars, train_record
 from sdtune.techniques import TECHNIQUES, Technique, trainable_named_parameters
 
@@ -59,13 +60,13 @@ class StepContext:
     latent_cache: cache_lib.LatentCache | None
     parameters: dict[str, torch.nn.Parameter]
     weight_dtype: torch.dtype
-    prediction_type: str
-    alphas_cumprod: torch.Tensor
+    objective: diffusion.DDPMObjective | diffusion.FlowMatchingObjective
     latent_scale: float
-    train_text_encoder: bool
+    latent_shift: float
+    train_text_encoder: bool  # a text encoder trains: conditioning is encoded every step, with gradients
     models: list[torch.nn.Module]  # the (wrapped) models that train
     images_per_step: int  # batch × accumulation × processes
-    empty_text_states: torch.Tensor | None = None
+    empty_conditioning: Conditioning | None = None
 
 
 def train(
@@ -134,7 +135,7 @@ def train_technique(
     stop = StopRequest()
     bar = _progress_bar(max_steps, state["step"], progress and accelerator.is_main_process, name)
     records.reset_peak_memory(accelerator.device)
-    models = ctx.models
+    models, objective, family = ctx.models, ctx.objective, ctx.bundle.family
     for model in models:
         model.train()
     loop_started, first_step = time.perf_counter(), state["step"]
@@ -147,22 +148,14 @@ def train_technique(
                 last_micro = micro == cfg.gradient_accumulation_steps - 1
                 with _no_sync(accelerator, models, skip=last_micro):  # all-reduce on the last only
                     generator = _step_generator(cfg.seed, accelerator, step, micro)
-                    latents, text_states = _micro_batch(ctx, step, micro, generator)
-                    # --- the diffusion objective (Ho et al. 2020), in fp32; target by prediction type ---
+                    latents, conditioning = _micro_batch(ctx, step, micro, generator)
+                    # --- the objective (DDPM or rectified flow), in fp32; the family calls its denoiser ---
                     noise = diffusion.sample_noise(latents, generator, cfg.noise_offset)
-                    timesteps = diffusion.sample_timesteps(
-                        latents.shape[0], len(ctx.alphas_cumprod), generator, latents.device
-                    )
-                    noisy_latents = diffusion.add_noise(latents, noise, timesteps, ctx.alphas_cumprod)
-                    target = diffusion.training_target(
-                        ctx.prediction_type, latents, noise, timesteps, ctx.alphas_cumprod
-                    )
-                    prediction = ctx.bundle.unet(noisy_latents, timesteps, text_states, return_dict=False)[0]
-                    weights = None
-                    if cfg.snr_gamma is not None:
-                        snr = diffusion.snr(timesteps, ctx.alphas_cumprod)
-                        weights = diffusion.min_snr_weights(snr, cfg.snr_gamma, ctx.prediction_type)
-                    loss = diffusion.diffusion_loss(prediction, target, weights)
+                    timesteps = objective.sample_timesteps(latents.shape[0], generator, latents.device)
+                    noisy_latents = objective.noisy_latents(latents, noise, timesteps)
+                    target = objective.target(latents, noise, timesteps)
+                    prediction = family.predict(ctx.bundle, noisy_latents, timesteps, conditioning)
+                    loss = diffusion.diffusion_loss(prediction, target, objective.loss_weights(timesteps))
                     accelerator.backward(loss / cfg.gradient_accumulation_steps)
                 step_loss += loss.detach().float() / cfg.gradient_accumulation_steps
             accelerator.clip_grad_norm_(list(ctx.parameters.values()), cfg.max_grad_norm)
@@ -251,18 +244,18 @@ def _setup(experiment: Experiment, name: str, run_dir: Path, progress: bool) -> 
     technique = TECHNIQUES.get(spec.kind)(spec.options)
     torch.manual_seed(cfg.seed)  # adapter initialisation is random: same seed, same start
     technique.prepare(bundle)
-    train_text_encoder = any(p.requires_grad for p in bundle.text_encoder.parameters())
-    for module in (bundle.unet, bundle.text_encoder, bundle.vae):
+    trained = [name for name in bundle.trainable_names() if _trains(bundle.components[name])]
+    for name, module in bundle.components.items():
+        frozen_dtype = torch.float32 if name == "vae" and family.vae_in_fp32 else weight_dtype
         for parameter in module.parameters():  # frozen weights in the compute dtype, trained ones fp32
-            parameter.data = parameter.data.to(accelerator.device, torch.float32 if parameter.requires_grad else weight_dtype)
+            parameter.data = parameter.data.to(accelerator.device, torch.float32 if parameter.requires_grad else frozen_dtype)
         module.to(accelerator.device)
     if cfg.gradient_checkpointing:
-        bundle.unet.enable_gradient_checkpointing()
-        if train_text_encoder:
-            bundle.text_encoder.gradient_checkpointing_enable()
+        bundle.denoiser.enable_gradient_checkpointing()
+        for name in trained:
+            if name != family.denoiser:
+                bundle.components[name].gradient_checkpointing_enable()
     training_set = prepare_training_set(experiment.data, progress=progress and accelerator.is_main_process)
-    scheduler_config = bundle.noise_scheduler.config
-    prediction_type = cfg.prediction_type or scheduler_config.prediction_type
     ctx = StepContext(
         config=cfg,
         bundle=bundle,
@@ -272,28 +265,27 @@ def _setup(experiment: Experiment, name: str, run_dir: Path, progress: bool) -> 
         latent_cache=None,
         parameters={},
         weight_dtype=weight_dtype,
-        prediction_type=prediction_type,
-        alphas_cumprod=bundle.noise_scheduler.alphas_cumprod.to(accelerator.device),
+        objective=family.training_objective(bundle, cfg),
         latent_scale=family.latent_scale(bundle),
-        train_text_encoder=train_text_encoder,
+        latent_shift=family.latent_shift(bundle),
+        train_text_encoder=any(name != family.denoiser for name in trained),
         models=[],
         images_per_step=cfg.batch_size * cfg.gradient_accumulation_steps * accelerator.num_processes,
     )
     with accelerator.main_process_first():  # one process builds a disk cache, the others read it
         ctx.latent_cache = _latent_cache(ctx, experiment, run_dir.parent, progress)
-    models = [m for m in (bundle.unet, bundle.text_encoder) if any(p.requires_grad for p in m.parameters())]
-    prepared = accelerator.prepare(*models)
+    prepared = accelerator.prepare(*[bundle.components[name] for name in trained])
     prepared = prepared if isinstance(prepared, tuple) else (prepared,)
-    for model, wrapped in zip(models, prepared):
-        if model is bundle.unet:
-            bundle.unet = wrapped
-        else:
-            bundle.text_encoder = wrapped
+    ctx.bundle = bundle.replace(**dict(zip(trained, prepared)))
     ctx.models = list(prepared)
     ctx.parameters = trainable_named_parameters(_unwrapped(ctx))
     if accelerator.is_main_process:
         accelerator.init_trackers("sdtune", config=flat_scalars(dataclasses.asdict(cfg)))
     return ctx
+
+
+def _trains(module: torch.nn.Module) -> bool:
+    return any(p.requires_grad for p in module.parameters())
 
 
 def _latent_cache(
@@ -307,11 +299,13 @@ def _latent_cache(
     cache_texts = not ctx.train_text_encoder
     if mode == "auto":
         text_numel = 0
-        if cache_texts:
-            probe = family.tokenize(bundle, ["probe"])
-            text_numel = probe.shape[1] * bundle.text_encoder.config.hidden_size
+        if cache_texts:  # from the real shapes (SD3's T5 states dwarf SD1's CLIP states)
+            with torch.no_grad():
+                text_numel = sum(t[0].numel() for t in family.encode_prompt(bundle, ["probe"]).values())
         variants = 2 if data.random_flip else 1
-        estimate = cache_lib.estimate_bytes(len(ctx.training_set), data.resolution, variants, text_numel)
+        latent_side = data.resolution // family.vae_downsampling(bundle)
+        latent_numel = family.latent_channels(bundle) * latent_side**2
+        estimate = cache_lib.estimate_bytes(len(ctx.training_set), latent_numel, variants, text_numel)
         mode = "memory" if estimate <= data.cache_memory_limit_gb * 1e9 else "disk"
     key = cache_lib.cache_key(
         {
@@ -323,11 +317,11 @@ def _latent_cache(
         }
     )
     def encode_images(pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return family.encode_images(bundle, pixels.to(ctx.accelerator.device, ctx.weight_dtype))
+        return family.encode_images(bundle, pixels.to(ctx.accelerator.device))
 
     @torch.no_grad()
-    def encode_texts(captions: list[str]) -> torch.Tensor:
-        return family.encode_text(bundle, family.tokenize(bundle, captions))
+    def encode_texts(captions: list[str]) -> Conditioning:
+        return family.encode_prompt(bundle, captions)
 
     return cache_lib.build_cache(
         ctx.training_set,
@@ -349,9 +343,10 @@ def _optimisation(ctx: StepContext) -> tuple[Any, Any, Any, int]:
     max_steps = cfg.max_train_steps or math.ceil(cfg.num_epochs * len(ctx.training_set) / ctx.images_per_step)
     learning_rate = cfg.learning_rate * (ctx.images_per_step if cfg.scale_lr else 1)
     text_lr = ctx.technique.options.text_encoder_learning_rate or learning_rate
+    denoiser = ctx.bundle.family.denoiser + "."
     groups = [
-        {"params": [p for n, p in ctx.parameters.items() if n.startswith("unet.")], "lr": learning_rate},
-        {"params": [p for n, p in ctx.parameters.items() if n.startswith("text_encoder.")], "lr": text_lr},
+        {"params": [p for n, p in ctx.parameters.items() if n.startswith(denoiser)], "lr": learning_rate},
+        {"params": [p for n, p in ctx.parameters.items() if not n.startswith(denoiser)], "lr": text_lr},
     ]
     groups = [g for g in groups if g["params"]]
     optimizer_cls = torch.optim.AdamW
@@ -391,8 +386,8 @@ def _step_generator(seed: int, accelerator: Any, step: int, micro: int) -> torch
 
 def _micro_batch(
     ctx: StepContext, step: int, micro: int, generator: torch.Generator
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Latents and text states of this process's share of a micro-step (deterministic)."""
+) -> tuple[torch.Tensor, Conditioning]:
+    """Latents and conditioning of this process's share of a micro-step (deterministic)."""
     cfg, accelerator, data = ctx.config, ctx.accelerator, ctx.training_set.config
     global_micro = step * cfg.gradient_accumulation_steps + micro
     start = (global_micro * accelerator.num_processes + accelerator.process_index) * cfg.batch_size
@@ -409,27 +404,33 @@ def _micro_batch(
         mean, std = ctx.latent_cache.posterior(indices.tolist(), flips)
     else:
         pixels = torch.stack([ctx.training_set.pixels(i, f, c) for i, f, c in zip(indices, flips, crops)])
-        mean, std = family.encode_images(bundle, pixels.to(device, ctx.weight_dtype))
-    latents = diffusion.sample_latents(mean.to(device).float(), std.to(device).float(), ctx.latent_scale, generator)
+        mean, std = family.encode_images(bundle, pixels.to(device))
+    latents = diffusion.sample_latents(
+        mean.to(device).float(), std.to(device).float(), ctx.latent_scale, generator, ctx.latent_shift
+    )
     if ctx.latent_cache is not None and ctx.latent_cache.has_texts:
-        text_states = ctx.latent_cache.text(indices.tolist()).to(device, ctx.weight_dtype)
+        conditioning = {k: v.to(device, ctx.weight_dtype) for k, v in ctx.latent_cache.text(indices.tolist()).items()}
         if any(dropped):
-            text_states[torch.tensor(dropped, device=device)] = _empty_caption_states(ctx).to(text_states.dtype)
+            rows = torch.tensor(dropped, device=device)
+            for name, empty in _empty_conditioning(ctx).items():
+                conditioning[name][rows] = empty.to(conditioning[name].dtype)
     else:
         captions = ["" if drop else ctx.training_set.captions[i] for i, drop in zip(indices, dropped)]
         with contextlib.nullcontext() if ctx.train_text_encoder else torch.no_grad():
-            text_states = family.encode_text(bundle, family.tokenize(bundle, captions).to(device))
-    return latents, text_states  # fp32 latents: the noising maths stays exact; autocast feeds the UNet
+            conditioning = family.encode_prompt(bundle, captions)
+    geometry = [ctx.training_set.geometry(i, f, c) for i, f, c in zip(indices, flips, crops)]
+    geometry_tensor = torch.tensor(geometry, device=device, dtype=ctx.weight_dtype)
+    conditioning.update(family.image_conditioning(geometry_tensor))
+    return latents, conditioning  # fp32 latents: the noising maths stays exact; autocast feeds the denoiser
 
 
-def _empty_caption_states(ctx: StepContext) -> torch.Tensor:
-    """The frozen text encoder's output for "" (computed once; used for dropped captions)."""
-    if ctx.empty_text_states is None:
-        family = ctx.bundle.family
+def _empty_conditioning(ctx: StepContext) -> Conditioning:
+    """The frozen text encoders' conditioning for "" (computed once; used for dropped captions)."""
+    if ctx.empty_conditioning is None:
         with torch.no_grad():
-            ids = family.tokenize(ctx.bundle, [""]).to(ctx.accelerator.device)
-            ctx.empty_text_states = family.encode_text(ctx.bundle, ids)[0]
-    return ctx.empty_text_states
+            encoded = ctx.bundle.family.encode_prompt(ctx.bundle, [""])
+        ctx.empty_conditioning = {name: value[0] for name, value in encoded.items()}
+    return ctx.empty_conditioning
 
 
 @contextlib.contextmanager
@@ -512,7 +513,7 @@ def _progress_bar(total: int, initial: int, enabled: bool, name: str) -> Any:
 
 def _unwrapped(ctx: StepContext) -> ModelBundle:
     unwrap = ctx.accelerator.unwrap_model
-    return dataclasses.replace(ctx.bundle, unet=unwrap(ctx.bundle.unet), text_encoder=unwrap(ctx.bundle.text_encoder))
+    return ctx.bundle.replace(**{name: unwrap(ctx.bundle.components[name]) for name in ctx.bundle.trainable_names()})
 
 
 def _with_original_frozen_parts(ctx: StepContext, bundle: ModelBundle, experiment: Experiment) -> ModelBundle:
@@ -520,14 +521,11 @@ def _with_original_frozen_parts(ctx: StepContext, bundle: ModelBundle, experimen
     writes a whole pipeline) gets the base model's own fp32 weights back instead of rounded ones."""
     if ctx.weight_dtype == torch.float32 or not ctx.technique.saves_frozen_parts:
         return bundle
-    frozen = [
-        name for name in ("vae", "text_encoder")
-        if not any(p.requires_grad for p in getattr(bundle, name).parameters())
-    ]
+    frozen = [name for name, module in bundle.components.items() if not _trains(module)]
     if not frozen:
         return bundle
     original = bundle.family.load(experiment.model)
-    return dataclasses.replace(bundle, **{name: getattr(original, name) for name in frozen})
+    return bundle.replace(**{name: original.components[name] for name in frozen})
 
 
 def _finish(
@@ -548,9 +546,10 @@ def _finish(
     if status == "finished" and accelerator.is_main_process:
         if ema is not None:
             ema.copy_to(ctx.parameters.values())  # the study saved the EMA weights
-        for module in (bundle.unet, bundle.text_encoder):
-            module.eval()
-        bundle.inference_scheduler.register_to_config(prediction_type=ctx.prediction_type)
+        for component in bundle.trainable_names():
+            bundle.components[component].eval()
+        if ctx.objective.name == "ddpm":  # a prediction_type override must reach the sampler too
+            bundle.inference_scheduler.register_to_config(prediction_type=ctx.objective.prediction_type)
         saved = ctx.technique.save(_with_original_frozen_parts(ctx, bundle, experiment), run_dir)
         outputs = {
             part: {"files": files, "bytes": records.bytes_on_disk(run_dir, files)} for part, files in saved.items()

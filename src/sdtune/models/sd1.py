@@ -1,161 +1,78 @@
-"""Stable Diffusion 1.x / 2.x: one CLIP text encoder, a 4-channel KL VAE, epsilon or v prediction.
+"""Stable Diffusion 1.x and 2.x: one CLIP text encoder, a UNet, a 4-channel KL VAE, DDPM.
 
-SD2.x shares this architecture; its v-prediction comes from the scheduler config, which the loop
-reads, so both load through this family.
+SD2.x has the same components and conditioning; what differs (OpenCLIP's width, linear attention
+projections, v-prediction in 768-px models) lives in the weights and the scheduler config, which
+the objective reads. ``sd2`` is a separate name so records and ``family: auto`` say which it is.
 """
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, ClassVar
 
 import torch
 
-from sdtune.models.base import FAMILIES, ModelBundle, ModelFamily, ModelLoadError
+from sdtune.models.base import FAMILIES, Conditioning, ModelBundle, ModelFamily, read_model_json
 
-if TYPE_CHECKING:
-    from sdtune.config import ModelConfig
+UNET_ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]  # the study's LoRA placement
+CLIP_ATTENTION = ["q_proj", "k_proj", "v_proj", "out_proj"]
+UNET_PRESETS = {
+    "cross-attention": ["*.attn2.*"],  # text→image attention: what maps prompts onto images
+    "attention": ["*.attn1.*", "*.attn2.*"],
+    "up-blocks": ["up_blocks.*"],
+}
 
-SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+
+def clip_token_ids(tokenizer: Any, captions: list[str], max_length: int | None = None) -> torch.Tensor:
+    """Token ids padded to ``max_length`` (default: the tokenizer's), as the diffusers pipelines tokenize."""
+    length = max_length or tokenizer.model_max_length
+    return tokenizer(captions, padding="max_length", max_length=length, truncation=True, return_tensors="pt").input_ids
 
 
 @FAMILIES.register("sd1")
 class StableDiffusion1(ModelFamily):
     name = "sd1"
+    pipeline_class_name = "StableDiffusionPipeline"
+    denoiser = "unet"
+    text_encoders = ("text_encoder",)
+    trained_text_encoders = ("text_encoder",)
+    objective = "ddpm"
+    default_resolution = 512
+    kohya_prefixes: ClassVar[dict[str, str] | None] = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
+    partial_presets = UNET_PRESETS
+    adapter_targets = {"unet": UNET_ATTENTION, "text_encoder": CLIP_ATTENTION}
+    pipeline_extras = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False, "image_encoder": None}
+    detects_pipelines = ("StableDiffusionPipeline",)
+    single_file_types = ("v1",)
 
-    def detects(self, config: ModelConfig) -> bool:
-        path = Path(config.path).expanduser()
-        if path.is_file():
-            return path.suffix in SINGLE_FILE_SUFFIXES
-        index = path / "model_index.json"
-        if index.exists():
-            return json.loads(index.read_text()).get("_class_name") == "StableDiffusionPipeline"
-        return not path.exists()  # a hub id: cannot be checked offline; SD1/2 is the default
+    @classmethod
+    def matches_index(cls, model: str, revision: str | None = None) -> bool:
+        return not _is_sd2(model, revision)
 
-    def load(self, config: ModelConfig, dtype: torch.dtype = torch.float32) -> ModelBundle:
-        if Path(config.path).expanduser().is_file():
-            pipe = self.load_pipeline(config.path, dtype, single_file_config=config.single_file_config)
-            return self._bundle_from_pipeline(pipe, config.path)
-        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-        from transformers import CLIPTextModel, CLIPTokenizer
+    def encode_prompt(self, bundle: ModelBundle, captions: list[str]) -> Conditioning:
+        encoder = bundle.components["text_encoder"]
+        ids = clip_token_ids(bundle.tokenizers["tokenizer"], captions).to(encoder.device)
+        return {"prompt_embeds": encoder(ids, return_dict=False)[0]}
 
-        common = {"revision": config.revision}
-        weights = {**common, "variant": config.variant}
-        if dtype != torch.float32:
-            weights["torch_dtype"] = dtype
-        with _load_errors(config.path):
-            tokenizer = CLIPTokenizer.from_pretrained(config.path, subfolder="tokenizer", **common)
-            text_encoder = CLIPTextModel.from_pretrained(config.path, subfolder="text_encoder", **weights)
-            vae = AutoencoderKL.from_pretrained(config.path, subfolder="vae", **weights)
-            unet = UNet2DConditionModel.from_pretrained(config.path, subfolder="unet", **weights)
-            noise_scheduler = DDPMScheduler.from_pretrained(config.path, subfolder="scheduler", **common)
-            inference_scheduler = _scheduler_from_config(
-                type(noise_scheduler).load_config(config.path, subfolder="scheduler", **common)
-            )
-        return ModelBundle(
-            family=self,
-            unet=unet,
-            vae=vae,
-            text_encoder=text_encoder,
-            tokenizer=tokenizer,
-            noise_scheduler=noise_scheduler,
-            inference_scheduler=inference_scheduler,
-            source=config.path,
-        )
-
-    def _bundle_from_pipeline(self, pipe: Any, source: str) -> ModelBundle:
-        from diffusers import DDPMScheduler
-
-        return ModelBundle(
-            family=self,
-            unet=pipe.unet,
-            vae=pipe.vae,
-            text_encoder=pipe.text_encoder,
-            tokenizer=pipe.tokenizer,
-            noise_scheduler=DDPMScheduler.from_config(pipe.scheduler.config),
-            inference_scheduler=pipe.scheduler,
-            source=source,
-        )
-
-    def tokenize(self, bundle: ModelBundle, captions: list[str]) -> torch.Tensor:
-        tokens = bundle.tokenizer(
-            captions,
-            padding="max_length",
-            max_length=bundle.tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        )
-        return tokens.input_ids
-
-    def encode_text(self, bundle: ModelBundle, input_ids: torch.Tensor) -> torch.Tensor:
-        return bundle.text_encoder(input_ids.to(bundle.text_encoder.device), return_dict=False)[0]
-
-    @torch.no_grad()
-    def encode_images(self, bundle: ModelBundle, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        posterior = bundle.vae.encode(pixels).latent_dist
-        return posterior.mean, posterior.std
-
-    def latent_scale(self, bundle: ModelBundle) -> float:
-        return float(bundle.vae.config.scaling_factor)
-
-    def pipeline_class(self) -> Any:
-        from diffusers import StableDiffusionPipeline
-
-        return StableDiffusionPipeline
-
-    def build_pipeline(self, bundle: ModelBundle) -> Any:
-        return self.pipeline_class()(
-            vae=bundle.vae,
-            text_encoder=bundle.text_encoder,
-            tokenizer=bundle.tokenizer,
-            unet=bundle.unet,
-            scheduler=bundle.inference_scheduler,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
-
-    def load_pipeline(self, path: str, dtype: torch.dtype = torch.float32, **kwargs: Any) -> Any:
-        pipeline_class = self.pipeline_class()
-        single_file_config = kwargs.pop("single_file_config", None)
-        options = {"safety_checker": None, "requires_safety_checker": False, **kwargs}
-        if dtype != torch.float32:  # (the keyword was renamed across diffusers versions; fp32 is the default)
-            options["torch_dtype"] = dtype
-        with _load_errors(path):
-            if Path(path).expanduser().is_file():
-                if single_file_config:
-                    options["config"] = single_file_config
-                return pipeline_class.from_single_file(path, **options)
-            return pipeline_class.from_pretrained(path, **options)
+    def predict(
+        self, bundle: ModelBundle, noisy_latents: torch.Tensor, timesteps: torch.Tensor, conditioning: Conditioning
+    ) -> torch.Tensor:
+        return bundle.denoiser(noisy_latents, timesteps, conditioning["prompt_embeds"], return_dict=False)[0]
 
 
-def _scheduler_from_config(config: dict[str, Any]) -> Any:
-    import diffusers
+@FAMILIES.register("sd2")
+class StableDiffusion2(StableDiffusion1):
+    """SD 2.x (OpenCLIP ViT-H text encoder; the 768-px models predict v)."""
 
-    scheduler_cls = getattr(diffusers, config.get("_class_name", "PNDMScheduler"), diffusers.PNDMScheduler)
-    return scheduler_cls.from_config(config)
+    name = "sd2"
+    default_resolution = 768
+    single_file_types = ("v2",)
+
+    @classmethod
+    def matches_index(cls, model: str, revision: str | None = None) -> bool:
+        return _is_sd2(model, revision)
 
 
-class _load_errors:
-    """Turn the many exceptions of hub/local loading into one clear line."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
-        if exc is None or not isinstance(exc, (OSError, ValueError, EnvironmentError, KeyError)):
-            return False
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        local = Path(self.path).expanduser().exists()
-        fix = (
-            "check that the folder is a diffusers pipeline (model_index.json, unet/, vae/, text_encoder/, "
-            "tokenizer/, scheduler/)"
-            if local
-            else "the hub may be unreachable: download the model and give its local folder, or a single "
-            ".safetensors file with model.single_file_config"
-        )
-        raise ModelLoadError(f"could not load model {self.path!r}: {first_line[:300]}; {fix}") from exc
+def _is_sd2(model: str, revision: str | None) -> bool:
+    """SD2's UNet uses linear attention projections (SD1's uses 1×1 convolutions)."""
+    unet = read_model_json(model, "unet/config.json", revision) or {}
+    return bool(unet.get("use_linear_projection"))

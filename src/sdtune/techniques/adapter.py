@@ -21,8 +21,6 @@ from sdtune.techniques.base import TECHNIQUES, Technique, TechniqueOptions, file
 if TYPE_CHECKING:
     from sdtune.models import ModelBundle
 
-ATTENTION_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # the study's LoRA placement
-TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 # peft fields that describe the wrapping model, not the adapter: never set from an experiment
 _RESERVED_PEFT_FIELDS = {
     "task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
@@ -35,12 +33,14 @@ KOHYA_LORA_FILE = "pytorch_lora_weights_kohya.safetensors"
 
 @dataclass
 class AdapterOptions(TechniqueOptions):
-    text_encoder_target_modules: list[str] = field(default_factory=lambda: list(TEXT_ENCODER_TARGETS))
+    text_encoder_target_modules: list[str] | None = None  # None = the family's (CLIP: q/k/v/out_proj)
     peft: dict[str, Any] = field(default_factory=dict)  # the peft config's arguments, as validated
 
 
 class AdapterTechnique(Technique):
-    """A peft adapter on the UNet (and optionally the text encoder); the base weights stay frozen."""
+    """A peft adapter on the denoiser (and optionally the text encoders); the base weights stay
+    frozen. ``target_modules`` defaults to the family's (SD1/SDXL: attention ``to_q/k/v/out.0``;
+    SD3: the joint attention, ``add_q/k/v_proj`` and ``to_add_out`` too)."""
 
     Options = AdapterOptions
     peft_config_name: ClassVar[str]  # the peft config class
@@ -62,7 +62,7 @@ class AdapterTechnique(Technique):
         aliases = {"rank": "r", "alpha": cls.alpha_field}
         if cls.alpha_field == "lora_alpha":
             aliases["dropout"] = "lora_dropout"
-        peft_args: dict[str, Any] = {"r": 4, "target_modules": list(ATTENTION_TARGETS)}
+        peft_args: dict[str, Any] = {"r": 4}
         for key, value in raw.items():
             peft_args[aliases.get(key, key)] = value
         peft_args.setdefault(cls.alpha_field, peft_args["r"])  # alpha = rank: scale 1, the usual default
@@ -81,20 +81,24 @@ class AdapterTechnique(Technique):
         options.peft = peft_args
         return dataclasses.asdict(options)
 
-    def peft_config(self, target_modules: list[str] | None = None) -> Any:
-        args = dict(self.options.peft)
-        if target_modules is not None:
-            args["target_modules"] = target_modules
-        return self.config_class()(**args, **self.fixed)
+    def peft_config(self, target_modules: list[str]) -> Any:
+        return self.config_class()(**{**self.options.peft, "target_modules": target_modules}, **self.fixed)
+
+    def component_targets(self, bundle: ModelBundle) -> dict[str, list[str]]:
+        """Adapted component → its target modules (the options', else the family's defaults)."""
+        family = bundle.family
+        targets = {family.denoiser: self.options.peft.get("target_modules") or family.adapter_targets[family.denoiser]}
+        for name in self.text_encoders_to_train(bundle):
+            targets[name] = self.options.text_encoder_target_modules or family.adapter_targets[name]
+        return targets
 
     # -- training ---------------------------------------------------------------------------------
     def make_trainable(self, bundle: ModelBundle) -> None:
         from peft import inject_adapter_in_model
 
-        inject_adapter_in_model(self.peft_config(), bundle.unet)
-        if self.options.train_text_encoder:
-            inject_adapter_in_model(self.peft_config(self.options.text_encoder_target_modules), bundle.text_encoder)
-        _check_injected(bundle.unet, self.options.peft["target_modules"], "UNet")
+        for name, targets in self.component_targets(bundle).items():
+            inject_adapter_in_model(self.peft_config(targets), bundle.components[name])
+            _check_injected(bundle.components[name], targets, name)
 
     # -- outputs ----------------------------------------------------------------------------------
     def save(self, bundle: ModelBundle, out_dir: Path) -> dict[str, list[str]]:
@@ -104,12 +108,10 @@ class AdapterTechnique(Technique):
         """(component, module, target modules, adapter tensors) of every adapted component."""
         from peft import get_peft_model_state_dict
 
-        parts = [("unet", bundle.unet, self.options.peft["target_modules"])]
-        if self.options.train_text_encoder:
-            parts.append(("text_encoder", bundle.text_encoder, self.options.text_encoder_target_modules))
         return [
-            (name, module, targets, {k: v.detach().contiguous().cpu() for k, v in get_peft_model_state_dict(module).items()})
-            for name, module, targets in parts
+            (name, bundle.components[name], targets,
+             {k: v.detach().contiguous().cpu() for k, v in get_peft_model_state_dict(bundle.components[name]).items()})
+            for name, targets in self.component_targets(bundle).items()
         ]
 
     def _save_peft(self, adapted: list, out_dir: Path) -> list[str]:
@@ -129,10 +131,8 @@ class AdapterTechnique(Technique):
         from peft import inject_adapter_in_model, set_peft_model_state_dict
         from safetensors.torch import load_file
 
-        for name in ("unet", "text_encoder"):
-            weights = run_dir / f"{name}_adapter.safetensors"
-            if not weights.exists():
-                continue
+        for weights in sorted(run_dir.glob("*_adapter.safetensors")):
+            name = weights.name[: -len("_adapter.safetensors")]
             config_dict = json.loads((run_dir / f"{name}_adapter_config.json").read_text())
             config = cls.config_class().from_peft_type(**config_dict)
             module = getattr(pipe, name)
@@ -149,8 +149,9 @@ class AdapterTechnique(Technique):
 
     @classmethod
     def merge(cls, pipe: Any) -> Any:
-        for name in ("unet", "text_encoder"):
-            merge_adapters(getattr(pipe, name))
+        for module in pipe.components.values():
+            if isinstance(module, torch.nn.Module):
+                merge_adapters(module)
         return pipe
 
 
@@ -207,19 +208,21 @@ class LoRA(AdapterTechnique):
 
         adapted = self._adapted_states(bundle)
         parts = {"adapter": self._save_peft(adapted, out_dir)}
-        lora_layers: dict[str, Any] = {}
+        lora_layers: dict[str, Any] = {}  # save_lora_weights takes <component>_lora_layers for each component
         for name, _, targets, state in adapted:
-            lora_layers[f"{name}_lora_layers"] = convert_state_dict_to_diffusers(state)
+            convert = bundle.family.lora_keys_converted
+            lora_layers[f"{name}_lora_layers"] = convert_state_dict_to_diffusers(state) if convert else state
             # the metadata keeps alpha and targets, so load_lora_weights rebuilds the same scale
             lora_layers[f"{name}_lora_adapter_metadata"] = _jsonable(self.peft_config(targets).to_dict())
         bundle.family.pipeline_class().save_lora_weights(
             out_dir, weight_name=DIFFUSERS_LORA_FILE, safe_serialization=True, **lora_layers
         )
         parts["diffusers_lora"] = [DIFFUSERS_LORA_FILE]
-        if self.writes_kohya:
+        prefixes = bundle.family.kohya_prefixes
+        if self.writes_kohya and prefixes is not None:
             peft_state = {f"{name}.{key}": value for name, _, _, state in adapted for key, value in state.items()}
             save_file(
-                to_kohya(peft_state, kohya_alphas(adapted)),
+                to_kohya(peft_state, kohya_alphas(adapted, prefixes), prefixes),
                 out_dir / KOHYA_LORA_FILE,
                 metadata={"format": "pt", "ss_network_module": "networks.lora"},
             )
@@ -232,10 +235,11 @@ class LoRA(AdapterTechnique):
         return pipe
 
 
-KOHYA_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_"}  # SD1/2: one text encoder, "lora_te_"
+# the prefixes diffusers' converter writes, by component; each family names its own (SD1: lora_te_)
+_DIFFUSERS_KOHYA_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
 
 
-def kohya_alphas(adapted: list) -> dict[str, float]:
+def kohya_alphas(adapted: list, prefixes: dict[str, str]) -> dict[str, float]:
     """Each LoRA layer's alpha as kohya stores it (scale = alpha / rank): scaling × rank, per layer,
     so rank_pattern, alpha_pattern and rsLoRA are exported faithfully."""
     from peft.tuners.lora import LoraLayer
@@ -244,20 +248,24 @@ def kohya_alphas(adapted: list) -> dict[str, float]:
     for name, module, _, _ in adapted:
         for path, layer in module.named_modules():
             if isinstance(layer, LoraLayer) and "default" in layer.scaling:
-                alphas[KOHYA_PREFIXES[name] + path.replace(".", "_")] = layer.scaling["default"] * layer.r["default"]
+                alphas[prefixes[name] + path.replace(".", "_")] = layer.scaling["default"] * layer.r["default"]
     return alphas
 
 
-def to_kohya(peft_state: dict[str, torch.Tensor], alphas: dict[str, float]) -> dict[str, torch.Tensor]:
+def to_kohya(
+    peft_state: dict[str, torch.Tensor], alphas: dict[str, float], prefixes: dict[str, str]
+) -> dict[str, torch.Tensor]:
     """Kohya/A1111/ComfyUI keys (``lora_unet_…​.lora_down.weight`` + ``.alpha``) from peft keys.
 
     Uses diffusers' converter, then writes each layer's real alpha (the converter assumes alpha = rank).
     """
     from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
 
+    renames = {_DIFFUSERS_KOHYA_PREFIXES[name]: prefix for name, prefix in prefixes.items()}
     kohya = {}
     for key, value in convert_state_dict_to_kohya(peft_state).items():
-        key = key.replace("lora_te1_", KOHYA_PREFIXES["text_encoder"])
+        old = next(p for p in renames if key.startswith(p))
+        key = renames[old] + key[len(old):]
         if key.endswith(".alpha"):
             value = torch.tensor(float(alphas[key[: -len(".alpha")]]))
         kohya[key] = value.contiguous()

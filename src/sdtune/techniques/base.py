@@ -25,7 +25,8 @@ if TYPE_CHECKING:
 class TechniqueOptions:
     """Options every technique accepts (besides overrides of ``train``)."""
 
-    train_text_encoder: bool = False  # also train the text encoder (fully, or with an adapter)
+    train_text_encoder: bool = False  # also train the text encoders (fully, or with an adapter)
+    text_encoders: list[str] | None = None  # which ones; None = the family's usual (SD3: both CLIPs, not T5)
     text_encoder_learning_rate: float | None = None  # None = the technique's learning_rate
 
 
@@ -45,12 +46,35 @@ class Technique:
         """Check a technique entry's own keys; return the options as a plain mapping."""
         return dataclasses.asdict(_build(cls.Options, raw, where))
 
+    @classmethod
+    def check_family(cls, options: dict[str, Any], family: Any, where: str) -> None:
+        """Options that depend on the model family, checked when the experiment loads."""
+        for name in options.get("text_encoders") or []:
+            if name not in family.text_encoders:
+                raise ConfigError(
+                    f"{where}.text_encoders: {name!r} is not a text encoder of {family.name}; it has: "
+                    f"{', '.join(family.text_encoders)}"
+                )
+
     # -- training ---------------------------------------------------------------------------------
     def prepare(self, bundle: ModelBundle) -> None:
         """Freeze everything, then make trainable what this technique trains."""
-        for module in (bundle.unet, bundle.vae, bundle.text_encoder):
+        for module in bundle.components.values():
             module.requires_grad_(False)
         self.make_trainable(bundle)
+
+    def text_encoders_to_train(self, bundle: ModelBundle) -> list[str]:
+        """The text encoders this technique trains (none unless ``train_text_encoder``)."""
+        if not self.options.train_text_encoder:
+            return []
+        names = self.options.text_encoders or list(bundle.family.trained_text_encoders)
+        missing = [name for name in names if name not in bundle.text_encoder_names()]
+        if missing:
+            raise ConfigError(
+                f"text_encoders: {missing[0]!r} is not loaded (model.text_encoder_3: false?); loaded: "
+                f"{', '.join(bundle.text_encoder_names())}"
+            )
+        return names
 
     def make_trainable(self, bundle: ModelBundle) -> None:
         raise NotImplementedError
@@ -80,10 +104,11 @@ TECHNIQUES: Registry[type[Technique]] = Registry("technique")
 
 
 def trainable_named_parameters(bundle: ModelBundle) -> dict[str, torch.nn.Parameter]:
-    """Every parameter with requires_grad, named ``unet.…`` or ``text_encoder.…``."""
+    """Every parameter with requires_grad, named ``<component>.<parameter>`` (``unet.…``,
+    ``transformer.…``, ``text_encoder_2.…``)."""
     named = {}
-    for prefix, module in (("unet", bundle.unet), ("text_encoder", bundle.text_encoder)):
-        for name, parameter in module.named_parameters():
+    for prefix in bundle.trainable_names():
+        for name, parameter in bundle.components[prefix].named_parameters():
             if parameter.requires_grad:
                 named[f"{prefix}.{name}"] = parameter
     return named

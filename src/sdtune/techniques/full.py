@@ -1,4 +1,4 @@
-"""Full fine-tuning: every UNet weight trains (and the text encoder's, if asked).
+"""Full fine-tuning: every denoiser weight trains (and the text encoders', if asked).
 
 The result is a complete diffusers pipeline folder (the study's "classic fine-tuning"); with
 ``use_ema`` the saved UNet holds the EMA weights, as in diffusers' train_text_to_image.py.
@@ -14,23 +14,20 @@ from sdtune.techniques.base import TECHNIQUES, Technique, files_under
 if TYPE_CHECKING:
     from sdtune.models import ModelBundle
 
-PIPELINE_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-
-
 @TECHNIQUES.register("full")
 class FullFineTuning(Technique):
     kind = "full"
     saves_frozen_parts = True  # a whole pipeline folder
 
     def make_trainable(self, bundle: ModelBundle) -> None:
-        bundle.unet.requires_grad_(True)
-        if self.options.train_text_encoder:
-            bundle.text_encoder.requires_grad_(True)
+        bundle.denoiser.requires_grad_(True)
+        for name in self.text_encoders_to_train(bundle):
+            bundle.components[name].requires_grad_(True)
 
     def save(self, bundle: ModelBundle, out_dir: Path) -> dict[str, list[str]]:
         pipe = bundle.family.build_pipeline(bundle)
         pipe.save_pretrained(out_dir, safe_serialization=True)
-        parts = {part: files_under(out_dir, [out_dir / part]) for part in PIPELINE_PARTS}
+        parts = {p.name: files_under(out_dir, [p]) for p in sorted(out_dir.iterdir()) if p.is_dir() and p.name in pipe.config}
         parts["pipeline"] = files_under(out_dir, [out_dir / "model_index.json"])
         return parts
 

@@ -1,8 +1,10 @@
-"""Partial fine-tuning: full-rank training of a chosen subset of the UNet, the rest frozen.
+"""Partial fine-tuning: full-rank training of a chosen subset of the denoiser, the rest frozen.
 
 Saves only the trained tensors plus the list of their names; loading puts them onto the base
-model. Presets name the common choices; a list of patterns (fnmatch, matched against parameter
-names such as ``down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight``) picks any.
+model. Presets (each model family names its own: ``cross-attention`` for UNets, ``context`` for
+SD3's joint attention, …) name the common choices; a list of patterns (fnmatch, matched against
+parameter names such as ``down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight``)
+picks any.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sdtune.config import ConfigError, _build
+from sdtune.config import ConfigError
 from sdtune.techniques.base import (
     TECHNIQUES,
     Technique,
@@ -25,19 +27,14 @@ from sdtune.techniques.base import (
 if TYPE_CHECKING:
     from sdtune.models import ModelBundle
 
-PRESETS = {
-    "cross-attention": ["*.attn2.*"],  # text→image attention: what maps prompts onto images
-    "attention": ["*.attn1.*", "*.attn2.*"],
-    "up-blocks": ["up_blocks.*"],
-}
 WEIGHTS_FILE = "partial_weights.safetensors"
 LIST_FILE = "trained_parameters.json"
 
 
 @dataclass
 class PartialOptions(TechniqueOptions):
-    preset: str | None = "cross-attention"  # one of PRESETS, or null with `modules`
-    modules: list[str] = field(default_factory=list)  # fnmatch patterns of UNet parameter names
+    preset: str | None = None  # one of the family's presets; None = its first (SD1/SDXL: cross-attention)
+    modules: list[str] = field(default_factory=list)  # fnmatch patterns of denoiser parameter names
 
 
 @TECHNIQUES.register("partial")
@@ -46,43 +43,39 @@ class PartialFineTuning(Technique):
     Options = PartialOptions
 
     @classmethod
-    def validate_options(cls, raw: dict[str, Any], where: str) -> dict[str, Any]:
-        raw = dict(raw)
-        if raw.get("modules") and "preset" not in raw:
-            raw["preset"] = None  # explicit patterns replace the default preset
-        options = _build(PartialOptions, raw, where)
-        if options.preset is not None and options.preset not in PRESETS:
+    def check_family(cls, options: dict[str, Any], family: Any, where: str) -> None:
+        super().check_family(options, family, where)
+        preset = options.get("preset")
+        if preset is not None and preset not in family.partial_presets:
             raise ConfigError(
-                f"{where}.preset: {options.preset!r} is not a preset; choose one of: "
-                f"{', '.join(PRESETS)}, or give `modules: [patterns]`"
+                f"{where}.preset: {preset!r} is not a preset of {family.name}; choose one of: "
+                f"{', '.join(family.partial_presets)}, or give `modules: [patterns]`"
             )
-        if options.preset is None and not options.modules:
-            raise ConfigError(f"{where}: give a preset ({', '.join(PRESETS)}) or `modules: [patterns]`")
-        from dataclasses import asdict
 
-        return asdict(options)
-
-    def patterns(self) -> list[str]:
-        return PRESETS.get(self.options.preset or "", []) + list(self.options.modules)
+    def patterns(self, family: Any) -> list[str]:
+        preset = self.options.preset
+        if preset is None and not self.options.modules:
+            preset = next(iter(family.partial_presets))
+        return family.partial_presets.get(preset or "", []) + list(self.options.modules)
 
     def make_trainable(self, bundle: ModelBundle) -> None:
-        patterns = self.patterns()
+        patterns = self.patterns(bundle.family)
         matched = 0
-        for name, parameter in bundle.unet.named_parameters():
+        for name, parameter in bundle.denoiser.named_parameters():
             if any(fnmatchcase(name, pattern) for pattern in patterns):
                 parameter.requires_grad_(True)
                 matched += 1
         if not matched:
-            raise ConfigError(f"partial: the patterns {patterns} match no UNet parameter")
-        if self.options.train_text_encoder:
-            bundle.text_encoder.requires_grad_(True)
+            raise ConfigError(f"partial: the patterns {patterns} match no {bundle.family.denoiser} parameter")
+        for name in self.text_encoders_to_train(bundle):
+            bundle.components[name].requires_grad_(True)
 
     def save(self, bundle: ModelBundle, out_dir: Path) -> dict[str, list[str]]:
         from safetensors.torch import save_file
 
         tensors = {n: p.detach().contiguous().cpu() for n, p in trainable_named_parameters(bundle).items()}
         save_file(tensors, out_dir / WEIGHTS_FILE, metadata={"format": "pt"})
-        listing = {"patterns": self.patterns(), "parameters": sorted(tensors)}
+        listing = {"patterns": self.patterns(bundle.family), "parameters": sorted(tensors)}
         (out_dir / LIST_FILE).write_text(json.dumps(listing, indent=2))
         return {"partial": files_under(out_dir, [out_dir / WEIGHTS_FILE, out_dir / LIST_FILE])}
 
@@ -91,10 +84,8 @@ class PartialFineTuning(Technique):
         from safetensors.torch import load_file
 
         tensors = load_file(run_dir / WEIGHTS_FILE)
-        for prefix in ("unet", "text_encoder"):
+        for prefix in sorted({key.split(".", 1)[0] for key in tensors}):
             part = {k[len(prefix) + 1 :]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
-            if not part:
-                continue
             module = getattr(pipe, prefix)
             result = module.load_state_dict(part, strict=False)
             if result.unexpected_keys:

@@ -47,3 +47,15 @@ def test_train_then_generate_end_to_end(write_experiment, tmp_path):
     assert again.returncode == 2 and "--overwrite" in again.stderr
     missing = _run("generate", str(tmp_path / "nowhere"), "--prompt", "x")
     assert missing.returncode == 2 and "not an sdtune run folder" in missing.stderr
+
+
+def test_an_error_inside_a_techniques_own_process_is_one_line(write_experiment):
+    """`sdtune train` with several techniques trains each in a child process; a bad option that only
+    shows when the model is there (no layer matches) is still one line, printed once."""
+    techniques = {"lora": {"kind": "lora"}, "zbad": {"kind": "partial", "modules": ["no_such_layer.*"]}}  # (sorted: lora first)
+    result = _run("train", str(write_experiment(techniques=techniques, max_train_steps=1)), "--no-progress")
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.strip().splitlines() if line.startswith("sdtune")]
+    assert lines == ["sdtune: error: partial: the patterns ['no_such_layer.*'] match no unet parameter"]
+    assert "Traceback" not in result.stderr
+    assert "lora: finished at step 1/1" in result.stdout

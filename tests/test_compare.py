@@ -64,28 +64,53 @@ def test_compare_two_techniques_two_seeds(compare_experiment, tmp_path):
     assert (root / "report.md").read_text() == markdown
 
 
-def test_failed_technique_keeps_others_and_is_marked(compare_experiment, monkeypatch):
+CRASHING_FULL = """
+import sdtune.train as train_module
+
+real = train_module.train_technique
+
+
+def crashing(experiment, name, *args, **kwargs):
+    if name == "full":
+        raise RuntimeError("CUDA out of memory (simulated)")
+    return real(experiment, name, *args, **kwargs)
+
+
+train_module.train_technique = crashing
+"""
+
+
+def test_failed_technique_keeps_others_and_is_marked(compare_experiment, monkeypatch, tmp_path):
+    """Each technique trains in its own process: a crash there (injected into the child through
+    sitecustomize) is recorded with its traceback, and the others go on."""
     experiment = compare_experiment(metrics=["clip_score"])
-    import sdtune.compare as compare_module
-
-    real = compare_module.train_technique
-
-    def failing(experiment, name, *args, **kwargs):
-        if name == "full":
-            raise RuntimeError("CUDA out of memory (simulated)")
-        return real(experiment, name, *args, **kwargs)
-
-    monkeypatch.setattr(compare_module, "train_technique", failing)
+    (tmp_path / "inject").mkdir()
+    (tmp_path / "inject" / "sitecustomize.py").write_text(CRASHING_FULL)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path / "inject"))
     report = compare(experiment, progress=False)
     markdown = (report.parent / "report.md").read_text()
     assert "| full | full | failed |" in markdown and "CUDA out of memory (simulated)" in markdown
+    failed = json.loads((report.parent / "records" / "train-full-seed0.json").read_text())
+    assert "Traceback" in failed["traceback"] and "crashing" in (report.parent / "full" / "error.log").read_text()
     assert (report.parent / "records" / "eval-lora-seed0.json").exists()
     # a second run retries only the failed technique; lora's finished record is reused
-    monkeypatch.setattr(compare_module, "train_technique", real)
+    monkeypatch.delenv("PYTHONPATH")
     lora_before = (report.parent / "lora" / "record.json").read_text()
     compare(experiment, progress=False)
     assert (report.parent / "lora" / "record.json").read_text() == lora_before
     assert "| full | full | finished |" in (report.parent / "report.md").read_text()
+
+
+def test_a_bad_technique_option_is_a_failed_row_with_its_one_line_reason(compare_experiment, write_experiment):
+    experiment = compare_experiment(metrics=["clip_score"])
+    from sdtune.config import experiment_from_dict
+
+    raw = experiment.to_dict()
+    raw["techniques"]["full"] = {"kind": "partial", "modules": ["no_such_layer.*"]}
+    report = compare(experiment_from_dict(raw), progress=False)
+    failed = json.loads((report.parent / "records" / "train-full-seed0.json").read_text())
+    assert failed["status"] == "failed" and "match no unet parameter" in failed["error"]
+    assert failed["traceback"] is None  # a user error, not a bug
 
 
 def test_missing_clip_model_skips_clip_metrics_with_a_reason(compare_experiment, tmp_path):

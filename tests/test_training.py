@@ -313,7 +313,7 @@ def test_cache_modes_give_the_same_training(family, write_experiment, family_mod
         losses[mode] = [h["loss"] for h in record["loss_history"]]
     assert losses["disk"] == losses["memory"]  # the same cached posteriors, read from files
     assert np.allclose(losses["off"], losses["memory"], rtol=1e-4)  # encoded each step instead
-    assert list((tmp_path / "disk" / ".cache").glob("*/00000000.safetensors"))
+    assert list((tmp_path / "disk" / ".cache").glob("*/0000000?-orig.safetensors"))
 
 
 def test_caption_dropout_changes_what_the_model_sees(write_experiment, tmp_path):
@@ -322,3 +322,83 @@ def test_caption_dropout_changes_what_the_model_sees(write_experiment, tmp_path)
     a = train_technique(plain, "lora", progress=False).record["loss_history"]
     b = train_technique(dropped, "lora", progress=False).record["loss_history"]
     assert [h["loss"] for h in a] != [h["loss"] for h in b]
+
+
+def _distinct_pairs(experiment, name, steps):
+    """The (image, flip) pairs the deterministic order uses in ``steps`` steps (one process)."""
+    from sdtune.batches import Layout
+
+    cfg, data = experiment.train_config_for(name), experiment.data
+    layout = Layout(cfg.seed, 8, cfg.batch_size, cfg.gradient_accumulation_steps, 1, 0, data.random_flip,
+                    data.center_crop, cfg.caption_dropout)
+    pairs = set()
+    for micro in range(steps * cfg.gradient_accumulation_steps):
+        batch = layout.plan(micro)
+        pairs |= set(zip(batch.indices, batch.flips))
+    return pairs
+
+
+def test_lazy_cache_encodes_each_used_pair_once_and_is_shared(write_experiment, tmp_path):
+    # 1 step of 4 samples uses half of the 8 images: only those are encoded, nothing before step 1
+    short = load_experiment(write_experiment(max_train_steps=1, data={"cache": "memory"}), [f"output_dir={tmp_path / 'a'}"])
+    record = train_technique(short, "lora", progress=False).record
+    assert record["timing"]["encoded_images"] == len(_distinct_pairs(short, "lora", 1)) <= 4
+    # 5 steps = 20 samples = 2.5 epochs of 8 images × 2 flips: every used pair exactly once
+    long = load_experiment(write_experiment(max_train_steps=5, data={"cache": "disk"}), [f"output_dir={tmp_path / 'b'}"])
+    first = train_technique(long, "lora", progress=False).record
+    used = _distinct_pairs(long, "lora", 5)
+    assert first["timing"]["encoded_images"] == len(used) < 20
+    assert len(list((tmp_path / "b" / ".cache").glob("*/*-orig.safetensors"))) + len(
+        list((tmp_path / "b" / ".cache").glob("*/*-flip.safetensors"))) == len(used)
+    # another technique of the experiment reads the same disk cache: no encode at all, same first loss
+    second = train_technique(long, "full", progress=False).record
+    assert second["timing"]["encoded_images"] == 0
+    assert second["loss_history"][0]["loss"] == first["loss_history"][0]["loss"]
+
+
+def test_decoding_workers_do_not_change_training(write_experiment, tmp_path):
+    """Random crops (the uncached path): the images decoded by 2 worker processes are the same bits."""
+    losses = {}
+    for workers in (0, 2):
+        path = write_experiment(data={"center_crop": False, "num_workers": workers}, max_train_steps=4)
+        record = train_technique(load_experiment(path, [f"output_dir={tmp_path / str(workers)}"]), "lora", progress=False).record
+        assert record["data"]["cache"] is None
+        losses[workers] = [h["loss"] for h in record["loss_history"]]
+    assert losses[0] == losses[2]
+
+
+def test_resume_is_bit_exact_with_a_memory_cache_and_workers(write_experiment, tmp_path):
+    """A resumed process starts with an empty memory cache and re-encodes lazily: same bits."""
+    path = write_experiment(max_train_steps=6, data={"cache": "memory", "num_workers": 1})
+    first = train_technique(load_experiment(path, [f"output_dir={tmp_path / 'a'}"]), "lora", progress=False)
+    stopped = load_experiment(path, [f"output_dir={tmp_path / 'b'}"])
+    train_technique(stopped, "lora", progress=False, after_step=_interrupt_at(2))
+    resumed = train_technique(stopped, "lora", progress=False, resume=True)
+    a, b = load_file(first.run_dir / "unet_adapter.safetensors"), load_file(resumed.run_dir / "unet_adapter.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [h["loss"] for h in first.record["loss_history"]] == [h["loss"] for h in resumed.record["loss_history"]]
+
+
+def test_timing_record_is_split_and_synchronised(write_experiment):
+    experiment = load_experiment(write_experiment(max_train_steps=6, log_every=2))
+    timing = train_technique(experiment, "lora", progress=False).record["timing"]
+    for key in ("model_load_time_s", "data_setup_time_s", "cache_open_time_s", "setup_time_s", "train_time_s",
+                "encode_time_s", "save_time_s", "job_wall_time_s", "steady_s_per_step", "s_per_step"):
+        assert timing[key] is not None and timing[key] >= 0, key
+    assert timing["host_syncs"] == 3  # steps 2, 4, 6: the device is synchronised only at logging steps
+    assert timing["job_wall_time_s"] > timing["setup_time_s"] + timing["train_time_s"]
+    assert timing["steady_s_per_step"] * 4 <= timing["train_time_s"]  # the intervals after the first
+
+
+def test_each_technique_of_train_runs_in_its_own_process(write_experiment):
+    """A technique trained after a memory-hungry one records its own peak, not the earlier one's
+    (in one process the peak RSS can only grow; see isolate=False below)."""
+    from sdtune.train import train
+
+    techniques = {"big": {"kind": "full", "batch_size": 32}, "small": {"kind": "lora", "batch_size": 1}}
+    path = write_experiment(techniques=techniques, data={"resolution": 64}, max_train_steps=2)
+    results = train(load_experiment(path), progress=False)
+    peak = {r.record["technique"]["name"]: r.record["memory"]["peak"]["bytes"] for r in results}
+    assert [r.status for r in results] == ["finished", "finished"]
+    assert peak["small"] < peak["big"] - 200e6, peak
+    assert results[1].record["config"]["techniques"]["small"]["batch_size"] == 1

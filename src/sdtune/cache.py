@@ -1,12 +1,19 @@
-"""Encode each training image once: cached VAE posteriors and text conditioning.
+"""Encode each training sample at most once, the first time the data order uses it.
 
-With a frozen VAE and text encoders, their outputs are the same every epoch, so a training step
-only needs the denoiser. We cache the posterior (mean, std), not a latent, so every step still
-draws a fresh latent (see :func:`sdtune.diffusion.sample_latents`); with ``random_flip`` both flip
-variants are cached. The text conditioning is whatever the family's ``encode_prompt`` returns
-(SD1: hidden states; SDXL: states and pooled embedding; SD3: CLIP+T5 states and pooled), each
-tensor cached under its own name. The disk cache is keyed by everything that changes its content
-and reused by every technique and run of an experiment.
+With a frozen VAE and text encoders their outputs are the same every epoch, so a step only needs
+the denoiser once a sample has been seen. The cache is filled lazily: an (image, flip) pair is
+encoded the first time the deterministic order reaches it, so a run never encodes more than the
+uncached path would (a 2-epoch run encodes each used pair once instead of twice), and nothing is
+encoded before step 1. We cache the posterior (mean, std), not a latent, so every step still draws
+a fresh latent (:func:`sdtune.diffusion.sample_latents`). The text conditioning is whatever the
+family's ``encode_prompt`` returns (SD1: hidden states; SDXL: states and pooled embedding; SD3:
+CLIP+T5 states and pooled), each tensor cached under its own name.
+
+Every sample is encoded alone (a batch of one), so its cached value does not depend on which
+other samples happened to be encoded with it: a resumed run, another technique or another process
+gets the same bits. The disk cache is one safetensors file per entry, written atomically (a
+temporary file renamed into place), so techniques, runs and processes share it and may fill it at
+the same time; it is keyed by everything that changes its content.
 """
 
 from __future__ import annotations
@@ -14,55 +21,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-from collections.abc import Callable
-from dataclasses import dataclass
+import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from sdtune.data import TrainingSet
-
-Encoder = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # pixels → (mean, std)
-TextEncoder = Callable[[list[str]], dict[str, torch.Tensor]]  # captions → conditioning tensors
-
-_MEMORY: dict[str, LatentCache] = {}  # reused across techniques trained in one process
-
-
-@dataclass
-class LatentCache:
-    """Per-sample posterior (mean, std) for each flip variant, and optionally the text conditioning."""
-
-    key: str
-    flips: tuple[bool, ...]
-    means: torch.Tensor | None = None  # (variants, N, C, h, w) in memory mode
-    stds: torch.Tensor | None = None
-    texts: dict[str, torch.Tensor] | None = None  # name → (N, …) in memory mode
-    folder: Path | None = None  # disk mode: one safetensors file per sample
-    has_texts: bool = False
-
-    def posterior(self, indices: list[int], flips: list[bool]) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.folder is None:
-            variant = torch.tensor([self.flips.index(f) for f in flips])
-            index = torch.tensor(indices)
-            return self.means[variant, index], self.stds[variant, index]
-        records = [load_file(self.folder / f"{i:08d}.safetensors") for i in indices]
-        means = torch.stack([r["mean"][self.flips.index(f)] for r, f in zip(records, flips)])
-        stds = torch.stack([r["std"][self.flips.index(f)] for r, f in zip(records, flips)])
-        return means, stds
-
-    def text(self, indices: list[int]) -> dict[str, torch.Tensor]:
-        """The cached text conditioning of these samples, batch-first."""
-        if self.folder is None:
-            rows = torch.tensor(indices)
-            return {name: values[rows] for name, values in self.texts.items()}
-        records = [load_file(self.folder / f"{i:08d}.safetensors") for i in indices]
-        names = [key[len(TEXT_PREFIX):] for key in records[0] if key.startswith(TEXT_PREFIX)]
-        return {name: torch.stack([r[TEXT_PREFIX + name] for r in records]) for name in names}
-
-
-TEXT_PREFIX = "text."  # disk records: "mean", "std", and "text.<conditioning name>"
+Posterior = tuple[torch.Tensor, torch.Tensor]  # (mean, std) of one sample, float32, on the CPU
+TEXT_PREFIX = "text."  # text files hold "text.<conditioning name>" tensors
 
 
 def cache_key(parts: dict) -> str:
@@ -75,66 +42,90 @@ def estimate_bytes(num_samples: int, latent_numel: int, variants: int, text_nume
     return 4 * num_samples * (2 * latent_numel * variants + text_numel)
 
 
-def build_cache(
-    training_set: TrainingSet,
-    encode_images: Encoder,
-    encode_texts: TextEncoder | None,
-    key: str,
-    mode: str,
-    folder: Path,
-    progress: bool = True,
-) -> LatentCache:
-    """Encode every image (both flips when random_flip) and caption once; ``mode`` is memory or disk."""
-    from tqdm.auto import tqdm
+@dataclass
+class LatentCache:
+    """Posteriors per (sample, flip) and, optionally, text conditioning per sample; in memory, or
+    on disk under ``folder`` (shared)."""
 
-    flips = (False, True) if training_set.config.random_flip else (False,)
-    if mode == "memory" and key in _MEMORY:
-        return _MEMORY[key]
-    target = folder / key
-    if mode == "disk" and (target / "complete").exists():
-        return LatentCache(key=key, flips=flips, folder=target, has_texts=encode_texts is not None)
-    batch = training_set.config.cache_batch_size
-    means, stds, texts = [], [], {}
-    if mode == "disk":
-        partial = folder / f"{key}.partial"
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
-    for start in tqdm(range(0, len(training_set), batch), desc="caching latents", disable=not progress):
-        rows = list(range(start, min(start + batch, len(training_set))))
-        variant_means, variant_stds = [], []
-        for flip in flips:
-            pixels = torch.stack([training_set.pixels(i, flip, None) for i in rows])
-            mean, std = encode_images(pixels)
-            variant_means.append(mean.float().cpu())
-            variant_stds.append(std.float().cpu())
-        mean_block, std_block = torch.stack(variant_means, 1), torch.stack(variant_stds, 1)  # (B, V, …)
-        text_block = {}
-        if encode_texts is not None:
-            encoded = encode_texts([training_set.captions[i] for i in rows])
-            text_block = {name: value.float().cpu() for name, value in encoded.items()}
-        if mode == "disk":
-            for j, i in enumerate(rows):
-                record = {"mean": mean_block[j].contiguous(), "std": std_block[j].contiguous()}
-                record.update({TEXT_PREFIX + name: value[j].contiguous() for name, value in text_block.items()})
-                save_file(record, partial / f"{i:08d}.safetensors")
+    key: str
+    caches_texts: bool
+    folder: Path | None = None  # disk mode
+    encode_time_s: float = 0.0  # time spent encoding misses (device-synchronised)
+    encoded_images: int = 0
+    encoded_texts: int = 0
+    _posteriors: dict[tuple[int, bool], Posterior] = field(default_factory=dict)
+    _texts: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
+
+    @property
+    def mode(self) -> str:
+        return "disk" if self.folder is not None else "memory"
+
+    # -- posteriors ---------------------------------------------------------------------------
+    def has_posterior(self, index: int, flip: bool) -> bool:
+        if self.folder is None:
+            return (index, flip) in self._posteriors
+        return self._latent_path(index, flip).exists()
+
+    def posterior(self, index: int, flip: bool) -> Posterior | None:
+        if self.folder is None:
+            return self._posteriors.get((index, flip))
+        tensors = _read(self._latent_path(index, flip))
+        return None if tensors is None else (tensors["mean"], tensors["std"])
+
+    def put_posterior(self, index: int, flip: bool, mean: torch.Tensor, std: torch.Tensor) -> None:
+        mean, std = mean.float().cpu().contiguous(), std.float().cpu().contiguous()
+        if self.folder is None:
+            self._posteriors[(index, flip)] = (mean, std)
         else:
-            means.append(mean_block)
-            stds.append(std_block)
-            for name, value in text_block.items():
-                texts.setdefault(name, []).append(value)
-    if mode == "disk":
-        (partial / "complete").write_text("ok")
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(partial, target)  # atomic: a half-written cache is never used
-        return LatentCache(key=key, flips=flips, folder=target, has_texts=encode_texts is not None)
-    cache = LatentCache(
-        key=key,
-        flips=flips,
-        means=torch.cat(means).transpose(0, 1).contiguous(),
-        stds=torch.cat(stds).transpose(0, 1).contiguous(),
-        texts={name: torch.cat(values) for name, values in texts.items()} if texts else None,
-        has_texts=encode_texts is not None,
-    )
-    _MEMORY.clear()  # keep one experiment's cache, not every one ever built
-    _MEMORY[key] = cache
-    return cache
+            _write_atomic(self._latent_path(index, flip), {"mean": mean, "std": std})
+
+    # -- text conditioning --------------------------------------------------------------------
+    def text(self, index: int) -> dict[str, torch.Tensor] | None:
+        if self.folder is None:
+            return self._texts.get(index)
+        tensors = _read(self.folder / f"{index:08d}-text.safetensors")
+        return None if tensors is None else {k[len(TEXT_PREFIX):]: v for k, v in tensors.items()}
+
+    def put_text(self, index: int, conditioning: dict[str, torch.Tensor]) -> None:
+        values = {name: value.float().cpu().contiguous() for name, value in conditioning.items()}
+        if self.folder is None:
+            self._texts[index] = values
+        else:
+            path = self.folder / f"{index:08d}-text.safetensors"
+            _write_atomic(path, {TEXT_PREFIX + name: value for name, value in values.items()})
+
+    def _latent_path(self, index: int, flip: bool) -> Path:
+        return self.folder / f"{index:08d}-{'flip' if flip else 'orig'}.safetensors"
+
+
+def open_cache(key: str, mode: str, root: Path, caches_texts: bool, description: dict) -> LatentCache:
+    """A memory cache, or the disk cache ``root/key`` (created, with a description of its key)."""
+    if mode == "memory":
+        return LatentCache(key=key, caches_texts=caches_texts)
+    folder = root / key
+    folder.mkdir(parents=True, exist_ok=True)
+    info = folder / "cache.json"
+    if not info.exists():
+        _write_text_atomic(info, json.dumps(description, indent=2, sort_keys=True, default=str))
+    return LatentCache(key=key, caches_texts=caches_texts, folder=folder)
+
+
+def _read(path: Path) -> dict[str, torch.Tensor] | None:
+    try:
+        return load_file(path)
+    except FileNotFoundError:
+        return None
+
+
+def _write_atomic(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Write next to the target, then rename: readers never see a half-written file, and two
+    processes writing the same entry (the same bits) both succeed."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    save_file(tensors, temporary)
+    os.replace(temporary, path)
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)

@@ -18,11 +18,13 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from sdtune.errors import UserError
+
 CHECKPOINT_DIR = "checkpoints"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint is missing or does not fit the run being resumed."""
 
 

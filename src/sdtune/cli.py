@@ -7,24 +7,7 @@ import os
 import sys
 import warnings
 from pathlib import Path
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """Errors that are the user's to fix: printed as one line, no traceback."""
-    from sdtune.checkpoint import CheckpointError
-    from sdtune.compare import ComparisonInterrupted
-    from sdtune.config import ConfigError
-    from sdtune.data import DataError
-    from sdtune.demo.run import DemoModelMissing
-    from sdtune.generate import RunNotFoundError
-    from sdtune.models import ModelLoadError
-    from sdtune.registry import RegistryError
-    from sdtune.train import RunExistsError
-
-    return (
-        ConfigError, DataError, ModelLoadError, RunExistsError, CheckpointError, RunNotFoundError, RegistryError,
-        DemoModelMissing, ComparisonInterrupted,
-    )
+from typing import Any
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--overwrite", action="store_true", help="replace an existing finished run")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key, e.g. train.max_train_steps=10")
+    train.add_argument("--no-progress", action="store_true", help=argparse.SUPPRESS)
 
     generate = commands.add_parser("generate", help="generate images with a trained technique")
     generate.add_argument("run_dir", help="a run folder: OUTPUT/<technique>")
@@ -106,11 +90,25 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=".*torchvision.*")
     args = build_parser().parse_args(argv)
     _quiet_libraries()
+    from sdtune.errors import UserError
+    from sdtune.isolate import TechniqueFailed, report_error
+
     try:
         return COMMANDS[args.command](args)
-    except _user_errors() as error:
-        print(f"sdtune: error: {error}", file=sys.stderr)
+    except TechniqueFailed as error:  # a technique's own process failed; its error is reported here, once
+        if error.user_error:
+            print(f"sdtune: error: {error}", file=sys.stderr)
+            return 2
+        print(error.details or "", file=sys.stderr, end="")
+        print(f"sdtune: technique {error.name!r} crashed (a bug in sdtune: the traceback is above)", file=sys.stderr)
+        return 1
+    except UserError as error:
+        if not report_error(error, user_error=True):
+            print(f"sdtune: error: {error}", file=sys.stderr)
         return 2
+    except Exception as error:
+        report_error(error, user_error=False)
+        raise
 
 
 def _quiet_libraries() -> None:
@@ -135,22 +133,36 @@ def _quiet_libraries() -> None:
 
 def _train(args: argparse.Namespace) -> int:
     from sdtune.config import load_experiment
+    from sdtune.distributed import launch_rank, launched_processes
     from sdtune.train import train
 
     experiment = load_experiment(args.experiment, args.set)
-    results = train(experiment, args.technique, args.output, args.resume, args.overwrite)
-    for result in results:
-        record = result.record
-        timing = record["timing"]
-        print(
-            f"{record['technique']['name']}: {result.status} at step {record['steps']['done']}/{record['steps']['max']}, "
-            f"{timing['s_per_step']:.3f} s/step, {timing['images_per_s']:.2f} img/s, "
-            f"{record['bytes_on_disk'] / 1e6:.2f} MB written → {result.run_dir}"
-        )
-        if result.status == "interrupted":
-            print(f"resume with: sdtune train {args.experiment} --technique {record['technique']['name']} --resume")
-            return 130
+    results = train(
+        experiment, args.technique, args.output, args.resume, args.overwrite, progress=not args.no_progress,
+        on_result=_print_result,
+    )
+    if results and results[-1].status == "interrupted":
+        name = results[-1].record["technique"]["name"]
+        if launch_rank() == 0:
+            print(f"resume with: sdtune train {args.experiment} --technique {name} --resume")
+        # 130 (interrupted) for a shell; under a launcher 0, which would otherwise take the stop for a
+        # crash and kill the other processes while they finish writing
+        return 130 if launched_processes() == 1 else 0
     return 0
+
+
+def _print_result(result: Any) -> None:
+    from sdtune.distributed import launch_rank
+
+    if launch_rank() != 0:  # under a launcher, one process reports
+        return
+    record, timing = result.record, result.record["timing"]
+    print(
+        f"{record['technique']['name']}: {result.status} at step {record['steps']['done']}/{record['steps']['max']}, "
+        f"{timing['s_per_step']:.3f} s/step, {timing['images_per_s']:.2f} img/s, "
+        f"{record['bytes_on_disk'] / 1e6:.2f} MB written → {result.run_dir}",
+        flush=True,
+    )
 
 
 def _generate(args: argparse.Namespace) -> int:

@@ -18,15 +18,20 @@ import torch
 
 from sdtune import records
 from sdtune.config import Experiment
+from sdtune.distributed import launch_rank, launched_processes, process_state
+from sdtune.errors import UserError
 from sdtune.generate import (
+    GenerationResult,
     default_device,
     denoiser_of,
     generate_images,
+    image_name,
     load_base_pipeline,
     load_run_pipeline,
     save_images,
     set_scheduler,
 )
+from sdtune.isolate import TechniqueFailed, train_in_fresh_process
 from sdtune.train import output_root, train_technique
 
 log = logging.getLogger(__name__)
@@ -35,7 +40,7 @@ IMAGES_DIR = "images"
 BASE_LABEL = "base"
 
 
-class ComparisonInterrupted(RuntimeError):
+class ComparisonInterrupted(UserError, RuntimeError):
     """Ctrl-C during a comparison: the technique was checkpointed; rerunning resumes it."""
 
 
@@ -94,8 +99,6 @@ def compare(
         from sdtune.config import ConfigError
 
         raise ConfigError(f"--only {only!r} is not a technique of the experiment; it has: {', '.join(experiment.techniques)}")
-    from accelerate import PartialState
-
     train_seeds = seeds or [experiment.train.seed]
     runs = []
     for seed in train_seeds:
@@ -107,16 +110,18 @@ def compare(
                 raise ComparisonInterrupted(
                     f"{name} was interrupted and checkpointed; run the same `sdtune compare` again to resume"
                 )
-    if not PartialState().is_main_process:
-        return root / "report.html"  # under `accelerate launch`, one process evaluates and reports
+    # evaluation: every launched process generates its share of the images; the main one measures
+    state = process_state()
     plan = EvaluationPlan.from_experiment(experiment)
     scorer = _SharedClip(experiment, clip_loader)
-    references = reference_images(experiment)
-    base = _evaluate(experiment, plan, root, BASE_LABEL, None, None, references, None, scorer, progress)
+    references = reference_images(experiment) if state.is_main_process else []
+    base = _evaluate(experiment, plan, root, BASE_LABEL, None, None, references, None, scorer, progress, state)
     for run in runs:
         if run["status"] == "finished":
             _evaluate(experiment, plan, root, run["technique"]["name"], run, run["seeds"]["train"],
-                      references, base, scorer, progress)
+                      references, base, scorer, progress, state)
+    if not state.is_main_process:
+        return root / "report.html"
     return render_report(root)
 
 
@@ -132,29 +137,43 @@ def _with_seed(experiment: Experiment, seed: int) -> Experiment:
 
 
 def _train_or_reuse(experiment: Experiment, name: str, out: Path, root: Path, seed: int, progress: bool) -> dict:
-    """Train one technique unless a finished record exists; a failure becomes a 'failed' record."""
+    """Train one technique (in a fresh process) unless a finished record exists; a failure becomes a
+    'failed' record that keeps the error, and the traceback when it was a bug."""
     run_dir = out / name
     record = records.read_record(run_dir)
     if record is None or record.get("status") != "finished":
         try:
             # resume an interrupted run; otherwise the folder holds nothing finished (a failure's log)
             resumable = (run_dir / "checkpoints").exists()
-            record = train_technique(
-                experiment, name, out, resume=True if resumable else None, overwrite=not resumable, progress=progress
-            ).record
-        except Exception as error:  # one technique failing must not lose the others' results
+            options = {"resume": True if resumable else None, "overwrite": not resumable, "progress": progress}
+            if launched_processes() > 1:  # under a launcher: in the launched processes (see sdtune.train.train)
+                record = _train_here(experiment, name, out, options)
+            else:
+                record = train_in_fresh_process(experiment, name, out, **options)
+        except TechniqueFailed as error:  # one technique failing must not lose the others' results
             run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "error.log").write_text(traceback.format_exc())
-            log.error("technique %s (seed %s) failed: %s", name, seed, error)
-            print(f"technique {name} (seed {seed}) failed: {error} (details: {run_dir / 'error.log'})")
+            (run_dir / "error.log").write_text(error.details or f"{error}\n")
+            kind = "error" if error.user_error else "crash (a bug in sdtune; traceback in error.log)"
+            print(f"technique {name} (seed {seed}) failed: {error} [{kind}]")
             record = {
-                "kind": "train", "status": "failed", "error": f"{type(error).__name__}: {error}"[:500],
+                "kind": "train", "status": "failed", "error": str(error)[:500], "traceback": error.details,
                 "technique": {"name": name, "kind": experiment.techniques[name].kind},
-                "seeds": {"train": seed}, "config": experiment.raw,
+                "seeds": {"train": seed}, "config": experiment.to_dict(),
             }
     record["run_dir"] = str(run_dir)
-    records.write_json_atomic(root / RECORDS_DIR / f"train-{name}-seed{seed}.json", record)
+    if launch_rank() == 0:  # one writer under a launcher (every process reads the same record)
+        records.write_json_atomic(root / RECORDS_DIR / f"train-{name}-seed{seed}.json", record)
     return record
+
+
+def _train_here(experiment: Experiment, name: str, out: Path, options: dict) -> dict:
+    """Train in this process; an exception becomes a TechniqueFailed like a child process's."""
+    try:
+        return train_technique(experiment, name, out, **options).record
+    except UserError as error:
+        raise TechniqueFailed(name, str(error), None, True) from error
+    except Exception as error:
+        raise TechniqueFailed(name, f"{type(error).__name__}: {error}", traceback.format_exc(), False) from error
 
 
 class _SharedClip:
@@ -214,26 +233,45 @@ def _evaluate(
     base: dict | None,
     scorer: _SharedClip,
     progress: bool,
-) -> dict:
-    """Generate the plan's images with one model, measure them, write ``records/eval-….json``."""
+    state: Any,
+) -> dict | None:
+    """Generate the plan's images with one model — each process its share of prompts × seeds —,
+    measure them on the main process and write ``records/eval-….json`` (None on the others)."""
+    from accelerate.utils import gather_object
+
     from sdtune.metrics import MetricContext, compute_all
 
     evaluation = experiment.evaluation
     suffix = "" if train_seed is None else f"-seed{train_seed}"
     record_path = root / RECORDS_DIR / f"eval-{label}{suffix}.json"
+    folder = root / IMAGES_DIR / f"{label}{suffix}"
     started = time.perf_counter()
     if run is None:
-        pipe = load_base_pipeline(experiment.model).to(default_device())
+        pipe = load_base_pipeline(experiment.model).to(state.device)
     else:
-        pipe, _ = load_run_pipeline(run["run_dir"], fuse=True)
+        pipe, _ = load_run_pipeline(run["run_dir"], fuse=True, device=state.device)
     set_scheduler(pipe, evaluation.scheduler)
     load_time = time.perf_counter() - started
-    result = generate_images(
-        pipe, plan.prompts, plan.seeds, evaluation.num_inference_steps, evaluation.guidance_scale,
-        _eval_resolution(experiment), progress,
+    pairs = [(prompt, seed) for prompt in plan.prompts for seed in plan.seeds]
+    mine = list(range(state.process_index, len(pairs), state.num_processes))
+    share = generate_images(
+        pipe, [], [], evaluation.num_inference_steps, evaluation.guidance_scale, _eval_resolution(experiment),
+        progress and state.is_main_process, pairs=[pairs[i] for i in mine],
+    )
+    save_images(share, folder, mine)
+    latencies = dict(gather_object(list(zip(mine, share.latencies_s))))  # every process's, in one place
+    if not state.is_main_process:
+        return None
+    from PIL import Image
+
+    result = GenerationResult(
+        images=[Image.open(folder / image_name(i, p, s)).convert("RGB") for i, (p, s) in enumerate(pairs)],
+        prompts=[p for p, _ in pairs], seeds=[s for _, s in pairs],
+        paths=[folder / image_name(i, p, s) for i, (p, s) in enumerate(pairs)],
+        latencies_s=[latencies[i] for i in range(len(pairs))],
     )
     in_domain = [plan.in_domain[plan.prompts.index(p)] for p in result.prompts]
-    paths = save_images(result, root / IMAGES_DIR / f"{label}{suffix}")
+    paths = result.paths
     entries = [
         {"path": str(path.relative_to(root)), "prompt": prompt, "seed": seed, "in_domain": domain}
         for path, prompt, seed, domain in zip(paths, result.prompts, result.seeds, in_domain)
@@ -261,6 +299,7 @@ def _evaluate(
             "scheduler": type(pipe.scheduler).__name__,
             "resolution": _eval_resolution(experiment),
             "fused": run is not None,
+            "processes": state.num_processes,
             "dtype": str(denoiser_of(pipe).dtype),
             "device": records.device_description(pipe.device),
         },
@@ -269,7 +308,7 @@ def _evaluate(
         "metrics": metrics,
         "versions": records.package_versions(),
         "git_commit": records.git_commit(),
-        "config": experiment.raw,
+        "config": experiment.to_dict(),
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     records.write_json_atomic(record_path, record)

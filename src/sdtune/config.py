@@ -20,8 +20,10 @@ from typing import Any, Literal
 
 import yaml
 
+from sdtune.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A bad experiment file: the message names the key, the bad value and the fix."""
 
 
@@ -73,13 +75,14 @@ class DataConfig:
     on_bad_image: Literal["skip", "error"] = "skip"
     cache: Literal["auto", "memory", "disk", "off"] = "auto"
     cache_memory_limit_gb: float = 4.0  # auto: above this estimate the cache goes to disk
-    cache_batch_size: int = 8  # images per VAE forward while building the cache
+    num_workers: int | None = None  # image-decoding worker processes; None = auto (0 on ≤ 2 cores, else up to 8)
 
     def validate(self) -> None:
         if self.resolution is not None and (self.resolution <= 0 or self.resolution % 8):
             _fail("data.resolution", self.resolution, "a positive multiple of 8 (the VAE downsamples by 8)")
         _positive("data.max_samples", self.max_samples, allow_none=True)
-        _positive("data.cache_batch_size", self.cache_batch_size)
+        if self.num_workers is not None and self.num_workers < 0:
+            _fail("data.num_workers", self.num_workers, "0 (decode in the training process) or more, or null for auto")
         if self.cache_memory_limit_gb <= 0:
             _fail("data.cache_memory_limit_gb", self.cache_memory_limit_gb, "a positive number of GB")
         if looks_like_local_path(self.source) and not Path(self.source).expanduser().exists():
@@ -131,8 +134,10 @@ class TrainConfig:
     mode_scale: float | None = None
     flow_weighting: Literal["none", "sigma_sqrt", "cosmap"] | None = None
     gradient_checkpointing: bool = False
+    channels_last: bool = False  # NHWC memory format for the denoiser (UNets; see the README's measurements)
+    compile: bool = False  # torch.compile the denoiser (minutes of compilation first; pays on long GPU runs)
     allow_tf32: bool = True  # TF32 matmuls on Ampere+ GPUs; no effect on CPU
-    log_every: int = 1  # TensorBoard/record loss every N optimizer steps
+    log_every: int = 10  # synchronise the device, read back and log the losses every N steps (every step's loss is recorded)
 
     def validate(self) -> None:
         _positive("train.batch_size", self.batch_size)
@@ -251,7 +256,24 @@ class Experiment:
     name: str = "experiment"
     output_dir: str | None = None  # default: ./runs/<name>
     source_path: str | None = None  # the file it was loaded from
-    raw: dict[str, Any] = field(default_factory=dict)  # the resolved mapping, for records
+
+    def to_dict(self) -> dict[str, Any]:
+        """The experiment as it is now (detected family, native resolution, flow defaults, a
+        compare seed filled in), as a mapping that :func:`experiment_from_dict` loads back."""
+        from sdtune.techniques import TECHNIQUES
+
+        return {
+            "name": self.name,
+            "model": dataclasses.asdict(self.model),
+            "data": dataclasses.asdict(self.data),
+            "train": dataclasses.asdict(self.train),
+            "techniques": {
+                spec.name: {"kind": spec.kind, **TECHNIQUES.get(spec.kind).file_options(spec.options), **spec.train_overrides}
+                for spec in self.techniques.values()
+            },
+            "evaluation": dataclasses.asdict(self.evaluation),
+            **({"output_dir": self.output_dir} if self.output_dir else {}),
+        }
 
     def train_config_for(self, technique: str) -> TrainConfig:
         """The shared ``train`` section with this technique's overrides applied."""
@@ -339,17 +361,6 @@ def experiment_from_dict(
     output_dir = raw.get("output_dir")
     if output_dir is not None:
         output_dir = _resolve_local(str(output_dir), base_dir)
-    resolved = {
-        "name": name,
-        "model": dataclasses.asdict(model),
-        "data": dataclasses.asdict(data),
-        "train": dataclasses.asdict(train),
-        "techniques": {
-            spec.name: {"kind": spec.kind, **spec.options, **spec.train_overrides}
-            for spec in techniques.values()
-        },
-        "evaluation": dataclasses.asdict(evaluation),
-    }
     return Experiment(
         model=model,
         data=data,
@@ -359,7 +370,6 @@ def experiment_from_dict(
         name=name,
         output_dir=output_dir,
         source_path=source_path,
-        raw=resolved,
     )
 
 

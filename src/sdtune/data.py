@@ -7,6 +7,7 @@ experiment sees the same data in the same order.
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import warnings
@@ -19,6 +20,7 @@ import torch
 from PIL import Image
 
 from sdtune.config import DataConfig
+from sdtune.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +29,7 @@ CAPTION_COLUMN_NAMES = ("text", "caption", "captions", "prompt", "description", 
 FILE_BUILDERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv"}
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """The dataset cannot be used as configured; the message says what to change."""
 
 
@@ -195,10 +197,18 @@ def stream_samples(seed: int, num_samples: int, start: int, count: int) -> tuple
     epochs = positions // num_samples
     indices = np.empty(count, dtype=np.int64)
     for epoch in np.unique(epochs):
-        order = np.random.default_rng([seed, int(epoch)]).permutation(num_samples)
+        order = _epoch_order(seed, int(epoch), num_samples)
         mask = epochs == epoch
         indices[mask] = order[positions[mask] % num_samples]
     return indices, epochs
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_order(seed: int, epoch: int, num_samples: int) -> np.ndarray:
+    """The permutation of one epoch (cached: a run asks for the same epoch once per micro-batch)."""
+    order = np.random.default_rng([seed, epoch]).permutation(num_samples)
+    order.flags.writeable = False
+    return order
 
 
 @dataclass(frozen=True)

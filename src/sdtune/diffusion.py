@@ -13,34 +13,48 @@ A model family names its objective; the objective never knows the family.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
+# A generator for the whole batch, or one per sample: with one per sample, a sample's draws depend
+# only on its own generator (sdtune seeds it from the sample's global position), so a batch split
+# over processes or micro-steps draws exactly what the whole batch would.
+Generators = torch.Generator | Sequence[torch.Generator]
+
+
+def _draw(kind: str, shape: tuple[int, ...], generator: Generators, **options) -> torch.Tensor:
+    """``torch.randn`` / ``torch.rand`` / ``torch.randint`` of ``shape`` (batch first), each row
+    from its own generator when given one per sample."""
+    draw = {"randn": torch.randn, "rand": torch.rand, "randint": torch.randint}[kind]
+    high = (options.pop("high"),) if kind == "randint" else ()
+    if isinstance(generator, torch.Generator):
+        return draw(*high, shape, generator=generator, **options)
+    if len(generator) != shape[0]:
+        raise ValueError(f"{len(generator)} generators for a batch of {shape[0]}")
+    return torch.cat([draw(*high, (1, *shape[1:]), generator=g, **options) for g in generator])
+
 
 def sample_timesteps(
-    batch_size: int, num_train_timesteps: int, generator: torch.Generator, device: torch.device
+    batch_size: int, num_train_timesteps: int, generator: Generators, device: torch.device
 ) -> torch.Tensor:
     """Uniform integer timesteps in [0, T), as in DDPM training (Ho et al. 2020, Alg. 1)."""
-    return torch.randint(0, num_train_timesteps, (batch_size,), generator=generator, device=device).long()
+    return _draw("randint", (batch_size,), generator, high=num_train_timesteps, device=device).long()
 
 
 def sample_noise(
-    latents: torch.Tensor, generator: torch.Generator, noise_offset: float = 0.0
+    latents: torch.Tensor, generator: Generators, noise_offset: float = 0.0
 ) -> torch.Tensor:
     """Gaussian noise like ``latents``, plus an optional per-channel offset.
 
     The offset (Guttenberg 2023, "Diffusion with Offset Noise") lets the model learn very dark or
     bright images by also noising the per-channel mean.
     """
-    noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+    noise = _draw("randn", tuple(latents.shape), generator, device=latents.device, dtype=latents.dtype)
     if noise_offset:
-        offset = torch.randn(
-            (latents.shape[0], latents.shape[1], 1, 1),
-            generator=generator,
-            device=latents.device,
-            dtype=latents.dtype,
-        )
+        shape = (latents.shape[0], latents.shape[1], 1, 1)
+        offset = _draw("randn", shape, generator, device=latents.device, dtype=latents.dtype)
         noise = noise + noise_offset * offset
     return noise
 
@@ -115,14 +129,14 @@ def diffusion_loss(
 
 
 def sample_latents(
-    mean: torch.Tensor, std: torch.Tensor, scale: float, generator: torch.Generator, shift: float = 0.0
+    mean: torch.Tensor, std: torch.Tensor, scale: float, generator: Generators, shift: float = 0.0
 ) -> torch.Tensor:
     """Draw z ~ N(mean, std²) from a VAE posterior and bring it to the denoiser's latent range.
 
     Same as ``(latent_dist.sample() − shift_factor) * scaling_factor`` (Rombach et al. 2022, §3 and
     App. G; SD3's VAE adds the shift), so cached distributions still give a fresh latent every step.
     """
-    eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+    eps = _draw("randn", tuple(mean.shape), generator, device=mean.device, dtype=mean.dtype)
     return (mean + std * eps - shift) * scale
 
 
@@ -145,7 +159,7 @@ def flow_target(latents: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
 def sample_flow_sigmas(
     batch_size: int,
     sampling: str,
-    generator: torch.Generator,
+    generator: Generators,
     device: torch.device,
     logit_mean: float = 0.0,
     logit_std: float = 1.0,
@@ -158,12 +172,12 @@ def sample_flow_sigmas(
     - ``mode``: σ = 1 − u − s·(cos²(πu/2) − 1 + u), u ~ U(0, 1) (eq. 20; s = 1.29 in the paper).
     """
     if sampling == "uniform":
-        return torch.rand(batch_size, generator=generator, device=device)
+        return _draw("rand", (batch_size,), generator, device=device)
     if sampling == "logit_normal":
-        normal = torch.randn(batch_size, generator=generator, device=device) * logit_std + logit_mean
+        normal = _draw("randn", (batch_size,), generator, device=device) * logit_std + logit_mean
         return torch.sigmoid(normal)
     if sampling == "mode":
-        u = torch.rand(batch_size, generator=generator, device=device)
+        u = _draw("rand", (batch_size,), generator, device=device)
         return 1 - u - mode_scale * (torch.cos(math.pi * u / 2) ** 2 - 1 + u)
     raise ValueError(f"unknown timestep sampling {sampling!r}; expected uniform, logit_normal or mode")
 
@@ -204,7 +218,7 @@ class DDPMObjective:
 
     name = "ddpm"
 
-    def sample_timesteps(self, batch_size: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    def sample_timesteps(self, batch_size: int, generator: Generators, device: torch.device) -> torch.Tensor:
         return sample_timesteps(batch_size, len(self.alphas_cumprod), generator, device)
 
     def noisy_latents(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
@@ -234,7 +248,7 @@ class FlowMatchingObjective:
     name = "flow"
     prediction_type = "flow"
 
-    def sample_timesteps(self, batch_size: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    def sample_timesteps(self, batch_size: int, generator: Generators, device: torch.device) -> torch.Tensor:
         sigmas = sample_flow_sigmas(
             batch_size, self.sampling, generator, device, self.logit_mean, self.logit_std, self.mode_scale
         )

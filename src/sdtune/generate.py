@@ -15,12 +15,13 @@ from typing import Any
 import torch
 
 from sdtune.config import ModelConfig
+from sdtune.errors import UserError
 from sdtune.models import FAMILIES, ModelFamily, family_for
 from sdtune.records import read_record
 from sdtune.techniques import TECHNIQUES
 
 
-class RunNotFoundError(FileNotFoundError):
+class RunNotFoundError(UserError, FileNotFoundError):
     """The folder is not a finished sdtune run."""
 
 
@@ -114,17 +115,21 @@ def generate_images(
     guidance_scale: float,
     resolution: int | None = None,
     progress: bool = True,
+    pairs: list[tuple[str, int]] | None = None,
 ) -> GenerationResult:
-    """One image per (prompt, seed), each from its own seeded generator (same noise for every model)."""
+    """One image per (prompt, seed) — every pair of ``prompts`` × ``seeds``, or the given ``pairs``
+    (a process's share) — each from its own seeded generator (same noise for every model)."""
     from tqdm.auto import tqdm
 
     pipe.set_progress_bar_config(disable=True)
     device = pipe.device
     size = {"height": resolution, "width": resolution} if resolution else {}
     size.update(family_of_pipeline(pipe).generation_kwargs)  # sample as the model was trained (SD3: T5 length)
-    pipe(prompts[0], num_inference_steps=1, guidance_scale=guidance_scale, output_type="pil", **size)  # warm-up
+    pairs = pairs if pairs is not None else [(prompt, seed) for prompt in prompts for seed in seeds]
     result = GenerationResult(images=[], prompts=[], seeds=[])
-    pairs = [(prompt, seed) for prompt in prompts for seed in seeds]
+    if not pairs:
+        return result
+    pipe(pairs[0][0], num_inference_steps=1, guidance_scale=guidance_scale, output_type="pil", **size)  # warm-up
     for prompt, seed in tqdm(pairs, desc="generating", disable=not progress, leave=False):
         generator = torch.Generator(device="cpu").manual_seed(seed)  # CPU noise: same on every device
         _synchronize(device)
@@ -141,15 +146,21 @@ def generate_images(
     return result
 
 
-def save_images(result: GenerationResult, out_dir: Path) -> list[Path]:
+def save_images(result: GenerationResult, out_dir: Path, indices: list[int] | None = None) -> list[Path]:
+    """PNG files named by their place in the whole set (``indices``; default 0, 1, …)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
-    for index, (image, prompt, seed) in enumerate(zip(result.images, result.prompts, result.seeds)):
-        path = out_dir / f"{index:03d}-{slug(prompt)}-seed{seed}.png"
+    indices = indices if indices is not None else list(range(len(result.images)))
+    for index, image, prompt, seed in zip(indices, result.images, result.prompts, result.seeds):
+        path = out_dir / image_name(index, prompt, seed)
         image.save(path)
         paths.append(path)
     result.paths = paths
     return paths
+
+
+def image_name(index: int, prompt: str, seed: int) -> str:
+    return f"{index:03d}-{slug(prompt)}-seed{seed}.png"
 
 
 def generate(

@@ -204,8 +204,8 @@ def tables(rows: list[Row]) -> list[tuple[str, list[str], list[list[str]], str]]
         [[fmt(e) for _, fmt in STUDY_COLUMNS] for e in study],
         "Sizes are bytes on disk of what each technique saves (adapters: the diffusers LoRA file, or "
         "the peft file); “—” means shared with the base model. Peak memory: CUDA max allocated, or "
-        "the process's peak RSS on CPU (cumulative: a later technique in the same process shows at "
-        "least the earlier peaks). Generation: adapters fused; warm-up excluded. The base row's sizes "
+        "the process's peak RSS on CPU; each technique trains in its own process, so each peak is its "
+        "own. Train time and s/step are device-synchronised and include first-use encodes. Generation: adapters fused; warm-up excluded. The base row's sizes "
         "are its weight files, or 4 bytes per parameter when the model is not on disk here.",
     )]
     numeric, shares = metric_names(rows)

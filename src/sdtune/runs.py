@@ -14,13 +14,14 @@ import torch
 
 from sdtune import records
 from sdtune.checkpoint import resolve_resume
+from sdtune.errors import UserError
 from sdtune.techniques import count_parameters
 
 if TYPE_CHECKING:
     from sdtune.models import ModelBundle
 
 
-class RunExistsError(RuntimeError):
+class RunExistsError(UserError, RuntimeError):
     """The run folder holds a finished (or resumable) run; the message says how to proceed."""
 
 
@@ -119,7 +120,7 @@ def train_record(
         "experiment": experiment.name,
         "technique": {"name": name, "kind": spec.kind, "options": spec.options},
         "model": {"source": experiment.model.path, "family": bundle.family.name, "denoiser": bundle.family.denoiser},
-        "config": experiment.raw,
+        "config": experiment.to_dict(),
         "train": dataclasses.asdict(ctx.config),
         "seeds": {"train": ctx.config.seed},
         "objective": _objective(ctx.objective),
@@ -147,7 +148,7 @@ def train_record(
             "num_samples": len(ctx.training_set),
             "skipped_images": len(ctx.training_set.skipped),
             "skipped_examples": ctx.training_set.skipped[:10],
-            "cache": None if ctx.latent_cache is None else ("disk" if ctx.latent_cache.folder else "memory"),
+            "cache": None if ctx.latent_cache is None else ctx.latent_cache.mode,
         },
         "loss_history": state["loss_history"],
         "resumed_from": state.get("resumed_from", []),

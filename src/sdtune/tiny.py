@@ -414,3 +414,45 @@ def build_tiny_sd3_pipeline(folder: Path, words: list[str] | None = None, seed: 
     )
     pipe.save_pretrained(folder, safe_serialization=True)
     return pipe
+
+
+# --- full-size architectures with random weights (benchmarks: real shapes, no download) ---
+
+
+def build_sd15_architecture(folder: Path, words: list[str] | None = None, seed: int = 0):
+    """A random-weight pipeline with exactly Stable Diffusion 1.5's architecture (the 860 M-parameter
+    UNet, the 84 M VAE, CLIP ViT-L/14's text transformer, its PNDM noise schedule); only the
+    tokenizer's vocabulary is the small one ``write_tokenizer`` writes (so the text encoder has 85 M
+    parameters instead of 123 M: CLIP's 49 k-token embedding is left out), padded to 77 tokens."""
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    folder = Path(folder)
+    tokenizer = _clip_tokenizer(folder / "tokenizer", words or [], 77)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(  # SD1.5's unet/config.json
+        sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+        block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    )
+    vae = AutoencoderKL(  # SD1.5's vae/config.json
+        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=512,
+        block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+    )
+    text_config = CLIPTextConfig(  # CLIP ViT-L/14's text tower, with the small vocabulary
+        vocab_size=len(tokenizer), hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+        num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    scheduler = PNDMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+        set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=CLIPTextModel(text_config), tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return pipe

@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import gc
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ import torch
 
 from sdtune import cache as cache_lib
 from sdtune import diffusion, records
+from sdtune.batches import Layout, MicroBatch, PixelBatches, pixel_loader, pixel_needs
 from sdtune.checkpoint import (
     CheckpointError,
     load_checkpoint,
@@ -32,10 +34,13 @@ from sdtune.checkpoint import (
     save_checkpoint,
 )
 from sdtune.config import ConfigError, Experiment, TrainConfig
-from sdtune.data import TrainingSet, augmentation, prepare_training_set, stream_samples
+from sdtune.data import TrainingSet, prepare_training_set
+from sdtune.distributed import launched_processes, on_cpu, process_state
+from sdtune.isolate import train_in_fresh_process
 from sdtune.models import Conditioning, ModelBundle, family_for
 from sdtune.runs import RunExistsError, StopRequest, claim_run_dir, flat_scalars, train_record
 from sdtune.techniques import TECHNIQUES, Technique, trainable_named_parameters
+from sdtune.timing import StepClock, synchronize
 
 __all__ = ["RunExistsError", "TrainResult", "output_root", "train", "train_technique"]
 
@@ -66,6 +71,8 @@ class StepContext:
     train_text_encoder: bool  # a text encoder trains: conditioning is encoded every step, with gradients
     models: list[torch.nn.Module]  # the (wrapped) models that train
     images_per_step: int  # batch × accumulation × processes
+    layout: Layout  # what each micro-batch holds (pure in its position)
+    timing: dict[str, float]  # setup split: model load, data, cache
     empty_conditioning: Conditioning | None = None
 
 
@@ -76,11 +83,18 @@ def train(
     resume: str | bool | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    isolate: bool | None = None,
+    on_result: Callable[[TrainResult], None] | None = None,
 ) -> list[TrainResult]:
     """Train the named techniques (default: all of the experiment) one after the other.
 
-    With ``resume``, techniques that already finished are skipped; a checkpoint path needs exactly
-    one technique. The returned results do not keep the models (see :func:`train_technique`).
+    With several techniques each trains in a fresh process (``isolate``, see :mod:`sdtune.isolate`),
+    so its time, memory and flags are its own; a single one trains in this process, and so do all
+    under a launcher (torchrun / accelerate launch: the launched processes are the ones that train;
+    ``sdtune compare --plan`` gives one command per technique to launch separately). With
+    ``resume``, techniques that already finished are skipped; a checkpoint path needs exactly one
+    technique. The returned results do not keep the models (see :func:`train_technique`);
+    ``on_result`` sees each one as soon as its technique ends.
     """
     names = techniques or list(experiment.techniques)
     for name in names:
@@ -97,9 +111,15 @@ def train(
         if resume and finished and not overwrite:
             print(f"{name}: already finished in {run_dir}; skipped")
             continue
-        result = train_technique(experiment, name, output_dir, resume, overwrite, progress)
-        result.bundle = None  # free the model before the next technique
+        if isolate if isolate is not None else len(names) > 1 and launched_processes() == 1:
+            record = train_in_fresh_process(experiment, name, output_root(experiment, output_dir), resume, overwrite, progress)
+            result = TrainResult(run_dir=run_dir, status=record["status"], record=record)
+        else:
+            result = train_technique(experiment, name, output_dir, resume, overwrite, progress)
+            result.bundle = None  # the caller gets records, not models
         results.append(result)
+        if on_result is not None:
+            on_result(result)
         if result.status != "finished":
             break
     return results
@@ -131,27 +151,29 @@ def train_technique(
     state = {"step": 0, "loss_history": [], "train_time_s": 0.0, "resumed_from": [], "layout": _layout(ctx, max_steps)}
     if checkpoint is not None:
         state = _resume(ctx, checkpoint, optimizer, lr_scheduler, ema, state)
-    setup_time = time.perf_counter() - started
+    batches = _pixel_batches(ctx, state["step"], max_steps)
+    ctx.timing["setup_time_s"] = time.perf_counter() - started
     stop = StopRequest()
     bar = _progress_bar(max_steps, state["step"], progress and accelerator.is_main_process, name)
     records.reset_peak_memory(accelerator.device)
     models, objective, family = ctx.models, ctx.objective, ctx.bundle.family
     for model in models:
         model.train()
-    loop_started, first_step = time.perf_counter(), state["step"]
-    status = "finished"
+    clock, pending = StepClock(accelerator.device), []  # pending: (step, loss on the device, lr) not read back yet
+    status, first_step = "finished", state["step"]
+    clock.start()
     with stop.installed():
-        for step in range(state["step"], max_steps):
-            step_started = time.perf_counter()
-            step_loss = 0.0
+        for step in range(first_step, max_steps):
+            step_loss = torch.zeros((), device=accelerator.device)
             for micro in range(cfg.gradient_accumulation_steps):
                 last_micro = micro == cfg.gradient_accumulation_steps - 1
                 with _no_sync(accelerator, models, skip=last_micro):  # all-reduce on the last only
-                    generator = _step_generator(cfg.seed, accelerator, step, micro)
-                    latents, conditioning = _micro_batch(ctx, step, micro, generator)
+                    batch = ctx.layout.plan(step * cfg.gradient_accumulation_steps + micro)
+                    generators = _sample_generators(ctx, batch)  # one per sample, from its global position
+                    latents, conditioning = _micro_batch(ctx, batch, next(batches), generators)
                     # --- the objective (DDPM or rectified flow), in fp32; the family calls its denoiser ---
-                    noise = diffusion.sample_noise(latents, generator, cfg.noise_offset)
-                    timesteps = objective.sample_timesteps(latents.shape[0], generator, latents.device)
+                    noise = diffusion.sample_noise(latents, generators, cfg.noise_offset)
+                    timesteps = objective.sample_timesteps(latents.shape[0], generators, latents.device)
                     noisy_latents = objective.noisy_latents(latents, noise, timesteps)
                     target = objective.target(latents, noise, timesteps)
                     prediction = family.predict(ctx.bundle, noisy_latents, timesteps, conditioning)
@@ -167,42 +189,84 @@ def train_technique(
                 ema.step(ctx.parameters.values())
             done = step + 1
             state["step"] = done
+            pending.append((done, step_loss, lr))
+            clock.step_done()
             if after_step is not None:
                 after_step(done)
-            state["train_time_s"] += time.perf_counter() - step_started
-            # one gather per step: the mean loss, and whether any process was asked to stop
-            flags = torch.stack([step_loss.reshape(()), torch.tensor(float(stop.requested), device=step_loss.device)])
-            gathered = accelerator.gather(flags.reshape(1, 2)).reshape(-1, 2)
-            mean_loss, stop_requested = gathered[:, 0].mean().item(), bool(gathered[:, 1].max() > 0)
-            _check_finite(mean_loss, done)
-            if done % cfg.log_every == 0 or done == max_steps:
-                state["loss_history"].append({"step": done, "loss": mean_loss, "lr": lr})
-                accelerator.log({"train/loss": mean_loss, "train/lr": lr}, step=done)
-            images_per_s = ctx.images_per_step * (done - first_step) / (time.perf_counter() - loop_started)
-            bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{images_per_s:.2f}")
+            # the device is synchronised only here: logging steps, checkpoints, a local Ctrl-C, the end
+            periodic = bool(cfg.checkpointing_steps) and done % cfg.checkpointing_steps == 0 and done < max_steps
+            stop_requested = stop.requested and accelerator.num_processes == 1
+            if done % cfg.log_every == 0 or done == max_steps or periodic or stop_requested:
+                stop_requested = _sync_point(ctx, clock, pending, state, stop.requested, bar)
             bar.update(1)
             interrupted = stop_requested and done < max_steps
-            periodic = cfg.checkpointing_steps and done % cfg.checkpointing_steps == 0 and done < max_steps
             if interrupted or periodic:
-                _write_checkpoint(ctx, run_dir, done, optimizer, lr_scheduler, ema, state)
+                with clock.excluded():
+                    _write_checkpoint(ctx, run_dir, done, optimizer, lr_scheduler, ema, state)
             if interrupted:
                 status = "interrupted"
                 break
     bar.close()
     accelerator.wait_for_everyone()
-    timing = {"setup_time_s": setup_time, "train_time_s": state["train_time_s"], "images_per_step": ctx.images_per_step}
-    record = _finish(ctx, experiment, name, run_dir, status, state, ema, timing, max_steps)
-    accelerator.end_training()
+    state["train_time_s"] += clock.total_s
+    timing = _timing(ctx, clock, state, first_step)
+    record = _finish(ctx, experiment, name, run_dir, status, state, ema, timing, max_steps, started)
+    for tracker in accelerator.trackers:  # (not end_training(): it would end the process group, which
+        tracker.finish()  # the next technique or compare's evaluation in these processes still needs)
     bundle = _unwrapped(ctx)
     accelerator.free_memory()
     return TrainResult(run_dir=run_dir, status=status, record=record, bundle=bundle)
 
 
+def _sync_point(ctx: StepContext, clock: StepClock, pending: list, state: dict, stop_requested: bool, bar: Any) -> bool:
+    """Synchronise the device; read back the pending steps' losses (mean over processes) in one
+    transfer, check them, record and log them; return whether any process was asked to stop."""
+    accelerator = ctx.accelerator
+    encode_s = ctx.latent_cache.encode_time_s if ctx.latent_cache is not None else 0.0
+    clock.sync_point(minus_s=encode_s - ctx.timing.get("_encode_seen_s", 0.0))
+    ctx.timing["_encode_seen_s"] = encode_s
+    losses = torch.stack([loss for _, loss, _ in pending] + [torch.tensor(float(stop_requested), device=accelerator.device)])
+    gathered = accelerator.gather(losses.reshape(1, -1)).reshape(accelerator.num_processes, -1)
+    values = gathered[:, :-1].mean(dim=0).tolist()
+    any_stop = bool(gathered[:, -1].max().item() > 0)
+    for (done, _, lr), loss in zip(pending, values):
+        _check_finite(loss, done)
+        state["loss_history"].append({"step": done, "loss": loss, "lr": lr})
+        accelerator.log({"train/loss": loss, "train/lr": lr}, step=done)
+    if pending:
+        seconds = clock.intervals[-1][1] / clock.intervals[-1][0] if clock.intervals else 0.0
+        rate = ctx.images_per_step / seconds if seconds else 0.0
+        bar.set_postfix(loss=f"{values[-1]:.4f}", lr=f"{pending[-1][2]:.2e}", img_s=f"{rate:.2f}")
+    pending.clear()
+    return any_stop
+
+
+def _timing(ctx: StepContext, clock: StepClock, state: dict, first_step: int) -> dict[str, Any]:
+    """Setup (model load, data, cache), loop time (device-synchronised, checkpoint writes excluded),
+    first-use encodes, and the steady-state rate once every sample the run uses is cached."""
+    steps = max(state["step"] - first_step, 1)
+    cache = ctx.latent_cache
+    encode_s = cache.encode_time_s if cache is not None else 0.0
+    steady = clock.steady_s_per_step()
+    timing = {k: v for k, v in ctx.timing.items() if not k.startswith("_")}
+    return {
+        **timing,
+        "train_time_s": state["train_time_s"],  # every session of the run (resumed ones added up)
+        "session_train_time_s": clock.total_s,
+        "checkpoint_time_s": clock.excluded_s,
+        "encode_time_s": encode_s,  # first-use VAE/text encodes inside the loop
+        "encoded_images": cache.encoded_images if cache is not None else None,
+        "images_per_step": ctx.images_per_step,
+        "s_per_step_session": clock.total_s / steps,
+        "steady_s_per_step": steady,
+        "steady_images_per_s": ctx.images_per_step / steady if steady else None,
+        "host_syncs": clock.syncs,
+    }
+
+
 def _claim(run_dir: Path, resume: str | bool | None, overwrite: bool) -> Path | None:
     """Claim the run folder on the main process only, then agree on the checkpoint everywhere."""
-    from accelerate import PartialState
-
-    state = PartialState()
+    state = process_state()  # joins the launched processes into one group (gloo on CPUs)
     if state.is_main_process:
         claim_run_dir(run_dir, resume, overwrite)
     state.wait_for_everyone()
@@ -225,8 +289,11 @@ def _setup(experiment: Experiment, name: str, run_dir: Path, progress: bool) -> 
     gc.collect()  # the previous technique's model, if the caller dropped it
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    AcceleratorState._reset_state()  # techniques of one file may differ in mixed precision
+    # in-process use only (the CLI and compare train each technique in a fresh process): techniques
+    # of one file may differ in mixed precision, which accelerate's singleton state would refuse
+    AcceleratorState._reset_state()
     accelerator = Accelerator(
+        cpu=on_cpu(),
         mixed_precision=cfg.mixed_precision,
         log_with="tensorboard",
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")),
@@ -236,9 +303,11 @@ def _setup(experiment: Experiment, name: str, run_dir: Path, progress: bool) -> 
             f"{accelerator.distributed_type.value} is not supported yet: the loop accumulates gradients "
             "itself and prepares models separately; use plain multi-GPU (DDP) with `accelerate launch`"
         )
-    if cfg.allow_tf32 and torch.cuda.is_available():
-        torch.backends.cuda.matmul.allow_tf32 = True
+    if torch.cuda.is_available():  # set either way: a flag left on by an earlier run must not leak in
+        torch.backends.cuda.matmul.allow_tf32 = cfg.allow_tf32
+        torch.backends.cudnn.allow_tf32 = cfg.allow_tf32
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32)
+    timing, started = {}, time.perf_counter()
     family = family_for(experiment.model)
     bundle = family.load(experiment.model)
     technique = TECHNIQUES.get(spec.kind)(spec.options)
@@ -250,12 +319,18 @@ def _setup(experiment: Experiment, name: str, run_dir: Path, progress: bool) -> 
         for parameter in module.parameters():  # frozen weights in the compute dtype, trained ones fp32
             parameter.data = parameter.data.to(accelerator.device, torch.float32 if parameter.requires_grad else frozen_dtype)
         module.to(accelerator.device)
+    if cfg.channels_last:
+        bundle.denoiser.to(memory_format=torch.channels_last)
     if cfg.gradient_checkpointing:
         bundle.denoiser.enable_gradient_checkpointing()
         for name in trained:
             if name != family.denoiser:
                 bundle.components[name].gradient_checkpointing_enable()
+    synchronize(accelerator.device)
+    timing["model_load_time_s"], started = time.perf_counter() - started, time.perf_counter()
     training_set = prepare_training_set(experiment.data, progress=progress and accelerator.is_main_process)
+    timing["data_setup_time_s"], started = time.perf_counter() - started, time.perf_counter()
+    data = experiment.data
     ctx = StepContext(
         config=cfg,
         bundle=bundle,
@@ -271,9 +346,18 @@ def _setup(experiment: Experiment, name: str, run_dir: Path, progress: bool) -> 
         train_text_encoder=any(name != family.denoiser for name in trained),
         models=[],
         images_per_step=cfg.batch_size * cfg.gradient_accumulation_steps * accelerator.num_processes,
+        layout=Layout(
+            seed=cfg.seed, num_samples=len(training_set), batch_size=cfg.batch_size,
+            accumulation=cfg.gradient_accumulation_steps, num_processes=accelerator.num_processes,
+            process_index=accelerator.process_index, random_flip=data.random_flip, center_crop=data.center_crop,
+            caption_dropout=cfg.caption_dropout,
+        ),
+        timing=timing,
     )
-    with accelerator.main_process_first():  # one process builds a disk cache, the others read it
-        ctx.latent_cache = _latent_cache(ctx, experiment, run_dir.parent, progress)
+    ctx.latent_cache = _latent_cache(ctx, experiment, run_dir.parent)
+    timing["cache_open_time_s"] = time.perf_counter() - started
+    if cfg.compile:
+        bundle.components[family.denoiser] = torch.compile(bundle.denoiser)
     prepared = accelerator.prepare(*[bundle.components[name] for name in trained])
     prepared = prepared if isinstance(prepared, tuple) else (prepared,)
     ctx.bundle = bundle.replace(**dict(zip(trained, prepared)))
@@ -288,50 +372,54 @@ def _trains(module: torch.nn.Module) -> bool:
     return any(p.requires_grad for p in module.parameters())
 
 
-def _latent_cache(
-    ctx: StepContext, experiment: Experiment, output_root: Path, progress: bool
-) -> cache_lib.LatentCache | None:
+def _latent_cache(ctx: StepContext, experiment: Experiment, output_root: Path) -> cache_lib.LatentCache | None:
+    """The lazily filled cache of posteriors (and text conditioning when no text encoder trains), or
+    None on the uncached path (random crops change every epoch; ``cache: off``).
+
+    ``auto`` shares a disk cache between the techniques of an experiment (each trains in its own
+    process) and keeps a single technique's cache in memory unless it would exceed the limit."""
     data = experiment.data
     mode = data.cache
     if mode == "off" or (mode == "auto" and not data.center_crop):
         return None
     bundle, family = ctx.bundle, ctx.bundle.family
-    cache_texts = not ctx.train_text_encoder
+    caches_texts = not ctx.train_text_encoder
     if mode == "auto":
         text_numel = 0
-        if cache_texts:  # from the real shapes (SD3's T5 states dwarf SD1's CLIP states)
+        if caches_texts:  # from the real shapes (SD3's T5 states dwarf SD1's CLIP states)
             with torch.no_grad():
                 text_numel = sum(t[0].numel() for t in family.encode_prompt(bundle, ["probe"]).values())
         variants = 2 if data.random_flip else 1
         latent_side = data.resolution // family.vae_downsampling(bundle)
         latent_numel = family.latent_channels(bundle) * latent_side**2
         estimate = cache_lib.estimate_bytes(len(ctx.training_set), latent_numel, variants, text_numel)
-        mode = "memory" if estimate <= data.cache_memory_limit_gb * 1e9 else "disk"
-    key = cache_lib.cache_key(
-        {
-            "model": dataclasses.asdict(experiment.model),
-            "data": {k: v for k, v in dataclasses.asdict(data).items() if k not in ("cache", "cache_batch_size")},
-            "texts": cache_texts,
-            "dtype": str(ctx.weight_dtype),
-            "rows": ctx.training_set.indices,
-        }
-    )
-    def encode_images(pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return family.encode_images(bundle, pixels.to(ctx.accelerator.device))
+        shared = len(experiment.techniques) > 1
+        mode = "disk" if shared or estimate > data.cache_memory_limit_gb * 1e9 else "memory"
+    described = {
+        "model": dataclasses.asdict(experiment.model),
+        "data": {k: v for k, v in dataclasses.asdict(data).items() if k not in ("cache", "num_workers")},
+        "texts": caches_texts,
+        "dtype": str(ctx.weight_dtype),
+        "rows": ctx.training_set.indices,
+    }
+    key = cache_lib.cache_key(described)
+    return cache_lib.open_cache(key, mode, output_root / ".cache", caches_texts, described)
 
-    @torch.no_grad()
-    def encode_texts(captions: list[str]) -> Conditioning:
-        return family.encode_prompt(bundle, captions)
 
-    return cache_lib.build_cache(
-        ctx.training_set,
-        encode_images,
-        encode_texts if cache_texts else None,
-        key,
-        mode,
-        output_root / ".cache",
-        progress=progress and ctx.accelerator.is_main_process,
-    )
+def _pixel_batches(ctx: StepContext, first_step: int, max_steps: int) -> Any:
+    """An iterator over the micro-batches' decoded images from ``first_step`` on (see sdtune.batches)."""
+    accumulation = ctx.config.gradient_accumulation_steps
+    start, count = first_step * accumulation, (max_steps - first_step) * accumulation
+    cache = ctx.latent_cache
+    needs = pixel_needs(ctx.layout, start, count, None if cache is None else cache.has_posterior)
+    workers = ctx.training_set.config.num_workers
+    if workers is None:  # auto: decoding beside training pays only with cores to spare
+        per_process = (os.cpu_count() or 1) // ctx.accelerator.num_processes
+        workers = 0 if per_process <= 2 else min(8, per_process - 1)
+    if not any(needs):
+        workers = 0  # everything is cached already
+    dataset = PixelBatches(ctx.training_set, ctx.layout, start, needs)
+    return iter(pixel_loader(dataset, workers, pin_memory=ctx.accelerator.device.type == "cuda"))
 
 
 def _optimisation(ctx: StepContext) -> tuple[Any, Any, Any, int]:
@@ -349,16 +437,19 @@ def _optimisation(ctx: StepContext) -> tuple[Any, Any, Any, int]:
         {"params": [p for n, p in ctx.parameters.items() if not n.startswith(denoiser)], "lr": text_lr},
     ]
     groups = [g for g in groups if g["params"]]
-    optimizer_cls = torch.optim.AdamW
+    optimizer_cls, kernel = torch.optim.AdamW, {}
     if cfg.use_8bit_adam:  # the config check made sure bitsandbytes imports
         import bitsandbytes
 
         optimizer_cls = bitsandbytes.optim.AdamW8bit
+    elif accelerator.device.type == "cuda":
+        kernel = {"fused": True}  # one kernel for all tensors (CPU: torch's default multi-tensor foreach)
     optimizer = optimizer_cls(
         groups,
         betas=(cfg.adam_beta1, cfg.adam_beta2),
         weight_decay=cfg.adam_weight_decay,
         eps=cfg.adam_epsilon,
+        **kernel,
     )
     optimizer = accelerator.prepare(optimizer)
     # stepped once per optimizer step by the loop itself (not prepared: no per-process scaling)
@@ -367,7 +458,7 @@ def _optimisation(ctx: StepContext) -> tuple[Any, Any, Any, int]:
     )
     ema = None
     if cfg.use_ema:
-        ema = EMAModel(list(ctx.parameters.values()), decay=cfg.ema_decay)
+        ema = EMAModel(list(ctx.parameters.values()), decay=cfg.ema_decay, foreach=True)  # multi-tensor update
         ema.to(accelerator.device)
     return optimizer, lr_scheduler, ema, max_steps
 
@@ -376,52 +467,91 @@ def _optimisation(ctx: StepContext) -> tuple[Any, Any, Any, int]:
 # One micro-batch
 
 
-def _step_generator(seed: int, accelerator: Any, step: int, micro: int) -> torch.Generator:
-    """A generator seeded from (seed, process, step, micro-step); also seeds torch's global RNG
-    (dropout) the same way, so every random draw of a step can be replayed on resume."""
-    derived = int(np.random.SeedSequence([seed, accelerator.process_index, step, micro]).generate_state(1)[0])
-    torch.manual_seed(derived)
-    return torch.Generator(device=accelerator.device).manual_seed(derived)
+def _sample_generators(ctx: StepContext, batch: MicroBatch) -> list[torch.Generator]:
+    """A generator per sample, seeded from (seed, the sample's global position): the sample's latent,
+    noise and timestep are the same whatever process or micro-step it lands in, so 1 process with
+    batch 2B, 2 processes with B, and 1 process with B × 2 accumulation draw the same. Module
+    dropout (peft's ``lora_dropout``) uses torch's global generator, seeded here per (seed, micro-step,
+    process): replayed exactly on resume, but not the same across process counts."""
+    seed, device = ctx.config.seed, ctx.accelerator.device
+    torch.manual_seed(_derive(seed, batch.global_micro, ctx.accelerator.process_index, 1))
+    return [torch.Generator(device=device).manual_seed(_derive(seed, position)) for position in batch.positions]
+
+
+def _derive(*entropy: int) -> int:
+    return int(np.random.SeedSequence(list(entropy)).generate_state(1)[0])
 
 
 def _micro_batch(
-    ctx: StepContext, step: int, micro: int, generator: torch.Generator
+    ctx: StepContext, batch: MicroBatch, pixels: dict[str, Any], generators: list[torch.Generator]
 ) -> tuple[torch.Tensor, Conditioning]:
-    """Latents and conditioning of this process's share of a micro-step (deterministic)."""
-    cfg, accelerator, data = ctx.config, ctx.accelerator, ctx.training_set.config
-    global_micro = step * cfg.gradient_accumulation_steps + micro
-    start = (global_micro * accelerator.num_processes + accelerator.process_index) * cfg.batch_size
-    indices, epochs = stream_samples(cfg.seed, len(ctx.training_set), start, cfg.batch_size)
-    flips, crops, dropped = [], [], []
-    for index, epoch in zip(indices.tolist(), epochs.tolist()):
-        choice = augmentation(cfg.seed, epoch, index)
-        flips.append(choice.flip and data.random_flip)
-        crops.append(None if data.center_crop else choice.crop)
-        dropped.append(choice.caption_draw < cfg.caption_dropout)
-    device = accelerator.device
-    bundle, family = ctx.bundle, ctx.bundle.family
-    if ctx.latent_cache is not None:
-        mean, std = ctx.latent_cache.posterior(indices.tolist(), flips)
+    """Latents and conditioning of this process's share of a micro-step (deterministic); ``pixels``
+    is the loader's item: the decoded images of the positions that are not cached."""
+    if pixels["global_micro"] != batch.global_micro:
+        raise RuntimeError(f"input pipeline out of step: got micro-batch {pixels['global_micro']}, expected {batch.global_micro}")
+    device, bundle, family = ctx.accelerator.device, ctx.bundle, ctx.bundle.family
+    decoded = {position: image for position, image in zip(pixels["positions"], pixels["pixels"])}
+    if ctx.latent_cache is None:
+        mean, std = family.encode_images(bundle, pixels["pixels"].to(device, non_blocking=True))
     else:
-        pixels = torch.stack([ctx.training_set.pixels(i, f, c) for i, f, c in zip(indices, flips, crops)])
-        mean, std = family.encode_images(bundle, pixels.to(device))
-    latents = diffusion.sample_latents(
-        mean.to(device).float(), std.to(device).float(), ctx.latent_scale, generator, ctx.latent_shift
-    )
-    if ctx.latent_cache is not None and ctx.latent_cache.has_texts:
-        conditioning = {k: v.to(device, ctx.weight_dtype) for k, v in ctx.latent_cache.text(indices.tolist()).items()}
-        if any(dropped):
-            rows = torch.tensor(dropped, device=device)
-            for name, empty in _empty_conditioning(ctx).items():
-                conditioning[name][rows] = empty.to(conditioning[name].dtype)
+        posteriors = [
+            _cached_posterior(ctx, index, flip, decoded.get(position))
+            for position, (index, flip) in enumerate(zip(batch.indices, batch.flips))
+        ]
+        mean, std = (torch.stack(parts).to(device, non_blocking=True) for parts in zip(*posteriors))
+    latents = diffusion.sample_latents(mean.float(), std.float(), ctx.latent_scale, generators, ctx.latent_shift)
+    if ctx.latent_cache is not None and ctx.latent_cache.caches_texts:
+        rows = [_cached_text(ctx, index) for index in batch.indices]
+        conditioning = {k: torch.stack([r[k] for r in rows]).to(device, ctx.weight_dtype) for k in rows[0]}
+        for row, drop in enumerate(batch.dropped):
+            if drop:
+                for name, empty in _empty_conditioning(ctx).items():
+                    conditioning[name][row] = empty.to(conditioning[name].dtype)
     else:
-        captions = ["" if drop else ctx.training_set.captions[i] for i, drop in zip(indices, dropped)]
+        captions = ["" if drop else ctx.training_set.captions[i] for i, drop in zip(batch.indices, batch.dropped)]
         with contextlib.nullcontext() if ctx.train_text_encoder else torch.no_grad():
             conditioning = family.encode_prompt(bundle, captions)
-    geometry = [ctx.training_set.geometry(i, f, c) for i, f, c in zip(indices, flips, crops)]
-    geometry_tensor = torch.tensor(geometry, device=device, dtype=ctx.weight_dtype)
-    conditioning.update(family.image_conditioning(geometry_tensor))
+    geometry = [ctx.training_set.geometry(i, f, c) for i, f, c in zip(batch.indices, batch.flips, batch.crops)]
+    conditioning.update(family.image_conditioning(torch.tensor(geometry, dtype=ctx.weight_dtype).to(device)))
     return latents, conditioning  # fp32 latents: the noising maths stays exact; autocast feeds the denoiser
+
+
+def _cached_posterior(ctx: StepContext, index: int, flip: bool, pixels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cached (mean, std) of an (image, flip) pair, encoded alone on its first use."""
+    cache = ctx.latent_cache
+    found = cache.posterior(index, flip)
+    if found is not None:
+        return found
+    if pixels is None:  # planned as cached, but not there (a disk cache another run is filling)
+        pixels = ctx.training_set.pixels(index, flip, None)
+    with _encode_timer(ctx):
+        mean, std = ctx.bundle.family.encode_images(ctx.bundle, pixels[None].to(ctx.accelerator.device))
+    cache.put_posterior(index, flip, mean[0], std[0])
+    cache.encoded_images += 1
+    return cache.posterior(index, flip)
+
+
+def _cached_text(ctx: StepContext, index: int) -> Conditioning:
+    """The cached text conditioning of a sample's caption, encoded alone on its first use."""
+    cache = ctx.latent_cache
+    found = cache.text(index)
+    if found is None:
+        with _encode_timer(ctx), torch.no_grad():
+            encoded = ctx.bundle.family.encode_prompt(ctx.bundle, [ctx.training_set.captions[index]])
+        cache.put_text(index, {name: value[0] for name, value in encoded.items()})
+        cache.encoded_texts += 1
+        found = cache.text(index)
+    return found
+
+
+@contextlib.contextmanager
+def _encode_timer(ctx: StepContext):
+    """Time a first-use encode on the device clock (so steady-state step time can leave it out)."""
+    synchronize(ctx.accelerator.device)
+    started = time.perf_counter()
+    yield
+    synchronize(ctx.accelerator.device)
+    ctx.latent_cache.encode_time_s += time.perf_counter() - started
 
 
 def _empty_conditioning(ctx: StepContext) -> Conditioning:
@@ -462,8 +592,8 @@ def _resume(ctx: StepContext, checkpoint: Path, optimizer: Any, lr_scheduler: An
     if layout is not None and layout != state["layout"]:
         changed = ", ".join(f"{k} {layout[k]} → {state['layout'][k]}" for k in layout if layout[k] != state["layout"].get(k))
         raise CheckpointError(
-            f"cannot resume {checkpoint}: {changed}; resume with the batch size, accumulation, number of "
-            "processes and steps it was started with (the data order depends on them)"
+            f"cannot resume {checkpoint}: {changed}; resume with the total batch (batch × accumulation × "
+            "processes) and steps it was started with (the data order depends on them)"
         )
     restore_parameters(ctx.parameters, trainable)
     optimizer.load_state_dict(saved["optimizer"])
@@ -476,19 +606,16 @@ def _resume(ctx: StepContext, checkpoint: Path, optimizer: Any, lr_scheduler: An
         scaler.load_state_dict(saved["scaler"])
     state = dict(saved["state"])
     state["resumed_from"] = [*state.get("resumed_from", []), str(checkpoint)]
-    print(f"resumed from {checkpoint} at step {state['step']}")
+    if ctx.accelerator.is_main_process:
+        print(f"resumed from {checkpoint} at step {state['step']}")
     return state
 
 
 def _layout(ctx: StepContext, max_steps: int) -> dict[str, int]:
-    """What the data order and schedule depend on: a resumed run must match it."""
-    cfg = ctx.config
-    return {
-        "batch_size": cfg.batch_size,
-        "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
-        "num_processes": ctx.accelerator.num_processes,
-        "max_steps": max_steps,
-    }
+    """What the data order and schedule depend on: a resumed run must match it. Samples and their
+    random draws follow their global position, so a run may resume on another number of processes
+    (or another split into batch × accumulation) as long as the total batch is the same."""
+    return {"total_batch": ctx.images_per_step, "max_steps": max_steps}
 
 
 def _write_checkpoint(ctx: StepContext, run_dir: Path, step: int, optimizer: Any, lr_scheduler: Any, ema: Any, state: dict) -> None:
@@ -512,7 +639,12 @@ def _progress_bar(total: int, initial: int, enabled: bool, name: str) -> Any:
 
 
 def _unwrapped(ctx: StepContext) -> ModelBundle:
-    unwrap = ctx.accelerator.unwrap_model
+    """The bundle without accelerate's (DDP) and torch.compile's wrappers."""
+
+    def unwrap(module: torch.nn.Module) -> torch.nn.Module:
+        module = ctx.accelerator.unwrap_model(module)
+        return getattr(module, "_orig_mod", module)
+
     return ctx.bundle.replace(**{name: unwrap(ctx.bundle.components[name]) for name in ctx.bundle.trainable_names()})
 
 
@@ -538,9 +670,11 @@ def _finish(
     ema: Any,
     timing: dict,
     max_steps: int,
+    started: float,
 ) -> dict[str, Any]:
     """Save the technique's outputs (EMA weights when used) and write the run record."""
     accelerator = ctx.accelerator
+    saving_started = time.perf_counter()
     bundle = _unwrapped(ctx)
     outputs: dict[str, Any] = {}
     if status == "finished" and accelerator.is_main_process:
@@ -554,7 +688,10 @@ def _finish(
         outputs = {
             part: {"files": files, "bytes": records.bytes_on_disk(run_dir, files)} for part, files in saved.items()
         }
+    timing["save_time_s"] = time.perf_counter() - saving_started
+    timing["job_wall_time_s"] = time.perf_counter() - started  # from the call to the saved weights
     record = train_record(ctx, experiment, name, bundle, status, state, timing, max_steps, outputs)
     if accelerator.is_main_process:
         records.write_json_atomic(run_dir / records.RECORD_FILE, record)
+    accelerator.wait_for_everyone()  # no process leaves before the run's files are written
     return record

@@ -18,11 +18,12 @@ import yaml
 
 from sdtune.demo import world
 from sdtune.demo.metrics import JUDGE_METRICS
+from sdtune.errors import UserError
 
 ASSET = "demo-base"
 
 
-class DemoModelMissing(FileNotFoundError):
+class DemoModelMissing(UserError, FileNotFoundError):
     """The shipped demo base model is not where the package expects it."""
 
 

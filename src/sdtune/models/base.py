@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
+from sdtune.errors import UserError
 from sdtune.registry import Registry
 
 if TYPE_CHECKING:
@@ -31,7 +32,7 @@ Conditioning = dict[str, torch.Tensor]  # batch-first tensors the denoiser takes
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(UserError, RuntimeError):
     """The base model could not be loaded; the message says what was tried and how to fix it."""
 
 

@@ -81,6 +81,11 @@ class AdapterTechnique(Technique):
         options.peft = peft_args
         return dataclasses.asdict(options)
 
+    @classmethod
+    def file_options(cls, options: dict[str, Any]) -> dict[str, Any]:
+        own = {k: v for k, v in options.items() if k != "peft"}
+        return {**own, **options.get("peft", {})}  # peft's own field names are accepted keys
+
     def peft_config(self, target_modules: list[str]) -> Any:
         return self.config_class()(**{**self.options.peft, "target_modules": target_modules}, **self.fixed)
 

@@ -47,6 +47,11 @@ class Technique:
         return dataclasses.asdict(_build(cls.Options, raw, where))
 
     @classmethod
+    def file_options(cls, options: dict[str, Any]) -> dict[str, Any]:
+        """Validated options written back as an experiment file's keys (the inverse of validate_options)."""
+        return dict(options)
+
+    @classmethod
     def check_family(cls, options: dict[str, Any], family: Any, where: str) -> None:
         """Options that depend on the model family, checked when the experiment loads."""
         for name in options.get("text_encoders") or []:

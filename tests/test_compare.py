@@ -164,3 +164,27 @@ def test_compare_runs_and_reports_on_every_family(family, write_experiment, fami
     markdown = (root / "report.md").read_text()
     assert "| Denoiser | VAE | Text encoders |" in markdown.replace("Model | Kind | Status | ", "")
     assert "| full | full | finished |" in markdown and "| lora | lora | finished |" in markdown
+
+
+def test_plan_commands_then_evaluate_only(compare_experiment, tmp_path):
+    """--plan: one independent command per technique × seed (what a SLURM array runs); then
+    --evaluate-only evaluates what finished and marks what did not as missing."""
+    import os
+    import sys
+
+    from sdtune.compare import plan
+
+    experiment = compare_experiment(metrics=["clip_score"])
+    entries = plan(experiment, seeds=[0, 1])
+    assert [(e["technique"], e["seed"]) for e in entries] == [("full", 0), ("lora", 0), ("full", 1), ("lora", 1)]
+    for entry in entries[1:2] + entries[3:]:  # the scheduler ran only the LoRA jobs
+        command = [sys.executable, "-m", "sdtune", *entry["command"][1:], "--no-progress"]
+        result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert result.returncode == 0, result.stderr
+    seeded = json.loads((tmp_path / "runs" / "seed-1" / "lora" / "record.json").read_text())
+    assert seeded["seeds"]["train"] == 1 and seeded["config"]["train"]["seed"] == 1  # the config it really used
+    report = compare(experiment, seeds=[0, 1], progress=False, evaluate_only=True)
+    markdown = (report.parent / "report.md").read_text()
+    assert "| full | full | missing |" in markdown and "| lora | lora | finished |" in markdown
+    assert (report.parent / "records" / "eval-lora-seed1.json").exists()
+    assert not (report.parent / "seed-0" / "full").exists()  # nothing was trained

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import shlex
 import sys
 import warnings
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--seeds", type=_seed_list, metavar="0,1,2", help="repeat each training once per seed")
     compare.add_argument("--only", metavar="NAME", help="run only this technique")
     compare.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key of the file")
+    compare.add_argument("--plan", choices=["yaml", "json", "shell"], nargs="?", const="yaml",
+                         help="print one `sdtune train` command per technique × seed (for a cluster scheduler) and exit")
+    compare.add_argument("--evaluate-only", action="store_true",
+                         help="train nothing: evaluate the finished runs found (e.g. trained from --plan)")
 
     demo = commands.add_parser(
         "demo", help="the built-in demo: the study in miniature, on a CPU in minutes (or `demo pretrain`)"
@@ -185,7 +193,18 @@ def _compare(args: argparse.Namespace) -> int:
     from sdtune.config import load_experiment
 
     experiment = load_experiment(args.experiment, args.set)
-    report = compare(experiment, args.output, args.seeds, args.only)
+    if args.plan:
+        from sdtune.compare import plan
+
+        entries = plan(experiment, args.output, args.seeds, args.only)
+        if args.plan == "shell":
+            print("\n".join(shlex.join(entry["command"]) for entry in entries))
+        elif args.plan == "json":
+            print(json.dumps(entries, indent=2))
+        else:
+            print(yaml.safe_dump(entries, sort_keys=False), end="")
+        return 0
+    report = compare(experiment, args.output, args.seeds, args.only, evaluate_only=args.evaluate_only)
     print(summary_table(report.parent))
     print(f"report: {report}")
     return 0

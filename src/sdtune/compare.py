@@ -88,8 +88,12 @@ def compare(
     only: str | None = None,
     progress: bool = True,
     clip_loader: Any = None,
+    evaluate_only: bool = False,
 ) -> Path:
-    """Train (or reuse) every technique per training seed, evaluate all models, render the report."""
+    """Train (or reuse) every technique per training seed, evaluate all models, render the report.
+
+    With ``evaluate_only`` nothing trains: the finished runs found are evaluated (those trained
+    elsewhere from :func:`plan`'s commands), and a run not found is a 'missing' row."""
     from sdtune.report import render_report
 
     root = output_root(experiment, output_dir)
@@ -105,7 +109,7 @@ def compare(
         seeded = _with_seed(experiment, seed)
         out = root if seeds is None else root / f"seed-{seed}"
         for name in names:
-            runs.append(_train_or_reuse(seeded, name, out, root, seed, progress))
+            runs.append(_train_or_reuse(seeded, name, out, root, seed, progress, train=not evaluate_only))
             if runs[-1]["status"] == "interrupted":
                 raise ComparisonInterrupted(
                     f"{name} was interrupted and checkpointed; run the same `sdtune compare` again to resume"
@@ -125,6 +129,30 @@ def compare(
     return render_report(root)
 
 
+def plan(
+    experiment: Experiment, output_dir: str | Path | None = None, seeds: list[int] | None = None,
+    only: str | None = None,
+) -> list[dict[str, Any]]:
+    """One independent ``sdtune train`` command per technique × training seed — what ``compare``
+    would train — for a cluster scheduler to run anywhere; ``compare --evaluate-only`` then
+    evaluates what finished. Each command carries the experiment as resolved here (a file under
+    the output folder), so every machine trains exactly the same thing."""
+    import yaml
+
+    root = output_root(experiment, output_dir).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    experiment_file = root / "experiment.resolved.yaml"
+    experiment_file.write_text(yaml.safe_dump(experiment.to_dict(), sort_keys=False))
+    entries = []
+    for seed in seeds or [experiment.train.seed]:
+        out = root if seeds is None else root / f"seed-{seed}"
+        for name in [only] if only else list(experiment.techniques):
+            command = ["sdtune", "train", str(experiment_file), "--technique", name, "--output", str(out),
+                       "--set", f"train.seed={seed}", "--resume"]
+            entries.append({"technique": name, "seed": seed, "run_dir": str(out / name), "command": command})
+    return entries
+
+
 def default_metric_names() -> list[str]:
     """Every registered metric except the demo's judge metrics (meaningful for the demo only)."""
     from sdtune.metrics import METRICS
@@ -136,12 +164,20 @@ def _with_seed(experiment: Experiment, seed: int) -> Experiment:
     return dataclasses.replace(experiment, train=dataclasses.replace(experiment.train, seed=seed))
 
 
-def _train_or_reuse(experiment: Experiment, name: str, out: Path, root: Path, seed: int, progress: bool) -> dict:
+def _train_or_reuse(
+    experiment: Experiment, name: str, out: Path, root: Path, seed: int, progress: bool, train: bool = True
+) -> dict:
     """Train one technique (in a fresh process) unless a finished record exists; a failure becomes a
     'failed' record that keeps the error, and the traceback when it was a bug."""
     run_dir = out / name
     record = records.read_record(run_dir)
-    if record is None or record.get("status") != "finished":
+    if not train and (record is None or record.get("status") != "finished"):
+        record = {
+            "kind": "train", "status": "missing", "error": f"no finished run in {run_dir} (--evaluate-only)",
+            "technique": {"name": name, "kind": experiment.techniques[name].kind}, "seeds": {"train": seed},
+            "config": experiment.to_dict(),
+        }
+    elif record is None or record.get("status") != "finished":
         try:
             # resume an interrupted run; otherwise the folder holds nothing finished (a failure's log)
             resumable = (run_dir / "checkpoints").exists()

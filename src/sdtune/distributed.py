@@ -58,5 +58,5 @@ def check_group(num_processes: int) -> None:
         raise DistributedSetupError(
             f"{launched} processes were launched but they formed a group of {num_processes}; on a machine "
             "without GPUs launch with `torchrun --nproc_per_node N -m sdtune …` or `accelerate launch "
-            "--multi_cpu --num_processes N -m sdtune …` (with ACCELERATE_USE_CPU=true to force the CPU)"
+            "--multi_gpu --num_processes N -m sdtune …` (ACCELERATE_USE_CPU=true forces the CPU)"
         )

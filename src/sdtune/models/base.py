@@ -84,8 +84,6 @@ class ModelFamily:
     kohya_prefixes: ClassVar[dict[str, str] | None] = None  # component → kohya key prefix; None: no kohya file
     partial_presets: ClassVar[dict[str, list[str]]] = {}  # preset → fnmatch patterns of denoiser parameters
     adapter_targets: ClassVar[dict[str, list[str]]] = {}  # component → default adapter target modules
-    lora_keys_converted: ClassVar[bool] = True  # save_lora_weights gets diffusers-converted keys (UNet
-    # families, as diffusers' UNet scripts do); False: peft's keys as they are (transformer families)
     vae_in_fp32: ClassVar[bool] = False  # keep the VAE in fp32 under mixed precision (SDXL's VAE overflows in fp16)
     pipeline_extras: ClassVar[dict[str, Any]] = {}  # constructor arguments of non-trainable pipeline parts
     detects_pipelines: ClassVar[tuple[str, ...]] = ()  # model_index.json class names this family loads

@@ -47,7 +47,6 @@ class StableDiffusion3(ModelFamily):
         "text_encoder_3": T5_ATTENTION,
     }
     pipeline_extras = {"image_encoder": None, "feature_extractor": None}
-    lora_keys_converted = False  # SD3's loader reads peft keys (converted ones break DoRA there)
     detects_pipelines = ("StableDiffusion3Pipeline",)
     single_file_types = ("sd3", "sd35_medium", "sd35_large")
     single_file_layout: ClassVar[dict[str, tuple[str, str]]] = {  # Stability's SD3 checkpoints

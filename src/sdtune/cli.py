@@ -75,11 +75,17 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--unet-steps", type=int, default=2500, help="pretrain: UNet/text-encoder steps")
     demo.add_argument("--vae-steps", type=int, default=800, help="pretrain: VAE steps")
 
-    export = commands.add_parser("export", help="write a run as a full pipeline with its adapter merged")
+    export = commands.add_parser(
+        "export", help="write a run with its adapter merged: a diffusers folder (--merged --out DIR) and/or "
+        "one original-layout checkpoint for A1111/ComfyUI (--single-file OUT.safetensors)"
+    )
     export.add_argument("run_dir", help="a run folder: OUTPUT/<technique>")
-    export.add_argument("--merged", action="store_true", required=True, help="fold the adapter into the weights")
-    export.add_argument("--out", required=True, metavar="DIR", help="where to write the pipeline")
-    export.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
+    export.add_argument("--merged", action="store_true", help="a diffusers pipeline folder with the adapter folded in")
+    export.add_argument("--out", metavar="DIR", help="where --merged writes the pipeline")
+    export.add_argument("--single-file", metavar="OUT.safetensors", help="one checkpoint in the original layout")
+    export.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32",
+                        help="--single-file weights (default fp32: exactly the trained weights)")
+    export.add_argument("--overwrite", action="store_true", help="write into a non-empty --out / over the file")
 
     report = commands.add_parser("report", help="re-render the report of a comparison from its records")
     report.add_argument("output", metavar="DIR", help="the comparison's output folder")
@@ -220,10 +226,17 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from sdtune.generate import export_merged
+    from sdtune.config import ConfigError
+    from sdtune.generate import export_merged, export_single_file
 
-    out = export_merged(args.run_dir, args.out, args.overwrite)
-    print(f"merged pipeline written to {out} (load it with StableDiffusionPipeline.from_pretrained)")
+    if not (args.merged or args.single_file) or bool(args.merged) != bool(args.out):
+        raise ConfigError("export: give --merged --out DIR (a diffusers folder), --single-file OUT.safetensors, or both")
+    if args.merged:
+        out = export_merged(args.run_dir, args.out, args.overwrite)
+        print(f"merged pipeline written to {out} (diffusers <Pipeline>.from_pretrained)")
+    if args.single_file:
+        out = export_single_file(args.run_dir, args.single_file, args.overwrite, args.precision)
+        print(f"single-file checkpoint written to {out} (A1111, ComfyUI, diffusers <Pipeline>.from_single_file)")
     return 0
 
 

@@ -79,6 +79,37 @@ def export_merged(run_dir: str | Path, out_dir: str | Path, overwrite: bool = Fa
     return out_dir
 
 
+PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}  # None: the weights' own (exact)
+
+
+def export_single_file(
+    run_dir: str | Path, out_file: str | Path, overwrite: bool = False, precision: str = "fp32"
+) -> Path:
+    """``sdtune export --single-file``: the run's model (adapters merged) as one checkpoint in the
+    original layout (CompVis LDM for SD1/2, SGM for SDXL, Stability's for SD3; see sdtune.single_file),
+    which A1111, ComfyUI and diffusers' ``from_single_file`` load."""
+    from sdtune.config import ConfigError
+    from sdtune.single_file import save_single_file
+
+    out_file = Path(out_file)
+    if out_file.suffix != ".safetensors":
+        raise ConfigError(f"--single-file: {str(out_file)!r} does not end in .safetensors; name the file OUT.safetensors")
+    if out_file.exists() and not overwrite:
+        raise ConfigError(f"--single-file: {out_file} exists; choose another file or pass --overwrite")
+    if precision not in PRECISIONS:
+        raise ConfigError(f"--precision: {precision!r} is not allowed; choose one of: {', '.join(PRECISIONS)}")
+    pipe, record = load_run_pipeline(run_dir, fuse=True, device=torch.device("cpu"))
+    family = FAMILIES.get(record["model"]["family"])()  # (SD1 and SD2 share a pipeline class)
+    metadata = {
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": family.modelspec_architecture,
+        "modelspec.title": Path(run_dir).name,
+        "modelspec.prediction_type": str(record.get("prediction_type") or "flow"),
+        "sdtune.technique": record["technique"]["kind"],
+    }
+    return save_single_file(pipe.components, family.single_file_layout, out_file, metadata, PRECISIONS[precision])
+
+
 def load_base_pipeline(model_config: ModelConfig, dtype: torch.dtype = torch.float32) -> Any:
     return family_for(model_config).load_pipeline(model_config.path, dtype, model_config)
 

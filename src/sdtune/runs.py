@@ -141,7 +141,10 @@ def train_record(
             "components": {name: count_parameters(module) for name, module in bundle.components.items()},
             "trained_modules": trained_modules(ctx.parameters, bundle),
         },
-        "outputs": outputs,
+        "outputs": {  # each part's files, bytes, and the tools that read them (the technique says)
+            part: {**value, "loads_in": getattr(ctx.technique, "loads_in", lambda *_: [])(part, bundle.family)}
+            for part, value in outputs.items()
+        },
         "bytes_on_disk": sum(part["bytes"] for part in outputs.values()),
         "data": {
             "source": experiment.data.source,

@@ -85,13 +85,18 @@ class ModelFamily:
     kohya_prefixes: ClassVar[dict[str, str] | None] = None  # component → kohya key prefix; None: no kohya file
     partial_presets: ClassVar[dict[str, list[str]]] = {}  # preset → fnmatch patterns of denoiser parameters
     adapter_targets: ClassVar[dict[str, list[str]]] = {}  # component → default adapter target modules
-    lora_keys_converted: ClassVar[bool] = True  # save_lora_weights gets diffusers-converted keys (UNet
-    # families, as diffusers' UNet scripts do); False: peft's keys as they are (transformer families)
     vae_in_fp32: ClassVar[bool] = False  # keep the VAE in fp32 under mixed precision (SDXL's VAE overflows in fp16)
     pipeline_extras: ClassVar[dict[str, Any]] = {}  # constructor arguments of non-trainable pipeline parts
     detects_pipelines: ClassVar[tuple[str, ...]] = ()  # model_index.json class names this family loads
     single_file_types: ClassVar[tuple[str, ...]] = ()  # diffusers' inferred single-file model types
     generation_kwargs: ClassVar[dict[str, Any]] = {}  # pipeline call arguments that match training (SD3: T5 length)
+    # export facts (sdtune.single_file, sdtune.community):
+    single_file_layout: ClassVar[dict[str, tuple[str, str]]] = {}  # component → (original key prefix, layout)
+    community_prefixes: ClassVar[dict[str, str]] = {}  # component → key prefix of kohya/LyCORIS adapter files
+    modelspec_architecture: ClassVar[str] = ""  # the ModelSpec (kohya, A1111) name of the base architecture
+    kohya_base_model_version: ClassVar[str] = ""  # kohya's ss_base_model_version ("sd_v1", "sdxl_base_v1-0")
+    kohya_trainer_names_unet: ClassVar[str] = "diffusers"  # how kohya sd-scripts' own trainer names the
+    # denoiser's layers: "diffusers" (SD1/2: the names sdtune writes), "sgm" (SDXL: input_blocks_…), "none"
 
     # -- the family's own maths ---------------------------------------------------------------------
     def encode_prompt(self, bundle: ModelBundle, captions: list[str]) -> Conditioning:

@@ -43,6 +43,13 @@ class StableDiffusion1(ModelFamily):
     pipeline_extras = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False, "image_encoder": None}
     detects_pipelines = ("StableDiffusionPipeline",)
     single_file_types = ("v1",)
+    single_file_layout: ClassVar[dict[str, tuple[str, str]]] = {  # CompVis LDM
+        "unet": ("model.diffusion_model.", "unet"), "vae": ("first_stage_model.", "vae"),
+        "text_encoder": ("cond_stage_model.transformer.", "clip"),
+    }
+    community_prefixes: ClassVar[dict[str, str]] = kohya_prefixes  # kohya/LyCORIS files of every technique
+    modelspec_architecture = "stable-diffusion-v1"
+    kohya_base_model_version = "sd_v1"
 
     @classmethod
     def matches_index(cls, model: str, revision: str | None = None) -> bool:
@@ -66,6 +73,11 @@ class StableDiffusion2(StableDiffusion1):
     name = "sd2"
     default_resolution = 768
     single_file_types = ("v2",)
+    single_file_layout: ClassVar[dict[str, tuple[str, str]]] = {  # OpenCLIP-H text encoder
+        **StableDiffusion1.single_file_layout, "text_encoder": ("cond_stage_model.model.", "open_clip"),
+    }
+    modelspec_architecture = "stable-diffusion-v2"
+    kohya_base_model_version = "sd_v2"
 
     @classmethod
     def matches_index(cls, model: str, revision: str | None = None) -> bool:

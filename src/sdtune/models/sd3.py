@@ -34,7 +34,7 @@ class StableDiffusion3(ModelFamily):
     trained_text_encoders = ("text_encoder", "text_encoder_2")  # T5-XXL (4.7 B) stays frozen unless named
     objective = "flow"
     default_resolution = 1024
-    kohya_prefixes: ClassVar[dict[str, str] | None] = None  # the diffusers LoRA file is what ComfyUI loads for SD3
+    kohya_prefixes: ClassVar[dict[str, str] | None] = None  # no kohya trainer names for SD3: see community_prefixes
     partial_presets = {  # the first is the default
         "context": [  # the text stream of the joint attention blocks: the MMDiT's closest to cross-attention
             "transformer_blocks.*.attn.add_*", "transformer_blocks.*.attn.to_add_out.*",
@@ -47,9 +47,23 @@ class StableDiffusion3(ModelFamily):
         "text_encoder_3": T5_ATTENTION,
     }
     pipeline_extras = {"image_encoder": None, "feature_extractor": None}
-    lora_keys_converted = False  # SD3's loader reads peft keys (converted ones break DoRA there)
     detects_pipelines = ("StableDiffusion3Pipeline",)
     single_file_types = ("sd3", "sd35_medium", "sd35_large")
+    single_file_layout: ClassVar[dict[str, tuple[str, str]]] = {  # Stability's SD3 checkpoints
+        "transformer": ("model.diffusion_model.", "mmdit"), "vae": ("first_stage_model.", "vae"),
+        "text_encoder": ("text_encoders.clip_l.transformer.", "clip"),
+        "text_encoder_2": ("text_encoders.clip_g.transformer.", "clip"),
+        "text_encoder_3": ("text_encoders.t5xxl.transformer.", "t5"),
+    }
+    # SimpleTuner's LyCORIS names for the transformer (what ComfyUI maps for SD3) and ComfyUI's/OneTrainer's
+    # lora_te1/2/3 for CLIP-L, CLIP-G and T5
+    community_prefixes: ClassVar[dict[str, str]] = {
+        "transformer": "lycoris_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_",
+        "text_encoder_3": "lora_te3_",
+    }
+    modelspec_architecture = "stable-diffusion-3"
+    kohya_base_model_version = "sd3"
+    kohya_trainer_names_unet = "none"  # the community file follows SimpleTuner/ComfyUI (lycoris_…)
     generation_kwargs: ClassVar[dict[str, Any]] = {"max_sequence_length": T5_TOKENS}
 
     def text_encoder_kwargs(self, path: str, config: ModelConfig | None) -> dict[str, Any]:

@@ -43,6 +43,15 @@ class StableDiffusionXL(ModelFamily):
     pipeline_extras = {"image_encoder": None, "feature_extractor": None, "add_watermarker": False}
     detects_pipelines = ("StableDiffusionXLPipeline",)
     single_file_types = ("xl_base",)
+    single_file_layout: ClassVar[dict[str, tuple[str, str]]] = {  # Stability's SGM
+        "unet": ("model.diffusion_model.", "unet"), "vae": ("first_stage_model.", "vae"),
+        "text_encoder": ("conditioner.embedders.0.transformer.", "clip"),
+        "text_encoder_2": ("conditioner.embedders.1.model.", "open_clip"),
+    }
+    community_prefixes: ClassVar[dict[str, str]] = kohya_prefixes  # (diffusers block names: see community.py)
+    modelspec_architecture = "stable-diffusion-xl-v1-base"
+    kohya_base_model_version = "sdxl_base_v1-0"
+    kohya_trainer_names_unet = "sgm"  # its own SDXL UNet: lora_unet_input_blocks_4_1_…
 
     def encode_prompt(self, bundle: ModelBundle, captions: list[str]) -> Conditioning:
         states = []

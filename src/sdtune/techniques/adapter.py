@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
+from sdtune import community
 from sdtune.config import ConfigError, _build
 from sdtune.techniques.base import TECHNIQUES, Technique, TechniqueOptions, files_under
 
@@ -34,6 +35,7 @@ KOHYA_LORA_FILE = "pytorch_lora_weights_kohya.safetensors"
 @dataclass
 class AdapterOptions(TechniqueOptions):
     text_encoder_target_modules: list[str] | None = None  # None = the family's (CLIP: q/k/v/out_proj)
+    init_from: str | None = None  # a kohya/LyCORIS (or peft/diffusers LoRA) .safetensors to start from
     peft: dict[str, Any] = field(default_factory=dict)  # the peft config's arguments, as validated
 
 
@@ -59,6 +61,8 @@ class AdapterTechnique(Technique):
         raw = dict(raw)
         own = {f.name for f in dataclasses.fields(AdapterOptions)} - {"peft"}
         options = _build(AdapterOptions, {key: raw.pop(key) for key in list(raw) if key in own}, where)
+        if options.init_from is not None:
+            options.init_from = _existing_file(options.init_from, f"{where}.init_from")
         aliases = {"rank": "r", "alpha": cls.alpha_field}
         if cls.alpha_field == "lora_alpha":
             aliases["dropout"] = "lora_dropout"
@@ -101,13 +105,45 @@ class AdapterTechnique(Technique):
     def make_trainable(self, bundle: ModelBundle) -> None:
         from peft import inject_adapter_in_model
 
-        for name, targets in self.component_targets(bundle).items():
-            inject_adapter_in_model(self.peft_config(targets), bundle.components[name])
-            _check_injected(bundle.components[name], targets, name)
+        targets = self.component_targets(bundle)
+        for name, modules in targets.items():
+            inject_adapter_in_model(self.peft_config(modules), bundle.components[name])
+            _check_injected(bundle.components[name], modules, name)
+        if self.options.init_from:  # after injection: the file's tensors replace the fresh initialisation
+            adapted = {name: bundle.components[name] for name in targets}
+            community.initialise_from(Path(self.options.init_from), adapted, bundle.family.community_prefixes)
 
     # -- outputs ----------------------------------------------------------------------------------
     def save(self, bundle: ModelBundle, out_dir: Path) -> dict[str, list[str]]:
-        return {"adapter": self._save_peft(self._adapted_states(bundle), out_dir)}
+        adapted = self._adapted_states(bundle)
+        return {"adapter": self._save_peft(adapted, out_dir), **self._save_community(bundle, adapted, out_dir)}
+
+    @classmethod
+    def community_output(cls, family: Any) -> tuple[str, str]:
+        """(record part, file name) of the kohya/LyCORIS file."""
+        return "community", community.COMMUNITY_FILE
+
+    def _save_community(self, bundle: ModelBundle, adapted: list, out_dir: Path) -> dict[str, list[str]]:
+        """The kohya/LyCORIS file (A1111, ComfyUI, kohya sd-scripts, LyCORIS); see sdtune.community."""
+        family = bundle.family
+        part, file_name = self.community_output(family)
+        try:
+            tensors = community.adapter_to_community(
+                [(name, module, state) for name, module, _, state in adapted], family.community_prefixes
+            )
+        except community.CommunityFormatError as error:  # an exotic peft option; the peft files still load
+            print(f"no {file_name} written: {error}")
+            return {}
+        network = {"rank": self.options.peft.get("r"), "alpha": self.options.peft.get(self.alpha_field)}
+        meta = community.metadata(self.kind, family, out_dir.name, network)
+        community.save(tensors, out_dir / file_name, meta)
+        return {part: [file_name]}
+
+    def loads_in(self, part: str, family: Any) -> list[str]:
+        """Which tools read the files of a record part (``outputs.<part>.loads_in`` of the record)."""
+        if part == "adapter":
+            return ["sdtune generate", "peft inject_adapter_in_model + set_peft_model_state_dict"]
+        return community.tools_reading(self.kind, family)
 
     def _adapted_states(self, bundle: ModelBundle) -> list[tuple[str, Any, list[str], dict[str, torch.Tensor]]]:
         """(component, module, target modules, adapter tensors) of every adapted component."""
@@ -133,6 +169,11 @@ class AdapterTechnique(Technique):
 
     @classmethod
     def load_into(cls, pipe: Any, run_dir: Path, options: dict[str, Any]) -> Any:
+        return cls.load_peft_files(pipe, run_dir)
+
+    @classmethod
+    def load_peft_files(cls, pipe: Any, run_dir: Path) -> Any:
+        """Inject and fill the adapters of ``<component>_adapter.safetensors`` (peft's own files)."""
         from peft import inject_adapter_in_model, set_peft_model_state_dict
         from safetensors.torch import load_file
 
@@ -176,6 +217,16 @@ def merge_adapters(model: torch.nn.Module) -> None:
         model._hf_peft_config_loaded = False
 
 
+def _existing_file(value: str, where: str) -> str:
+    path = Path(value).expanduser()
+    if not path.is_file() or path.suffix != ".safetensors":
+        raise ConfigError(
+            f"{where}: {value!r} is not a .safetensors file; give a kohya/LyCORIS or diffusers LoRA file "
+            "(absolute, or relative to the working directory)"
+        )
+    return str(path.resolve())
+
+
 def _check_injected(module: torch.nn.Module, targets: list[str], what: str) -> None:
     if not any(p.requires_grad for p in module.parameters()):
         raise ConfigError(f"target_modules {targets} matched no layer of the {what}")
@@ -198,41 +249,40 @@ class LoRA(AdapterTechnique):
     """LoRA (Hu et al. 2021); with conv layers in target_modules it is LoCon.
 
     Besides the peft files it writes ``pytorch_lora_weights.safetensors`` (diffusers'
-    ``load_lora_weights``) and a kohya-format copy for A1111/ComfyUI.
+    ``load_lora_weights``) and the kohya/LyCORIS file (SD1/2/XL: ``pytorch_lora_weights_kohya.safetensors``).
     """
 
     kind = "lora"
     peft_config_name = "LoraConfig"
     alpha_field = "lora_alpha"
     fixed = {"use_dora": False}  # DoRA is its own kind
-    writes_kohya = True
 
     def save(self, bundle: ModelBundle, out_dir: Path) -> dict[str, list[str]]:
-        from diffusers.utils import convert_state_dict_to_diffusers
-        from safetensors.torch import save_file
-
         adapted = self._adapted_states(bundle)
         parts = {"adapter": self._save_peft(adapted, out_dir)}
         lora_layers: dict[str, Any] = {}  # save_lora_weights takes <component>_lora_layers for each component
         for name, _, targets, state in adapted:
-            convert = bundle.family.lora_keys_converted
-            lora_layers[f"{name}_lora_layers"] = convert_state_dict_to_diffusers(state) if convert else state
+            # peft's keys, as diffusers writes them itself: its older converted spelling renames only
+            # attention layers, and a file mixing both spellings (LoCon) loads without the attention ones
+            lora_layers[f"{name}_lora_layers"] = state
             # the metadata keeps alpha and targets, so load_lora_weights rebuilds the same scale
             lora_layers[f"{name}_lora_adapter_metadata"] = _jsonable(self.peft_config(targets).to_dict())
         bundle.family.pipeline_class().save_lora_weights(
             out_dir, weight_name=DIFFUSERS_LORA_FILE, safe_serialization=True, **lora_layers
         )
         parts["diffusers_lora"] = [DIFFUSERS_LORA_FILE]
-        prefixes = bundle.family.kohya_prefixes
-        if self.writes_kohya and prefixes is not None:
-            peft_state = {f"{name}.{key}": value for name, _, _, state in adapted for key, value in state.items()}
-            save_file(
-                to_kohya(peft_state, kohya_alphas(adapted, prefixes), prefixes),
-                out_dir / KOHYA_LORA_FILE,
-                metadata={"format": "pt", "ss_network_module": "networks.lora"},
-            )
-            parts["kohya_lora"] = [KOHYA_LORA_FILE]
-        return parts
+        return {**parts, **self._save_community(bundle, adapted, out_dir)}
+
+    @classmethod
+    def community_output(cls, family: Any) -> tuple[str, str]:
+        if family.kohya_prefixes is not None:  # the kohya LoRA file (same name as before it had a sibling)
+            return "kohya_lora", KOHYA_LORA_FILE
+        return super().community_output(family)
+
+    def loads_in(self, part: str, family: Any) -> list[str]:
+        if part == "diffusers_lora":
+            return ["diffusers load_lora_weights", "sdtune generate"]
+        return super().loads_in(part, family)
 
     @classmethod
     def load_into(cls, pipe: Any, run_dir: Path, options: dict[str, Any]) -> Any:
@@ -240,51 +290,23 @@ class LoRA(AdapterTechnique):
         return pipe
 
 
-# the prefixes diffusers' converter writes, by component; each family names its own (SD1: lora_te_)
-_DIFFUSERS_KOHYA_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
-
-
-def kohya_alphas(adapted: list, prefixes: dict[str, str]) -> dict[str, float]:
-    """Each LoRA layer's alpha as kohya stores it (scale = alpha / rank): scaling × rank, per layer,
-    so rank_pattern, alpha_pattern and rsLoRA are exported faithfully."""
-    from peft.tuners.lora import LoraLayer
-
-    alphas = {}
-    for name, module, _, _ in adapted:
-        for path, layer in module.named_modules():
-            if isinstance(layer, LoraLayer) and "default" in layer.scaling:
-                alphas[prefixes[name] + path.replace(".", "_")] = layer.scaling["default"] * layer.r["default"]
-    return alphas
-
-
-def to_kohya(
-    peft_state: dict[str, torch.Tensor], alphas: dict[str, float], prefixes: dict[str, str]
-) -> dict[str, torch.Tensor]:
-    """Kohya/A1111/ComfyUI keys (``lora_unet_…​.lora_down.weight`` + ``.alpha``) from peft keys.
-
-    Uses diffusers' converter, then writes each layer's real alpha (the converter assumes alpha = rank).
-    """
-    from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
-
-    renames = {_DIFFUSERS_KOHYA_PREFIXES[name]: prefix for name, prefix in prefixes.items()}
-    kohya = {}
-    for key, value in convert_state_dict_to_kohya(peft_state).items():
-        old = next(p for p in renames if key.startswith(p))
-        key = renames[old] + key[len(old):]
-        if key.endswith(".alpha"):
-            value = torch.tensor(float(alphas[key[: -len(".alpha")]]))
-        kohya[key] = value.contiguous()
-    return kohya
-
-
 @TECHNIQUES.register("dora")
 class DoRA(LoRA):
     """Weight-decomposed LoRA (Liu et al. 2024): peft ``LoraConfig(use_dora=True)``; saved for
-    diffusers' ``load_lora_weights`` (no kohya copy: its DoRA layout differs between tools)."""
+    diffusers' ``load_lora_weights`` and as LyCORIS DoRA (``dora_scale`` per output row)."""
 
     kind = "dora"
     fixed = {"use_dora": True}
-    writes_kohya = False
+
+    @classmethod
+    def community_output(cls, family: Any) -> tuple[str, str]:
+        return "community", community.COMMUNITY_FILE
+
+    @classmethod
+    def load_into(cls, pipe: Any, run_dir: Path, options: dict[str, Any]) -> Any:
+        # sdtune reads its own peft files: diffusers' load_lora_weights drops the DoRA magnitudes of
+        # transformers ≥ 5 text encoders (their "lora_magnitude_vector" keys miss the ".weight" level)
+        return cls.load_peft_files(pipe, run_dir)
 
 
 @TECHNIQUES.register("loha")

@@ -14,6 +14,7 @@ from sdtune.techniques.base import TECHNIQUES, Technique, files_under
 if TYPE_CHECKING:
     from sdtune.models import ModelBundle
 
+
 @TECHNIQUES.register("full")
 class FullFineTuning(Technique):
     kind = "full"
@@ -30,6 +31,11 @@ class FullFineTuning(Technique):
         parts = {p.name: files_under(out_dir, [p]) for p in sorted(out_dir.iterdir()) if p.is_dir() and p.name in pipe.config}
         parts["pipeline"] = files_under(out_dir, [out_dir / "model_index.json"])
         return parts
+
+    def loads_in(self, part: str, family: Any) -> list[str]:
+        """Which tools read the files of a record part (``outputs.<part>.loads_in`` of the record): the
+        folder is a diffusers pipeline; `sdtune export RUN --single-file` writes the A1111/ComfyUI checkpoint."""
+        return [f"diffusers {family.pipeline_class_name}.from_pretrained", "sdtune generate"]
 
     @classmethod
     def own_pipeline(cls, run_dir: Path) -> bool:

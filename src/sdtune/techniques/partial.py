@@ -1,8 +1,10 @@
 """Partial fine-tuning: full-rank training of a chosen subset of the denoiser, the rest frozen.
 
 Saves only the trained tensors plus the list of their names; loading puts them onto the base
-model. Presets (each model family names its own: ``cross-attention`` for UNets, ``context`` for
-SD3's joint attention, …) name the common choices; a list of patterns (fnmatch, matched against
+model. It also writes the per-layer differences to the base model in the kohya/LyCORIS layout
+(``diff``/``diff_b``, ``w_norm``/``b_norm``), which A1111, ComfyUI and LyCORIS add to the base model.
+Presets (each model family names its own: ``cross-attention`` for UNets, ``context`` for SD3's
+joint attention, …) name the common choices; a list of patterns (fnmatch, matched against
 parameter names such as ``down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight``)
 picks any.
 """
@@ -15,6 +17,7 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from sdtune import community
 from sdtune.config import ConfigError
 from sdtune.techniques.base import (
     TECHNIQUES,
@@ -69,6 +72,9 @@ class PartialFineTuning(Technique):
             raise ConfigError(f"partial: the patterns {patterns} match no {bundle.family.denoiser} parameter")
         for name in self.text_encoders_to_train(bundle):
             bundle.components[name].requires_grad_(True)
+        # the base values of what trains (a resumed run restores its tensors after this): the
+        # community file holds trained − base
+        self.base_values = {n: p.detach().to("cpu", copy=True) for n, p in trainable_named_parameters(bundle).items()}
 
     def save(self, bundle: ModelBundle, out_dir: Path) -> dict[str, list[str]]:
         from safetensors.torch import save_file
@@ -77,7 +83,28 @@ class PartialFineTuning(Technique):
         save_file(tensors, out_dir / WEIGHTS_FILE, metadata={"format": "pt"})
         listing = {"patterns": self.patterns(bundle.family), "parameters": sorted(tensors)}
         (out_dir / LIST_FILE).write_text(json.dumps(listing, indent=2))
-        return {"partial": files_under(out_dir, [out_dir / WEIGHTS_FILE, out_dir / LIST_FILE])}
+        parts = {"partial": files_under(out_dir, [out_dir / WEIGHTS_FILE, out_dir / LIST_FILE])}
+        return {**parts, **self._save_community(bundle, tensors, out_dir)}
+
+    def _save_community(self, bundle: ModelBundle, tensors: dict, out_dir: Path) -> dict[str, list[str]]:
+        """The differences to the base model as a LyCORIS "full" file (see sdtune.community)."""
+        family = bundle.family
+        try:
+            differences = community.differences_to_community(
+                tensors, self.base_values, bundle.components, family.community_prefixes
+            )
+        except community.CommunityFormatError as error:  # e.g. text-encoder embeddings: no such layout
+            print(f"no {community.COMMUNITY_FILE} written: {error}; `sdtune export --single-file` has every weight")
+            return {}
+        meta = community.metadata(self.kind, family, out_dir.name, {})
+        community.save(differences, out_dir / community.COMMUNITY_FILE, meta)
+        return {"community": [community.COMMUNITY_FILE]}
+
+    def loads_in(self, part: str, family: Any) -> list[str]:
+        """Which tools read the files of a record part (``outputs.<part>.loads_in`` of the record)."""
+        if part == "partial":
+            return ["sdtune generate"]
+        return community.tools_reading(self.kind, family)
 
     @classmethod
     def load_into(cls, pipe: Any, run_dir: Path, options: dict[str, Any]) -> Any:

@@ -1,0 +1,429 @@
+"""Every technique's result loads where people use it, checked with the real loaders.
+
+- community files (kohya/LyCORIS layout) are loaded onto the base model by the ``lycoris-lora``
+  package (the loader behind kohya sd-scripts' and A1111's LyCORIS support) and must give the same
+  layers as ``sdtune export --merged`` of the same run (which merges through peft): layer by layer
+  through LyCORIS' own forward, and as merged weights where LyCORIS merges exactly; LoRA files also
+  through diffusers' ``load_lora_weights``;
+- single-file checkpoints are read back by diffusers' ``from_single_file`` (bit for bit) and by
+  sdtune as a ``model:``;
+- ``init_from`` starts an adapter from a community file.
+
+Adapters start from random (not zero) weights, so every tensor of the layout matters: a transposed
+factor, a wrong alpha or a wrong name makes a comparison fail.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import pytest
+import torch
+import yaml
+from conftest import experiment_dict
+from safetensors.torch import load_file
+
+from sdtune import community
+from sdtune.config import ConfigError, ModelConfig, load_experiment
+from sdtune.generate import export_merged, export_single_file, load_run_pipeline
+from sdtune.models import FAMILIES, detect_family_name
+from sdtune.train import train_technique
+
+# random initial weights (peft's init_* = False); alpha ≠ rank so that a wrong alpha shows, except
+# loha-tucker, whose alpha = rank lets LyCORIS merge LoHa exactly (see _merges_exactly)
+KINDS = {
+    "lora": {"kind": "lora", "rank": 2, "alpha": 3, "init_lora_weights": False},
+    "locon": {"kind": "lora", "rank": 2, "alpha": 3, "init_lora_weights": False,
+              "target_modules": ["to_q", "to_v", "conv1", "conv2", "proj_in"]},
+    "dora": {"kind": "dora", "rank": 2, "alpha": 3, "init_lora_weights": False},
+    "loha": {"kind": "loha", "rank": 2, "alpha": 3, "init_weights": False},
+    "loha-tucker": {"kind": "loha", "rank": 2, "alpha": 2, "init_weights": False, "use_effective_conv2d": True,
+                    "target_modules": ["to_q", "conv1"]},
+    "lokr": {"kind": "lokr", "rank": 2, "alpha": 3, "init_weights": False, "target_modules": ["to_q", "to_k", "conv1"]},
+    "partial": {"kind": "partial"},
+}
+MATRIX = [(family, kind) for family in ("sd1", "sd2", "sdxl", "sd3") for kind in ("lora", "dora", "loha", "lokr", "partial")]
+MATRIX += [("sd1", "locon"), ("sd1", "loha-tucker")]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, family_model, tiny_data):
+    """(family, kind) → (run folder, record, folder of its `export --merged`), trained once per module:
+    one step of batch 1, the adapter on the text encoders too (their prefixes are part of the layout)."""
+    runs = {}
+
+    def get(family, kind):
+        if (family, kind) not in runs:
+            root = tmp_path_factory.mktemp(f"{family}-{kind}")
+            raw = experiment_dict(family_model(family), tiny_data, max_train_steps=1, batch_size=1,
+                                  gradient_accumulation_steps=1)
+            options = dict(KINDS[kind])
+            if options["kind"] != "partial" and "target_modules" not in options:
+                options["train_text_encoder"] = True
+            if family == "sd3" and "target_modules" in options:
+                options.pop("target_modules")  # (UNet layer names)
+            raw["techniques"] = {kind: options}
+            raw["output_dir"] = str(root / "runs")
+            (root / "experiment.yaml").write_text(yaml.safe_dump(raw))
+            result = train_technique(load_experiment(root / "experiment.yaml"), kind, progress=False)
+            runs[family, kind] = (result.run_dir, result.record, export_merged(result.run_dir, root / "merged"))
+        return runs[family, kind]
+
+    return get
+
+
+# -- LyCORIS, the real loader ------------------------------------------------------------------------
+class OriginalNesting(torch.nn.Module):
+    """transformers ≥ 5's flattened CLIPTextModel under a ``text_model`` level, as every checkpoint and
+    kohya/LyCORIS file names it (the module itself is shared, so what LyCORIS changes is the model)."""
+
+    def __init__(self, text_encoder):
+        super().__init__()
+        self.text_model = text_encoder
+
+
+@contextlib.contextmanager
+def lycoris_kohya_network():
+    """lycoris-lora 4.1.3's kohya network builds a throw-away default network first, which asserts on
+    diffusers UNets (``TimestepEmbedding`` is both a target class and has target names); without that
+    class the loader itself is unchanged."""
+    from lycoris.kohya import LycorisNetworkKohya
+    from lycoris.logging import logger
+
+    saved, level = LycorisNetworkKohya.UNET_TARGET_REPLACE_MODULE, logger.level
+    LycorisNetworkKohya.UNET_TARGET_REPLACE_MODULE = [m for m in saved if m != "TimestepEmbedding"]
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        LycorisNetworkKohya.UNET_TARGET_REPLACE_MODULE = saved
+        logger.setLevel(level)
+
+
+def lycoris_modules(pipe, family, weights):
+    """Load a community file onto ``pipe`` with lycoris-lora: kohya's loader (``lora_unet_``/``lora_te*``,
+    text encoders as a list when the family has several) and, for SD3's ``lycoris_`` transformer names,
+    LyCORIS' own ``create_lycoris_from_weights``. Returns the LyCORIS modules it built."""
+    pytest.importorskip("lycoris", reason="the real-loader tests need `pip install lycoris-lora` (the dev extra)")
+    from lycoris import create_lycoris_from_weights
+    from lycoris.kohya import create_network_from_weights
+
+    encoders = [getattr(pipe, name) for name in family.text_encoders if getattr(pipe, name, None) is not None]
+    encoders = [e if hasattr(e, "text_model") or "CLIP" not in type(e).__name__ else OriginalNesting(e) for e in encoders]
+    with lycoris_kohya_network():
+        if family.name == "sd3":
+            transformer, _ = create_lycoris_from_weights(1.0, "", pipe.transformer, weights_sd=weights)
+            text, _ = create_network_from_weights(1.0, "", None, encoders, torch.nn.Module(), weights_sd=weights)
+            return transformer.loras + text.text_encoder_loras
+        network, _ = create_network_from_weights(
+            1.0, "", None, encoders if len(encoders) > 1 else encoders[0], pipe.unet, weights_sd=weights
+        )
+        return network.unet_loras + network.text_encoder_loras
+
+
+def _where(pipe, family):
+    """id(module) → (component, path) for every module of the base pipeline."""
+    return {
+        id(module): (name, path)
+        for name in (family.denoiser, *family.text_encoders) if getattr(pipe, name, None) is not None
+        for path, module in getattr(pipe, name).named_modules()
+    }
+
+
+def _sample_input(module):
+    generator = torch.Generator().manual_seed(0)
+    if isinstance(module, torch.nn.Linear):
+        return torch.randn(3, module.in_features, generator=generator)
+    if isinstance(module, torch.nn.Conv2d):
+        return torch.randn(1, module.in_channels, 6, 6, generator=generator)
+    if isinstance(module, torch.nn.GroupNorm):
+        return torch.randn(1, module.num_channels, 4, 4, generator=generator)
+    return torch.randn(3, module.normalized_shape[0], generator=generator)
+
+
+def _merges_exactly(module):
+    """lycoris-lora 4.1.3 merges LoHa/LoKr with alpha/rank applied twice (``get_diff_weight`` scales
+    the already scaled ``get_weight``; its forward is right), so those merge only where the scale is 1."""
+    return getattr(module, "scale", 1.0) == 1.0 or type(module).__name__ not in ("LohaModule", "LokrModule")
+
+
+def _community_file(run_dir, record):
+    part = "kohya_lora" if "kohya_lora" in record["outputs"] else "community"
+    return run_dir / record["outputs"][part]["files"][0], record["outputs"][part]
+
+
+@pytest.mark.parametrize(("family", "kind"), MATRIX, ids=[f"{f}-{k}" for f, k in MATRIX])
+def test_community_file_loads_in_lycoris_as_the_merged_export(family, kind, trained):
+    run_dir, record, merged_dir = trained(family, kind)
+    spec = FAMILIES.get(family)()
+    base_path = record["config"]["model"]["path"]
+    path, part = _community_file(run_dir, record)
+    assert "LyCORIS" in part["loads_in"] and part["bytes"] == path.stat().st_size
+    weights = load_file(path)
+    merged = spec.pipeline_class().from_pretrained(merged_dir)
+    untouched = spec.load_pipeline(base_path)
+
+    # 1. every layer of the file becomes a LyCORIS module ("lora key not loaded" fails), under the
+    #    family's prefixes: the denoiser's, and each trained text encoder's
+    base = spec.load_pipeline(base_path)
+    modules = lycoris_modules(base, spec, weights)
+    assert len(modules) == len({key.split(".")[0] for key in weights})
+    components = [spec.denoiser]
+    if KINDS[kind].get("kind") != "partial" and "target_modules" not in KINDS[kind]:
+        components += list(spec.trained_text_encoders)
+    by_length = sorted(spec.community_prefixes.values(), key=len, reverse=True)
+    used = {next(p for p in by_length if key.startswith(p)) for key in weights}
+    assert used == {spec.community_prefixes[c] for c in components}
+    where = _where(base, spec)
+    assert {where[id(m.org_module[0])][0] for m in modules} == set(components)
+
+    # 2. through LyCORIS' forward, every layer computes what the merged export's layer computes
+    for module in modules:
+        module.apply_to()
+    moved = False
+    for module in modules:
+        layer = module.org_module[0]
+        component, layer_path = where[id(layer)]
+        sample = _sample_input(layer)
+        with torch.no_grad():
+            ours = layer(sample)
+            theirs = getattr(merged, component).get_submodule(layer_path)(sample)
+            before = getattr(untouched, component).get_submodule(layer_path)(sample)
+        scale = theirs.abs().max().item()
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5 * scale, msg=f"{component}.{layer_path}")
+        moved |= not torch.allclose(theirs, before, atol=1e-3 * scale)
+    assert moved  # the adapter does something, so the comparison means something
+
+    # 3. merged by LyCORIS into fresh weights, they are the export's; nothing else moved
+    fresh = spec.load_pipeline(base_path)
+    fresh_modules = lycoris_modules(fresh, spec, weights)
+    where = _where(fresh, spec)
+    adapted = {where[id(m.org_module[0])] for m in fresh_modules}
+    exact = [m for m in fresh_modules if _merges_exactly(m)]
+    assert exact or kind in ("loha", "lokr")
+    for module in exact:
+        module.merge_to(1.0)
+    compared = {where[id(m.org_module[0])] for m in exact}
+    for component in components:
+        ours, theirs = getattr(fresh, component).state_dict(), getattr(merged, component).state_dict()
+        for key, value in theirs.items():
+            layer = (component, key.rpartition(".")[0])
+            if layer in compared or layer not in adapted:
+                torch.testing.assert_close(ours[key], value, rtol=1e-4, atol=1e-5 * max(value.abs().max().item(), 1.0),
+                                           msg=f"{component}.{key}")
+
+
+@pytest.mark.parametrize(("family", "kind"), [("sd1", "locon"), ("sd2", "lora"), ("sdxl", "lora")])
+def test_lora_community_file_loads_in_diffusers_as_the_merged_export(family, kind, trained):
+    """diffusers' own kohya converter reads the file (LoCon convs and text encoders included)."""
+    run_dir, record, merged_dir = trained(family, kind)
+    spec = FAMILIES.get(family)()
+    path, part = _community_file(run_dir, record)
+    assert "diffusers load_lora_weights" in part["loads_in"]
+    pipe = spec.load_pipeline(record["config"]["model"]["path"])
+    pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name="kohya")
+    pipe.fuse_lora()
+    pipe.unload_lora_weights()
+    merged = spec.pipeline_class().from_pretrained(merged_dir)
+    for component in (spec.denoiser, *spec.text_encoders):
+        ours, theirs = getattr(pipe, component).state_dict(), getattr(merged, component).state_dict()
+        assert ours.keys() == theirs.keys()
+        for key, value in theirs.items():
+            torch.testing.assert_close(ours[key], value, rtol=1e-4, atol=1e-5, msg=f"{component}.{key}")
+
+
+# -- single-file checkpoints ---------------------------------------------------------------------------
+def _assert_same_weights(pipe, reference, skip=()):
+    for name, module in reference.components.items():
+        if not isinstance(module, torch.nn.Module):
+            continue
+        ours, theirs = getattr(pipe, name).state_dict(), module.state_dict()
+        assert ours.keys() == theirs.keys(), name
+        for key, value in theirs.items():
+            if f"{name}.{key}" not in skip:
+                assert torch.equal(ours[key], value), f"{name}.{key}"
+
+
+@pytest.mark.parametrize(("family", "kind"), [("sd1", "lora"), ("sd2", "loha"), ("sdxl", "dora"), ("sd3", "lokr")])
+def test_single_file_export_reads_back_bit_for_bit(family, kind, trained, tmp_path):
+    """``export --single-file`` of an adapter run (merged) → diffusers ``from_single_file`` (offline: the
+    tiny model's folder as ``config``) → the same weights, bit for bit, as ``export --merged``."""
+    run_dir, record, merged_dir = trained(family, kind)
+    spec = FAMILIES.get(family)()
+    out = export_single_file(run_dir, tmp_path / "model.safetensors")
+    keys = load_file(out).keys()
+    prefixes = {prefix for prefix, _ in spec.single_file_layout.values()}
+    assert {next(p for p in prefixes if k.startswith(p)) for k in keys} == {
+        prefix for component, (prefix, _) in spec.single_file_layout.items()
+        if getattr(spec.pipeline_class().from_pretrained(merged_dir), component, None) is not None
+    }
+    config = record["config"]["model"]["path"]
+    loaded = spec.pipeline_class().from_single_file(str(out), config=config, **_single_file_kwargs(spec))
+    merged = spec.pipeline_class().from_pretrained(merged_dir)
+    skip = set()
+    if family == "sd3":
+        # diffusers sets SD3's CLIP-L projection to the identity (as in the released SD3 models, not in
+        # the tiny one), and picks the CLIP-G weights by width, which the tiny model's two CLIPs share:
+        # CLIP-G is read back with the converter diffusers uses for it instead
+        from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint
+
+        skip = {"text_encoder.text_projection.weight", *(f"text_encoder_2.{k}" for k in merged.text_encoder_2.state_dict())}
+        clip_g = convert_ldm_clip_checkpoint(load_file(out), "text_encoders.clip_g.transformer.")
+        clip_g = {k: v for k, v in clip_g.items() if not k.startswith(("text_encoders.", "model.", "first_stage_model."))}
+        reference = merged.text_encoder_2.state_dict()
+        assert clip_g.keys() == reference.keys() and all(torch.equal(clip_g[k], v) for k, v in reference.items())
+    _assert_same_weights(loaded, merged, skip)
+
+
+def _single_file_kwargs(spec):
+    return {k: v for k, v in spec.pipeline_extras.items() if v is None or isinstance(v, bool)}
+
+
+def test_full_run_exports_one_checkpoint_from_the_cli(write_experiment, family_model, tmp_path, capsys):
+    """The full fine-tune of SD1 (text encoder too) as A1111/ComfyUI load it: one original-layout file."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.loaders.single_file_utils import infer_diffusers_model_type
+
+    from sdtune.cli import main
+
+    path = write_experiment(techniques={"full": {"kind": "full", "train_text_encoder": True}}, max_train_steps=1)
+    run_dir = train_technique(load_experiment(path), "full", progress=False).run_dir
+    out = tmp_path / "full.safetensors"
+    assert main(["export", str(run_dir), "--single-file", str(out)]) == 0
+    assert "single-file checkpoint written" in capsys.readouterr().out
+    checkpoint = load_file(out)
+    assert "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight" in checkpoint
+    assert "first_stage_model.encoder.mid.attn_1.q.weight" in checkpoint
+    assert checkpoint["first_stage_model.encoder.mid.attn_1.q.weight"].dim() == 4  # 1×1 conv, as in LDM
+    assert "cond_stage_model.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight" in checkpoint
+    assert infer_diffusers_model_type(checkpoint) == "v1"  # what sdtune's family detection reads
+    loaded = StableDiffusionPipeline.from_single_file(str(out), config=str(family_model("sd1")),
+                                                      safety_checker=None, requires_safety_checker=False)
+    _assert_same_weights(loaded, StableDiffusionPipeline.from_pretrained(run_dir))
+
+    assert main(["export", str(run_dir), "--single-file", str(out), "--precision", "fp16", "--overwrite"]) == 0
+    assert {value.dtype for value in load_file(out).values()} == {torch.float16}
+    assert main(["export", str(run_dir), "--single-file", str(out)]) == 2  # never overwritten silently
+    assert main(["export", str(run_dir), "--single-file", str(tmp_path / "x.ckpt")]) == 2
+    assert main(["export", str(run_dir)]) == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert errors == [
+        f"sdtune: error: --single-file: {out} exists; choose another file or pass --overwrite",
+        f"sdtune: error: --single-file: '{tmp_path / 'x.ckpt'}' does not end in .safetensors; name the file OUT.safetensors",
+        "sdtune: error: export: give --merged --out DIR (a diffusers folder), --single-file OUT.safetensors, or both",
+    ]
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl", "sd3"])
+def test_single_file_model_loads_with_the_same_weights(family, family_model, tmp_path):
+    """``model: file.safetensors`` (original layout) with ``single_file_config``: sdtune detects the
+    family from the config folder and loads exactly the folder's weights (diffusers folder → single
+    file → sdtune → same weights)."""
+    from sdtune.single_file import save_single_file
+
+    spec = FAMILIES.get(family)()
+    folder = family_model(family)
+    reference = spec.load_pipeline(str(folder))
+    path = save_single_file(reference.components, spec.single_file_layout, tmp_path / "model.safetensors", {})
+    config = ModelConfig(path=str(path), single_file_config=str(folder))
+    assert detect_family_name(config) == family
+    if family == "sd1":  # from the keys alone (diffusers' infer_diffusers_model_type); the tiny SD2/SDXL/
+        assert detect_family_name(ModelConfig(path=str(path))) == "sd1"  # SD3 defeat its shape checks
+    bundle = spec.load(config)
+    skip = {"text_encoder.text_projection.weight", *(f"text_encoder_2.{k}" for k in reference.text_encoder_2.state_dict())} \
+        if family == "sd3" else set()  # (see test_single_file_export_reads_back_bit_for_bit)
+    _assert_same_weights(spec.build_pipeline(bundle), reference, skip)
+
+
+def test_training_starts_from_a_single_file_model(write_experiment, family_model, tmp_path):
+    from sdtune.single_file import save_single_file
+
+    spec = FAMILIES.get("sd1")()
+    reference = spec.load_pipeline(str(family_model("sd1")))
+    path = save_single_file(reference.components, spec.single_file_layout, tmp_path / "sd1.safetensors", {})
+    model = {"path": str(path), "single_file_config": str(family_model("sd1"))}
+    experiment = load_experiment(write_experiment(model=model, max_train_steps=1))
+    result = train_technique(experiment, "lora", progress=False)
+    assert result.status == "finished" and result.record["model"]["family"] == "sd1"
+    pipe, _ = load_run_pipeline(result.run_dir, device=torch.device("cpu"))  # base from the file + the LoRA
+    assert pipe.unet.config.sample_size == reference.unet.config.sample_size
+
+
+# -- init_from --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("family", "kind"), [("sd1", "lora"), ("sd1", "dora"), ("sdxl", "loha"), ("sd3", "lokr")])
+def test_init_from_a_community_file_starts_where_it_left_off(family, kind, trained, tmp_path):
+    """An adapter initialised from a run's community file (with another alpha: the file's scale is
+    folded in) has exactly the run's weights once merged, before any training."""
+    from sdtune.models import family_for
+    from sdtune.techniques import TECHNIQUES
+    from sdtune.techniques.adapter import merge_adapters
+
+    run_dir, record, merged_dir = trained(family, kind)
+    path, _ = _community_file(run_dir, record)
+    raw = {**record["config"], "techniques": {"again": _technique_entry(record, kind, path)}}
+    (tmp_path / "again.yaml").write_text(yaml.safe_dump(raw))
+    experiment = load_experiment(tmp_path / "again.yaml")
+    spec = experiment.techniques["again"]
+    assert spec.options["init_from"] == str(path)
+    bundle = family_for(experiment.model).load(experiment.model)
+    TECHNIQUES.get(spec.kind)(spec.options).prepare(bundle)
+    merged = bundle.family.pipeline_class().from_pretrained(merged_dir)
+    for component in bundle.trainable_names():
+        module = bundle.components[component]
+        merge_adapters(module)
+        ours, theirs = module.state_dict(), getattr(merged, component).state_dict()
+        for key, value in theirs.items():
+            torch.testing.assert_close(ours[key], value, rtol=1e-4, atol=1e-5, msg=f"{component}.{key}")
+
+
+def _technique_entry(record, kind, path):
+    """The run's technique entry, with another alpha and ``init_from``."""
+    entry = dict(KINDS[kind])
+    entry.update(train_text_encoder=record["technique"]["options"]["train_text_encoder"], init_from=str(path))
+    if record["model"]["family"] == "sd3":
+        entry.pop("target_modules", None)
+    entry["alpha"] = 7
+    return entry
+
+
+def test_init_from_errors_are_one_line_with_the_fix(write_experiment, trained, tmp_path):
+    with pytest.raises(ConfigError, match=r"^techniques.lora.init_from: '.*nowhere.safetensors' is not a .safetensors file"):
+        load_experiment(write_experiment(techniques={"lora": {"kind": "lora", "init_from": str(tmp_path / "nowhere.safetensors")}}))
+    run_dir, record, _ = trained("sd1", "loha")
+    path, _ = _community_file(run_dir, record)
+    from sdtune.models import family_for
+    from sdtune.techniques import TECHNIQUES
+
+    cases = {  # technique → the message
+        "lora": r"holds hada_w1_a, .* \(a loha file\), which a lora technique cannot take; use kind: loha",
+        "loha": r"is \(\d+, \d+\) in .* but \(\d+, \d+\) here; use the rank",
+    }
+    for kind, message in cases.items():
+        options = {"kind": kind, "train_text_encoder": True, "init_from": str(path), "rank": 4 if kind == "loha" else 2}
+        experiment = load_experiment(write_experiment(techniques={"t": options}))
+        bundle = family_for(experiment.model).load(experiment.model)
+        spec = experiment.techniques["t"]
+        with pytest.raises(ConfigError, match=message):
+            TECHNIQUES.get(spec.kind)(spec.options).prepare(bundle)
+    experiment = load_experiment(write_experiment(techniques={"t": {"kind": "loha", "rank": 2, "init_from": str(path)}}))
+    bundle = family_for(experiment.model).load(experiment.model)
+    with pytest.raises(ConfigError, match="which is no layer of unet; is it for this model family"):
+        TECHNIQUES.get("loha")(experiment.techniques["t"].options).prepare(bundle)
+
+
+def test_weights_without_a_community_form_are_refused_not_dropped():
+    """Partial training of a text encoder moves its embeddings, which no kohya/LyCORIS layout holds:
+    the community file is not written at all rather than written without them."""
+    encoder = torch.nn.Module()
+    encoder.token_embedding = torch.nn.Embedding(4, 2)
+    encoder.proj = torch.nn.Linear(2, 2)
+    trained_tensors = {"text_encoder.proj.weight": torch.ones(2, 2), "text_encoder.token_embedding.weight": torch.ones(4, 2)}
+    base = {k: torch.zeros_like(v) for k, v in trained_tensors.items()}
+    with pytest.raises(community.CommunityFormatError, match=r"text_encoder.token_embedding.weight \(Embedding\)"):
+        community.differences_to_community(trained_tensors, base, {"text_encoder": encoder}, {"text_encoder": "lora_te_"})
+    out = community.differences_to_community(
+        {"text_encoder.proj.bias": torch.ones(2)}, {"text_encoder.proj.bias": torch.zeros(2)},
+        {"text_encoder": encoder}, {"text_encoder": "lora_te_"},
+    )
+    assert set(out) == {"lora_te_proj.diff_b", "lora_te_proj.diff"} and not out["lora_te_proj.diff"].any()

@@ -458,7 +458,9 @@ def _optimisation(ctx: StepContext) -> tuple[Any, Any, Any, int]:
     )
     ema = None
     if cfg.use_ema:
-        ema = EMAModel(list(ctx.parameters.values()), decay=cfg.ema_decay, foreach=True)  # multi-tensor update
+        # multi-tensor (foreach) EMA only on CUDA: on the CPU it measured 1.5–2.6× slower per update
+        # (490 M values: 0.16–0.24 s plain vs 0.24–0.62 s foreach), and slowed sdtune's full+EMA step
+        ema = EMAModel(list(ctx.parameters.values()), decay=cfg.ema_decay, foreach=accelerator.device.type == "cuda")
         ema.to(accelerator.device)
     return optimizer, lr_scheduler, ema, max_steps
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -25,6 +24,7 @@ import yaml
 
 from sdtune import records
 from sdtune.config import Experiment
+from sdtune.runs import interrupt_handler
 
 ERROR_FILE_VARIABLE = "SDTUNE_ERROR_FILE"  # where a child `sdtune` writes the error that ended it
 
@@ -82,16 +82,7 @@ def report_error(error: BaseException, user_error: bool) -> bool:
     return True
 
 
-@contextlib.contextmanager
-def _interrupts_left_to_the_child():
+def _interrupts_left_to_the_child() -> contextlib.AbstractContextManager:
     """While the child runs, Ctrl-C is its to handle (checkpoint, stop); the parent keeps waiting.
     (A Python handler, not SIG_IGN: an ignored signal would stay ignored in the child after exec.)"""
-    try:
-        previous = signal.signal(signal.SIGINT, lambda signum, frame: None)
-    except ValueError:  # not the main thread
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
+    return interrupt_handler(lambda signum, frame: None)

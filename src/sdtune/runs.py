@@ -60,17 +60,22 @@ class StopRequest:
         self.requested = True
         print("\nstopping after this step (a checkpoint will be saved); Ctrl-C again to abort at once")
 
-    @contextlib.contextmanager
-    def installed(self):
-        try:
-            previous = signal.signal(signal.SIGINT, self._handle)
-        except ValueError:  # not the main thread: no handler, Ctrl-C behaves as usual
-            yield
-            return
-        try:
-            yield
-        finally:
-            signal.signal(signal.SIGINT, previous)
+    def installed(self) -> contextlib.AbstractContextManager:
+        return interrupt_handler(self._handle)
+
+
+@contextlib.contextmanager
+def interrupt_handler(handler: Any):
+    """Ctrl-C (SIGINT) calls ``handler`` inside the block; outside the main thread nothing changes."""
+    try:
+        previous = signal.signal(signal.SIGINT, handler)
+    except ValueError:  # not the main thread: no handler, Ctrl-C behaves as usual
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def trained_modules(parameters: dict[str, torch.nn.Parameter], bundle: ModelBundle) -> list[str]:

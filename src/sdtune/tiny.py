@@ -70,7 +70,7 @@ def build_tiny_pipeline(
     folder: Path, words: list[str] | None = None, sizes: TinySizes | None = None, seed: int = 0
 ):
     """Write a random-weight SD pipeline folder (diffusers format, safetensors) and return it."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     sizes = sizes or TinySizes()
@@ -78,21 +78,7 @@ def build_tiny_pipeline(
     write_tokenizer(folder / "tokenizer", words or [], sizes.max_tokens)
     tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
     torch.manual_seed(seed)
-    # SD's layout: cross-attention in every block but the deepest
-    down = ["CrossAttnDownBlock2D"] * (len(sizes.unet_channels) - 1) + ["DownBlock2D"]
-    up = ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * (len(sizes.unet_channels) - 1)
-    unet = UNet2DConditionModel(
-        sample_size=sizes.sample_size,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=sizes.unet_channels,
-        layers_per_block=sizes.unet_layers_per_block,
-        down_block_types=tuple(down),
-        up_block_types=tuple(up),
-        cross_attention_dim=sizes.text_hidden,
-        attention_head_dim=sizes.unet_attention_head_dim,
-        norm_num_groups=sizes.norm_groups,
-    )
+    unet = _sd_unet(sizes, attention_head_dim=sizes.unet_attention_head_dim)
     vae = AutoencoderKL(
         in_channels=3,
         out_channels=3,
@@ -126,6 +112,25 @@ def build_tiny_pipeline(
     )
     pipe.save_pretrained(folder, safe_serialization=True)
     return pipe
+
+
+def _sd_unet(sizes: TinySizes, **options):
+    """SD's UNet layout at toy size: cross-attention in every block but the deepest."""
+    from diffusers import UNet2DConditionModel
+
+    depth = len(sizes.unet_channels)
+    return UNet2DConditionModel(
+        sample_size=sizes.sample_size,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=sizes.unet_channels,
+        layers_per_block=sizes.unet_layers_per_block,
+        down_block_types=("CrossAttnDownBlock2D",) * (depth - 1) + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (depth - 1),
+        cross_attention_dim=sizes.text_hidden,
+        norm_num_groups=sizes.norm_groups,
+        **options,
+    )
 
 
 def build_tiny_clip(folder: Path, words: list[str] | None = None, seed: int = 0) -> Path:
@@ -251,29 +256,16 @@ def build_tiny_sd2_pipeline(folder: Path, words: list[str] | None = None, seed: 
     SD2's differences from SD1 at toy scale: linear projections in the UNet's transformers, a head
     count per block, an OpenCLIP-style text encoder (gelu, "!" padding) and v-prediction.
     """
-    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
     from transformers import CLIPTextModel
 
     sizes = TinySizes()
     folder = Path(folder)
     tokenizer = _clip_tokenizer(folder / "tokenizer", words or [], sizes.max_tokens, pad_token="!")
     torch.manual_seed(seed)
-    down = ["CrossAttnDownBlock2D"] * (len(sizes.unet_channels) - 1) + ["DownBlock2D"]
-    up = ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * (len(sizes.unet_channels) - 1)
-    unet = UNet2DConditionModel(
-        sample_size=sizes.sample_size,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=sizes.unet_channels,
-        layers_per_block=sizes.unet_layers_per_block,
-        down_block_types=tuple(down),
-        up_block_types=tuple(up),
-        cross_attention_dim=sizes.text_hidden,
-        # diffusers' UNet reads attention_head_dim as the head count: 8 channels per head here
-        attention_head_dim=tuple(c // 8 for c in sizes.unet_channels),
-        use_linear_projection=True,
+    unet = _sd_unet(  # diffusers' UNet reads attention_head_dim as the head count: 8 channels per head here
+        sizes, attention_head_dim=tuple(c // 8 for c in sizes.unet_channels), use_linear_projection=True,
         upcast_attention=False,
-        norm_num_groups=sizes.norm_groups,
     )
     vae = _tiny_vae(sizes, latent_channels=4)
     text_encoder = CLIPTextModel(

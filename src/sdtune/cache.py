@@ -72,12 +72,14 @@ class LatentCache:
         tensors = _read(self._latent_path(index, flip))
         return None if tensors is None else (tensors["mean"], tensors["std"])
 
-    def put_posterior(self, index: int, flip: bool, mean: torch.Tensor, std: torch.Tensor) -> None:
+    def put_posterior(self, index: int, flip: bool, mean: torch.Tensor, std: torch.Tensor) -> Posterior:
+        """Store (as float32 on the CPU, exactly what a later read returns) and return it."""
         mean, std = mean.float().cpu().contiguous(), std.float().cpu().contiguous()
         if self.folder is None:
             self._posteriors[(index, flip)] = (mean, std)
         else:
             _write_atomic(self._latent_path(index, flip), {"mean": mean, "std": std})
+        return mean, std
 
     # -- text conditioning --------------------------------------------------------------------
     def text(self, index: int) -> dict[str, torch.Tensor] | None:
@@ -86,13 +88,15 @@ class LatentCache:
         tensors = _read(self.folder / f"{index:08d}-text.safetensors")
         return None if tensors is None else {k[len(TEXT_PREFIX):]: v for k, v in tensors.items()}
 
-    def put_text(self, index: int, conditioning: dict[str, torch.Tensor]) -> None:
+    def put_text(self, index: int, conditioning: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Store (as float32 on the CPU, exactly what a later read returns) and return it."""
         values = {name: value.float().cpu().contiguous() for name, value in conditioning.items()}
         if self.folder is None:
             self._texts[index] = values
         else:
             path = self.folder / f"{index:08d}-text.safetensors"
             _write_atomic(path, {TEXT_PREFIX + name: value for name, value in values.items()})
+        return values
 
     def _latent_path(self, index: int, flip: bool) -> Path:
         return self.folder / f"{index:08d}-{'flip' if flip else 'orig'}.safetensors"

@@ -186,9 +186,12 @@ def open_clip_to_original(module: torch.nn.Module) -> Tensors:
             result[f"{block}.{OPEN_CLIP_LAYER_NAMES[module_name]}.{leaf}"] = value
         else:
             raise UnknownKeyError(f"text encoder weight {key!r} has no OpenCLIP name")
-    for key, parts in fused.items():
-        result[key] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
-    return result
+    return {**result, **_fuse_qkv(fused)}
+
+
+def _fuse_qkv(fused: dict[str, dict[str, torch.Tensor]]) -> Tensors:
+    """Separate q, k, v projections → one in_proj/qkv tensor, stacked in that order on the output axis."""
+    return {key: torch.cat([parts["q"], parts["k"], parts["v"]], dim=0) for key, parts in fused.items()}
 
 
 def t5_to_original(module: torch.nn.Module) -> Tensors:
@@ -249,9 +252,7 @@ def mmdit_to_original(state: Tensors, config: Any) -> Tensors:
                 result[f"{prefix}.{MMDIT_BLOCK_NAMES[inner]}.{leaf}"] = value
             else:
                 raise UnknownKeyError(f"transformer weight {key!r} has no original-layout name")
-    for key, parts in fused.items():
-        result[key] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
-    return result
+    return {**result, **_fuse_qkv(fused)}
 
 
 # -- the whole checkpoint -------------------------------------------------------------------------

@@ -528,9 +528,8 @@ def _cached_posterior(ctx: StepContext, index: int, flip: bool, pixels: torch.Te
         pixels = ctx.training_set.pixels(index, flip, None)
     with _encode_timer(ctx):
         mean, std = ctx.bundle.family.encode_images(ctx.bundle, pixels[None].to(ctx.accelerator.device))
-    cache.put_posterior(index, flip, mean[0], std[0])
     cache.encoded_images += 1
-    return cache.posterior(index, flip)
+    return cache.put_posterior(index, flip, mean[0], std[0])  # (no read back of what was just written)
 
 
 def _cached_text(ctx: StepContext, index: int) -> Conditioning:
@@ -540,9 +539,8 @@ def _cached_text(ctx: StepContext, index: int) -> Conditioning:
     if found is None:
         with _encode_timer(ctx), torch.no_grad():
             encoded = ctx.bundle.family.encode_prompt(ctx.bundle, [ctx.training_set.captions[index]])
-        cache.put_text(index, {name: value[0] for name, value in encoded.items()})
         cache.encoded_texts += 1
-        found = cache.text(index)
+        found = cache.put_text(index, {name: value[0] for name, value in encoded.items()})
     return found
 
 

@@ -76,6 +76,7 @@ class DataConfig:
     cache: Literal["auto", "memory", "disk", "off"] = "auto"
     cache_memory_limit_gb: float = 4.0  # auto: above this estimate the cache goes to disk
     num_workers: int | None = None  # image-decoding worker processes; None = auto (0 on ≤ 2 cores, else up to 8)
+    instance_prompt: str | None = None  # DreamBooth: the caption of every image (the dataset's own are not read)
 
     def validate(self) -> None:
         if self.resolution is not None and (self.resolution <= 0 or self.resolution % 8):
@@ -90,6 +91,13 @@ class DataConfig:
                 f"data.source: {self.source!r} does not exist; give an imagefolder, a "
                 ".parquet/.jsonl/.csv file, or a hub dataset id like 'lambdalabs/pokemon-blip-captions'"
             )
+        if self.instance_prompt is not None and self.caption_column is not None:
+            raise ConfigError(
+                "data.instance_prompt: given with data.caption_column; the instance prompt replaces every caption, "
+                "so remove one of them"
+            )
+        if self.instance_prompt is not None and not self.instance_prompt.strip():
+            _fail("data.instance_prompt", self.instance_prompt, "a caption such as 'a photo of <my-toy> toy'")
         if self.cache in ("memory", "disk") and not self.center_crop:
             raise ConfigError(
                 f"data.cache: {self.cache!r} needs data.center_crop: true (random crops change every "

@@ -37,7 +37,7 @@ class DataError(UserError, ValueError):
 # Loading
 
 
-def load_rows(config: DataConfig) -> tuple[Any, str, str, Path | None]:
+def load_rows(config: DataConfig) -> tuple[Any, str, str | None, Path | None]:
     """Load the dataset; return (dataset with undecoded images, image column, caption column, base dir)."""
     import datasets
 
@@ -71,7 +71,9 @@ def load_rows(config: DataConfig) -> tuple[Any, str, str, Path | None]:
     if len(dataset) == 0:
         raise DataError(f"data.source: {config.source!r} has no rows (split {config.split!r})")
     image_column = _pick_column(dataset, config.image_column, IMAGE_COLUMN_NAMES, "image", image=True)
-    caption_column = _pick_column(dataset, config.caption_column, CAPTION_COLUMN_NAMES, "caption")
+    caption_column = None  # DreamBooth's instance prompt captions every image
+    if config.instance_prompt is None:
+        caption_column = _pick_column(dataset, config.caption_column, CAPTION_COLUMN_NAMES, "caption")
     if isinstance(dataset.features[image_column], datasets.Image):
         dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
     return dataset, image_column, caption_column, base_dir
@@ -236,7 +238,7 @@ class TrainingSet:
     config: DataConfig
     dataset: Any
     image_column: str
-    caption_column: str
+    caption_column: str | None  # None: data.instance_prompt is every caption
     base_dir: Path | None
     indices: list[int]  # dataset rows whose image decodes
     captions: list[str]
@@ -261,7 +263,7 @@ def prepare_training_set(config: DataConfig, progress: bool = True) -> TrainingS
     from tqdm.auto import tqdm
 
     dataset, image_column, caption_column, base_dir = load_rows(config)
-    captions_column = dataset[caption_column]
+    captions_column = dataset[caption_column] if caption_column else [config.instance_prompt] * len(dataset)
     indices, captions, sizes, skipped = [], [], [], []
     for row in tqdm(range(len(dataset)), desc="checking images", disable=not progress, leave=False):
         value = dataset[row][image_column]

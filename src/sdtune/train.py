@@ -329,6 +329,7 @@ def _setup(experiment: Experiment, name: str, run_dir: Path, progress: bool) -> 
     synchronize(accelerator.device)
     timing["model_load_time_s"], started = time.perf_counter() - started, time.perf_counter()
     training_set = prepare_training_set(experiment.data, progress=progress and accelerator.is_main_process)
+    training_set.captions = technique.training_captions(training_set.captions)
     timing["data_setup_time_s"], started = time.perf_counter() - started, time.perf_counter()
     data = experiment.data
     ctx = StepContext(

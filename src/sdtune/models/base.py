@@ -93,6 +93,7 @@ class ModelFamily:
     # export facts (sdtune.single_file, sdtune.community):
     single_file_layout: ClassVar[dict[str, tuple[str, str]]] = {}  # component → (original key prefix, layout)
     community_prefixes: ClassVar[dict[str, str]] = {}  # component → key prefix of kohya/LyCORIS adapter files
+    embedding_keys: ClassVar[dict[str, str]] = {}  # text encoder → its key in A1111/ComfyUI embedding files
     modelspec_architecture: ClassVar[str] = ""  # the ModelSpec (kohya, A1111) name of the base architecture
     kohya_base_model_version: ClassVar[str] = ""  # kohya's ss_base_model_version ("sd_v1", "sdxl_base_v1-0")
     kohya_trainer_names_unet: ClassVar[str] = "diffusers"  # how kohya sd-scripts' own trainer names the

@@ -48,6 +48,7 @@ class StableDiffusion1(ModelFamily):
         "text_encoder": ("cond_stage_model.transformer.", "clip"),
     }
     community_prefixes: ClassVar[dict[str, str]] = kohya_prefixes  # kohya/LyCORIS files of every technique
+    embedding_keys: ClassVar[dict[str, str]] = {"text_encoder": "emb_params"}  # A1111's one-vector-table file
     modelspec_architecture = "stable-diffusion-v1"
     kohya_base_model_version = "sd_v1"
 

@@ -61,6 +61,9 @@ class StableDiffusion3(ModelFamily):
         "transformer": "lycoris_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_",
         "text_encoder_3": "lora_te3_",
     }
+    embedding_keys: ClassVar[dict[str, str]] = {  # ComfyUI's SD3 embedding keys
+        "text_encoder": "clip_l", "text_encoder_2": "clip_g", "text_encoder_3": "t5xxl",
+    }
     modelspec_architecture = "stable-diffusion-3"
     kohya_base_model_version = "sd3"
     kohya_trainer_names_unet = "none"  # the community file follows SimpleTuner/ComfyUI (lycoris_…)

@@ -84,6 +84,11 @@ class Technique:
     def make_trainable(self, bundle: ModelBundle) -> None:
         raise NotImplementedError
 
+    def training_captions(self, captions: list[str]) -> list[str]:
+        """The captions as the text encoders see them in training (textual inversion spells out its
+        placeholder's vectors); unchanged for most techniques."""
+        return captions
+
     # -- outputs ----------------------------------------------------------------------------------
     def save(self, bundle: ModelBundle, out_dir: Path) -> dict[str, list[str]]:
         """Write the trained result to ``out_dir``; return component → files written (relative)."""

@@ -1,0 +1,241 @@
+"""Textual inversion (Gal et al. 2022): a new word learned as token embeddings; nothing else trains.
+
+The placeholder (``<my-toy>``; with ``num_vectors: 3`` also ``<my-toy>_1`` and ``<my-toy>_2``, as
+diffusers names them) is added to every tokenizer of the model (SD1/2: one; SDXL: CLIP-L and CLIP-G;
+SD3: both CLIPs and T5 when loaded), each new row starting from the embedding of
+``initializer_token``. Only those rows train, and exactly: the token-embedding module of each text
+encoder is wrapped so that the trainable parameter holds the new rows alone
+(:class:`NewTokenEmbedding`); the original table and every other weight are frozen tensors the
+optimizer never sees (diffusers' script trains the whole table and copies the old rows back after
+each step, which weight decay and rounding make approximate). A caption spells the placeholder
+once; training expands it to all of its vectors, as diffusers' pipelines do to prompts
+(``maybe_convert_prompt``).
+
+Saved as ``learned_embeds.safetensors`` (``{placeholder: [num_vectors, width]}``, one file per text
+encoder: ``learned_embeds_2.safetensors`` for the second, … — diffusers' ``load_textual_inversion``
+and its SDXL script's layout) and as one A1111/ComfyUI embedding named after the placeholder
+(``emb_params`` for SD1/2; ``clip_l``/``clip_g`` for SDXL; ``clip_l``/``clip_g``/``t5xxl`` for SD3).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+
+from sdtune.config import ConfigError
+from sdtune.techniques.base import TECHNIQUES, Technique
+
+if TYPE_CHECKING:
+    from sdtune.models import ModelBundle
+
+LISTING_FILE = "textual_inversion.json"  # placeholder, tokens, and which file holds which encoder's rows
+
+
+@dataclass
+class TextualInversionOptions:
+    placeholder_token: str  # the new word, e.g. "<my-toy>"; it must not be a token already
+    initializer_token: str  # an existing one-token word the new vectors start from, e.g. "toy"
+    num_vectors: int = 1  # embedding vectors of the new word (diffusers: <tok>, <tok>_1, …)
+    text_encoders: list[str] | None = None  # which encoders learn it; None = every one the model has
+    # (the loop reads these of every technique; textual inversion trains text encoders by definition)
+    train_text_encoder: ClassVar[bool] = False
+    text_encoder_learning_rate: ClassVar[float | None] = None
+
+
+class NewTokenEmbedding(torch.nn.Module):
+    """A token embedding whose rows at ``token_ids`` are replaced by the trainable ``vectors``; the
+    original table stays a frozen module, so no other row can change."""
+
+    def __init__(self, original: torch.nn.Embedding, token_ids: list[int], vectors: torch.Tensor) -> None:
+        super().__init__()
+        self.original = original.requires_grad_(False)
+        self.register_buffer("token_ids", torch.tensor(token_ids), persistent=False)
+        self.vectors = torch.nn.Parameter(vectors.detach().clone().float())
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The table as a plain embedding would hold it (for code that reads its dtype or shape)."""
+        rows = max(self.original.num_embeddings, int(self.token_ids.max()) + 1)
+        table = torch.nn.functional.pad(self.original.weight, (0, 0, 0, rows - self.original.num_embeddings))
+        return table.index_copy(0, self.token_ids, self.vectors.to(table.dtype))
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        embedded = self.original(input_ids.clamp(max=self.original.num_embeddings - 1))
+        for row, token_id in enumerate(self.token_ids.tolist()):
+            embedded = torch.where((input_ids == token_id)[..., None], self.vectors[row].to(embedded.dtype), embedded)
+        return embedded
+
+
+@TECHNIQUES.register("textual-inversion")
+class TextualInversion(Technique):
+    kind = "textual-inversion"
+    Options = TextualInversionOptions
+
+    @classmethod
+    def validate_options(cls, raw: dict[str, Any], where: str) -> dict[str, Any]:
+        for key in ("train_text_encoder", "text_encoder_learning_rate"):
+            if key in raw:
+                raise ConfigError(
+                    f"{where}.{key}: textual inversion trains only its new token's embeddings; remove it "
+                    "(`learning_rate` sets their rate, `text_encoders` which encoders learn the token)"
+                )
+        options = super().validate_options(raw, where)
+        token = options["placeholder_token"]
+        if not token or any(c.isspace() for c in token):
+            raise ConfigError(f"{where}.placeholder_token: {token!r} is not allowed; expected one word without spaces, e.g. '<my-toy>'")
+        if options["num_vectors"] < 1:
+            raise ConfigError(f"{where}.num_vectors: {options['num_vectors']!r} is not allowed; expected 1 or more")
+        if not options["initializer_token"].strip():
+            raise ConfigError(f"{where}.initializer_token: empty; give a word the model knows, e.g. 'toy'")
+        return options
+
+    @classmethod
+    def check_family(cls, options: dict[str, Any], family: Any, where: str) -> None:
+        super().check_family(options, family, where)
+        if options["num_vectors"] > 1 and not expands_multi_vector_prompts(family):
+            raise ConfigError(
+                f"{where}.num_vectors: {family.pipeline_class_name} does not expand a multi-vector token in "
+                f"prompts (it has no textual-inversion loader); use num_vectors: 1 on {family.name}"
+            )
+
+    # -- training ---------------------------------------------------------------------------------
+    def tokens(self) -> list[str]:
+        token = self.options.placeholder_token
+        return [token] + [f"{token}_{i}" for i in range(1, self.options.num_vectors)]
+
+    def encoders(self, bundle: ModelBundle) -> list[str]:
+        names = self.options.text_encoders or bundle.text_encoder_names()
+        missing = [name for name in names if name not in bundle.text_encoder_names()]
+        if missing:
+            raise ConfigError(
+                f"text_encoders: {missing[0]!r} is not loaded (model.text_encoder_3: false?); loaded: "
+                f"{', '.join(bundle.text_encoder_names())}"
+            )
+        return names
+
+    def make_trainable(self, bundle: ModelBundle) -> None:
+        for name in self.encoders(bundle):
+            tokenizer = bundle.tokenizers[tokenizer_name(name)]
+            encoder = bundle.components[name]
+            initializer = single_token_id(tokenizer, self.options.initializer_token, name)
+            token_ids = add_new_tokens(tokenizer, self.tokens(), name)
+            original = encoder.get_input_embeddings()
+            start = original.weight[initializer].detach()[None].repeat(len(token_ids), 1)
+            encoder.set_input_embeddings(NewTokenEmbedding(original, token_ids, start))
+
+    def training_captions(self, captions: list[str]) -> list[str]:
+        """Captions spell the placeholder once; the text encoders see all its vectors (as prompts do
+        in diffusers' pipelines). A training set that never names it could not learn it."""
+        token = self.options.placeholder_token
+        if not any(token in caption for caption in captions):
+            raise ConfigError(
+                f"textual-inversion: no caption contains the placeholder {token!r}; write it into the captions "
+                f"or set data.instance_prompt, e.g. 'a photo of {token}'"
+            )
+        spelled = " ".join(self.tokens())
+        return [caption.replace(token, spelled) for caption in captions]
+
+    # -- outputs ----------------------------------------------------------------------------------
+    def save(self, bundle: ModelBundle, out_dir: Path) -> dict[str, list[str]]:
+        from safetensors.torch import save_file
+
+        token, family = self.options.placeholder_token, bundle.family
+        files, community = {}, {}
+        for name in self.encoders(bundle):
+            vectors = bundle.components[name].get_input_embeddings().vectors.detach().float().cpu().contiguous()
+            index = family.text_encoders.index(name)
+            file = "learned_embeds.safetensors" if index == 0 else f"learned_embeds_{index + 1}.safetensors"
+            save_file({token: vectors}, out_dir / file)
+            files[name] = file
+            community[family.embedding_keys[name]] = vectors
+        community_file = f"{community_name(token)}.safetensors"
+        save_file(community, out_dir / community_file)
+        listing = {"placeholder_token": token, "tokens": self.tokens(), "files": files, "community_file": community_file}
+        (out_dir / LISTING_FILE).write_text(json.dumps(listing, indent=2))
+        return {"embeddings": [*files.values(), LISTING_FILE], "community": [community_file]}
+
+    def loads_in(self, part: str, family: Any) -> list[str]:
+        """Which tools read the files of a record part (``outputs.<part>.loads_in`` of the record)."""
+        if part == "community":
+            return ["A1111", "ComfyUI"] + (["diffusers load_textual_inversion"] if expands_multi_vector_prompts(family) else [])
+        return (["diffusers load_textual_inversion"] if expands_multi_vector_prompts(family) else []) + ["sdtune generate"]
+
+    @classmethod
+    def load_into(cls, pipe: Any, run_dir: Path, options: dict[str, Any]) -> Any:
+        """Add the learned tokens to the pipeline's tokenizers and text encoders (what diffusers'
+        ``load_textual_inversion`` does, for every family; the tests check both give the same images)."""
+        from safetensors.torch import load_file
+
+        listing = json.loads((run_dir / LISTING_FILE).read_text())
+        for name, file in listing["files"].items():
+            vectors = load_file(run_dir / file)[listing["placeholder_token"]]
+            tokenizer, encoder = getattr(pipe, tokenizer_name(name)), getattr(pipe, name)
+            add_embeddings(tokenizer, encoder, listing["tokens"], vectors, name)
+        return pipe
+
+
+def expands_multi_vector_prompts(family: Any) -> bool:
+    """Whether the family's diffusers pipeline loads textual inversions and spells a multi-vector
+    token out in prompts (SD1/2, SDXL: yes; SD3: no)."""
+    from diffusers.loaders import TextualInversionLoaderMixin
+
+    return issubclass(family.pipeline_class(), TextualInversionLoaderMixin)
+
+
+def tokenizer_name(encoder: str) -> str:
+    """The pipeline's tokenizer of a text encoder (text_encoder_2 → tokenizer_2), as diffusers names them."""
+    return encoder.replace("text_encoder", "tokenizer")
+
+
+def community_name(token: str) -> str:
+    """The embedding's file name in A1111/ComfyUI (prompts there name an embedding by its file)."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "", token) or "embedding"
+
+
+def single_token_id(tokenizer: Any, word: str, encoder: str) -> int:
+    ids = tokenizer.encode(word, add_special_tokens=False)
+    if len(ids) != 1:
+        raise ConfigError(
+            f"initializer_token: {word!r} is {len(ids)} tokens for the tokenizer of {encoder}; choose a word "
+            "that is one token (the new vectors start from its embedding)"
+        )
+    return ids[0]
+
+
+def add_new_tokens(tokenizer: Any, tokens: list[str], encoder: str) -> list[int]:
+    """Add ``tokens`` to the tokenizer; their ids. A token it already has is an error, not reused."""
+    present = [token for token in tokens if token in tokenizer.get_vocab() or _one_known_token(tokenizer, token)]
+    if present:
+        raise ConfigError(
+            f"placeholder_token: {present[0]!r} is already a token of the tokenizer of {encoder}; choose a new "
+            "word, e.g. '<my-toy>'"
+        )
+    tokenizer.add_tokens(tokens)
+    ids = tokenizer.convert_tokens_to_ids(tokens)
+    if len(set(ids)) != len(tokens):
+        raise RuntimeError(f"the tokenizer of {encoder} did not add {tokens} as new tokens (ids {ids})")
+    return ids
+
+
+def _one_known_token(tokenizer: Any, word: str) -> bool:
+    """True when the tokenizer already reads ``word`` as one token of its vocabulary (CLIP's
+    vocabulary spells words with an end-of-word mark, so ``word in vocab`` misses them)."""
+    ids = tokenizer.encode(word, add_special_tokens=False)
+    return len(ids) == 1 and ids[0] != tokenizer.unk_token_id
+
+
+def add_embeddings(tokenizer: Any, encoder: torch.nn.Module, tokens: list[str], vectors: torch.Tensor, name: str) -> None:
+    """Add tokens with the given embedding rows to a plain tokenizer/text encoder pair."""
+    ids = add_new_tokens(tokenizer, tokens, name)
+    table = encoder.get_input_embeddings()
+    rows = max(table.num_embeddings, max(ids) + 1)  # T5's table is padded beyond its vocabulary: never shrink it
+    if rows > table.num_embeddings:
+        encoder.resize_token_embeddings(rows, mean_resizing=False)
+        table = encoder.get_input_embeddings()
+    with torch.no_grad():
+        table.weight[ids] = vectors.to(table.weight.device, table.weight.dtype)

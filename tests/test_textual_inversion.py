@@ -41,7 +41,7 @@ def _assert_only_new_rows_trained(result, model_dir, num_vectors):
     bundle = result.bundle
     for name, module in bundle.components.items():
         base = _base_state(model_dir, name)
-        trained = {k: v for k, v in module.state_dict().items()}
+        trained = {k: v.detach() for k, v in module.named_parameters()}  # (tied tables once: T5's)
         vectors = [k for k in trained if k.endswith(".vectors")]
         if name in bundle.text_encoder_names():
             (key,) = vectors  # the new rows, and nothing else, are a parameter of their own
@@ -149,3 +149,18 @@ def test_errors_found_at_training_start_are_one_line(write_experiment, tmp_path)
     existing = load_experiment(write_experiment(techniques=technique), [f"output_dir={tmp_path / 'b'}"])
     with pytest.raises(ConfigError, match="'red' is already a token"):
         train_technique(existing, "ti", progress=False)
+
+
+def test_sd3_learns_the_token_in_both_clips_and_t5_and_reloads(write_experiment, family_model):
+    from sdtune.generate import load_run_pipeline
+
+    model_dir = family_model("sd3")
+    path = write_experiment(techniques=_ti(), model=model_dir, data={"instance_prompt": "a <sks> toy"})
+    result = train_technique(load_experiment(path), "ti", progress=False)
+    _assert_only_new_rows_trained(result, model_dir, 1)
+    assert sorted(load_file(result.run_dir / "sks.safetensors")) == ["clip_g", "clip_l", "t5xxl"]
+    expected = _images(result.bundle.family.build_pipeline(result.bundle))
+    pipe, _ = load_run_pipeline(result.run_dir, device=torch.device("cpu"))
+    assert np.abs(_images(pipe) - expected).max() <= 1.0
+    with pytest.raises(ConfigError, match="use num_vectors: 1 on sd3"):
+        load_experiment(write_experiment(techniques=_ti(2), model=model_dir))

@@ -146,6 +146,8 @@ class TrainConfig:
     compile: bool = False  # torch.compile the denoiser (minutes of compilation first; pays on long GPU runs)
     allow_tf32: bool = True  # TF32 matmuls on Ampere+ GPUs; no effect on CPU
     log_every: int = 10  # synchronise the device, read back and log the losses every N steps (every step's loss is recorded)
+    prior_preservation: bool = False  # DreamBooth (Ruiz et al. 2023): add class images; needs a `dreambooth:` section
+    prior_loss_weight: float = 1.0  # λ of loss = instance loss + λ × prior loss (1.0 in the paper and diffusers)
 
     def validate(self) -> None:
         _positive("train.batch_size", self.batch_size)
@@ -185,6 +187,8 @@ class TrainConfig:
             _fail("train.caption_dropout", self.caption_dropout, "a share in [0, 1), e.g. 0.1")
         if self.noise_offset < 0:
             _fail("train.noise_offset", self.noise_offset, "0 or a small positive number like 0.05")
+        if self.prior_loss_weight <= 0:
+            _fail("train.prior_loss_weight", self.prior_loss_weight, "a positive number (1.0 in the paper)")
         if self.logit_std is not None and self.logit_std <= 0:
             _fail("train.logit_std", self.logit_std, "a positive number (1.0 in the SD3 paper)")
 
@@ -253,6 +257,26 @@ class EvaluationConfig:
 
 
 @dataclass
+class DreamBoothConfig:
+    """DreamBooth's class images (Ruiz et al. 2023, §3.3), shared by every technique of the experiment
+    that sets ``prior_preservation: true``: generated once by the base model, cached, reused."""
+
+    class_prompt: str  # what the subject is an instance of, without its identifier: "a photo of a toy"
+    num_class_images: int = 100  # diffusers' train_dreambooth default (the paper: 200 × the steps it ran)
+    class_inference_steps: int = 50  # sampling steps of the base model for each class image
+    class_guidance_scale: float = 7.5
+    class_seed: int = 0  # image i is sampled from seed (class_seed, i): the same images for every technique
+
+    def validate(self) -> None:
+        if not self.class_prompt.strip():
+            _fail("dreambooth.class_prompt", self.class_prompt, "a prompt such as 'a photo of a toy'")
+        _positive("dreambooth.num_class_images", self.num_class_images)
+        _positive("dreambooth.class_inference_steps", self.class_inference_steps)
+        if self.class_guidance_scale < 0:
+            _fail("dreambooth.class_guidance_scale", self.class_guidance_scale, "0 or more (7.5 is usual)")
+
+
+@dataclass
 class Experiment:
     """A whole experiment file, validated."""
 
@@ -261,6 +285,7 @@ class Experiment:
     train: TrainConfig
     techniques: dict[str, TechniqueSpec]
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    dreambooth: DreamBoothConfig | None = None  # class images for techniques with prior_preservation
     name: str = "experiment"
     output_dir: str | None = None  # default: ./runs/<name>
     source_path: str | None = None  # the file it was loaded from
@@ -280,6 +305,7 @@ class Experiment:
                 for spec in self.techniques.values()
             },
             "evaluation": dataclasses.asdict(self.evaluation),
+            **({"dreambooth": dataclasses.asdict(self.dreambooth)} if self.dreambooth else {}),
             **({"output_dir": self.output_dir} if self.output_dir else {}),
         }
 
@@ -294,7 +320,7 @@ class Experiment:
 # --------------------------------------------------------------------------------------------
 # Loading
 
-_TOP_KEYS = {"name", "model", "data", "train", "techniques", "evaluation", "output_dir"}
+_TOP_KEYS = {"name", "model", "data", "train", "techniques", "evaluation", "dreambooth", "output_dir"}
 _NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -365,6 +391,11 @@ def experiment_from_dict(
         where = f"techniques.{spec.name}"
         _objective_keys(dataclasses.replace(train, **spec.train_overrides), family, where, spec.train_overrides)
         _check_technique_for_family(spec, family, where)
+    dreambooth = None
+    if raw.get("dreambooth") is not None:
+        dreambooth = _build(DreamBoothConfig, raw["dreambooth"], "dreambooth")
+        dreambooth.validate()
+    _check_prior_preservation(techniques, train, dreambooth)
     name = str(raw.get("name") or (Path(source_path).stem if source_path else "experiment"))
     output_dir = raw.get("output_dir")
     if output_dir is not None:
@@ -375,6 +406,7 @@ def experiment_from_dict(
         train=train,
         techniques=techniques,
         evaluation=evaluation,
+        dreambooth=dreambooth,
         name=name,
         output_dir=output_dir,
         source_path=source_path,
@@ -422,6 +454,23 @@ def _check_technique_for_family(spec: TechniqueSpec, family: Any, where: str) ->
     from sdtune.techniques import TECHNIQUES
 
     TECHNIQUES.get(spec.kind).check_family(spec.options, family, where)
+
+
+def _check_prior_preservation(techniques: dict[str, TechniqueSpec], train: TrainConfig, dreambooth: Any) -> None:
+    """Techniques with prior preservation need the class images' section, and a kind it applies to."""
+    from sdtune.techniques import TECHNIQUES
+
+    for spec in techniques.values():
+        if not dataclasses.replace(train, **spec.train_overrides).prior_preservation:
+            continue
+        if dreambooth is None:
+            raise ConfigError(
+                f"techniques.{spec.name}.prior_preservation: true needs a `dreambooth:` section with the class "
+                "images' prompt, e.g. dreambooth: {class_prompt: 'a photo of a toy'}"
+            )
+        reason = TECHNIQUES.get(spec.kind).prior_preservation_refused
+        if reason:
+            raise ConfigError(f"techniques.{spec.name}.prior_preservation: {reason}; set it to false for this technique")
 
 
 def _expand(value: Any, key: str) -> Any:

@@ -25,6 +25,7 @@ import torch
 
 from sdtune import cache as cache_lib
 from sdtune import diffusion, records
+from sdtune import prior as prior_lib
 from sdtune.batches import Layout, MicroBatch, PixelBatches, pixel_loader, pixel_needs
 from sdtune.checkpoint import (
     CheckpointError,
@@ -74,6 +75,7 @@ class StepContext:
     layout: Layout  # what each micro-batch holds (pure in its position)
     timing: dict[str, float]  # setup split: model load, data, cache
     empty_conditioning: Conditioning | None = None
+    prior: prior_lib.PriorSamples | None = None  # DreamBooth's class samples (prior_preservation)
 
 
 def train(
@@ -171,13 +173,20 @@ def train_technique(
                     batch = ctx.layout.plan(step * cfg.gradient_accumulation_steps + micro)
                     generators = _sample_generators(ctx, batch)  # one per sample, from its global position
                     latents, conditioning = _micro_batch(ctx, batch, next(batches), generators)
+                    if ctx.prior is not None:  # DreamBooth: as many class samples, after the instance ones
+                        latents, conditioning, generators = ctx.prior.extend(ctx, batch, latents, conditioning, generators)
                     # --- the objective (DDPM or rectified flow), in fp32; the family calls its denoiser ---
                     noise = diffusion.sample_noise(latents, generators, cfg.noise_offset)
                     timesteps = objective.sample_timesteps(latents.shape[0], generators, latents.device)
                     noisy_latents = objective.noisy_latents(latents, noise, timesteps)
                     target = objective.target(latents, noise, timesteps)
                     prediction = family.predict(ctx.bundle, noisy_latents, timesteps, conditioning)
-                    loss = diffusion.diffusion_loss(prediction, target, objective.loss_weights(timesteps))
+                    if ctx.prior is None:
+                        loss = diffusion.diffusion_loss(prediction, target, objective.loss_weights(timesteps))
+                    else:  # instance loss + λ × prior loss (Ruiz et al. 2023, eq. 2)
+                        loss = prior_lib.prior_preservation_loss(
+                            prediction, target, objective.loss_weights(timesteps), len(batch.indices), cfg.prior_loss_weight
+                        )
                     accelerator.backward(loss / cfg.gradient_accumulation_steps)
                 step_loss += loss.detach().float() / cfg.gradient_accumulation_steps
             accelerator.clip_grad_norm_(list(ctx.parameters.values()), cfg.max_grad_norm)
@@ -310,6 +319,9 @@ def _setup(experiment: Experiment, name: str, run_dir: Path, progress: bool) -> 
     timing, started = {}, time.perf_counter()
     family = family_for(experiment.model)
     bundle = family.load(experiment.model)
+    # DreamBooth: the class images come from the base model, before the technique changes it
+    prior = prior_lib.setup(experiment, cfg, bundle, run_dir.parent, accelerator, progress, timing)
+    started += timing.get("class_images_time_s", 0.0)  # (not model loading)
     technique = TECHNIQUES.get(spec.kind)(spec.options)
     torch.manual_seed(cfg.seed)  # adapter initialisation is random: same seed, same start
     technique.prepare(bundle)
@@ -354,6 +366,7 @@ def _setup(experiment: Experiment, name: str, run_dir: Path, progress: bool) -> 
             caption_dropout=cfg.caption_dropout,
         ),
         timing=timing,
+        prior=prior,
     )
     ctx.latent_cache = _latent_cache(ctx, experiment, run_dir.parent)
     timing["cache_open_time_s"] = time.perf_counter() - started

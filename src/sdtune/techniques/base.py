@@ -36,6 +36,7 @@ class Technique:
     kind: ClassVar[str]
     Options: ClassVar[type] = TechniqueOptions
     saves_frozen_parts: ClassVar[bool] = False  # True when save() writes frozen weights too
+    prior_preservation_refused: ClassVar[str] = ""  # why DreamBooth's prior loss cannot apply ("" = it can)
 
     def __init__(self, options: dict[str, Any]) -> None:
         self.options = self.Options(**options) if not isinstance(options, self.Options) else options

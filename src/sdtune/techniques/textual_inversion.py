@@ -75,6 +75,10 @@ class NewTokenEmbedding(torch.nn.Module):
 class TextualInversion(Technique):
     kind = "textual-inversion"
     Options = TextualInversionOptions
+    prior_preservation_refused = (
+        "textual inversion trains only its new token, which class prompts do not contain, so the prior "
+        "loss has no gradient to give"
+    )
 
     @classmethod
     def validate_options(cls, raw: dict[str, Any], where: str) -> dict[str, Any]:

@@ -94,7 +94,7 @@ def ensure_class_images(
                 config.class_prompt, num_inference_steps=config.class_inference_steps,
                 guidance_scale=config.class_guidance_scale, generator=generator, **size,
             ).images[0]
-        _write_atomic(class_image_path(folder, index), lambda path: image.save(path, format="PNG"))
+        _write_atomic(class_image_path(folder, index), lambda path, image=image: image.save(path, format="PNG"))
     return folder, len(missing)
 
 

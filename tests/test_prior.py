@@ -118,3 +118,39 @@ def test_config_errors(techniques, dreambooth, message, write_experiment):
     path.write_text(yaml.safe_dump(raw))
     with pytest.raises(ConfigError, match=message):
         load_experiment(path)
+
+
+@pytest.mark.slow  # 85 s on 2 cores: three fresh training processes and the evaluation
+def test_compare_trains_a_subject_with_every_kind_of_technique_in_fresh_processes(write_experiment, tiny_clip_dir, tmp_path):
+    """The user's path: `sdtune compare` trains each technique in its own process (the experiment
+    travels as a resolved file), the class images are made by the first and read by the second, and
+    the evaluation prompts name the subject by the placeholder."""
+    import json
+
+    import yaml
+
+    from sdtune.compare import compare
+
+    techniques = {
+        "lora-prior": {"kind": "lora", "rank": 2, "prior_preservation": True},
+        "ti": {"kind": "textual-inversion", "placeholder_token": "<sks>", "initializer_token": "circle",
+               "learning_rate": 5e-2},
+        "full-prior": {"kind": "full", "prior_preservation": True},
+    }
+    path = _write(write_experiment, techniques, max_train_steps=2)
+    raw = yaml.safe_load(path.read_text())
+    raw["data"]["instance_prompt"] = "a <sks> circle"
+    raw["evaluation"] = {"prompts": ["a <sks> circle"], "out_of_domain_prompts": ["a red square"], "seeds_per_prompt": 1,
+                         "num_inference_steps": 2, "guidance_scale": 3.0, "clip_model": str(tiny_clip_dir),
+                         "max_reference_images": 4}
+    path.write_text(yaml.safe_dump(raw))
+    report = compare(load_experiment(path), output_dir=tmp_path / "out", progress=False)
+    root = tmp_path / "out"
+    trained = {name: json.loads((root / name / "record.json").read_text()) for name in techniques}
+    assert all(record["status"] == "finished" for record in trained.values())
+    made = sorted(trained[name]["timing"]["class_images_generated"] for name in ("lora-prior", "full-prior"))
+    assert made == [0, 3]  # by whichever trained first
+    assert (root / "ti" / "learned_embeds.safetensors").exists()
+    images = json.loads((root / "records" / "eval-ti-seed0.json").read_text())["images"]
+    assert [image["prompt"] for image in images] == ["a <sks> circle", "a red square"]
+    assert report.exists() and "ti" in (root / "report.md").read_text()

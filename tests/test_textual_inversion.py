@@ -75,7 +75,7 @@ def test_only_the_new_rows_train_and_the_files_load_in_diffusers(family, num_vec
     community = load_file(run / "sks.safetensors")
     if family == "sd1":
         assert list(community) == ["emb_params"]
-        pipe.load_textual_inversion(run / "learned_embeds.safetensors")  # diffusers' own loader and file
+        pipe.load_textual_inversion(str(run))  # diffusers' own loader finds learned_embeds.safetensors
         via_community = pipeline_class.from_pretrained(model_dir)
         via_community.load_textual_inversion(str(run / "sks.safetensors"), token="<sks>")  # the A1111 file
     else:

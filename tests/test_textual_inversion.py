@@ -113,7 +113,11 @@ def _interrupt_at(step):
 
 
 def test_resume_is_bit_exact(write_experiment, tmp_path):
-    path = write_experiment(techniques=_ti(2), data={"instance_prompt": "a <sks> toy"}, max_train_steps=4)
+    from sdtune.generate import export_single_file
+
+    # bf16: the frozen denoiser (not wrapped by accelerate) must still run under autocast
+    path = write_experiment(techniques=_ti(2), data={"instance_prompt": "a <sks> toy"}, max_train_steps=4,
+                            mixed_precision="bf16")
     first = train_technique(load_experiment(path, [f"output_dir={tmp_path / 'a'}"]), "ti", progress=False)
     stopped = load_experiment(path, [f"output_dir={tmp_path / 'b'}"])
     half = train_technique(stopped, "ti", progress=False, after_step=_interrupt_at(2))
@@ -122,6 +126,8 @@ def test_resume_is_bit_exact(write_experiment, tmp_path):
     a, b = (load_file(r.run_dir / "learned_embeds.safetensors")["<sks>"] for r in (first, resumed))
     assert torch.equal(a, b)
     assert [h["loss"] for h in first.record["loss_history"]] == [h["loss"] for h in resumed.record["loss_history"]]
+    with pytest.raises(ConfigError, match="--single-file: a textual-inversion run is an embedding"):
+        export_single_file(resumed.run_dir, tmp_path / "ti.safetensors")
 
 
 @pytest.mark.parametrize(

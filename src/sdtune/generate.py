@@ -98,6 +98,9 @@ def export_single_file(
         raise ConfigError(f"--single-file: {out_file} exists; choose another file or pass --overwrite")
     if precision not in PRECISIONS:
         raise ConfigError(f"--precision: {precision!r} is not allowed; choose one of: {', '.join(PRECISIONS)}")
+    kind = ((read_record(Path(run_dir)) or {}).get("technique") or {}).get("kind")
+    if kind in TECHNIQUES and TECHNIQUES.get(kind).single_file_refused:
+        raise ConfigError(f"--single-file: {TECHNIQUES.get(kind).single_file_refused}")
     pipe, record = load_run_pipeline(run_dir, fuse=True, device=torch.device("cpu"))
     family = FAMILIES.get(record["model"]["family"])()  # (SD1 and SD2 share a pipeline class)
     metadata = {

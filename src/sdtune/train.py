@@ -180,7 +180,8 @@ def train_technique(
                     timesteps = objective.sample_timesteps(latents.shape[0], generators, latents.device)
                     noisy_latents = objective.noisy_latents(latents, noise, timesteps)
                     target = objective.target(latents, noise, timesteps)
-                    prediction = family.predict(ctx.bundle, noisy_latents, timesteps, conditioning)
+                    with accelerator.autocast():  # (prepare() wraps trained models only; a frozen denoiser too)
+                        prediction = family.predict(ctx.bundle, noisy_latents, timesteps, conditioning)
                     if ctx.prior is None:
                         loss = diffusion.diffusion_loss(prediction, target, objective.loss_weights(timesteps))
                     else:  # instance loss + λ × prior loss (Ruiz et al. 2023, eq. 2)

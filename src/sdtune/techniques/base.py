@@ -37,6 +37,7 @@ class Technique:
     Options: ClassVar[type] = TechniqueOptions
     saves_frozen_parts: ClassVar[bool] = False  # True when save() writes frozen weights too
     prior_preservation_refused: ClassVar[str] = ""  # why DreamBooth's prior loss cannot apply ("" = it can)
+    single_file_refused: ClassVar[str] = ""  # why `export --single-file` does not apply ("" = it does)
 
     def __init__(self, options: dict[str, Any]) -> None:
         self.options = self.Options(**options) if not isinstance(options, self.Options) else options

@@ -75,6 +75,10 @@ class NewTokenEmbedding(torch.nn.Module):
 class TextualInversion(Technique):
     kind = "textual-inversion"
     Options = TextualInversionOptions
+    single_file_refused = (
+        "a textual-inversion run is an embedding, not a model: A1111/ComfyUI load its <placeholder>.safetensors "
+        "(see the README), and `export --merged` writes a diffusers pipeline that knows the word"
+    )
     prior_preservation_refused = (
         "textual inversion trains only its new token, which class prompts do not contain, so the prior "
         "loss has no gradient to give"

@@ -57,13 +57,6 @@ class NewTokenEmbedding(torch.nn.Module):
         self.register_buffer("token_ids", torch.tensor(token_ids), persistent=False)
         self.vectors = torch.nn.Parameter(vectors.detach().clone().float())
 
-    @property
-    def weight(self) -> torch.Tensor:
-        """The table as a plain embedding would hold it (for code that reads its dtype or shape)."""
-        rows = max(self.original.num_embeddings, int(self.token_ids.max()) + 1)
-        table = torch.nn.functional.pad(self.original.weight, (0, 0, 0, rows - self.original.num_embeddings))
-        return table.index_copy(0, self.token_ids, self.vectors.to(table.dtype))
-
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         embedded = self.original(input_ids.clamp(max=self.original.num_embeddings - 1))
         for row, token_id in enumerate(self.token_ids.tolist()):

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from sdtune import cache as cache_lib
-from sdtune import diffusion, records
+from sdtune import diffusion, records, sharding
 from sdtune.batches import Layout, MicroBatch, PixelBatches, pixel_loader, pixel_needs
 from sdtune.checkpoint import (
     CheckpointError,
@@ -74,6 +74,7 @@ class StepContext:
     layout: Layout  # what each micro-batch holds (pure in its position)
     timing: dict[str, float]  # setup split: model load, data, cache
     empty_conditioning: Conditioning | None = None
+    sharded: bool = False  # FSDP2: trained tensors are shards (see sdtune.sharding)
 
 
 def train(
@@ -298,11 +299,6 @@ def _setup(experiment: Experiment, name: str, run_dir: Path, progress: bool) -> 
         log_with="tensorboard",
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")),
     )
-    if accelerator.distributed_type.value in ("DEEPSPEED", "FSDP"):
-        raise ConfigError(
-            f"{accelerator.distributed_type.value} is not supported yet: the loop accumulates gradients "
-            "itself and prepares models separately; use plain multi-GPU (DDP) with `accelerate launch`"
-        )
     if torch.cuda.is_available():  # set either way: a flag left on by an earlier run must not leak in
         torch.backends.cuda.matmul.allow_tf32 = cfg.allow_tf32
         torch.backends.cudnn.allow_tf32 = cfg.allow_tf32
@@ -314,6 +310,7 @@ def _setup(experiment: Experiment, name: str, run_dir: Path, progress: bool) -> 
     torch.manual_seed(cfg.seed)  # adapter initialisation is random: same seed, same start
     technique.prepare(bundle)
     trained = [name for name in bundle.trainable_names() if _trains(bundle.components[name])]
+    sharded = sharding.configure(accelerator, cfg, trained)  # FSDP2 when launched with it; DeepSpeed refused
     for name, module in bundle.components.items():
         frozen_dtype = torch.float32 if name == "vae" and family.vae_in_fp32 else weight_dtype
         for parameter in module.parameters():  # frozen weights in the compute dtype, trained ones fp32
@@ -353,15 +350,13 @@ def _setup(experiment: Experiment, name: str, run_dir: Path, progress: bool) -> 
             caption_dropout=cfg.caption_dropout,
         ),
         timing=timing,
+        sharded=sharded,
     )
     ctx.latent_cache = _latent_cache(ctx, experiment, run_dir.parent)
     timing["cache_open_time_s"] = time.perf_counter() - started
     if cfg.compile:
         bundle.components[family.denoiser] = torch.compile(bundle.denoiser)
-    prepared = accelerator.prepare(*[bundle.components[name] for name in trained])
-    prepared = prepared if isinstance(prepared, tuple) else (prepared,)
-    ctx.bundle = bundle.replace(**dict(zip(trained, prepared)))
-    ctx.models = list(prepared)
+    ctx.models = [bundle.components[name] for name in trained]  # prepared with the optimizer (_optimisation)
     ctx.parameters = trainable_named_parameters(_unwrapped(ctx))
     if accelerator.is_main_process:
         accelerator.init_trackers("sdtune", config=flat_scalars(dataclasses.asdict(cfg)))
@@ -451,7 +446,11 @@ def _optimisation(ctx: StepContext) -> tuple[Any, Any, Any, int]:
         eps=cfg.adam_epsilon,
         **kernel,
     )
-    optimizer = accelerator.prepare(optimizer)
+    # models and optimizer prepared together: FSDP2 replaces the parameters the optimizer holds
+    trained = [name for name in ctx.bundle.trainable_names() if _trains(ctx.bundle.components[name])]
+    ctx.models, optimizer = sharding.prepare(accelerator, ctx.models, optimizer)
+    ctx.bundle = ctx.bundle.replace(**dict(zip(trained, ctx.models)))
+    ctx.parameters = trainable_named_parameters(_unwrapped(ctx))
     # stepped once per optimizer step by the loop itself (not prepared: no per-process scaling)
     lr_scheduler = get_scheduler(
         cfg.lr_scheduler, optimizer=optimizer, num_warmup_steps=cfg.lr_warmup_steps, num_training_steps=max_steps
@@ -595,11 +594,11 @@ def _resume(ctx: StepContext, checkpoint: Path, optimizer: Any, lr_scheduler: An
             f"cannot resume {checkpoint}: {changed}; resume with the total batch (batch × accumulation × "
             "processes) and steps it was started with (the data order depends on them)"
         )
-    restore_parameters(ctx.parameters, trainable)
-    optimizer.load_state_dict(saved["optimizer"])
+    restore_parameters(ctx.parameters, sharding.shard_parameters(ctx.parameters, trainable))  # (whole when unsharded)
+    optimizer.load_state_dict(sharding.shard_optimizer_state(optimizer, saved["optimizer"]))
     lr_scheduler.load_state_dict(saved["lr_scheduler"])
     if ema is not None:
-        ema.load_state_dict(saved["ema"])
+        ema.load_state_dict(sharding.shard_ema_state(list(ctx.parameters.values()), saved["ema"]))
         ema.to(ctx.accelerator.device)
     scaler = getattr(ctx.accelerator, "scaler", None)
     if scaler is not None and saved.get("scaler") is not None:
@@ -619,7 +618,7 @@ def _layout(ctx: StepContext, max_steps: int) -> dict[str, int]:
 
 
 def _write_checkpoint(ctx: StepContext, run_dir: Path, step: int, optimizer: Any, lr_scheduler: Any, ema: Any, state: dict) -> None:
-    if ctx.accelerator.is_main_process:
+    if ctx.accelerator.is_main_process or ctx.sharded:  # sharded: every process takes part in the gather
         scaler = getattr(ctx.accelerator, "scaler", None)
         training_state = {
             "optimizer": optimizer.state_dict(),
@@ -628,7 +627,10 @@ def _write_checkpoint(ctx: StepContext, run_dir: Path, step: int, optimizer: Any
             "scaler": scaler.state_dict() if scaler is not None else None,
             "state": state,
         }
-        save_checkpoint(run_dir, step, ctx.parameters, training_state, ctx.config.checkpoints_total_limit)
+        # the same files as one process writes: sharded tensors gathered whole
+        trainable, training_state = sharding.gathered((dict(ctx.parameters), training_state))
+    if ctx.accelerator.is_main_process:
+        save_checkpoint(run_dir, step, trainable, training_state, ctx.config.checkpoints_total_limit)
     ctx.accelerator.wait_for_everyone()
 
 
@@ -646,6 +648,20 @@ def _unwrapped(ctx: StepContext) -> ModelBundle:
         return getattr(module, "_orig_mod", module)
 
     return ctx.bundle.replace(**{name: unwrap(ctx.bundle.components[name]) for name in ctx.bundle.trainable_names()})
+
+
+def _gathered_bundle(ctx: StepContext, experiment: Experiment) -> ModelBundle:
+    """Sharded runs: on rank 0, the bundle with its trained tensors gathered whole into a fresh copy
+    of the model, prepared by the technique as in training (so it saves exactly as one process)."""
+    full = sharding.gathered(dict(ctx.parameters))  # every process takes part
+    bundle = _unwrapped(ctx)
+    if not ctx.accelerator.is_main_process:
+        return bundle
+    fresh = bundle.family.load(experiment.model)
+    ctx.technique.prepare(fresh)
+    restore_parameters(trainable_named_parameters(fresh), full)
+    trained = [name for name in fresh.trainable_names() if _trains(fresh.components[name])]
+    return bundle.replace(**{name: fresh.components[name] for name in trained})
 
 
 def _with_original_frozen_parts(ctx: StepContext, bundle: ModelBundle, experiment: Experiment) -> ModelBundle:
@@ -675,11 +691,11 @@ def _finish(
     """Save the technique's outputs (EMA weights when used) and write the run record."""
     accelerator = ctx.accelerator
     saving_started = time.perf_counter()
-    bundle = _unwrapped(ctx)
+    if status == "finished" and ema is not None:
+        ema.copy_to(ctx.parameters.values())  # the study saved the EMA weights (sharded: each its shard)
+    bundle = _gathered_bundle(ctx, experiment) if ctx.sharded and status == "finished" else _unwrapped(ctx)
     outputs: dict[str, Any] = {}
     if status == "finished" and accelerator.is_main_process:
-        if ema is not None:
-            ema.copy_to(ctx.parameters.values())  # the study saved the EMA weights
         for component in bundle.trainable_names():
             bundle.components[component].eval()
         if ctx.objective.name == "ddpm":  # a prediction_type override must reach the sampler too

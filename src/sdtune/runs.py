@@ -135,7 +135,7 @@ def train_record(
         "git_commit": records.git_commit(),
         "device": records.device_description(accelerator.device),
         "num_processes": accelerator.num_processes,
-        "sharding": "fsdp2" if ctx.sharded else None,  # None: each process holds whole weights (DDP or one process)
+        "sharding": ctx.sharding,  # fsdp2 | deepspeed | None: each process holds whole weights (DDP, one process)
         "timing": {
             **timing,
             "s_per_step": timing["train_time_s"] / steps_run,

@@ -1,4 +1,5 @@
-"""Sharded training through accelerate: FSDP2 (``torch.distributed.fsdp.fully_shard``).
+"""Sharded training through accelerate: FSDP2 (``torch.distributed.fsdp.fully_shard``) and
+DeepSpeed ZeRO stages 1–2 (ZeRO-3 is refused: it hung in the CPU test).
 
 ``accelerate launch`` with an FSDP config sets ``ACCELERATE_USE_FSDP=true`` and ``FSDP_VERSION=2``;
 the loop then hands accelerate the trained model and the optimizer together (FSDP2 replaces the
@@ -11,9 +12,13 @@ Checkpoints and the saved weights have the same layout as on one process: sharde
 gathered (every process takes part; rank 0 writes), and a resumed run cuts the full tensors back
 into this run's shards, so a run may resume on another number of processes, sharded or not.
 
-accelerate routes FSDP only to GPUs; on a CPU process group (gloo) the same FSDP2 code path is
-switched on here (:func:`configure`), which is how it is tested on CPUs. DeepSpeed is refused with
-one line (see :data:`DEEPSPEED_REFUSAL`).
+DeepSpeed: ``accelerate launch`` with a DeepSpeed config sets ``ACCELERATE_USE_DEEPSPEED=true``;
+the micro-batch, accumulation and clipping of the DeepSpeed config are filled from the train
+section, the engine accumulates (the loop marks the last micro-step) and steps, and the whole fp32
+weights and Adam moments are read and written through DeepSpeed's ``safe_get/set_full_*`` API.
+
+accelerate routes FSDP and DeepSpeed only to GPUs; on a CPU process group (gloo) the same code
+paths are switched on here (:func:`configure`), which is how both are tested on CPUs.
 """
 
 from __future__ import annotations
@@ -25,10 +30,7 @@ import torch
 
 from sdtune.errors import UserError
 
-DEEPSPEED_REFUSAL = (
-    "DeepSpeed (ACCELERATE_USE_DEEPSPEED) is not supported by sdtune's loop yet; use FSDP2 instead: "
-    "`accelerate launch --use_fsdp --fsdp_version 2 -m sdtune train …` (README: Several processes)"
-)
+FSDP2, DEEPSPEED = "fsdp2", "deepspeed"
 
 
 class ShardingError(UserError, RuntimeError):
@@ -39,21 +41,46 @@ def _flag(name: str) -> bool:
     return os.environ.get(name, "").lower() in ("1", "true", "yes")
 
 
-def configure(accelerator: Any, config: Any, trained: list[str]) -> bool:
-    """Check the sharding the launcher asked for and switch it on; True when the run is sharded.
+_routed_from: list[Any] = []  # the CPU group's own distributed type, while routed to FSDP/DeepSpeed
 
-    ``trained``: the bundle's components that train. FSDP2 on a CPU group is switched on here
-    (accelerate leaves a CPU group on DDP); FSDP1, DeepSpeed and option combinations the sharded
-    path cannot run are refused in one line instead of silently running something else.
+
+def before_accelerator() -> None:
+    """Before each Accelerator: undo an earlier technique's routing (a fresh Accelerator routes
+    again), and check that a DeepSpeed launch has the deepspeed package (an optional one)."""
+    from accelerate.state import PartialState
+
+    if _routed_from:
+        PartialState._shared_state["distributed_type"] = _routed_from.pop()
+    if _flag("ACCELERATE_USE_DEEPSPEED"):
+        try:
+            import deepspeed  # noqa: F401
+        except ImportError:
+            raise ShardingError(
+                "the launch asks for DeepSpeed (ACCELERATE_USE_DEEPSPEED) but deepspeed is not installed: "
+                "`pip install deepspeed`, or launch with FSDP2 instead"
+            ) from None
+
+
+def configure(accelerator: Any, config: Any, trained: list[str]) -> str | None:
+    """Check the sharding the launcher asked for and switch it on: "fsdp2", "deepspeed" or None.
+
+    ``trained``: the bundle's components that train. On a CPU group (where accelerate leaves DDP)
+    FSDP2 and DeepSpeed are switched on here; FSDP1 and option combinations the sharded paths cannot
+    run are refused in one line instead of silently running something else.
     """
     from accelerate.utils import DistributedType
 
-    if _flag("ACCELERATE_USE_DEEPSPEED") or accelerator.distributed_type == DistributedType.DEEPSPEED:
-        raise ShardingError(DEEPSPEED_REFUSAL)
-    if not (_flag("ACCELERATE_USE_FSDP") or accelerator.distributed_type == DistributedType.FSDP):
-        return False
-    if accelerator.num_processes == 1:
-        return False  # one process holds everything anyway: the plain path, same numbers
+    deepspeed = _flag("ACCELERATE_USE_DEEPSPEED") or accelerator.distributed_type == DistributedType.DEEPSPEED
+    fsdp = _flag("ACCELERATE_USE_FSDP") or accelerator.distributed_type == DistributedType.FSDP
+    if accelerator.num_processes == 1 or not (deepspeed or fsdp):
+        return None  # one process holds everything anyway: the plain path, same numbers
+    if len(trained) > 1:
+        raise ShardingError(
+            f"{'DeepSpeed' if deepspeed else 'FSDP2'} trains one model, but this technique trains "
+            f"{', '.join(trained)}; set train_text_encoder: false for the sharded run, or launch without it (DDP)"
+        )
+    if deepspeed:
+        return _configure_deepspeed(accelerator, config)
     if accelerator.device.type == "cpu" and getattr(accelerator.state, "fsdp_plugin", None) is None:
         _fsdp_on_cpu_group(accelerator, config.mixed_precision)
     plugin = getattr(accelerator.state, "fsdp_plugin", None)
@@ -62,16 +89,62 @@ def configure(accelerator: Any, config: Any, trained: list[str]) -> bool:
             "FSDP1 is not supported (its flat parameters break saving the trained tensors by name); "
             "set fsdp_version: 2 in the accelerate config (or FSDP_VERSION=2)"
         )
-    if len(trained) > 1:
-        raise ShardingError(
-            f"FSDP2 trains one model, but this technique trains {', '.join(trained)}; set "
-            "train_text_encoder: false for the sharded run, or launch without FSDP (DDP)"
-        )
+    _check_options(config, "FSDP2")
+    return FSDP2
+
+
+def _check_options(config: Any, what: str) -> None:
     if config.compile:
-        raise ShardingError("train.compile: true is not supported with FSDP2; set train.compile: false")
+        raise ShardingError(f"train.compile: true is not supported with {what}; set train.compile: false")
     if config.use_8bit_adam:
-        raise ShardingError("train.use_8bit_adam is not supported with FSDP2 (sharded parameters); set it to false")
-    return True
+        raise ShardingError(f"train.use_8bit_adam is not supported with {what} (sharded parameters); set it to false")
+
+
+def _configure_deepspeed(accelerator: Any, config: Any) -> str:
+    """Route a CPU group to accelerate's DeepSpeed path; fill the DeepSpeed config from the train
+    section, the one source of truth (a different value the launcher carried is replaced, and said)."""
+    from accelerate.utils import DeepSpeedPlugin, DistributedType
+
+    _check_options(config, "DeepSpeed")
+    if config.mixed_precision != "no":
+        raise ShardingError(
+            "DeepSpeed runs here with train.mixed_precision: no only (its bf16/fp16 engine casts the trained "
+            "model, which the loop's fp32 inputs do not match); use FSDP2 for bf16"
+        )
+    state = accelerator.state
+    if accelerator.device.type == "cpu" and getattr(state, "deepspeed_plugins", None) is None:
+        plugin = DeepSpeedPlugin()  # reads the ACCELERATE_DEEPSPEED_* variables the launcher set
+        plugin.set_mixed_precision("no")
+        plugin.select(_from_accelerator_state=True)
+        state.deepspeed_plugins = plugin
+        state.distributed_type = DistributedType.DEEPSPEED
+        _route(DistributedType.DEEPSPEED)
+    plugin = state.deepspeed_plugin
+    ds_config = plugin.deepspeed_config
+    stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
+    if stage == 3:  # partitioned weights: the training run did not finish on the CPU test here (it hung)
+        raise ShardingError(
+            "DeepSpeed ZeRO-3 is not supported; use FSDP2 (weights sharded too) or ZeRO stage 1/2 "
+            "(zero_stage: 2 in the accelerate config)"
+        )
+    wanted = {
+        "train_micro_batch_size_per_gpu": (config.batch_size, "train.batch_size"),
+        "gradient_accumulation_steps": (config.gradient_accumulation_steps, "train.gradient_accumulation_steps"),
+        "gradient_clipping": (config.max_grad_norm, "train.max_grad_norm"),
+        "train_batch_size": (config.batch_size * config.gradient_accumulation_steps * accelerator.num_processes, "the total batch"),
+    }
+    for key, (value, source) in wanted.items():
+        given = ds_config.get(key, "auto")
+        if given not in ("auto", value) and accelerator.is_main_process:
+            print(f"DeepSpeed config {key}: {given} replaced by {value} ({source} of the experiment)")
+        ds_config[key] = value
+    return DEEPSPEED
+
+
+def is_deepspeed(accelerator: Any) -> bool:
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.DEEPSPEED
 
 
 def _fsdp_on_cpu_group(accelerator: Any, mixed_precision: str) -> None:
@@ -80,7 +153,6 @@ def _fsdp_on_cpu_group(accelerator: Any, mixed_precision: str) -> None:
     accelerate's state picks FSDP only for GPU-like devices; torch's ``fully_shard`` itself runs on
     CPUs with gloo. Everything after this (prepare, no_sync, clipping) is accelerate's own FSDP2 code.
     """
-    from accelerate.state import PartialState
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
     plugin = FullyShardedDataParallelPlugin()  # reads the FSDP_* variables the launcher set
@@ -88,8 +160,16 @@ def _fsdp_on_cpu_group(accelerator: Any, mixed_precision: str) -> None:
         plugin.set_mixed_precision(mixed_precision)
     accelerator.state.fsdp_plugin = plugin
     accelerator.state.distributed_type = DistributedType.FSDP
-    # as accelerate's own state does for a GPU group: every later AcceleratorState() re-reads it
-    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    _route(DistributedType.FSDP)
+
+
+def _route(distributed_type: Any) -> None:
+    """Set the process group's type as accelerate's own state does for a GPU group: every later
+    ``AcceleratorState()`` re-reads it (undone by :func:`before_accelerator`)."""
+    from accelerate.state import PartialState
+
+    _routed_from.append(PartialState._shared_state["distributed_type"])
+    PartialState._shared_state["distributed_type"] = distributed_type
 
 
 def prepare(accelerator: Any, models: list[torch.nn.Module], optimizer: Any) -> tuple[list[torch.nn.Module], Any]:
@@ -154,3 +234,88 @@ def shard_ema_state(parameters: list[torch.nn.Parameter], saved: dict[str, Any])
     """A gathered EMA state with its shadow weights cut like the parameters they follow."""
     shadows = saved.get("shadow_params") or []
     return {**saved, "shadow_params": [shard_like(p, s) for p, s in zip(parameters, shadows)]}
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop's few sharding-aware steps
+
+
+def backward(accelerator: Any, loss: torch.Tensor, accumulation: int, last_micro: bool) -> None:
+    """Backward of one micro-step's loss, averaged over the accumulation. DeepSpeed divides by its
+    ``gradient_accumulation_steps`` itself (set to the train section's) and reduces and steps the
+    optimizer on the micro-step marked last; everything else gets the loss divided here."""
+    if is_deepspeed(accelerator):
+        accelerator.gradient_state._set_sync_gradients(last_micro)  # what accelerator.accumulate() sets
+        accelerator.backward(loss)
+    else:
+        accelerator.backward(loss / accumulation)
+
+
+def full_parameters(accelerator: Any, parameters: dict[str, torch.nn.Parameter]) -> dict[str, torch.Tensor]:
+    """The trained tensors whole (DeepSpeed: its fp32 weights). A collective when sharded."""
+    if is_deepspeed(accelerator):
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        return {name: safe_get_full_fp32_param(parameter) for name, parameter in parameters.items()}
+    return gathered(dict(parameters))
+
+
+def full_optimizer_state(accelerator: Any, parameters: dict[str, torch.nn.Parameter], optimizer: Any) -> dict[str, Any]:
+    """The optimizer state whole, in torch's layout (states by parameter index), as one process
+    saves it. A collective when sharded."""
+    if not is_deepspeed(accelerator):
+        return gathered(optimizer.state_dict())
+    from deepspeed.utils import safe_get_full_optimizer_state
+
+    inner = _deepspeed_torch_optimizer(optimizer)
+    step = next(iter(inner.state.values()), {}).get("step", torch.tensor(0.0))
+    state = {}
+    for index, parameter in enumerate(parameters.values()):
+        moments = {key: safe_get_full_optimizer_state(parameter, key) for key in ("exp_avg", "exp_avg_sq")}
+        state[index] = {"step": torch.as_tensor(step, dtype=torch.float32).clone(), **moments}
+    hyper = {key: value for key, value in inner.param_groups[0].items() if key != "params"}
+    return {"state": state, "param_groups": [{**hyper, "params": list(range(len(parameters)))}]}
+
+
+def load_training_state(
+    accelerator: Any, parameters: dict[str, torch.nn.Parameter], optimizer: Any, trainable: dict, optimizer_state: dict
+) -> None:
+    """Put a checkpoint's whole tensors back: cut into this run's shards, or given to DeepSpeed."""
+    from sdtune.checkpoint import restore_parameters
+
+    if not is_deepspeed(accelerator):
+        restore_parameters(parameters, shard_parameters(parameters, trainable))
+        optimizer.load_state_dict(shard_optimizer_state(optimizer, optimizer_state))
+        return
+    import deepspeed
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    _check_names(parameters, trainable)
+    for index, (name, parameter) in enumerate(parameters.items()):
+        with deepspeed.zero.GatheredParameters([parameter], modifier_rank=0), torch.no_grad():
+            parameter.data.copy_(trainable[name].to(parameter.device, parameter.dtype))  # the weights used
+        safe_set_full_fp32_param(parameter, trainable[name].to(accelerator.device))  # the optimizer's master copy
+        for key in ("exp_avg", "exp_avg_sq"):
+            safe_set_full_optimizer_state(parameter, optimizer_state["state"][index][key].to(accelerator.device), key)
+    step = optimizer_state["state"][0]["step"] if optimizer_state["state"] else None
+    for entries in _deepspeed_torch_optimizer(optimizer).state.values():
+        if step is not None and "step" in entries:
+            entries["step"] = torch.as_tensor(step, dtype=entries["step"].dtype if torch.is_tensor(entries["step"]) else None)
+
+
+def _check_names(parameters: dict[str, torch.nn.Parameter], trainable: dict[str, torch.Tensor]) -> None:
+    from sdtune.checkpoint import CheckpointError
+
+    if set(parameters) != set(trainable):
+        raise CheckpointError(
+            f"checkpoint does not match this technique ({len(set(parameters) ^ set(trainable))} trainable tensors "
+            "differ); resume with the same experiment and technique"
+        )
+
+
+def _deepspeed_torch_optimizer(optimizer: Any) -> torch.optim.Optimizer:
+    """The torch optimizer under accelerate's wrapper and DeepSpeed's ZeRO optimizer."""
+    inner = optimizer
+    while not type(inner).__module__.startswith("torch.optim") and hasattr(inner, "optimizer"):
+        inner = inner.optimizer
+    return inner

@@ -74,7 +74,7 @@ class StepContext:
     layout: Layout  # what each micro-batch holds (pure in its position)
     timing: dict[str, float]  # setup split: model load, data, cache
     empty_conditioning: Conditioning | None = None
-    sharded: bool = False  # FSDP2: trained tensors are shards (see sdtune.sharding)
+    sharding: str | None = None  # fsdp2 | deepspeed: trained tensors are sharded (see sdtune.sharding)
 
 
 def train(
@@ -179,7 +179,7 @@ def train_technique(
                     target = objective.target(latents, noise, timesteps)
                     prediction = family.predict(ctx.bundle, noisy_latents, timesteps, conditioning)
                     loss = diffusion.diffusion_loss(prediction, target, objective.loss_weights(timesteps))
-                    accelerator.backward(loss / cfg.gradient_accumulation_steps)
+                    sharding.backward(accelerator, loss, cfg.gradient_accumulation_steps, last_micro)
                 step_loss += loss.detach().float() / cfg.gradient_accumulation_steps
             accelerator.clip_grad_norm_(list(ctx.parameters.values()), cfg.max_grad_norm)
             lr = lr_scheduler.get_last_lr()[0]  # the rate this step uses
@@ -293,6 +293,7 @@ def _setup(experiment: Experiment, name: str, run_dir: Path, progress: bool) -> 
     # in-process use only (the CLI and compare train each technique in a fresh process): techniques
     # of one file may differ in mixed precision, which accelerate's singleton state would refuse
     AcceleratorState._reset_state()
+    sharding.before_accelerator()
     accelerator = Accelerator(
         cpu=on_cpu(),
         mixed_precision=cfg.mixed_precision,
@@ -310,7 +311,7 @@ def _setup(experiment: Experiment, name: str, run_dir: Path, progress: bool) -> 
     torch.manual_seed(cfg.seed)  # adapter initialisation is random: same seed, same start
     technique.prepare(bundle)
     trained = [name for name in bundle.trainable_names() if _trains(bundle.components[name])]
-    sharded = sharding.configure(accelerator, cfg, trained)  # FSDP2 when launched with it; DeepSpeed refused
+    sharded = sharding.configure(accelerator, cfg, trained)  # FSDP2 / DeepSpeed when launched with them
     for name, module in bundle.components.items():
         frozen_dtype = torch.float32 if name == "vae" and family.vae_in_fp32 else weight_dtype
         for parameter in module.parameters():  # frozen weights in the compute dtype, trained ones fp32
@@ -350,7 +351,7 @@ def _setup(experiment: Experiment, name: str, run_dir: Path, progress: bool) -> 
             caption_dropout=cfg.caption_dropout,
         ),
         timing=timing,
-        sharded=sharded,
+        sharding=sharded,
     )
     ctx.latent_cache = _latent_cache(ctx, experiment, run_dir.parent)
     timing["cache_open_time_s"] = time.perf_counter() - started
@@ -565,7 +566,7 @@ def _empty_conditioning(ctx: StepContext) -> Conditioning:
 @contextlib.contextmanager
 def _no_sync(accelerator: Any, models: list[torch.nn.Module], skip: bool):
     """Skip the gradient all-reduce on all but the last micro-step of an accumulation."""
-    if skip or accelerator.num_processes == 1:
+    if skip or accelerator.num_processes == 1 or sharding.is_deepspeed(accelerator):  # DeepSpeed: its own
         yield
         return
     with contextlib.ExitStack() as stack:
@@ -594,8 +595,7 @@ def _resume(ctx: StepContext, checkpoint: Path, optimizer: Any, lr_scheduler: An
             f"cannot resume {checkpoint}: {changed}; resume with the total batch (batch × accumulation × "
             "processes) and steps it was started with (the data order depends on them)"
         )
-    restore_parameters(ctx.parameters, sharding.shard_parameters(ctx.parameters, trainable))  # (whole when unsharded)
-    optimizer.load_state_dict(sharding.shard_optimizer_state(optimizer, saved["optimizer"]))
+    sharding.load_training_state(ctx.accelerator, ctx.parameters, optimizer, trainable, saved["optimizer"])
     lr_scheduler.load_state_dict(saved["lr_scheduler"])
     if ema is not None:
         ema.load_state_dict(sharding.shard_ema_state(list(ctx.parameters.values()), saved["ema"]))
@@ -618,18 +618,19 @@ def _layout(ctx: StepContext, max_steps: int) -> dict[str, int]:
 
 
 def _write_checkpoint(ctx: StepContext, run_dir: Path, step: int, optimizer: Any, lr_scheduler: Any, ema: Any, state: dict) -> None:
-    if ctx.accelerator.is_main_process or ctx.sharded:  # sharded: every process takes part in the gather
-        scaler = getattr(ctx.accelerator, "scaler", None)
+    accelerator = ctx.accelerator
+    if accelerator.is_main_process or ctx.sharding:  # sharded: every process takes part in the gather
+        scaler = getattr(accelerator, "scaler", None)
         training_state = {
-            "optimizer": optimizer.state_dict(),
+            "optimizer": sharding.full_optimizer_state(accelerator, ctx.parameters, optimizer),
             "lr_scheduler": lr_scheduler.state_dict(),
             "ema": ema.state_dict() if ema is not None else None,
             "scaler": scaler.state_dict() if scaler is not None else None,
             "state": state,
         }
         # the same files as one process writes: sharded tensors gathered whole
-        trainable, training_state = sharding.gathered((dict(ctx.parameters), training_state))
-    if ctx.accelerator.is_main_process:
+        trainable, training_state = sharding.full_parameters(accelerator, ctx.parameters), sharding.gathered(training_state)
+    if accelerator.is_main_process:
         save_checkpoint(run_dir, step, trainable, training_state, ctx.config.checkpoints_total_limit)
     ctx.accelerator.wait_for_everyone()
 
@@ -653,7 +654,7 @@ def _unwrapped(ctx: StepContext) -> ModelBundle:
 def _gathered_bundle(ctx: StepContext, experiment: Experiment) -> ModelBundle:
     """Sharded runs: on rank 0, the bundle with its trained tensors gathered whole into a fresh copy
     of the model, prepared by the technique as in training (so it saves exactly as one process)."""
-    full = sharding.gathered(dict(ctx.parameters))  # every process takes part
+    full = sharding.full_parameters(ctx.accelerator, ctx.parameters)  # every process takes part
     bundle = _unwrapped(ctx)
     if not ctx.accelerator.is_main_process:
         return bundle
@@ -693,7 +694,7 @@ def _finish(
     saving_started = time.perf_counter()
     if status == "finished" and ema is not None:
         ema.copy_to(ctx.parameters.values())  # the study saved the EMA weights (sharded: each its shard)
-    bundle = _gathered_bundle(ctx, experiment) if ctx.sharded and status == "finished" else _unwrapped(ctx)
+    bundle = _gathered_bundle(ctx, experiment) if ctx.sharding and status == "finished" else _unwrapped(ctx)
     outputs: dict[str, Any] = {}
     if status == "finished" and accelerator.is_main_process:
         for component in bundle.trainable_names():

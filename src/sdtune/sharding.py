@@ -15,7 +15,8 @@ into this run's shards, so a run may resume on another number of processes, shar
 DeepSpeed: ``accelerate launch`` with a DeepSpeed config sets ``ACCELERATE_USE_DEEPSPEED=true``;
 the micro-batch, accumulation and clipping of the DeepSpeed config are filled from the train
 section, the engine accumulates (the loop marks the last micro-step) and steps, and the whole fp32
-weights and Adam moments are read and written through DeepSpeed's ``safe_get/set_full_*`` API.
+weights (whole in every process under ZeRO-1/2) are read from the model, the Adam moments through
+DeepSpeed's ``safe_get_full_optimizer_state``, and both written back with ``safe_set_full_*``.
 
 accelerate routes FSDP and DeepSpeed only to GPUs; on a CPU process group (gloo) the same code
 paths are switched on here (:func:`configure`), which is how both are tested on CPUs.
@@ -252,11 +253,11 @@ def backward(accelerator: Any, loss: torch.Tensor, accumulation: int, last_micro
 
 
 def full_parameters(accelerator: Any, parameters: dict[str, torch.nn.Parameter]) -> dict[str, torch.Tensor]:
-    """The trained tensors whole (DeepSpeed: its fp32 weights). A collective when sharded."""
+    """The trained tensors whole, as the model holds them (with EMA: after ``copy_to``). A
+    collective when sharded. DeepSpeed ZeRO-1/2 keeps whole fp32 weights in every process (ZeRO-3
+    and DeepSpeed's bf16/fp16 engine are refused), equal to its optimizer's master copy."""
     if is_deepspeed(accelerator):
-        from deepspeed.utils import safe_get_full_fp32_param
-
-        return {name: safe_get_full_fp32_param(parameter) for name, parameter in parameters.items()}
+        return {name: parameter.detach() for name, parameter in parameters.items()}
     return gathered(dict(parameters))
 
 
@@ -291,16 +292,32 @@ def load_training_state(
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
     _check_names(parameters, trainable)
+    _deepspeed_optimizer_state_ready(optimizer)
     for index, (name, parameter) in enumerate(parameters.items()):
         with deepspeed.zero.GatheredParameters([parameter], modifier_rank=0), torch.no_grad():
             parameter.data.copy_(trainable[name].to(parameter.device, parameter.dtype))  # the weights used
         safe_set_full_fp32_param(parameter, trainable[name].to(accelerator.device))  # the optimizer's master copy
         for key in ("exp_avg", "exp_avg_sq"):
             safe_set_full_optimizer_state(parameter, optimizer_state["state"][index][key].to(accelerator.device), key)
+    for group in _deepspeed_torch_optimizer(optimizer).param_groups:  # the rate of the step resumed at
+        group["lr"] = optimizer_state["param_groups"][0]["lr"]  # (the schedule sets it only after a step)
     step = optimizer_state["state"][0]["step"] if optimizer_state["state"] else None
     for entries in _deepspeed_torch_optimizer(optimizer).state.values():
         if step is not None and "step" in entries:
             entries["step"] = torch.as_tensor(step, dtype=entries["step"].dtype if torch.is_tensor(entries["step"]) else None)
+
+
+def _deepspeed_optimizer_state_ready(optimizer: Any) -> None:
+    """Create Adam's state before the first step (torch creates it lazily, in the first step) and
+    let DeepSpeed link it to each parameter's fragment, so saved moments can be written into it."""
+    inner = _deepspeed_torch_optimizer(optimizer)
+    for group in inner.param_groups:
+        for flat in group["params"]:
+            if not inner.state[flat]:  # torch's own initial state (AdamW, no amsgrad)
+                inner.state[flat] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(flat),
+                                     "exp_avg_sq": torch.zeros_like(flat)}
+    zero = optimizer.optimizer  # accelerate's wrapper → DeepSpeed's ZeRO optimizer
+    zero._lazy_init_hp_params_optimizer_state()  # what its own step does first (stage 1/2)
 
 
 def _check_names(parameters: dict[str, torch.nn.Parameter], trainable: dict[str, torch.Tensor]) -> None:

@@ -9,6 +9,7 @@ import shutil
 from types import SimpleNamespace
 
 import pytest
+import torch
 from test_distributed import TOLERANCE, _max_difference, _torchrun, _weights
 
 from sdtune.config import load_experiment
@@ -34,7 +35,7 @@ def test_deepspeed_zero2_on_two_cpu_processes_trains_checkpoints_and_resumes(wri
 
 def _train_sharded_match_one_process_and_resume(write_experiment, tmp_path, environment, sharding):
     """One launch trains full+EMA and LoRA sharded (checkpoint at step 2 of 4); one process trains
-    the same total batch; a second launch resumes both from step 2."""
+    the same total batch, and resumes the sharded checkpoints; a second launch resumes both from step 2."""
     path = write_experiment(data={"cache": "memory"}, log_every=1, max_train_steps=4, checkpointing_steps=2)
     sharded = tmp_path / "sharded"
     run = _torchrun("train", str(path), "--output", str(sharded), "--no-progress", extra_env=environment)
@@ -52,11 +53,16 @@ def _train_sharded_match_one_process_and_resume(write_experiment, tmp_path, envi
         )
         assert _max_difference(_weights(sharded / name, name), _weights(single.run_dir, name)) <= TOLERANCE[name]
     # resume both sharded runs from their step-2 checkpoints (whole tensors put back into the shards)
-    resumed = tmp_path / "resumed"
+    resumed, unsharded = tmp_path / "resumed", tmp_path / "unsharded"
     shutil.copytree(sharded, resumed)
     for name in ("full", "lora"):
         shutil.rmtree(resumed / name / "checkpoints" / "checkpoint-00000004", ignore_errors=True)
         (resumed / name / "record.json").unlink()
+    shutil.copytree(resumed, unsharded)
+    for name in ("full", "lora"):  # the sharded checkpoint resumed by one process: the layout is the same
+        finished = train_technique(load_experiment(path, ["train.batch_size=4"]), name, unsharded, resume=True, progress=False)
+        assert finished.record["resumed_from"] and finished.record["sharding"] is None
+        assert _max_difference(_weights(unsharded / name, name), _weights(one / name, name)) <= TOLERANCE[name]
     again = _torchrun("train", str(path), "--output", str(resumed), "--no-progress", "--resume", extra_env=environment)
     assert again.returncode == 0, again.stderr[-3000:]
     for name in ("full", "lora"):
@@ -86,7 +92,8 @@ def test_sharded_setups_that_cannot_run_are_refused_in_one_line(environment, tra
         monkeypatch.setenv(key, value)
     plugin = FullyShardedDataParallelPlugin() if "FSDP_VERSION" in environment else None
     accelerator = _Accelerator(
-        distributed_type=DistributedType.FSDP, num_processes=2, state=SimpleNamespace(fsdp_plugin=plugin)
+        distributed_type=DistributedType.FSDP, num_processes=2, device=torch.device("cpu"),
+        state=SimpleNamespace(fsdp_plugin=plugin),
     )
     config = SimpleNamespace(**{"mixed_precision": "no", "compile": False, "use_8bit_adam": False, **options})
     with pytest.raises(ShardingError, match=message):

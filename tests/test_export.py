@@ -42,9 +42,16 @@ KINDS = {
                     "target_modules": ["to_q", "conv1"]},
     "lokr": {"kind": "lokr", "rank": 2, "alpha": 3, "init_weights": False, "target_modules": ["to_q", "to_k", "conv1"]},
     "partial": {"kind": "partial"},
+    # SDXL: every kind of UNet layer kohya sd-scripts names the SGM way (resnets, samplers, embeddings)
+    "sgm-locon": {"kind": "lora", "rank": 2, "alpha": 3, "init_lora_weights": False, "target_modules": [
+        "to_q", "conv1", "conv2", "time_emb_proj", "conv_shortcut", "conv", "conv_in", "conv_out", "linear_1",
+        "linear_2", "proj_in", "proj_out"]},
+    # Tucker LoKr (lokr_t2 on the 3×3 convs of 32 channels; rank 2 leaves the 16-channel ones a full w2)
+    "lokr-tucker": {"kind": "lokr", "rank": 2, "alpha": 3, "init_weights": False, "use_effective_conv2d": True,
+                    "decompose_both": True, "target_modules": ["conv1", "conv2", "to_k"]},
 }
 MATRIX = [(family, kind) for family in ("sd1", "sd2", "sdxl", "sd3") for kind in ("lora", "dora", "loha", "lokr", "partial")]
-MATRIX += [("sd1", "locon"), ("sd1", "loha-tucker")]
+MATRIX += [("sd1", "locon"), ("sd1", "loha-tucker"), ("sdxl", "sgm-locon")]
 
 
 @pytest.fixture(scope="module")
@@ -101,10 +108,31 @@ def lycoris_kohya_network():
         logger.setLevel(level)
 
 
+def sgm_unet(unet):
+    """The diffusers UNet's layers under their SGM paths, as kohya sd-scripts' own SDXL UNet nests them
+    (the layers are shared, so what LyCORIS changes is the model); the paths are the single-file
+    checkpoint's, which diffusers' ``from_single_file`` checks."""
+    from sdtune.single_file import unet_original_key
+
+    root = torch.nn.Module()
+    for path, layer in unet.named_modules():
+        if "weight" not in layer._parameters:
+            continue
+        *parents, leaf = unet_original_key(f"{path}.weight", dict(unet.config)).split(".")[:-1]
+        holder = root
+        for name in parents:
+            if not hasattr(holder, name):
+                holder.add_module(name, torch.nn.Module())
+            holder = getattr(holder, name)
+        holder.add_module(leaf, layer)
+    return root
+
+
 def lycoris_modules(pipe, family, weights):
     """Load a community file onto ``pipe`` with lycoris-lora: kohya's loader (``lora_unet_``/``lora_te*``,
-    text encoders as a list when the family has several) and, for SD3's ``lycoris_`` transformer names,
-    LyCORIS' own ``create_lycoris_from_weights``. Returns the LyCORIS modules it built."""
+    text encoders as a list when the family has several; SDXL's UNet under its SGM paths, as kohya
+    sd-scripts gives it) and, for SD3's ``lycoris_`` transformer names, LyCORIS' own
+    ``create_lycoris_from_weights``. Returns the LyCORIS modules it built."""
     pytest.importorskip("lycoris", reason="the real-loader tests need `pip install lycoris-lora` (the dev extra)")
     from lycoris import create_lycoris_from_weights
     from lycoris.kohya import create_network_from_weights
@@ -116,8 +144,9 @@ def lycoris_modules(pipe, family, weights):
             transformer, _ = create_lycoris_from_weights(1.0, "", pipe.transformer, weights_sd=weights)
             text, _ = create_network_from_weights(1.0, "", None, encoders, torch.nn.Module(), weights_sd=weights)
             return transformer.loras + text.text_encoder_loras
+        unet = sgm_unet(pipe.unet) if family.kohya_trainer_names_unet == "sgm" else pipe.unet
         network, _ = create_network_from_weights(
-            1.0, "", None, encoders if len(encoders) > 1 else encoders[0], pipe.unet, weights_sd=weights
+            1.0, "", None, encoders if len(encoders) > 1 else encoders[0], unet, weights_sd=weights
         )
         return network.unet_loras + network.text_encoder_loras
 
@@ -214,9 +243,10 @@ def test_community_file_loads_in_lycoris_as_the_merged_export(family, kind, trai
                                            msg=f"{component}.{key}")
 
 
-@pytest.mark.parametrize(("family", "kind"), [("sd1", "locon"), ("sd2", "lora"), ("sdxl", "lora")])
+@pytest.mark.parametrize(("family", "kind"), [("sd1", "locon"), ("sd2", "lora"), ("sdxl", "lora"), ("sdxl", "sgm-locon")])
 def test_lora_community_file_loads_in_diffusers_as_the_merged_export(family, kind, trained):
-    """diffusers' own kohya converter reads the file (LoCon convs and text encoders included)."""
+    """diffusers' own kohya converter reads the file (LoCon convs and text encoders included; SDXL's
+    SGM names through its own SGM → diffusers map, ``_maybe_map_sgm_blocks_to_diffusers``)."""
     run_dir, record, merged_dir = trained(family, kind)
     spec = FAMILIES.get(family)()
     path, part = _community_file(run_dir, record)
@@ -231,6 +261,107 @@ def test_lora_community_file_loads_in_diffusers_as_the_merged_export(family, kin
         assert ours.keys() == theirs.keys()
         for key, value in theirs.items():
             torch.testing.assert_close(ours[key], value, rtol=1e-4, atol=1e-5, msg=f"{component}.{key}")
+
+
+# -- SDXL: SGM names, read independently ------------------------------------------------------------------
+SDXL_LAYOUT = [("sdxl", kind) for kind in ("lora", "dora", "loha", "lokr", "partial", "sgm-locon", "lokr-tucker")]
+
+
+def comfy_key_map(checkpoint):
+    """Community layer name → weight key (without ``.weight``), built as ComfyUI's ``model_lora_keys_unet``/
+    ``_clip`` build it: from the checkpoint's own keys, '.' → '_', with no knowledge of diffusers' names.
+    CLIP-G is held in the Hugging Face layout under ``te2.`` (as ComfyUI converts it when loading)."""
+    prefixes = {"model.diffusion_model.": "lora_unet_", "conditioner.embedders.0.transformer.": "lora_te1_", "te2.": "lora_te2_"}
+    return {
+        name + key[len(start):-len(".weight")].replace(".", "_"): key[: -len(".weight")]
+        for key in checkpoint if key.endswith(".weight")
+        for start, name in prefixes.items() if key.startswith(start)
+    }
+
+
+def community_delta(tensors, weight):
+    """ΔW of one layer of a community file by the formulas of ComfyUI's ``comfy/weight_adapter/`` (lora.py,
+    loha.py, lokr.py; A1111's are the same): scale = alpha / rank, rank = the ``lora_down``/``hada_w1_b``/
+    ``lokr_w*_b`` rows. DoRA is LyCORIS' and peft's (norm of W + ΔW per output row, ``dora_scale`` out×1…)."""
+    alpha = tensors.get("alpha")
+    if "lora_down.weight" in tensors:
+        down, up = tensors["lora_down.weight"], tensors["lora_up.weight"]
+        delta = (up.flatten(1) @ down.flatten(1)).reshape(weight.shape) * (alpha / down.shape[0])
+        if "dora_scale" in tensors:
+            magnitude = tensors["dora_scale"]
+            assert magnitude.shape == (weight.shape[0], *[1] * (weight.dim() - 1))
+            merged = weight + delta
+            delta = merged * magnitude / merged.flatten(1).norm(dim=1).reshape(magnitude.shape) - weight
+        return delta
+    if "hada_w1_a" in tensors:
+        def side(a, b, core):
+            return a @ b if core is None else torch.einsum("i j k l, j r, i p -> p r k l", core, b, a)
+        w1 = side(tensors["hada_w1_a"], tensors["hada_w1_b"], tensors.get("hada_t1"))
+        w2 = side(tensors["hada_w2_a"], tensors["hada_w2_b"], tensors.get("hada_t2"))
+        return (w1 * w2).reshape(weight.shape) * (alpha / tensors["hada_w1_b"].shape[0])
+    rank = None
+    w1 = tensors.get("lokr_w1")
+    if w1 is None:
+        w1, rank = tensors["lokr_w1_a"] @ tensors["lokr_w1_b"], tensors["lokr_w1_b"].shape[0]
+    w2 = tensors.get("lokr_w2")
+    if w2 is None:
+        a, b, core = tensors["lokr_w2_a"], tensors["lokr_w2_b"], tensors.get("lokr_t2")
+        w2 = a @ b if core is None else torch.einsum("i j k l, j r, i p -> p r k l", core, b, a)
+        rank = b.shape[0]
+    if w2.dim() == 4:
+        w1 = w1[:, :, None, None]
+    return torch.kron(w1.contiguous(), w2.contiguous()).reshape(weight.shape) * (1.0 if rank is None else alpha / rank)
+
+
+@pytest.mark.parametrize(("family", "kind"), SDXL_LAYOUT, ids=[k for _, k in SDXL_LAYOUT])
+def test_sdxl_community_file_on_the_sgm_checkpoint_is_the_merged_single_file(family, kind, trained, tmp_path):
+    """kohya sd-scripts names SDXL's UNet the SGM way (``lora_unet_input_blocks_4_1_…``), as the single-file
+    checkpoint does (its names are checked by diffusers' ``from_single_file``). The community file applied
+    to the base model's single file by an independent reader (ComfyUI's key map and formulas, Tucker LoKr
+    ``lokr_t2`` included) gives ``export --single-file`` of the run, every weight."""
+    from sdtune.single_file import clip_to_original, original_state_dict
+
+    run_dir, record, merged_dir = trained(family, kind)
+    spec = FAMILIES.get(family)()
+    path, part = _community_file(run_dir, record)
+    assert ("LyCORIS" if kind == "dora" else "kohya sd-scripts") in part["loads_in"]  # (see community.TOOLS)
+    base = spec.load_pipeline(record["config"]["model"]["path"])
+    open_clip = spec.single_file_layout["text_encoder_2"][0]  # CLIP-G, compared in the HF layout instead
+
+    def checkpoint(single_file, text_encoder_2):
+        kept = {key: value for key, value in single_file.items() if not key.startswith(open_clip)}
+        return {**kept, **{f"te2.{key}": value for key, value in clip_to_original(text_encoder_2).items()}}
+
+    before = checkpoint(original_state_dict(base.components, spec.single_file_layout), base.text_encoder_2)
+    ours = dict(before)
+    key_map = comfy_key_map(ours)
+    layers = {}
+    for key, value in load_file(path).items():
+        name, _, tensor = key.partition(".")
+        layers.setdefault(name, {})[tensor] = value.double()
+    assert set(layers) <= set(key_map), sorted(set(layers) - set(key_map))[:3]  # "lora key not loaded"
+    if kind == "lokr-tucker":
+        assert any("lokr_t2" in tensors for tensors in layers.values())
+    for name, tensors in layers.items():
+        layer = key_map[name]
+        weight = ours[f"{layer}.weight"].double()
+        if "diff" in tensors or "w_norm" in tensors:
+            ours[f"{layer}.weight"] = weight + tensors.get("diff", tensors.get("w_norm"))
+            for bias_name in ("diff_b", "b_norm"):
+                if bias_name in tensors:
+                    ours[f"{layer}.bias"] = ours[f"{layer}.bias"].double() + tensors[bias_name]
+        else:
+            ours[f"{layer}.weight"] = weight + community_delta(tensors, weight)
+
+    exported = load_file(export_single_file(run_dir, tmp_path / "merged.safetensors"))
+    merged_te2 = spec.pipeline_class().from_pretrained(merged_dir).text_encoder_2
+    theirs = checkpoint(exported, merged_te2)
+    assert ours.keys() == theirs.keys()
+    for key, value in theirs.items():
+        torch.testing.assert_close(ours[key].float(), value, rtol=1e-4, atol=1e-5 * max(value.abs().max().item(), 1.0),
+                                   msg=key)
+    moved = {key.split(".")[0] for key, value in theirs.items() if not torch.equal(value, before[key])}
+    assert "model" in moved  # the UNet changed, so the comparison means something
 
 
 # -- single-file checkpoints ---------------------------------------------------------------------------

@@ -111,7 +111,10 @@ class AdapterTechnique(Technique):
             _check_injected(bundle.components[name], modules, name)
         if self.options.init_from:  # after injection: the file's tensors replace the fresh initialisation
             adapted = {name: bundle.components[name] for name in targets}
-            community.initialise_from(Path(self.options.init_from), adapted, bundle.family.community_prefixes)
+            family = bundle.family
+            community.initialise_from(
+                Path(self.options.init_from), adapted, family.community_prefixes, community.sgm_components(family)
+            )
 
     # -- outputs ----------------------------------------------------------------------------------
     def save(self, bundle: ModelBundle, out_dir: Path) -> dict[str, list[str]]:
@@ -129,7 +132,8 @@ class AdapterTechnique(Technique):
         part, file_name = self.community_output(family)
         try:
             tensors = community.adapter_to_community(
-                [(name, module, state) for name, module, _, state in adapted], family.community_prefixes
+                [(name, module, state) for name, module, _, state in adapted], family.community_prefixes,
+                community.sgm_components(family),
             )
         except community.CommunityFormatError as error:  # an exotic peft option; the peft files still load
             print(f"no {file_name} written: {error}")

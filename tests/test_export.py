@@ -482,16 +482,32 @@ def test_training_starts_from_a_single_file_model(write_experiment, family_model
 
 
 # -- init_from --------------------------------------------------------------------------------------------
-@pytest.mark.parametrize(("family", "kind"), [("sd1", "lora"), ("sd1", "dora"), ("sdxl", "loha"), ("sd3", "lokr")])
-def test_init_from_a_community_file_starts_where_it_left_off(family, kind, trained, tmp_path):
+INIT_FROM = [("sd1", "lora", "sd1-lora"), ("sd1", "dora", "sd1-dora"), ("sdxl", "loha", "sdxl-loha"),
+             ("sdxl", "sgm-locon", "sdxl-sgm-names"), ("sdxl", "sgm-locon", "sdxl-diffusers-names"), ("sd3", "lokr", "sd3-lokr")]
+
+
+@pytest.mark.parametrize(("family", "kind", "case"), INIT_FROM, ids=[case for _, _, case in INIT_FROM])
+def test_init_from_a_community_file_starts_where_it_left_off(family, kind, case, trained, tmp_path):
     """An adapter initialised from a run's community file (with another alpha: the file's scale is
-    folded in) has exactly the run's weights once merged, before any training."""
+    folded in) has exactly the run's weights once merged, before any training. SDXL files are read in
+    kohya's SGM names (what sdtune writes) and in diffusers' block names (what other trainers write)."""
+    from safetensors.torch import save_file
+
     from sdtune.models import family_for
     from sdtune.techniques import TECHNIQUES
     from sdtune.techniques.adapter import merge_adapters
 
     run_dir, record, merged_dir = trained(family, kind)
     path, _ = _community_file(run_dir, record)
+    if case == "sdxl-diffusers-names":
+        unet = FAMILIES.get(family)().load_pipeline(record["config"]["model"]["path"]).unet
+        renamed = {community.layer_name("lora_unet_", unet, p, sgm=True): community.layer_name("lora_unet_", unet, p)
+                   for p, layer in unet.named_modules() if "weight" in layer._parameters}
+        weights = {f"{renamed[key.split('.')[0]]}.{key.partition('.')[2]}": value for key, value in load_file(path).items()}
+        assert all(key.startswith(("lora_unet_down_blocks", "lora_unet_mid_block", "lora_unet_up_blocks",
+                                   "lora_unet_time_embedding", "lora_unet_add_embedding", "lora_unet_conv_")) for key in weights)
+        path = tmp_path / "diffusers-names.safetensors"
+        save_file(weights, path)
     raw = {**record["config"], "techniques": {"again": _technique_entry(record, kind, path)}}
     (tmp_path / "again.yaml").write_text(yaml.safe_dump(raw))
     experiment = load_experiment(tmp_path / "again.yaml")

@@ -85,13 +85,18 @@ def layer_name(prefix: str, module: torch.nn.Module, path: str, sgm: bool = Fals
 
 def layer_names(module: torch.nn.Module, prefix: str, sgm: bool = False) -> dict[str, str]:
     """Community layer name → module path, for every submodule of ``module``; with ``sgm`` the SGM
-    names of its layers too (a module with no SGM name, such as a resnet's activation, has none)."""
+    names of its weighted layers too (a container can share its layer's SGM name: a downsampler is
+    ``…_0_op`` and so is its conv)."""
     names = {layer_name(prefix, module, path): path for path, _ in module.named_modules() if path}
-    for path, _ in module.named_modules() if sgm else ():
-        try:
-            names.setdefault(layer_name(prefix, module, path, sgm=True), path)
-        except UnknownKeyError:
+    for path, layer in module.named_modules() if sgm else ():
+        if not isinstance(getattr(layer, "weight", None), torch.Tensor):  # (peft's wrappers show their base's)
             continue
+        try:
+            name = layer_name(prefix, module, path, sgm=True)
+        except UnknownKeyError:  # inside a peft wrapper of a top-level layer (conv_in.base_layer)
+            continue
+        if names.setdefault(name, path) != path:
+            raise CommunityFormatError(f"{names[name]} and {path} both have the SGM name {name}")
     return names
 
 

@@ -534,6 +534,23 @@ def _technique_entry(record, kind, path):
     return entry
 
 
+def test_init_from_is_relative_to_the_experiment_file(write_experiment, tmp_path, monkeypatch):
+    """Like ``model`` and ``data``, ``init_from`` names a file next to the experiment, wherever sdtune runs."""
+    from safetensors.torch import save_file
+
+    (tmp_path / "weights").mkdir()
+    save_file({"lora_unet_conv_in.alpha": torch.tensor(1.0)}, tmp_path / "weights" / "start.safetensors")
+    path = write_experiment(techniques={"lora": {"kind": "lora", "init_from": "weights/start.safetensors"}})
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    experiment = load_experiment(path)
+    assert experiment.techniques["lora"].options["init_from"] == str(tmp_path / "weights" / "start.safetensors")
+    with pytest.raises(ConfigError, match=rf"^techniques.lora.init_from: '{tmp_path}/weights/missing.safetensors' is not a "
+                       r".safetensors file; .* \(absolute, or relative to the experiment file\)$"):
+        load_experiment(write_experiment(techniques={"lora": {"kind": "lora", "init_from": "weights/missing.safetensors"}}))
+
+
 def test_init_from_errors_are_one_line_with_the_fix(write_experiment, trained, tmp_path):
     with pytest.raises(ConfigError, match=r"^techniques.lora.init_from: '.*nowhere.safetensors' is not a .safetensors file"):
         load_experiment(write_experiment(techniques={"lora": {"kind": "lora", "init_from": str(tmp_path / "nowhere.safetensors")}}))

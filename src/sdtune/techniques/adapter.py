@@ -45,6 +45,7 @@ class AdapterTechnique(Technique):
     SD3: the joint attention, ``add_q/k/v_proj`` and ``to_add_out`` too)."""
 
     Options = AdapterOptions
+    path_options = ("init_from",)
     peft_config_name: ClassVar[str]  # the peft config class
     alpha_field: ClassVar[str]
     fixed: ClassVar[dict[str, Any]] = {}  # peft arguments this kind sets itself (DoRA: use_dora)
@@ -226,7 +227,7 @@ def _existing_file(value: str, where: str) -> str:
     if not path.is_file() or path.suffix != ".safetensors":
         raise ConfigError(
             f"{where}: {value!r} is not a .safetensors file; give a kohya/LyCORIS or diffusers LoRA file "
-            "(absolute, or relative to the working directory)"
+            "(absolute, or relative to the experiment file)"
         )
     return str(path.resolve())
 

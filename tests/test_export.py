@@ -46,6 +46,10 @@ KINDS = {
     "sgm-locon": {"kind": "lora", "rank": 2, "alpha": 3, "init_lora_weights": False, "target_modules": [
         "to_q", "conv1", "conv2", "time_emb_proj", "conv_shortcut", "conv", "conv_in", "conv_out", "linear_1",
         "linear_2", "proj_in", "proj_out"]},
+    # SDXL: full-rank differences of resnets (norms: w_norm/b_norm, biases: diff_b), embeddings, samplers
+    "partial-sgm": {"kind": "partial", "modules": ["down_blocks.1.resnets.0.*", "time_embedding.*", "add_embedding.*",
+                                                   "up_blocks.0.upsamplers.*", "down_blocks.0.downsamplers.*",
+                                                   "mid_block.attentions.0.norm.*", "conv_in.*", "conv_norm_out.*"]},
     # Tucker LoKr (lokr_t2 on the 3×3 convs of 32 channels; rank 2 leaves the 16-channel ones a full w2)
     "lokr-tucker": {"kind": "lokr", "rank": 2, "alpha": 3, "init_weights": False, "use_effective_conv2d": True,
                     "decompose_both": True, "target_modules": ["conv1", "conv2", "to_k"]},
@@ -264,7 +268,8 @@ def test_lora_community_file_loads_in_diffusers_as_the_merged_export(family, kin
 
 
 # -- SDXL: SGM names, read independently ------------------------------------------------------------------
-SDXL_LAYOUT = [("sdxl", kind) for kind in ("lora", "dora", "loha", "lokr", "partial", "sgm-locon", "lokr-tucker")]
+SDXL_LAYOUT = [("sdxl", kind) for kind in ("lora", "dora", "loha", "lokr", "partial", "sgm-locon", "loha-tucker",
+                                           "lokr-tucker", "partial-sgm")]
 
 
 def comfy_key_map(checkpoint):
@@ -340,8 +345,9 @@ def test_sdxl_community_file_on_the_sgm_checkpoint_is_the_merged_single_file(fam
         name, _, tensor = key.partition(".")
         layers.setdefault(name, {})[tensor] = value.double()
     assert set(layers) <= set(key_map), sorted(set(layers) - set(key_map))[:3]  # "lora key not loaded"
-    if kind == "lokr-tucker":
-        assert any("lokr_t2" in tensors for tensors in layers.values())
+    found = {tensor for tensors in layers.values() for tensor in tensors}
+    assert {"lokr-tucker": {"lokr_t2"}, "loha-tucker": {"hada_t1", "hada_t2"}, "dora": {"dora_scale"},
+            "partial-sgm": {"w_norm", "b_norm", "diff_b"}}.get(kind, set()) <= found
     for name, tensors in layers.items():
         layer = key_map[name]
         weight = ours[f"{layer}.weight"].double()

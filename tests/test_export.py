@@ -597,3 +597,10 @@ def test_weights_without_a_community_form_are_refused_not_dropped():
         {"text_encoder": encoder}, {"text_encoder": "lora_te_"},
     )
     assert set(out) == {"lora_te_proj.diff_b", "lora_te_proj.diff"} and not out["lora_te_proj.diff"].any()
+    unet = torch.nn.Module()  # an SDXL-like UNet with a layer the SGM checkpoint has no name for
+    unet.config = {"layers_per_block": 1, "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"]}
+    unet.encoder_hid_proj = torch.nn.Linear(2, 2)
+    with pytest.raises(community.CommunityFormatError, match="'encoder_hid_proj.weight' has no original-layout name"):
+        community.differences_to_community({"unet.encoder_hid_proj.weight": torch.ones(2, 2)},
+                                           {"unet.encoder_hid_proj.weight": torch.zeros(2, 2)},
+                                           {"unet": unet}, {"unet": "lora_unet_"}, sgm=("unet",))

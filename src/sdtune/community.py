@@ -71,7 +71,10 @@ def canonical_path(module: torch.nn.Module, path: str) -> str:
 def sgm_path(unet: torch.nn.Module, path: str) -> str:
     """The SGM (SDXL single-file checkpoint, kohya sd-scripts' SDXL UNet) path of a diffusers UNet
     layer, e.g. ``down_blocks.1.attentions.0.proj_in`` → ``input_blocks.4.1.proj_in``."""
-    return unet_original_key(f"{path}.weight", dict(unet.config)).removesuffix(".weight")
+    try:
+        return unet_original_key(f"{path}.weight", dict(unet.config)).removesuffix(".weight")
+    except UnknownKeyError as error:  # a layer the SGM checkpoint does not have: no community name
+        raise CommunityFormatError(str(error)) from None
 
 
 def sgm_components(family: Any) -> tuple[str, ...]:
@@ -93,7 +96,7 @@ def layer_names(module: torch.nn.Module, prefix: str, sgm: bool = False) -> dict
             continue
         try:
             name = layer_name(prefix, module, path, sgm=True)
-        except UnknownKeyError:  # inside a peft wrapper of a top-level layer (conv_in.base_layer)
+        except CommunityFormatError:  # inside a peft wrapper of a top-level layer (conv_in.base_layer)
             continue
         if names.setdefault(name, path) != path:
             raise CommunityFormatError(f"{names[name]} and {path} both have the SGM name {name}")

@@ -584,7 +584,8 @@ def test_init_from_errors_are_one_line_with_the_fix(write_experiment, trained, t
 
 def test_weights_without_a_community_form_are_refused_not_dropped():
     """Partial training of a text encoder moves its embeddings, which no kohya/LyCORIS layout holds:
-    the community file is not written at all rather than written without them."""
+    the community file is not written at all rather than written without them; so with an SDXL UNet
+    layer that has no SGM name."""
     encoder = torch.nn.Module()
     encoder.token_embedding = torch.nn.Embedding(4, 2)
     encoder.proj = torch.nn.Linear(2, 2)

@@ -321,7 +321,7 @@ class TrainingSet:
             return None
         mask = Image.fromarray(read_mask(self.masks[i], self.base_dir))
         mask = fit_image(mask, self.target_size(i), crop_top_left, flip, Image.BILINEAR)
-        return torch.from_numpy(np.asarray(mask, dtype=np.float32).copy())[None]
+        return torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0)[None]
 
     def caption(self, i: int, seed: int, epoch: int, slot: int) -> str:
         """The caption the model sees for image ``i`` in this slot and epoch (shuffled if asked)."""

@@ -154,3 +154,29 @@ def test_mask_of_another_size_and_explicit_buckets_off_the_stride_are_errors(tmp
     (data / "2_wide" / "w1_mask.png").unlink()
     with pytest.raises(DataError, match="data.buckets: \\[24, 40\\] is not a multiple of 16 px"):
         prepare_training_set(DataConfig(source=str(data), resolution=32, buckets=[[32, 32], [24, 40]]), progress=False, stride=16)
+
+
+def test_masks_from_an_imagefolder_and_from_a_mask_column(tmp_path):
+    import json
+
+    Image.new("RGB", (16, 8), (200, 0, 0)).save(tmp_path / "a.png")
+    Image.new("RGB", (16, 8), (0, 200, 0)).save(tmp_path / "b.png")
+    half = np.zeros((8, 16), dtype=np.uint8)
+    half[:, 8:] = 255
+    Image.fromarray(half).save(tmp_path / "a_mask.png")  # next to a.png: found, not read as an image
+    (tmp_path / "metadata.jsonl").write_text("".join(json.dumps({"file_name": f, "text": f}) + "\n" for f in ("a.png", "b.png")))
+    data = prepare_training_set(DataConfig(source=str(tmp_path), resolution=8), progress=False)
+    assert len(data) == 2 and data.masks[1] is None and data.mask(1, False, None) is None
+    assert data.mask(0, False, None)[0].tolist() == [[0.0] * 4 + [1.0] * 4] * 8  # 16×8 → 8 wide after the centre crop
+    (tmp_path / "metadata.jsonl").unlink()
+    (tmp_path / "rows.csv").write_text("path,caption,region\na.png,a,a_mask.png\nb.png,b,a_mask.png\n")
+    column = prepare_training_set(DataConfig(source=str(tmp_path / "rows.csv"), resolution=8, mask_column="region"), progress=False)
+    assert torch.equal(column.mask(1, True, None), data.mask(0, True, None))
+
+
+def test_generate_refuses_a_size_the_vae_cannot_make(tmp_path):
+    from sdtune.config import ConfigError
+    from sdtune.generate import generate
+
+    with pytest.raises(ConfigError, match="--width: 30 is not a positive multiple of 8"):
+        generate(tmp_path, ["a red circle"], width=30, height=32)

@@ -52,6 +52,11 @@ def load_rows(config: DataConfig, cache_root: Path | None = None) -> tuple[Any, 
         rows, folder = layouts.materialise_stream(config, cache_root or STREAM_CACHE)
         return rows, "image", "text", folder
     if source.is_dir() and layouts.folder_layout(source) != "imagefolder":
+        if config.mask_column is not None:
+            raise DataError(
+                f"data.mask_column: {str(source)!r} is a folder of image files, which has no columns; put each "
+                "mask next to its image as NAME_mask.png and remove data.mask_column"
+            )
         reader = layouts.read_kohya_folder if layouts.folder_layout(source) == "kohya" else layouts.read_captioned_folder
         rows = reader(source)[: config.max_samples]
         if not rows:
@@ -385,13 +390,16 @@ def prepare_training_set(
         captions_column = [row[caption_column] for row in dataset]
     else:
         captions_column = dataset[caption_column]
-    masks_column = _masks_column(config, dataset, image_column, base_dir)
+    if config.mask_column is not None and not isinstance(dataset, list) and config.mask_column not in dataset.column_names:
+        raise DataError(
+            f"data.mask_column: {config.mask_column!r} is not a column; the dataset has: {', '.join(dataset.column_names)}"
+        )
     indices, captions, sizes, skipped, repeats, masks = [], [], [], [], [], []
     for row in tqdm(range(len(dataset)), desc="checking images", disable=not progress, leave=False):
         value = dataset[row][image_column]
         try:
             size = decode_image(value, base_dir).size
-            mask = masks_column[row]
+            mask = dataset[row].get("mask") if isinstance(dataset, list) else _mask_of(config, dataset[row], value, base_dir)
             if mask is not None:
                 _check_mask(mask, size, base_dir)
         except Exception as error:
@@ -428,27 +436,17 @@ def prepare_training_set(
     )
 
 
-def _masks_column(config: DataConfig, dataset: Any, image_column: str, base_dir: Path | None) -> list[Any]:
-    """Per row: the mask value (``data.mask_column``, a layout's ``mask``, or a ``*_mask.png`` next to an
-    imagefolder's image), or None."""
-    if isinstance(dataset, list):
-        return [row.get("mask") for row in dataset]
+def _mask_of(config: DataConfig, row: dict[str, Any], image: Any, base_dir: Path | None) -> Any:
+    """A 🤗 dataset row's mask value: ``data.mask_column``, or a ``*_mask.png`` next to the image file
+    (an imagefolder lists only its metadata's files, so the mask is not read as an image)."""
     if config.mask_column is not None:
-        if config.mask_column not in dataset.column_names:
-            raise DataError(
-                f"data.mask_column: {config.mask_column!r} is not a column; the dataset has: {', '.join(dataset.column_names)}"
-            )
-        return list(dataset[config.mask_column])
-    found = []
-    for value in dataset[image_column]:
-        path = value.get("path") if isinstance(value, dict) else value if isinstance(value, str) else None
-        mask = None
-        if path:
-            image_path = _resolve(path, base_dir)
-            candidates = [image_path.with_name(image_path.stem + layouts.MASK_SUFFIX + image_path.suffix)]
-            mask = next((str(c) for c in candidates if c.exists()), None)
-        found.append(mask)
-    return found
+        return row[config.mask_column]
+    path = image.get("path") if isinstance(image, dict) else image if isinstance(image, str) else None
+    if not path:
+        return None
+    image_path = _resolve(path, base_dir)
+    candidate = image_path.with_name(image_path.stem + layouts.MASK_SUFFIX + image_path.suffix)
+    return str(candidate) if candidate.exists() else None
 
 
 def _check_mask(value: Any, size: tuple[int, int], base_dir: Path | None) -> None:

@@ -180,3 +180,31 @@ def test_generate_refuses_a_size_the_vae_cannot_make(tmp_path):
 
     with pytest.raises(ConfigError, match="--width: 30 is not a positive multiple of 8"):
         generate(tmp_path, ["a red circle"], width=30, height=32)
+
+
+def test_sdxl_time_ids_carry_each_samples_real_size_crop_and_bucket(family_model, tmp_path, monkeypatch):
+    from sdtune.models.sdxl import StableDiffusionXL
+
+    seen = []
+    real = StableDiffusionXL.predict
+
+    def spy(self, bundle, noisy, timesteps, conditioning):
+        seen.append((tuple(noisy.shape[-2:]), conditioning["time_ids"].clone()))
+        return real(self, bundle, noisy, timesteps, conditioning)
+
+    monkeypatch.setattr(StableDiffusionXL, "predict", spy)
+    data = _bucketed_folder(tmp_path / "data")
+    raw = {"name": "xl", "model": str(family_model("sdxl")),
+           "data": {"source": str(data), "resolution": 32, "buckets": "auto", "center_crop": False, "random_flip": True},
+           "train": {"batch_size": 3, "max_train_steps": 3, "checkpointing_steps": None},
+           "techniques": {"lora": {"kind": "lora", "rank": 2}}}
+    path = tmp_path / "experiment.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    record = train_technique(load_experiment(path, [f"output_dir={tmp_path / 'out'}"]), "lora", progress=False).record
+    vae_factor = 2  # the tiny SDXL VAE
+    for latent_size, time_ids in seen:
+        for original_h, original_w, top, left, target_h, target_w in time_ids.tolist():
+            assert (original_h, original_w) in ((24.0, 48.0), (50.0, 26.0))  # the image's own size
+            assert (target_h, target_w) == (latent_size[0] * vae_factor, latent_size[1] * vae_factor)  # its bucket
+            assert (original_w > original_h) == (target_w > target_h) and top >= 0 and left >= 0
+    assert len({latent for latent, _ in seen}) == 2 == len(record["data"]["buckets"])  # both buckets trained

@@ -208,3 +208,31 @@ def test_sdxl_time_ids_carry_each_samples_real_size_crop_and_bucket(family_model
             assert (target_h, target_w) == (latent_size[0] * vae_factor, latent_size[1] * vae_factor)  # its bucket
             assert (original_w > original_h) == (target_w > target_h) and top >= 0 and left >= 0
     assert len({latent for latent, _ in seen}) == 2 == len(record["data"]["buckets"])  # both buckets trained
+
+
+@pytest.mark.slow
+def test_two_processes_train_a_bucketed_run_like_one(tiny_model, tmp_path):
+    """2 CPU processes × batch 1 × accumulation 2 == 1 process × batch 4: the same bucket on every
+    micro-step of both processes (a mixed step could not even be stacked) and the same weights."""
+    import json
+    import subprocess
+    import sys
+
+    data = _bucketed_folder(tmp_path / "data")
+    raw = {"name": "b2", "model": str(tiny_model),
+           "data": {"source": str(data), "resolution": 32, "buckets": "auto", "center_crop": True, "random_flip": True},
+           "train": {"batch_size": 1, "gradient_accumulation_steps": 2, "max_train_steps": 3, "learning_rate": 1e-3,
+                     "checkpointing_steps": None, "log_every": 1},
+           "techniques": {"lora": {"kind": "lora", "rank": 2}}}
+    path = tmp_path / "experiment.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "sdtune",
+               "train", str(path), "--technique", "lora", "--output", str(tmp_path / "two"), "--no-progress"]
+    two = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    record = json.loads((tmp_path / "two" / "lora" / "record.json").read_text())
+    one = train_technique(load_experiment(path, ["train.batch_size=4", "train.gradient_accumulation_steps=1",
+                                                 f"output_dir={tmp_path / 'one'}"]), "lora", progress=False)
+    a, b = load_file(tmp_path / "two" / "lora" / "unet_adapter.safetensors"), load_file(one.run_dir / "unet_adapter.safetensors")
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-5
+    assert np.allclose([h["loss"] for h in record["loss_history"]], [h["loss"] for h in one.record["loss_history"]], rtol=1e-5)

@@ -32,7 +32,6 @@ FILE_BUILDERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv
 
 
 __all__ = ["DataError", "TrainingSet", "prepare_training_set"]
-STREAM_CACHE = Path.home() / ".cache" / "sdtune" / "streams"  # where streamed sets land outside a run
 
 
 # --------------------------------------------------------------------------------------------
@@ -49,7 +48,7 @@ def load_rows(config: DataConfig, cache_root: Path | None = None) -> tuple[Any, 
     source = Path(config.source).expanduser()
     base_dir: Path | None = None
     if config.streaming or layouts.is_webdataset(config.source):
-        rows, folder = layouts.materialise_stream(config, cache_root or STREAM_CACHE)
+        rows, folder = layouts.materialise_stream(config, cache_root or layouts.stream_cache_root())
         return rows, "image", "text", folder
     if source.is_dir() and layouts.folder_layout(source) != "imagefolder":
         if config.mask_column is not None:
@@ -382,7 +381,8 @@ def prepare_training_set(
 ) -> TrainingSet:
     """Load the dataset and check that every image decodes (bad ones: skipped or an error); read
     repeats, masks and captions; put each image in its bucket (``stride``: the model's pixel multiple,
-    :func:`sdtune.buckets.pixel_stride`). Streamed sets are cached under ``cache_root``."""
+    :func:`sdtune.buckets.pixel_stride`). Streamed sets are cached under ``cache_root`` (default:
+    :func:`sdtune.layouts.stream_cache_root`)."""
     from tqdm.auto import tqdm
 
     dataset, image_column, caption_column, base_dir = load_rows(config, cache_root)

@@ -44,6 +44,8 @@ def folder_layout(folder: Path) -> str:
 def read_captioned_folder(folder: Path, repeats: int = 1) -> list[dict[str, Any]]:
     """Images in ``folder`` with same-named ``.txt``/``.caption`` files; every image needs one."""
     rows = _read_images(folder, repeats, fallback=None)
+    if not rows:
+        raise DataError(f"data.source: {str(folder)!r} holds no images ({', '.join(IMAGE_SUFFIXES)})")
     if not any(row["has_caption"] for row in rows):
         raise DataError(
             f"data.source: no captions found in {str(folder)!r}: put a same-named .txt or .caption file next "
@@ -133,9 +135,16 @@ def is_webdataset(source: str) -> bool:
     return path.is_dir() and any(path.glob("*.tar")) and not any(p.suffix.lower() in IMAGE_SUFFIXES for p in path.iterdir())
 
 
+def stream_cache_root() -> Path:
+    """Where streamed sets are cached: ``$SDTUNE_CACHE/streams``, default ``~/.cache/sdtune/streams`` —
+    one copy for every run, technique, seed and ``compare`` that streams the same samples."""
+    return Path(os.environ.get("SDTUNE_CACHE") or Path.home() / ".cache" / "sdtune").expanduser() / "streams"
+
+
 def materialise_stream(config: Any, cache_root: Path) -> tuple[list[dict[str, Any]], Path]:
     """The first ``config.max_samples`` samples of a streamed source, written once under ``cache_root``
-    (images as their original bytes, captions in ``rows.jsonl``); later runs read the folder."""
+    (images as their original bytes, captions in ``rows.jsonl``); later runs read the folder. The folder's
+    name is a hash of the source, split, revision, count and columns."""
     if config.max_samples is None:
         raise DataError(
             "data.streaming: a streamed set has no known length, and the deterministic order needs one; "

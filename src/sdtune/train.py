@@ -330,9 +330,7 @@ def _setup(experiment: Experiment, name: str, run_dir: Path, progress: bool) -> 
                 bundle.components[name].gradient_checkpointing_enable()
     synchronize(accelerator.device)
     timing["model_load_time_s"], started = time.perf_counter() - started, time.perf_counter()
-    training_set = prepare_training_set(
-        experiment.data, progress and accelerator.is_main_process, pixel_stride(bundle), run_dir.parent / ".cache"
-    )
+    training_set = prepare_training_set(experiment.data, progress and accelerator.is_main_process, pixel_stride(bundle))
     images_per_step = cfg.batch_size * cfg.gradient_accumulation_steps * accelerator.num_processes
     timing["data_setup_time_s"], started = time.perf_counter() - started, time.perf_counter()
     data = experiment.data

@@ -77,7 +77,7 @@ def test_image_modes_are_converted_or_refused_with_a_reason(tmp_path):
     rgba = Image.new("RGBA", (4, 4), (255, 0, 0, 0))  # fully transparent red → white, not red or black
     assert np.asarray(to_rgb(rgba)).tolist() == np.full((4, 4, 3), 255).tolist()
     deep = Image.fromarray(np.full((4, 4), 32896, dtype=np.uint16))  # 16-bit mid grey → 128, not clipped to 255
-    assert deep.mode.startswith("I") and np.asarray(to_rgb(deep))[0, 0].tolist() == [128, 128, 128]
+    assert deep.mode == "I;16" and np.asarray(to_rgb(deep))[0, 0].tolist() == [128, 128, 128]
     palette = Image.new("P", (4, 4), 0)
     palette.putpalette([10, 20, 30] * 256)
     assert np.asarray(to_rgb(palette))[0, 0].tolist() == [10, 20, 30]
@@ -93,6 +93,11 @@ def test_image_modes_are_converted_or_refused_with_a_reason(tmp_path):
         data = prepare_training_set(_config(tmp_path), progress=False)
     reasons = {s["image"].split("/")[-1].split("'")[0]: s["error"] for s in data.skipped}
     assert data.captions == ["ok"] and "CMYK" in reasons["cmyk.jpg"] and "0 bytes" in reasons["empty.png"]
+    _image(tmp_path / "clear.png", mode="RGBA", colour=(0, 0, 0, 0))
+    (tmp_path / "clear.txt").write_text("transparent")
+    with pytest.warns(UserWarning):
+        data = prepare_training_set(_config(tmp_path), progress=False)
+    assert data.converted == {"RGBA": 1} and data.pixels(data.captions.index("transparent"), False, None).min() == 1.0
     with pytest.raises(DataError, match="unreadable image .*(CMYK|0 bytes).*set data.on_bad_image: skip"):
         prepare_training_set(_config(tmp_path, on_bad_image="error"), progress=False)
 

@@ -117,8 +117,9 @@ def _pick_column(dataset: Any, wanted: str | None, names: tuple[str, ...], what:
     )
 
 
-def decode_image(value: Any, base_dir: Path | None) -> Image.Image:
-    """An RGB PIL image from a datasets Image value, a path, bytes, or a PIL image."""
+def decode_image(value: Any, base_dir: Path | None, converted: dict[str, int] | None = None) -> Image.Image:
+    """An RGB PIL image from a datasets Image value, a path, bytes, or a PIL image (other modes
+    converted by :func:`sdtune.images.to_rgb`, counted per mode in ``converted``, or refused)."""
     if isinstance(value, (str, Path)) or (isinstance(value, dict) and not value.get("bytes") and value.get("path")):
         path = _resolve(str(value if isinstance(value, (str, Path)) else value["path"]), base_dir)
         if path.exists() and path.stat().st_size == 0:
@@ -138,7 +139,10 @@ def decode_image(value: Any, base_dir: Path | None) -> Image.Image:
     image.load()
     if image.width == 0 or image.height == 0:
         raise DataError(f"the image is {image.width}×{image.height} pixels")
-    return to_rgb(image)
+    rgb = to_rgb(image)
+    if converted is not None and image.mode != "RGB":
+        converted[image.mode] = converted.get(image.mode, 0) + 1
+    return rgb
 
 
 def _resolve(path: str, base_dir: Path | None) -> Path:
@@ -301,6 +305,7 @@ class TrainingSet:
     masks: list[Any] = field(default_factory=list)  # per image: a mask value (path, bytes…) or None
     buckets: list[tuple[int, int]] = field(default_factory=list)  # candidate (width, height); empty: square
     bucket_of: list[int] = field(default_factory=list)  # per image: its bucket
+    converted: dict[str, int] = field(default_factory=dict)  # PIL mode → images converted to RGB from it
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -394,11 +399,11 @@ def prepare_training_set(
         raise DataError(
             f"data.mask_column: {config.mask_column!r} is not a column; the dataset has: {', '.join(dataset.column_names)}"
         )
-    indices, captions, sizes, skipped, repeats, masks = [], [], [], [], [], []
+    indices, captions, sizes, skipped, repeats, masks, converted = [], [], [], [], [], [], {}
     for row in tqdm(range(len(dataset)), desc="checking images", disable=not progress, leave=False):
         value = dataset[row][image_column]
         try:
-            size = decode_image(value, base_dir).size
+            size = decode_image(value, base_dir, converted).size
             mask = dataset[row].get("mask") if isinstance(dataset, list) else _mask_of(config, dataset[row], value, base_dir)
             if mask is not None:
                 _check_mask(mask, size, base_dir)
@@ -417,6 +422,8 @@ def prepare_training_set(
         masks.append(mask)
     if skipped:
         warnings.warn(f"skipped {len(skipped)} unreadable image(s), first: {skipped[0]['image']}: {skipped[0]['error']}", stacklevel=2)
+    if converted:
+        log.info("converted to RGB: %s", ", ".join(f"{n} {mode}" for mode, n in sorted(converted.items())))
     if not indices:
         raise DataError(f"data.source: none of the {len(dataset)} images of {config.source!r} could be read")
     buckets: list[tuple[int, int]] = []
@@ -432,7 +439,7 @@ def prepare_training_set(
     return TrainingSet(
         config, dataset, image_column, caption_column, base_dir, indices, final, sizes, skipped,
         raw_captions=captions, repeats=repeats, masks=masks if any(m is not None for m in masks) else [],
-        buckets=buckets, bucket_of=bucket_of,
+        buckets=buckets, bucket_of=bucket_of, converted=converted,
     )
 
 

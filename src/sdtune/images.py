@@ -16,7 +16,7 @@ class DataError(UserError, ValueError):
 
 
 ALPHA_BACKGROUND = (255, 255, 255)  # transparent pixels become white (what a viewer shows on a page)
-SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")  # how PIL opens 16-bit grey PNG/TIFF
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -160,6 +160,7 @@ def train_record(
             "samples_per_epoch": ctx.training_set.num_slots,  # repeats counted
             "buckets": ctx.training_set.bucket_summary(),  # [{width, height, images, samples}] or None
             "masked_images": sum(m is not None for m in ctx.training_set.masks),
+            "converted_images": ctx.training_set.converted,  # {PIL mode: count} converted to RGB
         },
         "loss_history": state["loss_history"],
         "resumed_from": state.get("resumed_from", []),

@@ -54,6 +54,17 @@ def test_every_step_holds_one_bucket_on_every_micro_step_and_process():
     window, _ = BucketOrder(3, members, total).slots(9, 5)  # any window computed alone (resume)
     assert window.tolist() == order.slots(0, 20)[0][9:14].tolist()
     assert order.epoch_table(0).tolist() != order.epoch_table(1).tolist()
+    assert layouts[0].steps_for_epochs(2) == 8  # num_epochs counts whole one-bucket steps
+
+
+def test_repeats_fill_an_epoch_with_each_image_n_times():
+    layout = Layout(seed=0, num_samples=5, batch_size=5, accumulation=1, num_processes=1, process_index=0,
+                    random_flip=True, center_crop=False, caption_dropout=0.0, slot_images=(0, 0, 0, 1, 1))
+    batch = layout.plan(0)  # one micro-batch = one epoch
+    assert sorted(batch.indices) == [0, 0, 0, 1, 1] and sorted(batch.slots) == [0, 1, 2, 3, 4]
+    crops = [crop for index, crop in zip(batch.indices, batch.crops) if index == 0]
+    assert len(set(crops)) == 3  # each repeat draws its own crop (and flip)
+    assert layout.steps_for_epochs(3) == 3
 
 
 def _bucketed_folder(folder):

@@ -114,9 +114,12 @@ def test_caption_shuffle_keeps_the_first_tags_and_is_deterministic():
 def _shard(path, count):
     with tarfile.open(path, "w") as tar:
         for i in range(count):
-            buffer = io.BytesIO()
+            buffer, mask = io.BytesIO(), io.BytesIO()
             Image.new("RGB", (16, 12), (i * 60, 0, 0)).save(buffer, format="PNG")
-            for name, payload in ((f"{i:03d}.png", buffer.getvalue()), (f"{i:03d}.txt", f"caption {i}".encode())):
+            Image.new("L", (16, 12), 255 * (i % 2)).save(mask, format="PNG")
+            files = ((f"{i:03d}.png", buffer.getvalue()), (f"{i:03d}.txt", f"caption {i}".encode()),
+                     (f"{i:03d}.mask.png", mask.getvalue()))
+            for name, payload in files:
                 info = tarfile.TarInfo(name)
                 info.size = len(payload)
                 tar.addfile(info, io.BytesIO(payload))
@@ -134,6 +137,9 @@ def test_webdataset_shards_stream_into_a_disk_cache(tmp_path):
     shard.write_bytes(b"")  # the second run reads the cache, not the stream
     again = prepare_training_set(_config(shard, max_samples=3, streaming=True), progress=False, cache_root=tmp_path / "cache")
     assert again.captions == data.captions and np.array_equal(again.pixels(2, False, None), data.pixels(2, False, None))
+    masked = prepare_training_set(_config(_shard(tmp_path / "m.tar", 2), max_samples=2, mask_column="mask.png"),
+                                  progress=False, cache_root=tmp_path / "cache")
+    assert masked.mask(0, False, None).max() == 0 and masked.mask(1, False, None).min() == 1
 
 
 def test_hub_style_streaming_reads_the_first_rows(tiny_data, tmp_path):

@@ -300,7 +300,9 @@ class LoRA(AdapterTechnique):
         self.initial_states = None
         if lora_variants.mutates_base(self.options.peft.get("init_lora_weights", True)):
             # what PiSSA/OLoRA took out of the base weights (recomputed the same way on resume)
-            self.initial_states = {name: state for name, _, _, state in super()._adapted_states(bundle)}
+            self.initial_states = {  # (copies: on the CPU the state dict's tensors are the parameters)
+                name: {key: value.clone() for key, value in state.items()} for name, _, _, state in super()._adapted_states(bundle)
+            }
 
     def _adapted_states(self, bundle: ModelBundle) -> list[tuple[str, Any, list[str], dict[str, torch.Tensor]]]:
         adapted = super()._adapted_states(bundle)

@@ -170,6 +170,8 @@ def test_option_errors_are_one_line_with_the_fix(write_experiment):
         assert "\n" not in str(error.value)
     experiment = load_experiment(write_experiment(techniques={"t": {"kind": "oft", "rank": 4}}))
     assert experiment.techniques["t"].options["peft"] == {"r": 4, "oft_block_size": 0}  # rank counts the blocks
+    experiment = load_experiment(write_experiment(techniques={"t": {"kind": "boft", "boft_block_num": 8}}))
+    assert experiment.techniques["t"].options["peft"] == {"boft_block_num": 8, "boft_block_size": 0}
 
 
 def test_boft_butterfly_factor_is_never_silently_dropped(write_experiment):

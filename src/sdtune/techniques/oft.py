@@ -64,11 +64,18 @@ class OFT(OrthogonalTechnique):
 
 @TECHNIQUES.register("boft")
 class BOFT(OrthogonalTechnique):
-    """peft ``BOFTConfig``: ``boft_block_size`` or ``boft_block_num``, ``boft_n_butterfly_factor``,
-    ``boft_dropout``… (peft's defaults: block size 4, one butterfly factor)."""
+    """peft ``BOFTConfig``: ``boft_block_size`` or ``boft_block_num`` (giving the number sets
+    ``boft_block_size: 0``, as peft wants exactly one), ``boft_n_butterfly_factor``, ``boft_dropout``…
+    (peft's defaults: block size 4, one butterfly factor)."""
 
     kind = "boft"
     peft_config_name = "BOFTConfig"
+
+    @classmethod
+    def complete_peft_args(cls, peft_args: dict[str, Any], given: set[str]) -> dict[str, Any]:
+        if peft_args.get("boft_block_num") and "boft_block_size" not in given:
+            peft_args["boft_block_size"] = 0
+        return peft_args
 
     def make_trainable(self, bundle: ModelBundle) -> None:
         factor = self.options.peft.get("boft_n_butterfly_factor", 1)

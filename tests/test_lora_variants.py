@@ -154,7 +154,9 @@ def test_lora_variant_files_load_on_the_unmodified_base(variant, write_experimen
     assert np.abs(_image(reloaded) - _image(trained)).max() <= 1.0
 
 
-def test_option_errors_are_one_line_with_the_fix(write_experiment):
+def test_option_errors_are_one_line_with_the_fix(write_experiment, tmp_path):
+    weights = tmp_path / "start.safetensors"
+    weights.write_bytes(b"")
     cases = {
         "loraplus_lr_ratio: -1.0 is not allowed; expected a positive number": {"kind": "lora", "loraplus_lr_ratio": -1},
         "init_lora_weights: 'corda' needs a data or quantisation pass that sdtune does not run; choose one of: true, "
@@ -163,6 +165,7 @@ def test_option_errors_are_one_line_with_the_fix(write_experiment):
         "oft_block_size: not an option of technique kind 'boft'": {"kind": "boft", "oft_block_size": 8},
         "peft rejected the oft options: You can only specify either r": {"kind": "oft", "rank": 4, "oft_block_size": 8},
         "loraplus_lr_ratio: not an option of technique kind 'loha'": {"kind": "loha", "loraplus_lr_ratio": 4},
+        "init_from: oft has no kohya/LyCORIS file to start from": {"kind": "oft", "init_from": str(weights)},
     }
     for message, options in cases.items():
         with pytest.raises(ConfigError, match=rf"^techniques\.t[.:] ?{message}") as error:
@@ -190,3 +193,14 @@ def test_boft_butterfly_factor_is_never_silently_dropped(write_experiment):
         with pytest.raises(ConfigError, match=r"^boft_n_butterfly_factor: 2 needs peft's fbd_cuda extension .*; "
                                               r"set boft_n_butterfly_factor: 1$"):
             technique.prepare(bundle)
+
+
+def test_pissa_on_a_conv_layer_is_refused_before_peft_fails(write_experiment):
+    from sdtune.models import family_for
+
+    options = {"kind": "lora", "rank": 2, "init_lora_weights": "olora", "target_modules": ["to_q", "conv1"]}
+    experiment = load_experiment(write_experiment(techniques={"t": options}))
+    bundle = family_for(experiment.model).load(experiment.model)
+    with pytest.raises(ConfigError, match=r"^init_lora_weights: 'olora' works on linear layers only, and target_modules "
+                                          r"match the Conv2d .*conv1 of the unet; target linear layers"):
+        TECHNIQUES.get("lora")(experiment.techniques["t"].options).prepare(bundle)

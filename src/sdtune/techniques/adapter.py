@@ -296,9 +296,12 @@ class LoRA(AdapterTechnique):
         return lora_variants.loraplus_groups(parameters, learning_rate, self.options.loraplus_lr_ratio)
 
     def make_trainable(self, bundle: ModelBundle) -> None:
+        mutates = lora_variants.mutates_base(self.options.peft.get("init_lora_weights", True))
+        for name, modules in self.component_targets(bundle).items() if mutates else ():
+            lora_variants.check_linear_targets(self.peft_config(modules), bundle.components[name], name)
         super().make_trainable(bundle)
         self.initial_states = None
-        if lora_variants.mutates_base(self.options.peft.get("init_lora_weights", True)):
+        if mutates:
             # what PiSSA/OLoRA took out of the base weights (recomputed the same way on resume)
             self.initial_states = {  # (copies: on the CPU the state dict's tensors are the parameters)
                 name: {key: value.clone() for key, value in state.items()} for name, _, _, state in super()._adapted_states(bundle)

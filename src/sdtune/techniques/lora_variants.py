@@ -60,6 +60,18 @@ def check(peft_args: dict[str, Any], loraplus_lr_ratio: float | None, kind: str,
         )
 
 
+def check_linear_targets(config: Any, component: torch.nn.Module, what: str) -> None:
+    """PiSSA and OLoRA factorise 2-D weights only (peft: "Unknown initialization" on a conv layer)."""
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    for path, module in component.named_modules():
+        if path and check_target_module_exists(config, path) and not isinstance(module, torch.nn.Linear):
+            raise ConfigError(
+                f"init_lora_weights: {config.init_lora_weights!r} works on linear layers only, and target_modules "
+                f"match the {type(module).__name__} {path} of the {what}; target linear layers or use init_lora_weights: true"
+            )
+
+
 def loraplus_groups(parameters: dict[str, torch.nn.Parameter], learning_rate: float, ratio: float) -> list[dict[str, Any]]:
     """LoRA+ parameter groups: A matrices at ``learning_rate``, B matrices (and 1-D tensors) × ``ratio``."""
     fast = {name for name, p in parameters.items() if "lora_B" in name or "lora_embedding_B" in name or p.ndim == 1}

@@ -39,6 +39,13 @@ class OrthogonalTechnique(AdapterTechnique):
     def complete_peft_args(cls, peft_args: dict[str, Any], given: set[str]) -> dict[str, Any]:
         return peft_args
 
+    @classmethod
+    def check_options(cls, options: Any, where: str) -> None:
+        if options.init_from is not None:
+            raise ConfigError(
+                f"{where}.init_from: {cls.kind} has no kohya/LyCORIS file to start from (see the README); remove init_from"
+            )
+
     def save(self, bundle: ModelBundle, out_dir: Path) -> dict[str, list[str]]:
         return {"adapter": self._save_peft(self._adapted_states(bundle), out_dir)}
 

@@ -104,13 +104,14 @@ class AdapterTechnique(Technique):
         return {**own, **options.get("peft", {})}  # peft's own field names are accepted keys
 
     def peft_config(self, target_modules: list[str]) -> Any:
-        return self.config_class()(**{**self.saved_peft_args(False), "target_modules": target_modules}, **self.fixed)
+        return self.config_class()(**{**self.options.peft, "target_modules": target_modules}, **self.fixed)
 
     def saved_peft_config(self, target_modules: list[str]) -> Any:
         """The peft config of the saved files (LoRA from PiSSA/OLoRA: the converted adapter's)."""
-        return self.config_class()(**{**self.saved_peft_args(True), "target_modules": target_modules}, **self.fixed)
+        return self.config_class()(**{**self.saved_peft_args(), "target_modules": target_modules}, **self.fixed)
 
-    def saved_peft_args(self, saved: bool) -> dict[str, Any]:
+    def saved_peft_args(self) -> dict[str, Any]:
+        """The peft arguments the saved files describe (the trained ones unless the technique converts)."""
         return self.options.peft
 
     def component_targets(self, bundle: ModelBundle) -> dict[str, list[str]]:
@@ -154,7 +155,7 @@ class AdapterTechnique(Technique):
         except community.CommunityFormatError as error:  # an exotic peft option; the peft files still load
             print(f"no {file_name} written: {error}")
             return {}
-        args = self.saved_peft_args(True)
+        args = self.saved_peft_args()
         network = {"rank": args.get("r"), "alpha": args.get(self.alpha_field)}
         meta = community.metadata(self.kind, family, out_dir.name, network)
         community.save(tensors, out_dir / file_name, meta)
@@ -316,8 +317,8 @@ class LoRA(AdapterTechnique):
             for name, module, targets, state in adapted
         ]
 
-    def saved_peft_args(self, saved: bool) -> dict[str, Any]:
-        if saved and lora_variants.mutates_base(self.options.peft.get("init_lora_weights", True)):
+    def saved_peft_args(self) -> dict[str, Any]:
+        if lora_variants.mutates_base(self.options.peft.get("init_lora_weights", True)):
             return lora_variants.converted_config_args(self.options.peft)
         return self.options.peft
 

@@ -177,7 +177,7 @@ def test_option_errors_are_one_line_with_the_fix(write_experiment, tmp_path):
     assert experiment.techniques["t"].options["peft"] == {"boft_block_num": 8, "boft_block_size": 0}
 
 
-def test_boft_butterfly_factor_is_never_silently_dropped(write_experiment):
+def test_boft_butterfly_factor_is_never_silently_dropped(write_experiment, tmp_path):
     """Without its CUDA extension peft trains BOFT with one butterfly factor whatever was asked: refused."""
     from sdtune.models import family_for
     from sdtune.techniques.oft import _butterfly_kernel_available
@@ -193,6 +193,8 @@ def test_boft_butterfly_factor_is_never_silently_dropped(write_experiment):
         with pytest.raises(ConfigError, match=r"^boft_n_butterfly_factor: 2 needs peft's fbd_cuda extension .*; "
                                               r"set boft_n_butterfly_factor: 1$"):
             technique.prepare(bundle)
+        with pytest.raises(ConfigError, match=r"BOFT with boft_n_butterfly_factor 2 loads only where peft's fbd_cuda"):
+            technique.load_into(None, tmp_path, experiment.techniques["t"].options)  # (a GPU run's files, here)
 
 
 def test_pissa_on_a_conv_layer_is_refused_before_peft_fails(write_experiment):

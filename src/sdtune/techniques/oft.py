@@ -17,7 +17,9 @@ orthogonal. The peft files load in ``sdtune generate`` and peft; ``sdtune export
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -92,10 +94,19 @@ class BOFT(OrthogonalTechnique):
                 f"boft_n_butterfly_factor: {factor} needs peft's fbd_cuda extension (a CUDA GPU, nvcc and "
                 "ninja), which does not load here; without it peft trains factor 1; set boft_n_butterfly_factor: 1"
             )
-        with warnings.catch_warnings():  # peft's "failed to load the CUDA extension" on every layer: checked above
-            warnings.filterwarnings("ignore", message="Failed to load the CUDA extension")
-            warnings.filterwarnings("ignore", message="Setting boft_n_butterfly_factor to 1")
+        with _without_kernel_warnings():
             super().make_trainable(bundle)
+
+    @classmethod
+    def load_into(cls, pipe: Any, run_dir: Path, options: dict[str, Any]) -> Any:
+        factor = options.get("peft", {}).get("boft_n_butterfly_factor", 1)
+        if factor > 1 and not _butterfly_kernel_available():  # peft would build factor-1 layers the file does not fit
+            raise ConfigError(
+                f"{run_dir}: BOFT with boft_n_butterfly_factor {factor} loads only where peft's fbd_cuda extension "
+                "does (a CUDA GPU, nvcc, ninja); run `sdtune export --merged` there to use it elsewhere"
+            )
+        with _without_kernel_warnings():
+            return super().load_into(pipe, run_dir, options)
 
 
 def _butterfly_kernel_available() -> bool:
@@ -104,3 +115,13 @@ def _butterfly_kernel_available() -> bool:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return get_fbd_cuda() is not None
+
+
+@contextlib.contextmanager
+def _without_kernel_warnings() -> Iterator[None]:
+    """peft warns on every BOFT layer that its CUDA extension did not load (and that it uses one
+    butterfly factor): sdtune has checked that already, so the warnings say nothing new."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Failed to load the CUDA extension")
+        warnings.filterwarnings("ignore", message="Setting boft_n_butterfly_factor to 1")
+        yield

@@ -352,7 +352,7 @@ def experiment_from_dict(
         evaluation.prompts_file = _resolve_local(evaluation.prompts_file, base_dir)
     evaluation.validate()
 
-    techniques = _build_techniques(raw["techniques"], train)
+    techniques = _build_techniques(raw["techniques"], train, base_dir)
     for spec in techniques.values():
         where = f"techniques.{spec.name}"
         _objective_keys(dataclasses.replace(train, **spec.train_overrides), family, where, spec.train_overrides)
@@ -420,7 +420,7 @@ def _expand(value: Any, key: str) -> Any:
     return {key: value} if isinstance(value, str) else value
 
 
-def _build_techniques(raw: Any, train: TrainConfig) -> dict[str, TechniqueSpec]:
+def _build_techniques(raw: Any, train: TrainConfig, base_dir: Path) -> dict[str, TechniqueSpec]:
     from sdtune.techniques import TECHNIQUES  # late import: techniques import config
 
     if not isinstance(raw, dict) or not raw:
@@ -448,6 +448,9 @@ def _build_techniques(raw: Any, train: TrainConfig) -> dict[str, TechniqueSpec]:
             if key in train_hints
         }
         technique_cls = TECHNIQUES.get(kind)
+        for key in technique_cls.path_options:  # files, like model/data: relative to the experiment file
+            if isinstance(entry.get(key), str):
+                entry[key] = _resolve_local(entry[key], base_dir)
         options = technique_cls.validate_options(entry, f"techniques.{name}")
         spec = TechniqueSpec(name=name, kind=kind, options=options, train_overrides=overrides)
         dataclasses.replace(train, **overrides).validate()

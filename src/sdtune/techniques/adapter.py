@@ -46,6 +46,7 @@ class AdapterTechnique(Technique):
     SD3: the joint attention, ``add_q/k/v_proj`` and ``to_add_out`` too)."""
 
     Options: ClassVar[type] = AdapterOptions
+    path_options = ("init_from",)
     peft_config_name: ClassVar[str]  # the peft config class
     alpha_field: ClassVar[str | None]  # None: the method has no alpha (OFT, BOFT)
     fixed: ClassVar[dict[str, Any]] = {}  # peft arguments this kind sets itself (DoRA: use_dora)
@@ -132,7 +133,10 @@ class AdapterTechnique(Technique):
             _check_injected(bundle.components[name], modules, name)
         if self.options.init_from:  # after injection: the file's tensors replace the fresh initialisation
             adapted = {name: bundle.components[name] for name in targets}
-            community.initialise_from(Path(self.options.init_from), adapted, bundle.family.community_prefixes)
+            family = bundle.family
+            community.initialise_from(
+                Path(self.options.init_from), adapted, family.community_prefixes, community.sgm_components(family)
+            )
 
     # -- outputs ----------------------------------------------------------------------------------
     def save(self, bundle: ModelBundle, out_dir: Path) -> dict[str, list[str]]:
@@ -150,7 +154,8 @@ class AdapterTechnique(Technique):
         part, file_name = self.community_output(family)
         try:
             tensors = community.adapter_to_community(
-                [(name, module, state) for name, module, _, state in adapted], family.community_prefixes
+                [(name, module, state) for name, module, _, state in adapted], family.community_prefixes,
+                community.sgm_components(family),
             )
         except community.CommunityFormatError as error:  # an exotic peft option; the peft files still load
             print(f"no {file_name} written: {error}")
@@ -244,7 +249,7 @@ def _existing_file(value: str, where: str) -> str:
     if not path.is_file() or path.suffix != ".safetensors":
         raise ConfigError(
             f"{where}: {value!r} is not a .safetensors file; give a kohya/LyCORIS or diffusers LoRA file "
-            "(absolute, or relative to the working directory)"
+            "(absolute, or relative to the experiment file)"
         )
     return str(path.resolve())
 

@@ -36,6 +36,7 @@ class Technique:
     kind: ClassVar[str]
     Options: ClassVar[type] = TechniqueOptions
     saves_frozen_parts: ClassVar[bool] = False  # True when save() writes frozen weights too
+    path_options: ClassVar[tuple[str, ...]] = ()  # options that name files (resolved against the experiment file)
 
     def __init__(self, options: dict[str, Any]) -> None:
         self.options = self.Options(**options) if not isinstance(options, self.Options) else options

@@ -436,11 +436,10 @@ def _optimisation(ctx: StepContext) -> tuple[Any, Any, Any, int]:
     learning_rate = cfg.learning_rate * (ctx.images_per_step if cfg.scale_lr else 1)
     text_lr = ctx.technique.options.text_encoder_learning_rate or learning_rate
     denoiser = ctx.bundle.family.denoiser + "."
-    groups = [
-        {"params": [p for n, p in ctx.parameters.items() if n.startswith(denoiser)], "lr": learning_rate},
-        {"params": [p for n, p in ctx.parameters.items() if not n.startswith(denoiser)], "lr": text_lr},
+    groups = [  # the technique may split each further (LoRA+); the order is fixed, so resume restores it
+        *ctx.technique.parameter_groups({n: p for n, p in ctx.parameters.items() if n.startswith(denoiser)}, learning_rate),
+        *ctx.technique.parameter_groups({n: p for n, p in ctx.parameters.items() if not n.startswith(denoiser)}, text_lr),
     ]
-    groups = [g for g in groups if g["params"]]
     optimizer_cls, kernel = torch.optim.AdamW, {}
     if cfg.use_8bit_adam:  # the config check made sure bitsandbytes imports
         import bitsandbytes

@@ -85,6 +85,11 @@ class Technique:
     def make_trainable(self, bundle: ModelBundle) -> None:
         raise NotImplementedError
 
+    def parameter_groups(self, parameters: dict[str, torch.nn.Parameter], learning_rate: float) -> list[dict[str, Any]]:
+        """Optimizer parameter groups of ``parameters`` (named ``<component>.<parameter>``), all at
+        ``learning_rate`` unless the technique says otherwise (LoRA+: the B matrices higher)."""
+        return [{"params": list(parameters.values()), "lr": learning_rate}] if parameters else []
+
     # -- outputs ----------------------------------------------------------------------------------
     def save(self, bundle: ModelBundle, out_dir: Path) -> dict[str, list[str]]:
         """Write the trained result to ``out_dir``; return component → files written (relative)."""

@@ -71,10 +71,11 @@ def configure(accelerator: Any, config: Any, trained: list[str]) -> str | None:
     """
     from accelerate.utils import DistributedType
 
+    chosen = accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)  # by accelerate (GPUs)
     deepspeed = _flag("ACCELERATE_USE_DEEPSPEED") or accelerator.distributed_type == DistributedType.DEEPSPEED
     fsdp = _flag("ACCELERATE_USE_FSDP") or accelerator.distributed_type == DistributedType.FSDP
-    if accelerator.num_processes == 1 or not (deepspeed or fsdp):
-        return None  # one process holds everything anyway: the plain path, same numbers
+    if not chosen and (accelerator.num_processes == 1 or not (deepspeed or fsdp)):
+        return None  # (one CPU process holds everything anyway: the plain path, the same numbers)
     if len(trained) > 1:
         raise ShardingError(
             f"{'DeepSpeed' if deepspeed else 'FSDP2'} trains one model, but this technique trains "

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from sdtune.config import ModelConfig
+from sdtune.config import ConfigError, ModelConfig
 from sdtune.errors import UserError
 from sdtune.models import FAMILIES, ModelFamily, family_for
 from sdtune.records import read_record
@@ -147,17 +147,19 @@ def generate_images(
     seeds: list[int],
     num_inference_steps: int,
     guidance_scale: float,
-    resolution: int | None = None,
+    resolution: int | tuple[int, int] | None = None,
     progress: bool = True,
     pairs: list[tuple[str, int]] | None = None,
 ) -> GenerationResult:
     """One image per (prompt, seed) — every pair of ``prompts`` × ``seeds``, or the given ``pairs``
-    (a process's share) — each from its own seeded generator (same noise for every model)."""
+    (a process's share) — each from its own seeded generator (same noise for every model).
+    ``resolution``: a square side, or (width, height) such as a training bucket."""
     from tqdm.auto import tqdm
 
     pipe.set_progress_bar_config(disable=True)
     device = pipe.device
-    size = {"height": resolution, "width": resolution} if resolution else {}
+    width, height = (resolution, resolution) if isinstance(resolution, int) else resolution or (None, None)
+    size = {"height": height, "width": width} if width else {}
     size.update(family_of_pipeline(pipe).generation_kwargs)  # sample as the model was trained (SD3: T5 length)
     pairs = pairs if pairs is not None else [(prompt, seed) for prompt in prompts for seed in seeds]
     result = GenerationResult(images=[], prompts=[], seeds=[])
@@ -209,14 +211,21 @@ def generate(
     scheduler: str | None = None,
     resolution: int | None = None,
     progress: bool = True,
+    width: int | None = None,
+    height: int | None = None,
 ) -> GenerationResult:
-    """``sdtune generate``: load a run, write ``num_images`` PNGs per prompt (seeds seed, seed+1, …)."""
+    """``sdtune generate``: load a run, write ``num_images`` PNGs per prompt (seeds seed, seed+1, …);
+    ``width``/``height`` (e.g. a bucket of the run's record) override the square ``resolution``."""
+    for flag, value in (("--width", width), ("--height", height), ("--resolution", resolution)):
+        if value is not None and (value <= 0 or value % 8):
+            raise ConfigError(f"{flag}: {value} is not a positive multiple of 8 (the VAE downsamples by 8)")
     started = time.perf_counter()
     pipe, record = load_run_pipeline(run_dir, fuse=fuse)
     set_scheduler(pipe, scheduler)
     load_time = time.perf_counter() - started
-    resolution = resolution or record["config"]["data"]["resolution"]
-    result = generate_images(pipe, prompts, list(range(seed, seed + num_images)), steps, guidance, resolution, progress)
+    side = resolution or record["config"]["data"]["resolution"]
+    size = (width or side, height or side) if width or height else side
+    result = generate_images(pipe, prompts, list(range(seed, seed + num_images)), steps, guidance, size, progress)
     result.load_time_s = load_time
     save_images(result, Path(out_dir) if out_dir else Path(run_dir) / "samples")
     return result

@@ -46,13 +46,14 @@ INFO_FILE = "class_images.json"
 
 
 def prior_preservation_loss(
-    prediction: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None, num_instance: int, prior_loss_weight: float
+    prediction: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None, num_instance: int,
+    prior_loss_weight: float, instance_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Ruiz et al. 2023, eq. 2: the mean loss of the first ``num_instance`` samples (the subject) plus
-    ``prior_loss_weight`` × the mean loss of the rest (the class images)."""
+    """Ruiz et al. 2023, eq. 2: the mean loss of the first ``num_instance`` samples (the subject; with
+    their loss masks, if any) plus ``prior_loss_weight`` × the mean loss of the rest (the class images)."""
     instance_weights = None if weights is None else weights[:num_instance]
     prior_weights = None if weights is None else weights[num_instance:]
-    instance = diffusion.diffusion_loss(prediction[:num_instance], target[:num_instance], instance_weights)
+    instance = diffusion.diffusion_loss(prediction[:num_instance], target[:num_instance], instance_weights, instance_mask)
     prior = diffusion.diffusion_loss(prediction[num_instance:], target[num_instance:], prior_weights)
     return instance + prior_loss_weight * prior
 

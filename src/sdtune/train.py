@@ -24,9 +24,10 @@ import numpy as np
 import torch
 
 from sdtune import cache as cache_lib
-from sdtune import diffusion, records
+from sdtune import diffusion, records, sharding
 from sdtune import prior as prior_lib
-from sdtune.batches import Layout, MicroBatch, PixelBatches, pixel_loader, pixel_needs
+from sdtune.batches import Layout, MicroBatch, PixelBatches, latent_masks, pixel_loader, pixel_needs
+from sdtune.buckets import pixel_stride
 from sdtune.checkpoint import (
     CheckpointError,
     load_checkpoint,
@@ -75,6 +76,7 @@ class StepContext:
     layout: Layout  # what each micro-batch holds (pure in its position)
     timing: dict[str, float]  # setup split: model load, data, cache
     empty_conditioning: Conditioning | None = None
+    sharding: str | None = None  # fsdp2 | deepspeed: trained tensors are sharded (see sdtune.sharding)
     prior: prior_lib.PriorSamples | None = None  # DreamBooth's class samples (prior_preservation)
 
 
@@ -173,6 +175,7 @@ def train_technique(
                     batch = ctx.layout.plan(step * cfg.gradient_accumulation_steps + micro)
                     generators = _sample_generators(ctx, batch)  # one per sample, from its global position
                     latents, conditioning = _micro_batch(ctx, batch, next(batches), generators)
+                    mask = latent_masks(ctx.training_set, batch, latents)  # None without loss masks
                     if ctx.prior is not None:  # DreamBooth: as many class samples, after the instance ones
                         latents, conditioning, generators = ctx.prior.extend(ctx, batch, latents, conditioning, generators)
                     # --- the objective (DDPM or rectified flow), in fp32; the family calls its denoiser ---
@@ -183,12 +186,12 @@ def train_technique(
                     with accelerator.autocast():  # (prepare() wraps trained models only; a frozen denoiser too)
                         prediction = family.predict(ctx.bundle, noisy_latents, timesteps, conditioning)
                     if ctx.prior is None:
-                        loss = diffusion.diffusion_loss(prediction, target, objective.loss_weights(timesteps))
+                        loss = diffusion.diffusion_loss(prediction, target, objective.loss_weights(timesteps), mask)
                     else:  # instance loss + λ × prior loss (Ruiz et al. 2023, eq. 2)
                         loss = prior_lib.prior_preservation_loss(
-                            prediction, target, objective.loss_weights(timesteps), len(batch.indices), cfg.prior_loss_weight
+                            prediction, target, objective.loss_weights(timesteps), len(batch.indices), cfg.prior_loss_weight, mask
                         )
-                    accelerator.backward(loss / cfg.gradient_accumulation_steps)
+                    sharding.backward(accelerator, loss, cfg.gradient_accumulation_steps, last_micro)
                 step_loss += loss.detach().float() / cfg.gradient_accumulation_steps
             accelerator.clip_grad_norm_(list(ctx.parameters.values()), cfg.max_grad_norm)
             lr = lr_scheduler.get_last_lr()[0]  # the rate this step uses
@@ -302,17 +305,13 @@ def _setup(experiment: Experiment, name: str, run_dir: Path, progress: bool) -> 
     # in-process use only (the CLI and compare train each technique in a fresh process): techniques
     # of one file may differ in mixed precision, which accelerate's singleton state would refuse
     AcceleratorState._reset_state()
+    sharding.before_accelerator()
     accelerator = Accelerator(
         cpu=on_cpu(),
         mixed_precision=cfg.mixed_precision,
         log_with="tensorboard",
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")),
     )
-    if accelerator.distributed_type.value in ("DEEPSPEED", "FSDP"):
-        raise ConfigError(
-            f"{accelerator.distributed_type.value} is not supported yet: the loop accumulates gradients "
-            "itself and prepares models separately; use plain multi-GPU (DDP) with `accelerate launch`"
-        )
     if torch.cuda.is_available():  # set either way: a flag left on by an earlier run must not leak in
         torch.backends.cuda.matmul.allow_tf32 = cfg.allow_tf32
         torch.backends.cudnn.allow_tf32 = cfg.allow_tf32
@@ -327,6 +326,7 @@ def _setup(experiment: Experiment, name: str, run_dir: Path, progress: bool) -> 
     torch.manual_seed(cfg.seed)  # adapter initialisation is random: same seed, same start
     technique.prepare(bundle)
     trained = [name for name in bundle.trainable_names() if _trains(bundle.components[name])]
+    sharded = sharding.configure(accelerator, cfg, trained)  # FSDP2 / DeepSpeed when launched with them
     for name, module in bundle.components.items():
         frozen_dtype = torch.float32 if name == "vae" and family.vae_in_fp32 else weight_dtype
         for parameter in module.parameters():  # frozen weights in the compute dtype, trained ones fp32
@@ -341,7 +341,8 @@ def _setup(experiment: Experiment, name: str, run_dir: Path, progress: bool) -> 
                 bundle.components[name].gradient_checkpointing_enable()
     synchronize(accelerator.device)
     timing["model_load_time_s"], started = time.perf_counter() - started, time.perf_counter()
-    training_set = prepare_training_set(experiment.data, progress=progress and accelerator.is_main_process)
+    training_set = prepare_training_set(experiment.data, progress and accelerator.is_main_process, pixel_stride(bundle))
+    images_per_step = cfg.batch_size * cfg.gradient_accumulation_steps * accelerator.num_processes
     training_set.captions = technique.training_captions(training_set.captions)
     timing["data_setup_time_s"], started = time.perf_counter() - started, time.perf_counter()
     data = experiment.data
@@ -359,24 +360,23 @@ def _setup(experiment: Experiment, name: str, run_dir: Path, progress: bool) -> 
         latent_shift=family.latent_shift(bundle),
         train_text_encoder=any(name != family.denoiser for name in trained),
         models=[],
-        images_per_step=cfg.batch_size * cfg.gradient_accumulation_steps * accelerator.num_processes,
+        images_per_step=images_per_step,
         layout=Layout(
-            seed=cfg.seed, num_samples=len(training_set), batch_size=cfg.batch_size,
+            seed=cfg.seed, num_samples=training_set.num_slots, batch_size=cfg.batch_size,
             accumulation=cfg.gradient_accumulation_steps, num_processes=accelerator.num_processes,
             process_index=accelerator.process_index, random_flip=data.random_flip, center_crop=data.center_crop,
-            caption_dropout=cfg.caption_dropout,
+            caption_dropout=cfg.caption_dropout, order=training_set.bucket_order(cfg.seed, images_per_step),
+            slot_images=training_set.slot_images(),
         ),
         timing=timing,
+        sharding=sharded,
         prior=prior,
     )
     ctx.latent_cache = _latent_cache(ctx, experiment, run_dir.parent)
     timing["cache_open_time_s"] = time.perf_counter() - started
     if cfg.compile:
         bundle.components[family.denoiser] = torch.compile(bundle.denoiser)
-    prepared = accelerator.prepare(*[bundle.components[name] for name in trained])
-    prepared = prepared if isinstance(prepared, tuple) else (prepared,)
-    ctx.bundle = bundle.replace(**dict(zip(trained, prepared)))
-    ctx.models = list(prepared)
+    ctx.models = [bundle.components[name] for name in trained]  # prepared with the optimizer (_optimisation)
     ctx.parameters = trainable_named_parameters(_unwrapped(ctx))
     if accelerator.is_main_process:
         accelerator.init_trackers("sdtune", config=flat_scalars(dataclasses.asdict(cfg)))
@@ -398,7 +398,7 @@ def _latent_cache(ctx: StepContext, experiment: Experiment, output_root: Path) -
     if mode == "off" or (mode == "auto" and not data.center_crop):
         return None
     bundle, family = ctx.bundle, ctx.bundle.family
-    caches_texts = not ctx.train_text_encoder
+    caches_texts = not ctx.train_text_encoder and not data.shuffle_captions  # (shuffled: a new caption each epoch)
     if mode == "auto":
         text_numel = 0
         if caches_texts:  # from the real shapes (SD3's T5 states dwarf SD1's CLIP states)
@@ -443,15 +443,14 @@ def _optimisation(ctx: StepContext) -> tuple[Any, Any, Any, int]:
     from diffusers.training_utils import EMAModel
 
     cfg, accelerator = ctx.config, ctx.accelerator
-    max_steps = cfg.max_train_steps or math.ceil(cfg.num_epochs * len(ctx.training_set) / ctx.images_per_step)
+    max_steps = cfg.max_train_steps or ctx.layout.steps_for_epochs(cfg.num_epochs)
     learning_rate = cfg.learning_rate * (ctx.images_per_step if cfg.scale_lr else 1)
     text_lr = ctx.technique.options.text_encoder_learning_rate or learning_rate
     denoiser = ctx.bundle.family.denoiser + "."
-    groups = [
-        {"params": [p for n, p in ctx.parameters.items() if n.startswith(denoiser)], "lr": learning_rate},
-        {"params": [p for n, p in ctx.parameters.items() if not n.startswith(denoiser)], "lr": text_lr},
+    groups = [  # the technique may split each further (LoRA+); the order is fixed, so resume restores it
+        *ctx.technique.parameter_groups({n: p for n, p in ctx.parameters.items() if n.startswith(denoiser)}, learning_rate),
+        *ctx.technique.parameter_groups({n: p for n, p in ctx.parameters.items() if not n.startswith(denoiser)}, text_lr),
     ]
-    groups = [g for g in groups if g["params"]]
     optimizer_cls, kernel = torch.optim.AdamW, {}
     if cfg.use_8bit_adam:  # the config check made sure bitsandbytes imports
         import bitsandbytes
@@ -466,7 +465,11 @@ def _optimisation(ctx: StepContext) -> tuple[Any, Any, Any, int]:
         eps=cfg.adam_epsilon,
         **kernel,
     )
-    optimizer = accelerator.prepare(optimizer)
+    # models and optimizer prepared together: FSDP2 replaces the parameters the optimizer holds
+    trained = [name for name in ctx.bundle.trainable_names() if _trains(ctx.bundle.components[name])]
+    ctx.models, optimizer = sharding.prepare(accelerator, ctx.models, optimizer)
+    ctx.bundle = ctx.bundle.replace(**dict(zip(trained, ctx.models)))
+    ctx.parameters = trainable_named_parameters(_unwrapped(ctx))
     # stepped once per optimizer step by the loop itself (not prepared: no per-process scaling)
     lr_scheduler = get_scheduler(
         cfg.lr_scheduler, optimizer=optimizer, num_warmup_steps=cfg.lr_warmup_steps, num_training_steps=max_steps
@@ -525,7 +528,10 @@ def _micro_batch(
                 for name, empty in _empty_conditioning(ctx).items():
                     conditioning[name][row] = empty.to(conditioning[name].dtype)
     else:
-        captions = ["" if drop else ctx.training_set.captions[i] for i, drop in zip(batch.indices, batch.dropped)]
+        captions = [
+            "" if drop else ctx.training_set.caption(i, ctx.config.seed, epoch, slot)
+            for i, drop, epoch, slot in zip(batch.indices, batch.dropped, batch.epochs, batch.slots)
+        ]
         with contextlib.nullcontext() if ctx.train_text_encoder else torch.no_grad():
             conditioning = family.encode_prompt(bundle, captions)
     geometry = [ctx.training_set.geometry(i, f, c) for i, f, c in zip(batch.indices, batch.flips, batch.crops)]
@@ -581,7 +587,7 @@ def _empty_conditioning(ctx: StepContext) -> Conditioning:
 @contextlib.contextmanager
 def _no_sync(accelerator: Any, models: list[torch.nn.Module], skip: bool):
     """Skip the gradient all-reduce on all but the last micro-step of an accumulation."""
-    if skip or accelerator.num_processes == 1:
+    if skip or accelerator.num_processes == 1 or sharding.is_deepspeed(accelerator):  # DeepSpeed: its own
         yield
         return
     with contextlib.ExitStack() as stack:
@@ -610,11 +616,10 @@ def _resume(ctx: StepContext, checkpoint: Path, optimizer: Any, lr_scheduler: An
             f"cannot resume {checkpoint}: {changed}; resume with the total batch (batch × accumulation × "
             "processes) and steps it was started with (the data order depends on them)"
         )
-    restore_parameters(ctx.parameters, trainable)
-    optimizer.load_state_dict(saved["optimizer"])
+    sharding.load_training_state(ctx.accelerator, ctx.parameters, optimizer, trainable, saved["optimizer"])
     lr_scheduler.load_state_dict(saved["lr_scheduler"])
     if ema is not None:
-        ema.load_state_dict(saved["ema"])
+        ema.load_state_dict(sharding.shard_ema_state(list(ctx.parameters.values()), saved["ema"]))
         ema.to(ctx.accelerator.device)
     scaler = getattr(ctx.accelerator, "scaler", None)
     if scaler is not None and saved.get("scaler") is not None:
@@ -634,16 +639,20 @@ def _layout(ctx: StepContext, max_steps: int) -> dict[str, int]:
 
 
 def _write_checkpoint(ctx: StepContext, run_dir: Path, step: int, optimizer: Any, lr_scheduler: Any, ema: Any, state: dict) -> None:
-    if ctx.accelerator.is_main_process:
-        scaler = getattr(ctx.accelerator, "scaler", None)
+    accelerator = ctx.accelerator
+    if accelerator.is_main_process or ctx.sharding:  # sharded: every process takes part in the gather
+        scaler = getattr(accelerator, "scaler", None)
         training_state = {
-            "optimizer": optimizer.state_dict(),
+            "optimizer": sharding.full_optimizer_state(accelerator, ctx.parameters, optimizer),
             "lr_scheduler": lr_scheduler.state_dict(),
             "ema": ema.state_dict() if ema is not None else None,
             "scaler": scaler.state_dict() if scaler is not None else None,
             "state": state,
         }
-        save_checkpoint(run_dir, step, ctx.parameters, training_state, ctx.config.checkpoints_total_limit)
+        # the same files as one process writes: sharded tensors gathered whole
+        trainable, training_state = sharding.full_parameters(accelerator, ctx.parameters), sharding.gathered(training_state)
+    if accelerator.is_main_process:
+        save_checkpoint(run_dir, step, trainable, training_state, ctx.config.checkpoints_total_limit)
     ctx.accelerator.wait_for_everyone()
 
 
@@ -661,6 +670,20 @@ def _unwrapped(ctx: StepContext) -> ModelBundle:
         return getattr(module, "_orig_mod", module)
 
     return ctx.bundle.replace(**{name: unwrap(ctx.bundle.components[name]) for name in ctx.bundle.trainable_names()})
+
+
+def _gathered_bundle(ctx: StepContext, experiment: Experiment) -> ModelBundle:
+    """Sharded runs: on rank 0, the bundle with its trained tensors gathered whole into a fresh copy
+    of the model, prepared by the technique as in training (so it saves exactly as one process)."""
+    full = sharding.full_parameters(ctx.accelerator, ctx.parameters)  # every process takes part
+    bundle = _unwrapped(ctx)
+    if not ctx.accelerator.is_main_process:
+        return bundle
+    fresh = bundle.family.load(experiment.model)
+    ctx.technique.prepare(fresh)
+    restore_parameters(trainable_named_parameters(fresh), full)
+    trained = [name for name in fresh.trainable_names() if _trains(fresh.components[name])]
+    return bundle.replace(**{name: fresh.components[name] for name in trained})
 
 
 def _with_original_frozen_parts(ctx: StepContext, bundle: ModelBundle, experiment: Experiment) -> ModelBundle:
@@ -690,11 +713,11 @@ def _finish(
     """Save the technique's outputs (EMA weights when used) and write the run record."""
     accelerator = ctx.accelerator
     saving_started = time.perf_counter()
-    bundle = _unwrapped(ctx)
+    if status == "finished" and ema is not None:
+        ema.copy_to(ctx.parameters.values())  # the study saved the EMA weights (sharded: each its shard)
+    bundle = _gathered_bundle(ctx, experiment) if ctx.sharding and status == "finished" else _unwrapped(ctx)
     outputs: dict[str, Any] = {}
     if status == "finished" and accelerator.is_main_process:
-        if ema is not None:
-            ema.copy_to(ctx.parameters.values())  # the study saved the EMA weights
         for component in bundle.trainable_names():
             bundle.components[component].eval()
         if ctx.objective.name == "ddpm":  # a prediction_type override must reach the sampler too

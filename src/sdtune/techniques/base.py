@@ -38,6 +38,7 @@ class Technique:
     saves_frozen_parts: ClassVar[bool] = False  # True when save() writes frozen weights too
     prior_preservation_refused: ClassVar[str] = ""  # why DreamBooth's prior loss cannot apply ("" = it can)
     single_file_refused: ClassVar[str] = ""  # why `export --single-file` does not apply ("" = it does)
+    path_options: ClassVar[tuple[str, ...]] = ()  # options that name files (resolved against the experiment file)
 
     def __init__(self, options: dict[str, Any]) -> None:
         self.options = self.Options(**options) if not isinstance(options, self.Options) else options
@@ -90,6 +91,11 @@ class Technique:
         """The captions as the text encoders see them in training (textual inversion spells out its
         placeholder's vectors); unchanged for most techniques."""
         return captions
+
+    def parameter_groups(self, parameters: dict[str, torch.nn.Parameter], learning_rate: float) -> list[dict[str, Any]]:
+        """Optimizer parameter groups of ``parameters`` (named ``<component>.<parameter>``), all at
+        ``learning_rate`` unless the technique says otherwise (LoRA+: the B matrices higher)."""
+        return [{"params": list(parameters.values()), "lr": learning_rate}] if parameters else []
 
     # -- outputs ----------------------------------------------------------------------------------
     def save(self, bundle: ModelBundle, out_dir: Path) -> dict[str, list[str]]:

@@ -1,0 +1,339 @@
+"""Sharded training through accelerate: FSDP2 (``torch.distributed.fsdp.fully_shard``) and
+DeepSpeed ZeRO stages 1–2 (ZeRO-3 is refused: it hung in the CPU test).
+
+``accelerate launch`` with an FSDP config sets ``ACCELERATE_USE_FSDP=true`` and ``FSDP_VERSION=2``;
+the loop then hands accelerate the trained model and the optimizer together (FSDP2 replaces the
+parameters with sharded DTensors and accelerate moves the optimizer onto them). Frozen parts
+(VAE, text encoders that do not train) stay whole on every process. Gradient accumulation keeps
+the loop's explicit ``no_sync`` (FSDP2: ``set_requires_gradient_sync(False)``, one reduce-scatter
+on the last micro-step). EMA is kept sharded like the parameters it follows.
+
+Checkpoints and the saved weights have the same layout as on one process: sharded tensors are
+gathered (every process takes part; rank 0 writes), and a resumed run cuts the full tensors back
+into this run's shards, so a run may resume on another number of processes, sharded or not.
+
+DeepSpeed: ``accelerate launch`` with a DeepSpeed config sets ``ACCELERATE_USE_DEEPSPEED=true``;
+the micro-batch, accumulation and clipping of the DeepSpeed config are filled from the train
+section, the engine accumulates (the loop marks the last micro-step) and steps, and the whole fp32
+weights (whole in every process under ZeRO-1/2) are read from the model, the Adam moments through
+DeepSpeed's ``safe_get_full_optimizer_state``, and both written back with ``safe_set_full_*``.
+
+accelerate routes FSDP and DeepSpeed only to GPUs; on a CPU process group (gloo) the same code
+paths are switched on here (:func:`configure`), which is how both are tested on CPUs.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from sdtune.errors import UserError
+
+FSDP2, DEEPSPEED = "fsdp2", "deepspeed"
+
+
+class ShardingError(UserError, RuntimeError):
+    """A sharded setup (FSDP/DeepSpeed) that sdtune cannot run as asked."""
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "").lower() in ("1", "true", "yes")
+
+
+_routed_from: list[Any] = []  # the CPU group's own distributed type, while routed to FSDP/DeepSpeed
+
+
+def before_accelerator() -> None:
+    """Before each Accelerator: undo an earlier technique's routing (a fresh Accelerator routes
+    again), and check that a DeepSpeed launch has the deepspeed package (an optional one)."""
+    from accelerate.state import PartialState
+
+    if _routed_from:
+        PartialState._shared_state["distributed_type"] = _routed_from.pop()
+    if _flag("ACCELERATE_USE_DEEPSPEED"):
+        try:
+            import deepspeed  # noqa: F401
+        except ImportError:
+            raise ShardingError(
+                "the launch asks for DeepSpeed (ACCELERATE_USE_DEEPSPEED) but deepspeed is not installed: "
+                "`pip install deepspeed`, or launch with FSDP2 instead"
+            ) from None
+
+
+def configure(accelerator: Any, config: Any, trained: list[str]) -> str | None:
+    """Check the sharding the launcher asked for and switch it on: "fsdp2", "deepspeed" or None.
+
+    ``trained``: the bundle's components that train. On a CPU group (where accelerate leaves DDP)
+    FSDP2 and DeepSpeed are switched on here; FSDP1 and option combinations the sharded paths cannot
+    run are refused in one line instead of silently running something else.
+    """
+    from accelerate.utils import DistributedType
+
+    chosen = accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)  # by accelerate (GPUs)
+    deepspeed = _flag("ACCELERATE_USE_DEEPSPEED") or accelerator.distributed_type == DistributedType.DEEPSPEED
+    fsdp = _flag("ACCELERATE_USE_FSDP") or accelerator.distributed_type == DistributedType.FSDP
+    if not chosen and (accelerator.num_processes == 1 or not (deepspeed or fsdp)):
+        return None  # (one CPU process holds everything anyway: the plain path, the same numbers)
+    if len(trained) > 1:
+        raise ShardingError(
+            f"{'DeepSpeed' if deepspeed else 'FSDP2'} trains one model, but this technique trains "
+            f"{', '.join(trained)}; set train_text_encoder: false for the sharded run, or launch without it (DDP)"
+        )
+    if deepspeed:
+        return _configure_deepspeed(accelerator, config)
+    if accelerator.device.type == "cpu" and getattr(accelerator.state, "fsdp_plugin", None) is None:
+        _fsdp_on_cpu_group(accelerator, config.mixed_precision)
+    plugin = getattr(accelerator.state, "fsdp_plugin", None)
+    if plugin is None or plugin.fsdp_version != 2:
+        raise ShardingError(
+            "FSDP1 is not supported (its flat parameters break saving the trained tensors by name); "
+            "set fsdp_version: 2 in the accelerate config (or FSDP_VERSION=2)"
+        )
+    _check_options(config, "FSDP2")
+    return FSDP2
+
+
+def _check_options(config: Any, what: str) -> None:
+    if config.compile:
+        raise ShardingError(f"train.compile: true is not supported with {what}; set train.compile: false")
+    if config.use_8bit_adam:
+        raise ShardingError(f"train.use_8bit_adam is not supported with {what} (sharded parameters); set it to false")
+
+
+def _configure_deepspeed(accelerator: Any, config: Any) -> str:
+    """Route a CPU group to accelerate's DeepSpeed path; fill the DeepSpeed config from the train
+    section, the one source of truth (a different value the launcher carried is replaced, and said)."""
+    from accelerate.utils import DeepSpeedPlugin, DistributedType
+
+    _check_options(config, "DeepSpeed")
+    if config.mixed_precision != "no":
+        raise ShardingError(
+            "DeepSpeed runs here with train.mixed_precision: no only (its bf16/fp16 engine casts the trained "
+            "model, which the loop's fp32 inputs do not match); use FSDP2 for bf16"
+        )
+    state = accelerator.state
+    if accelerator.device.type == "cpu" and getattr(state, "deepspeed_plugins", None) is None:
+        plugin = DeepSpeedPlugin()  # reads the ACCELERATE_DEEPSPEED_* variables the launcher set
+        plugin.set_mixed_precision("no")
+        plugin.select(_from_accelerator_state=True)
+        state.deepspeed_plugins = plugin
+        state.distributed_type = DistributedType.DEEPSPEED
+        _route(DistributedType.DEEPSPEED)
+    plugin = state.deepspeed_plugin
+    ds_config = plugin.deepspeed_config
+    stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
+    if stage == 3:  # partitioned weights: the training run did not finish on the CPU test here (it hung)
+        raise ShardingError(
+            "DeepSpeed ZeRO-3 is not supported; use FSDP2 (weights sharded too) or ZeRO stage 1/2 "
+            "(zero_stage: 2 in the accelerate config)"
+        )
+    wanted = {
+        "train_micro_batch_size_per_gpu": (config.batch_size, "train.batch_size"),
+        "gradient_accumulation_steps": (config.gradient_accumulation_steps, "train.gradient_accumulation_steps"),
+        "gradient_clipping": (config.max_grad_norm, "train.max_grad_norm"),
+        "train_batch_size": (config.batch_size * config.gradient_accumulation_steps * accelerator.num_processes, "the total batch"),
+    }
+    for key, (value, source) in wanted.items():
+        given = ds_config.get(key, "auto")
+        if given not in ("auto", value) and accelerator.is_main_process:
+            print(f"DeepSpeed config {key}: {given} replaced by {value} ({source} of the experiment)")
+        ds_config[key] = value
+    return DEEPSPEED
+
+
+def is_deepspeed(accelerator: Any) -> bool:
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.DEEPSPEED
+
+
+def _fsdp_on_cpu_group(accelerator: Any, mixed_precision: str) -> None:
+    """Route a CPU (gloo) group to accelerate's FSDP2 path, as accelerate does for a GPU group.
+
+    accelerate's state picks FSDP only for GPU-like devices; torch's ``fully_shard`` itself runs on
+    CPUs with gloo. Everything after this (prepare, no_sync, clipping) is accelerate's own FSDP2 code.
+    """
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    plugin = FullyShardedDataParallelPlugin()  # reads the FSDP_* variables the launcher set
+    if mixed_precision != "no" and plugin.fsdp_version == 2:
+        plugin.set_mixed_precision(mixed_precision)
+    accelerator.state.fsdp_plugin = plugin
+    accelerator.state.distributed_type = DistributedType.FSDP
+    _route(DistributedType.FSDP)
+
+
+def _route(distributed_type: Any) -> None:
+    """Set the process group's type as accelerate's own state does for a GPU group: every later
+    ``AcceleratorState()`` re-reads it (undone by :func:`before_accelerator`)."""
+    from accelerate.state import PartialState
+
+    _routed_from.append(PartialState._shared_state["distributed_type"])
+    PartialState._shared_state["distributed_type"] = distributed_type
+
+
+def prepare(accelerator: Any, models: list[torch.nn.Module], optimizer: Any) -> tuple[list[torch.nn.Module], Any]:
+    """Prepare the trained models and their optimizer in one call (FSDP2 needs them together:
+    sharding replaces the parameters the optimizer holds)."""
+    prepared = accelerator.prepare(*models, optimizer)
+    return list(prepared[:-1]), prepared[-1]
+
+
+def _is_sharded(tensor: Any) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
+def gathered(value: Any) -> Any:
+    """``value`` (nested dicts/lists/tuples) with every sharded tensor gathered whole.
+
+    A collective: every process must call it, with the same structure, in the same order."""
+    if _is_sharded(value):
+        return value.full_tensor()
+    if isinstance(value, dict):
+        return {key: gathered(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(gathered(item) for item in value)
+    return value
+
+
+def shard_like(reference: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+    """``full`` cut into this process's shard of ``reference`` (a plain tensor stays as it is)."""
+    if not _is_sharded(reference) or _is_sharded(full):
+        return full
+    from torch.distributed.tensor import distribute_tensor
+
+    # every process holds the same full tensor (read from the checkpoint), so no data moves
+    full = full.to(reference.device, reference.dtype)
+    return distribute_tensor(full, reference.device_mesh, reference.placements, src_data_rank=None)
+
+
+def shard_parameters(parameters: dict[str, torch.nn.Parameter], full: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Saved full tensors shaped like the live (maybe sharded) parameters of the same names."""
+    return {name: shard_like(parameters[name], tensor) if name in parameters else tensor for name, tensor in full.items()}
+
+
+def shard_optimizer_state(optimizer: Any, saved: dict[str, Any]) -> dict[str, Any]:
+    """A gathered optimizer state (torch's layout: states by parameter index) cut into the shards
+    of the optimizer's live parameters; per-parameter scalars (Adam's ``step``) stay as they are."""
+    parameters = [p for group in optimizer.param_groups for p in group["params"]]
+    state = {}
+    for index, entries in saved["state"].items():
+        parameter = parameters[index]
+        state[index] = {
+            key: shard_like(parameter, value)
+            if isinstance(value, torch.Tensor) and tuple(value.shape) == tuple(parameter.shape) and value.dim() > 0
+            else value
+            for key, value in entries.items()
+        }
+    return {**saved, "state": state}
+
+
+def shard_ema_state(parameters: list[torch.nn.Parameter], saved: dict[str, Any]) -> dict[str, Any]:
+    """A gathered EMA state with its shadow weights cut like the parameters they follow."""
+    shadows = saved.get("shadow_params") or []
+    return {**saved, "shadow_params": [shard_like(p, s) for p, s in zip(parameters, shadows)]}
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop's few sharding-aware steps
+
+
+def backward(accelerator: Any, loss: torch.Tensor, accumulation: int, last_micro: bool) -> None:
+    """Backward of one micro-step's loss, averaged over the accumulation. DeepSpeed divides by its
+    ``gradient_accumulation_steps`` itself (set to the train section's) and reduces and steps the
+    optimizer on the micro-step marked last; everything else gets the loss divided here."""
+    if is_deepspeed(accelerator):
+        accelerator.gradient_state._set_sync_gradients(last_micro)  # what accelerator.accumulate() sets
+        accelerator.backward(loss)
+    else:
+        accelerator.backward(loss / accumulation)
+
+
+def full_parameters(accelerator: Any, parameters: dict[str, torch.nn.Parameter]) -> dict[str, torch.Tensor]:
+    """The trained tensors whole, as the model holds them (with EMA: after ``copy_to``). A
+    collective when sharded. DeepSpeed ZeRO-1/2 keeps whole fp32 weights in every process (ZeRO-3
+    and DeepSpeed's bf16/fp16 engine are refused), equal to its optimizer's master copy."""
+    if is_deepspeed(accelerator):
+        return {name: parameter.detach() for name, parameter in parameters.items()}
+    return gathered(dict(parameters))
+
+
+def full_optimizer_state(accelerator: Any, parameters: dict[str, torch.nn.Parameter], optimizer: Any) -> dict[str, Any]:
+    """The optimizer state whole, in torch's layout (states by parameter index), as one process
+    saves it. A collective when sharded."""
+    if not is_deepspeed(accelerator):
+        return gathered(optimizer.state_dict())
+    from deepspeed.utils import safe_get_full_optimizer_state
+
+    inner = _deepspeed_torch_optimizer(optimizer)
+    step = next(iter(inner.state.values()), {}).get("step", torch.tensor(0.0))
+    state = {}
+    for index, parameter in enumerate(parameters.values()):
+        moments = {key: safe_get_full_optimizer_state(parameter, key) for key in ("exp_avg", "exp_avg_sq")}
+        state[index] = {"step": torch.as_tensor(step, dtype=torch.float32).clone(), **moments}
+    hyper = {key: value for key, value in inner.param_groups[0].items() if key != "params"}
+    return {"state": state, "param_groups": [{**hyper, "params": list(range(len(parameters)))}]}
+
+
+def load_training_state(
+    accelerator: Any, parameters: dict[str, torch.nn.Parameter], optimizer: Any, trainable: dict, optimizer_state: dict
+) -> None:
+    """Put a checkpoint's whole tensors back: cut into this run's shards, or given to DeepSpeed."""
+    from sdtune.checkpoint import restore_parameters
+
+    if not is_deepspeed(accelerator):
+        restore_parameters(parameters, shard_parameters(parameters, trainable))
+        optimizer.load_state_dict(shard_optimizer_state(optimizer, optimizer_state))
+        return
+    import deepspeed
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    _check_names(parameters, trainable)
+    _deepspeed_optimizer_state_ready(optimizer)
+    for index, (name, parameter) in enumerate(parameters.items()):
+        with deepspeed.zero.GatheredParameters([parameter], modifier_rank=0), torch.no_grad():
+            parameter.data.copy_(trainable[name].to(parameter.device, parameter.dtype))  # the weights used
+        safe_set_full_fp32_param(parameter, trainable[name].to(accelerator.device))  # the optimizer's master copy
+        for key in ("exp_avg", "exp_avg_sq"):
+            safe_set_full_optimizer_state(parameter, optimizer_state["state"][index][key].to(accelerator.device), key)
+    for group in _deepspeed_torch_optimizer(optimizer).param_groups:  # the rate of the step resumed at
+        group["lr"] = optimizer_state["param_groups"][0]["lr"]  # (the schedule sets it only after a step)
+    step = optimizer_state["state"][0]["step"] if optimizer_state["state"] else None
+    for entries in _deepspeed_torch_optimizer(optimizer).state.values():
+        if step is not None and "step" in entries:
+            entries["step"] = torch.as_tensor(step, dtype=entries["step"].dtype if torch.is_tensor(entries["step"]) else None)
+
+
+def _deepspeed_optimizer_state_ready(optimizer: Any) -> None:
+    """Create Adam's state before the first step (torch creates it lazily, in the first step) and
+    let DeepSpeed link it to each parameter's fragment, so saved moments can be written into it."""
+    inner = _deepspeed_torch_optimizer(optimizer)
+    for group in inner.param_groups:
+        for flat in group["params"]:
+            if not inner.state[flat]:  # torch's own initial state (AdamW, no amsgrad)
+                inner.state[flat] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(flat),
+                                     "exp_avg_sq": torch.zeros_like(flat)}
+    zero = optimizer.optimizer  # accelerate's wrapper → DeepSpeed's ZeRO optimizer
+    zero._lazy_init_hp_params_optimizer_state()  # what its own step does first (stage 1/2)
+
+
+def _check_names(parameters: dict[str, torch.nn.Parameter], trainable: dict[str, torch.Tensor]) -> None:
+    from sdtune.checkpoint import CheckpointError
+
+    if set(parameters) != set(trainable):
+        raise CheckpointError(
+            f"checkpoint does not match this technique ({len(set(parameters) ^ set(trainable))} trainable tensors "
+            "differ); resume with the same experiment and technique"
+        )
+
+
+def _deepspeed_torch_optimizer(optimizer: Any) -> torch.optim.Optimizer:
+    """The torch optimizer under accelerate's wrapper and DeepSpeed's ZeRO optimizer."""
+    inner = optimizer
+    while not type(inner).__module__.startswith("torch.optim") and hasattr(inner, "optimizer"):
+        inner = inner.optimizer
+    return inner

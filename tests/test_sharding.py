@@ -1,0 +1,100 @@
+"""FSDP2 (and DeepSpeed ZeRO-2, slow tier, where deepspeed is installed) for real on 2 CPU processes
+(torchrun, gloo): full fine-tuning with EMA and LoRA train sharded, match one process, write the
+same files, checkpoint, and resume to the same weights."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from types import SimpleNamespace
+
+import pytest
+import torch
+from test_distributed import TOLERANCE, _max_difference, _torchrun, _weights
+
+from sdtune.config import load_experiment
+from sdtune.sharding import ShardingError, configure
+from sdtune.train import train_technique
+
+# what `accelerate launch` sets from an FSDP2 config (accelerate config → fsdp_config)
+FSDP2_ENV = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}
+ZERO2_ENV = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"}
+# resumed vs uninterrupted sharded run: the same shards, the same reduction order. Measured: equal.
+RESUME_TOLERANCE = 1e-6
+
+
+def test_fsdp2_on_two_cpu_processes_trains_checkpoints_and_resumes(write_experiment, tmp_path):
+    _train_sharded_match_one_process_and_resume(write_experiment, tmp_path, FSDP2_ENV, "fsdp2")
+
+
+@pytest.mark.slow
+def test_deepspeed_zero2_on_two_cpu_processes_trains_checkpoints_and_resumes(write_experiment, tmp_path):
+    pytest.importorskip("deepspeed")  # an optional package (not a dependency of sdtune)
+    _train_sharded_match_one_process_and_resume(write_experiment, tmp_path, ZERO2_ENV, "deepspeed")
+
+
+def _train_sharded_match_one_process_and_resume(write_experiment, tmp_path, environment, sharding):
+    """One launch trains full+EMA and LoRA sharded (checkpoint at step 2 of 4); one process trains
+    the same total batch, and resumes the sharded checkpoints; a second launch resumes both from step 2."""
+    path = write_experiment(data={"cache": "memory"}, log_every=1, max_train_steps=4, checkpointing_steps=2)
+    sharded = tmp_path / "sharded"
+    run = _torchrun("train", str(path), "--output", str(sharded), "--no-progress", extra_env=environment)
+    assert run.returncode == 0, run.stderr[-3000:]
+    for name in ("full", "lora"):
+        record = json.loads((sharded / name / "record.json").read_text())
+        assert (record["status"], record["num_processes"], record["sharding"]) == ("finished", 2, sharding)
+        assert (sharded / name / "checkpoints" / "checkpoint-00000002" / "trainable.safetensors").is_file()
+    # the same files as one process (total batch 8 = 2 × 2 × 2 = 1 × 4 × 2), the same weights
+    one = tmp_path / "one"
+    for name in ("full", "lora"):
+        single = train_technique(load_experiment(path, ["train.batch_size=4", f"output_dir={one}"]), name, progress=False)
+        assert sorted(p.name for p in single.run_dir.iterdir() if p.is_file()) == sorted(
+            p.name for p in (sharded / name).iterdir() if p.is_file()
+        )
+        assert _max_difference(_weights(sharded / name, name), _weights(single.run_dir, name)) <= TOLERANCE[name]
+    # resume both sharded runs from their step-2 checkpoints (whole tensors put back into the shards)
+    resumed, unsharded = tmp_path / "resumed", tmp_path / "unsharded"
+    shutil.copytree(sharded, resumed)
+    for name in ("full", "lora"):
+        shutil.rmtree(resumed / name / "checkpoints" / "checkpoint-00000004", ignore_errors=True)
+        (resumed / name / "record.json").unlink()
+    shutil.copytree(resumed, unsharded)
+    for name in ("full", "lora"):  # the sharded checkpoint resumed by one process: the layout is the same
+        finished = train_technique(load_experiment(path, ["train.batch_size=4"]), name, unsharded, resume=True, progress=False)
+        assert finished.record["resumed_from"] and finished.record["sharding"] is None
+        assert _max_difference(_weights(unsharded / name, name), _weights(one / name, name)) <= TOLERANCE[name]
+    again = _torchrun("train", str(path), "--output", str(resumed), "--no-progress", "--resume", extra_env=environment)
+    assert again.returncode == 0, again.stderr[-3000:]
+    for name in ("full", "lora"):
+        record = json.loads((resumed / name / "record.json").read_text())
+        assert record["status"] == "finished" and record["resumed_from"] and record["sharding"] == sharding
+        assert record["steps"]["done"] == 4 and [h["step"] for h in record["loss_history"]] == [1, 2, 3, 4]
+        assert _max_difference(_weights(resumed / name, name), _weights(sharded / name, name)) <= RESUME_TOLERANCE
+
+
+class _Accelerator(SimpleNamespace):
+    pass
+
+
+@pytest.mark.parametrize(
+    ("environment", "trained", "options", "message"),
+    [
+        (ZERO2_ENV, ["unet"], {"mixed_precision": "bf16"}, "DeepSpeed runs here with train.mixed_precision: no only"),
+        ({**FSDP2_ENV, "FSDP_VERSION": "1"}, ["unet"], {}, "FSDP1 is not supported"),
+        (FSDP2_ENV, ["unet", "text_encoder"], {}, "FSDP2 trains one model, but this technique trains unet, text_encoder"),
+        (FSDP2_ENV, ["unet"], {"compile": True}, "train.compile: true is not supported with FSDP2"),
+    ],
+)
+def test_sharded_setups_that_cannot_run_are_refused_in_one_line(environment, trained, options, message, monkeypatch):
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    for key, value in environment.items():
+        monkeypatch.setenv(key, value)
+    plugin = FullyShardedDataParallelPlugin() if "FSDP_VERSION" in environment else None
+    accelerator = _Accelerator(
+        distributed_type=DistributedType.FSDP, num_processes=2, device=torch.device("cpu"),
+        state=SimpleNamespace(fsdp_plugin=plugin),
+    )
+    config = SimpleNamespace(**{"mixed_precision": "no", "compile": False, "use_8bit_adam": False, **options})
+    with pytest.raises(ShardingError, match=message):
+        configure(accelerator, config, trained)

@@ -154,3 +154,14 @@ def test_compare_trains_a_subject_with_every_kind_of_technique_in_fresh_processe
     images = json.loads((root / "records" / "eval-ti-seed0.json").read_text())["images"]
     assert [image["prompt"] for image in images] == ["a <sks> circle", "a red square"]
     assert report.exists() and "ti" in (root / "report.md").read_text()
+
+
+def test_prior_preservation_with_buckets_is_refused_in_one_line(write_experiment):
+    import yaml
+
+    path = write_experiment(techniques={"l": {"kind": "lora", "prior_preservation": True}}, data={"buckets": "auto"})
+    raw = yaml.safe_load(path.read_text())
+    raw["dreambooth"] = DREAMBOOTH
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match="cannot join aspect-ratio buckets yet; set data.buckets: null"):
+        load_experiment(path)

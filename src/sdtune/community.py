@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from sdtune.config import ConfigError
+from sdtune.schema import ConfigError
 
 Tensors = dict[str, torch.Tensor]
 COMMUNITY_FILE = "community_weights.safetensors"

@@ -23,6 +23,7 @@ from sdtune.schema import build as _build
 from sdtune.schema import check_keys as _check_keys
 from sdtune.schema import fail as _fail
 from sdtune.schema import positive as _positive
+from sdtune.split import check_validation, resolve_validation_source
 
 __all__ = ["ConfigError", "coerce"]  # re-exported: they live in the leaf module sdtune.schema
 
@@ -76,6 +77,8 @@ class DataConfig:
     cache: Literal["auto", "memory", "disk", "off"] = "auto"
     cache_memory_limit_gb: float = 4.0  # auto: above this estimate the cache goes to disk
     num_workers: int | None = None  # image-decoding worker processes; None = auto (0 on ≤ 2 cores, else up to 8)
+    # held-out images never trained on: a fraction (0.1), {fraction, seed}, or a source ({source, split})
+    validation: float | str | dict[str, Any] | None = None
 
     def validate(self) -> None:
         if self.resolution is not None and (self.resolution <= 0 or self.resolution % 8):
@@ -90,6 +93,7 @@ class DataConfig:
                 f"data.source: {self.source!r} does not exist; give an imagefolder, a "
                 ".parquet/.jsonl/.csv file, or a hub dataset id like 'lambdalabs/pokemon-blip-captions'"
             )
+        check_validation(self.validation)
         if self.cache in ("memory", "disk") and not self.center_crop:
             raise ConfigError(
                 f"data.cache: {self.cache!r} needs data.center_crop: true (random crops change every "
@@ -217,12 +221,19 @@ class EvaluationConfig:
     metrics: list[str] | None = None  # None = every registered metric
     clip_model: str = "openai/clip-vit-base-patch32"  # hub id or local folder for CLIP metrics
     style_labels: list[str] = field(default_factory=lambda: ["realistic", "semi-cartoon", "cartoon"])
-    max_reference_images: int = 200  # training images used as the reference set of the metrics
+    max_reference_images: int = 200  # real images (validation, else training) the metrics compare with
+    dino_model: str = "facebook/dinov2-small"  # hub id or local folder for DINO and drift
+    pickscore_model: str = "yuvalkirstain/PickScore_v1"  # for the opt-in pickscore metric
+    metric_plugins: list[str] = field(default_factory=list)  # modules that register more metrics
+    every_steps: int | None = None  # also evaluate (images, metrics, validation loss) every N steps
+    validation_timesteps: int = 4  # fixed timesteps of the validation loss
 
     def validate(self) -> None:
         _positive("evaluation.seeds_per_prompt", self.seeds_per_prompt)
         _positive("evaluation.num_inference_steps", self.num_inference_steps)
         _positive("evaluation.max_reference_images", self.max_reference_images)
+        _positive("evaluation.every_steps", self.every_steps, allow_none=True)
+        _positive("evaluation.validation_timesteps", self.validation_timesteps)
         if self.guidance_scale < 0:
             _fail("evaluation.guidance_scale", self.guidance_scale, "0 or more (7.5 is usual)")
         if self.resolution is not None and (self.resolution <= 0 or self.resolution % 8):
@@ -234,10 +245,12 @@ class EvaluationConfig:
 
             if not hasattr(getattr(diffusers, self.scheduler, None), "from_config") or "Scheduler" not in self.scheduler:
                 _fail("evaluation.scheduler", self.scheduler, "a diffusers scheduler class, e.g. DDIMScheduler")
-        if self.metrics is not None:
-            from sdtune.metrics import METRICS  # late import: metrics are heavier than configs
+        if self.metrics is not None or self.metric_plugins:
+            from sdtune.metrics import METRICS, load_plugins  # late import: metrics are heavier than configs
 
-            for name in self.metrics:
+            load_plugins(self.metric_plugins)
+
+            for name in self.metrics or []:
                 if name not in METRICS:
                     raise ConfigError(
                         f"evaluation.metrics: {name!r} is not a metric; choose from: {', '.join(METRICS.names())}"
@@ -342,6 +355,7 @@ def experiment_from_dict(
     family = _resolve_family(model)
     data = _build(DataConfig, _expand(raw["data"], "source"), "data")
     data.source = _resolve_local(data.source, base_dir)
+    data.validation = resolve_validation_source(data.validation, lambda text: _resolve_local(text, base_dir))
     data.validate()
     if data.resolution is None:
         data.resolution = family.native_resolution(model)

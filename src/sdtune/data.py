@@ -21,6 +21,7 @@ from PIL import Image
 
 from sdtune.config import DataConfig
 from sdtune.errors import UserError
+from sdtune.split import held_out_rows, parse_validation
 
 log = logging.getLogger(__name__)
 
@@ -263,7 +264,10 @@ def prepare_training_set(config: DataConfig, progress: bool = True) -> TrainingS
     dataset, image_column, caption_column, base_dir = load_rows(config)
     captions_column = dataset[caption_column]
     indices, captions, sizes, skipped = [], [], [], []
+    held_out = set(held_out_rows(parse_validation(config.validation), len(dataset)))  # never trained on
     for row in tqdm(range(len(dataset)), desc="checking images", disable=not progress, leave=False):
+        if row in held_out:
+            continue
         value = dataset[row][image_column]
         try:
             size = decode_image(value, base_dir).size

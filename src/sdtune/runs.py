@@ -159,6 +159,7 @@ def train_record(
             "cache": None if ctx.latent_cache is None else ctx.latent_cache.mode,
         },
         "loss_history": state["loss_history"],
+        "evaluation": state.get("evaluation", []),  # validation loss and images during training
         "resumed_from": state.get("resumed_from", []),
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }

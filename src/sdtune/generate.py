@@ -128,14 +128,20 @@ def denoiser_of(pipe: Any) -> torch.nn.Module:
 
 def set_scheduler(pipe: Any, name: str | None) -> None:
     """Swap the sampler by diffusers class name (e.g. DDIMScheduler), keeping the noise schedule."""
-    if not name:
-        return
+    if name:
+        pipe.scheduler = scheduler_class(name).from_config(pipe.scheduler.config)
+
+
+def scheduler_class(name: str) -> Any:
+    """The diffusers scheduler class of that name; a :class:`GenerationArgumentError` otherwise."""
     import diffusers
 
-    scheduler_cls = getattr(diffusers, name, None)
-    if scheduler_cls is None or not hasattr(scheduler_cls, "from_config"):
-        raise ValueError(f"scheduler {name!r} is not a diffusers scheduler class (e.g. DDIMScheduler, EulerDiscreteScheduler)")
-    pipe.scheduler = scheduler_cls.from_config(pipe.scheduler.config)
+    found = getattr(diffusers, name, None)
+    if found is None or not hasattr(found, "from_config") or "Scheduler" not in name:
+        raise GenerationArgumentError(
+            f"scheduler {name!r} is not a diffusers scheduler class; give one such as DDIMScheduler or EulerDiscreteScheduler"
+        )
+    return found
 
 
 def generate_images(
@@ -208,6 +214,9 @@ def generate(
     progress: bool = True,
 ) -> GenerationResult:
     """``sdtune generate``: load a run, write ``num_images`` PNGs per prompt (seeds seed, seed+1, …)."""
+    _check_arguments(prompts, num_images, steps, guidance, resolution)
+    if scheduler:
+        scheduler_class(scheduler)  # a bad name fails before the model loads
     started = time.perf_counter()
     pipe, record = load_run_pipeline(run_dir, fuse=fuse)
     set_scheduler(pipe, scheduler)
@@ -217,6 +226,24 @@ def generate(
     result.load_time_s = load_time
     save_images(result, Path(out_dir) if out_dir else Path(run_dir) / "samples")
     return result
+
+
+class GenerationArgumentError(UserError, ValueError):
+    """A bad argument of ``sdtune generate`` (the message names it and what is allowed)."""
+
+
+def _check_arguments(prompts: list[str], num_images: int, steps: int, guidance: float, resolution: int | None) -> None:
+    problems = [
+        (not prompts or not all(p.strip() for p in prompts), f"--prompt {prompts!r}", "one or more non-empty prompts"),
+        (num_images < 1, f"--num-images {num_images}", "1 or more"),
+        (steps < 1, f"--steps {steps}", "1 or more inference steps"),
+        (guidance < 0, f"--guidance {guidance}", "0 or more (7.5 is usual)"),
+        (resolution is not None and (resolution <= 0 or resolution % 8), f"--resolution {resolution}",
+         "a positive multiple of 8 (the VAE downsamples by 8)"),
+    ]
+    for bad, given, allowed in problems:
+        if bad:
+            raise GenerationArgumentError(f"{given} is not allowed; expected {allowed}")
 
 
 def slug(text: str, limit: int = 40) -> str:

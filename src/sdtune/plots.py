@@ -11,6 +11,7 @@ from PIL import Image, ImageDraw, ImageFont
 from sdtune.summary import (
     BASE,
     Row,
+    base_row,
     curve_metrics,
     metric_names,
     metric_summary,
@@ -110,6 +111,12 @@ def _smooth(values: list[float], window: int = 10) -> np.ndarray:
     return np.concatenate([head, np.convolve(values_array, kernel, mode="valid")])
 
 
+def _integer_locator():
+    from matplotlib.ticker import MaxNLocator
+
+    return MaxNLocator(integer=True)
+
+
 def _curve(axis, points: list[dict], label: str) -> None:
     steps = [p["step"] for p in points]
     values = np.array([p["value"] for p in points])
@@ -131,6 +138,7 @@ def validation_curves(rows: list[Row], folder: Path) -> Path | None:
     for label, points in curves:
         _curve(axis, points, label)
     axis.set_xlabel("optimizer step")
+    axis.xaxis.set_major_locator(_integer_locator())
     axis.set_ylabel("validation loss")
     axis.legend(fontsize=8)
     axis.grid(alpha=0.3)
@@ -144,13 +152,15 @@ def quality_curves(rows: list[Row], folder: Path) -> Path | None:
         return None
     plt = _pyplot()
     figure, axes = plt.subplots(1, len(names), figsize=(3.6 * len(names), 3.4), squeeze=False)
+    base = base_row(rows)
     for axis, name in zip(axes[0], names):
         for row in rows:
-            points = quality_curve(row, name) if row.label != BASE else []
+            points = quality_curve(row, name, base) if row.label != BASE else []
             if points:
                 _curve(axis, points, row.label)
         axis.set_title(name, fontsize=10)
-        axis.set_xlabel("optimizer step", fontsize=8)
+        axis.set_xlabel("optimizer step (0: the base model)", fontsize=8)
+        axis.xaxis.set_major_locator(_integer_locator())
         axis.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
     figure.tight_layout()

@@ -101,13 +101,16 @@ def share_summary(row: Row, name: str) -> dict[str, float] | None:
     return {label: float(np.mean([f.get(label, 0.0) for f in found])) for label in labels}
 
 
-def quality_curve(row: Row, name: str) -> list[dict[str, Any]]:
+def quality_curve(row: Row, name: str, base: Row | None = None) -> list[dict[str, Any]]:
     """A metric over training steps: ``[{step, value, low, high, n, over}]``, every evaluated step
-    (the finished model's at its last step), CIs across training seeds where there are several."""
+    (the finished model's at its last step), CIs across training seeds where there are several.
+    With the ``base`` row, its value is step 0: every technique starts as the base model (adapters
+    are initialised to leave it unchanged)."""
     by_step: dict[int, list[dict | None]] = {}
-    for record in [*row.steps, *row.evals]:
-        if record.step is not None and name in record.metrics:
-            by_step.setdefault(record.step, []).append(record.metrics[name])
+    for record in [*(base.evals if base else []), *row.steps, *row.evals]:
+        step = 0 if record.label == BASE else record.step
+        if step is not None and name in record.metrics:
+            by_step.setdefault(step, []).append(record.metrics[name])
     points = []
     for step in sorted(by_step):
         summary = summarise(by_step[step])
@@ -135,9 +138,13 @@ def validation_curve(row: Row) -> list[dict[str, Any]]:
 
 
 def curve_metrics(rows: list[Row]) -> list[str]:
-    """The numeric metrics measured at more than one step of some technique (worth a curve)."""
+    """The numeric metrics measured during training of some technique (worth a curve)."""
     numeric, _ = metric_names(rows)
-    return [m for m in numeric if any(len(quality_curve(row, m)) > 1 for row in rows if row.label != BASE)]
+    return [m for m in numeric if any(r.steps and any(m in e.metrics for e in r.steps) for r in rows)]
+
+
+def base_row(rows: list[Row]) -> Row | None:
+    return next((row for row in rows if row.label == BASE), None)
 
 
 def final_validation_loss(row: Row) -> dict[str, Any] | None:

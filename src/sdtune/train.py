@@ -164,6 +164,8 @@ def train_technique(
         model.train()
     clock, pending = StepClock(accelerator.device), []  # pending: (step, loss on the device, lr) not read back yet
     status, first_step = "finished", state["step"]
+    if evaluator is not None and first_step == 0:  # the starting point of the validation-loss curve
+        evaluator.after_step(0, max_steps, ctx, _unwrapped(ctx), ema, state)
     clock.start()
     with stop.installed():
         for step in range(first_step, max_steps):

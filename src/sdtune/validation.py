@@ -1,8 +1,8 @@
 """Evaluation while a technique trains: validation loss and images at ``evaluation.every_steps``.
 
 A side effect the training loop calls (:meth:`TrainingEvaluator.after_step`); nothing here changes
-what the loop computes. At every ``evaluation.every_steps`` step and at the end it records, in the
-run's state (and so in its train record and checkpoints):
+what the loop computes. Before the first step, at every ``evaluation.every_steps`` step and at the
+end it records, in the run's state (and so in its train record and its checkpoints):
 
 - the **validation loss**: the denoising loss on the held-out images of ``data.validation`` at
   ``evaluation.validation_timesteps`` fixed timesteps (evenly spaced quantiles of the schedule) and
@@ -159,7 +159,7 @@ class TrainingEvaluator:
             )
             entry["validation_loss"] = float(np.mean(losses))
             entry["validation_loss_per_timestep"] = {str(t): v for t, v in zip(timesteps.tolist(), losses)}
-        if self.every and step % self.every == 0 and step < max_steps:  # the end: compare evaluates the saved model
+        if self.every and step % self.every == 0 and 0 < step < max_steps:  # 0 and the end: compare's evaluations
             entry["images"], entry["generation"] = self._generate(step, bundle)
         return entry
 

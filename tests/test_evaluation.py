@@ -40,28 +40,57 @@ def test_validation_images_are_never_trained_on(write_experiment):
     assert len(training_set) == 6 and not set(training_set.indices) & set(held_out)
 
 
-def test_validation_loss_is_deterministic_and_follows_the_weights(write_experiment):
+@pytest.mark.parametrize("family_name", ["sd1", "sdxl", "sd3"])
+def test_validation_loss_is_deterministic_and_follows_the_weights(family_name, write_experiment, family_model):
     from sdtune.models import family_for
     from sdtune.validation import fixed_timesteps, load_validation_batch, validation_loss
 
-    experiment = load_experiment(write_experiment(data={"validation": 0.5}))
+    experiment = load_experiment(write_experiment(data={"validation": 0.5}, model=family_model(family_name)))
     family = family_for(experiment.model)
     bundle = family.load(experiment.model)
     objective = family.training_objective(bundle, experiment.train)
     timesteps = fixed_timesteps(objective, 3)
-    assert timesteps.tolist() == [166, 500, 833]  # the middle of each third of DDPM's 1000 steps
+    if objective.name == "ddpm":
+        assert timesteps.tolist() == [166, 500, 833]  # the middle of each third of DDPM's 1000 steps
+    else:  # rectified flow: σ at the same quantiles, shifted as the model's scheduler shifts them
+        sigmas = (timesteps / objective.num_train_timesteps).tolist()
+        assert sigmas == sorted(sigmas) and 0 < sigmas[0] and sigmas[-1] < 1
     batch = load_validation_batch(experiment, limit=10)
     assert len(batch.captions) == 4
 
     def loss() -> list[float]:
-        return validation_loss(bundle, objective, batch, timesteps, 3, family.latent_scale(bundle), 0.0)
+        return validation_loss(
+            bundle, objective, batch, timesteps, 3, family.latent_scale(bundle), family.latent_shift(bundle)
+        )
 
     first = loss()
     assert len(first) == 3 and all(math.isfinite(v) for v in first)
     assert loss() == first  # fixed noise, fixed timesteps: the same number every time
+    torch.manual_seed(0)
     with torch.no_grad():
-        next(bundle.denoiser.parameters()).add_(0.5)
+        for parameter in bundle.denoiser.parameters():
+            parameter.add_(0.1 * torch.randn_like(parameter))
     assert loss() != first
+
+
+def test_drift_and_the_pickscore_plugin(tiny_clip_dir, tmp_path):
+    from PIL import Image
+
+    from sdtune.metrics import ClipScorer, MetricContext, compute_all, drift
+
+    assert drift([1.0, -1.0, 0.0]).tolist() == [0.0, 1.0, 0.5]  # peft: (1 − cos) / 2
+    images = [Image.new("RGB", (32, 32), colour) for colour in ("red", "blue")]
+    scorer = ClipScorer.load(str(tiny_clip_dir))
+
+    def context(**extra) -> MetricContext:
+        return MetricContext(images=images, prompts=["a red square", "yoda"], seeds=[0, 0], training_images=[], **extra)
+
+    scored = compute_all(context(loaders={"pickscore": lambda: scorer}), ["pickscore"])["pickscore"]
+    expected = scorer.logit_scale * (scorer.image_embeddings(images) * scorer.text_embeddings(["a red square", "yoda"])).sum(1)
+    assert scored["value"] == pytest.approx(float(expected.mean()))
+    missing = compute_all(context(pickscore_model=str(tmp_path / "no-pickscore"), device="cpu"), ["pickscore"])
+    assert missing["pickscore"]["value"] is None and "could not be loaded" in missing["pickscore"]["skipped"]
+    assert "evaluation.pickscore_model" in missing["pickscore"]["skipped"] and "\n" not in missing["pickscore"]["skipped"]
 
 
 def test_records_are_typed_versioned_and_checked(tmp_path):

@@ -76,7 +76,10 @@ class ClipScorer:
         self.batch_size = batch_size
 
     @classmethod
-    def load(cls, name_or_path: str, device: str | torch.device = "cpu", batch_size: int = 32) -> ClipScorer:
+    def load(
+        cls, name_or_path: str, device: str | torch.device = "cpu", batch_size: int = 32,
+        setting: str = "evaluation.clip_model",
+    ) -> ClipScorer:
         """Load a CLIP model, its tokenizer and its preprocessing values from a hub id or a local folder.
 
         Raises :class:`MetricUnavailable` with a one-line message when the model cannot be had.
@@ -90,8 +93,8 @@ class ClipScorer:
             where = "" if Path(name_or_path).expanduser().is_dir() else " (and no local folder of that name)"
             raise MetricUnavailable(
                 f"CLIP model {name_or_path!r} could not be loaded{where}: {one_line(error)}; "
-                "download it once where there is network (e.g. `hf download openai/clip-vit-base-patch32 "
-                "--local-dir ./clip`) and set evaluation.clip_model to that folder"
+                "download it once where there is network (`hf download REPO_ID --local-dir DIR`) and set "
+                f"{setting} to that folder"
             ) from error
         processor = image_processor(name_or_path, model.config.vision_config.image_size)
         return cls(model, tokenizer, processor, device=device, batch_size=batch_size)

@@ -62,8 +62,13 @@ def _load_dino(model: str, device: str, batch_size: int) -> DinoEncoder:
 
 # encoder name → loader(model name or folder, device, batch size); plug-ins may add their own and
 # pass the loader through MetricContext.loaders
+def _load_pickscore(model: str, device: str, batch_size: int) -> ClipScorer:
+    # PickScore is a CLIP model fine-tuned on human preferences (Kirstain et al. 2023)
+    return ClipScorer.load(model, device=device, batch_size=batch_size, setting="evaluation.pickscore_model")
+
+
 ENCODERS: dict[str, Callable[[str, str, int], Any]] = {
-    "clip": _load_clip, "dino": _load_dino, "pickscore": _load_clip,  # PickScore is a CLIP model
+    "clip": _load_clip, "dino": _load_dino, "pickscore": _load_pickscore,
 }
 
 

@@ -20,7 +20,7 @@ def _run(*args):
 def test_help_lists_technique_kinds(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--help"])
-    assert "dora, full, loha, lokr, lora, partial" in capsys.readouterr().out
+    assert "boft, dora, full, loha, lokr, lora, oft, partial" in capsys.readouterr().out
 
 
 def test_bad_config_is_one_line_and_exit_2(write_experiment):

@@ -48,7 +48,7 @@ def _write(tmp_path, raw) -> Path:
         (lambda r: r["data"].update(resolution=500), "data.resolution: 500 is not allowed; expected a positive multiple of 8"),
         (lambda r: r.update(model="./no/such/model"), "does not exist"),
         (lambda r: r["data"].update(source="/no/such/folder"), "data.source: '/no/such/folder' does not exist"),
-        (lambda r: r["techniques"].update(x={"kind": "qlora"}), "'qlora' is not a technique; choose one of: dora, full, loha, lokr, lora, partial"),
+        (lambda r: r["techniques"].update(x={"kind": "qlora"}), "'qlora' is not a technique; choose one of: boft, dora, full, loha, lokr, lora, oft, partial"),
         (lambda r: r["techniques"]["lora"].update(rnak=4), "techniques.lora.rnak: not an option of technique kind 'lora'"),
         (lambda r: r["train"].update(mixed_precision="fp8"), "expected one of 'no', 'fp16', 'bf16'"),
         (lambda r: r["train"].update(max_train_steps=None), "give max_train_steps or num_epochs"),

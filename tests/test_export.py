@@ -42,9 +42,20 @@ KINDS = {
                     "target_modules": ["to_q", "conv1"]},
     "lokr": {"kind": "lokr", "rank": 2, "alpha": 3, "init_weights": False, "target_modules": ["to_q", "to_k", "conv1"]},
     "partial": {"kind": "partial"},
+    # SDXL: every kind of UNet layer kohya sd-scripts names the SGM way (resnets, samplers, embeddings)
+    "sgm-locon": {"kind": "lora", "rank": 2, "alpha": 3, "init_lora_weights": False, "target_modules": [
+        "to_q", "conv1", "conv2", "time_emb_proj", "conv_shortcut", "conv", "conv_in", "conv_out", "linear_1",
+        "linear_2", "proj_in", "proj_out"]},
+    # SDXL: full-rank differences of resnets (norms: w_norm/b_norm, biases: diff_b), embeddings, samplers
+    "partial-sgm": {"kind": "partial", "modules": ["down_blocks.1.resnets.0.*", "time_embedding.*", "add_embedding.*",
+                                                   "up_blocks.0.upsamplers.*", "down_blocks.0.downsamplers.*",
+                                                   "mid_block.attentions.0.norm.*", "conv_in.*", "conv_norm_out.*"]},
+    # Tucker LoKr (lokr_t2 on the 3×3 convs of 32 channels; rank 2 leaves the 16-channel ones a full w2)
+    "lokr-tucker": {"kind": "lokr", "rank": 2, "alpha": 3, "init_weights": False, "use_effective_conv2d": True,
+                    "decompose_both": True, "target_modules": ["conv1", "conv2", "to_k"]},
 }
 MATRIX = [(family, kind) for family in ("sd1", "sd2", "sdxl", "sd3") for kind in ("lora", "dora", "loha", "lokr", "partial")]
-MATRIX += [("sd1", "locon"), ("sd1", "loha-tucker")]
+MATRIX += [("sd1", "locon"), ("sd1", "loha-tucker"), ("sdxl", "sgm-locon")]
 
 
 @pytest.fixture(scope="module")
@@ -101,10 +112,31 @@ def lycoris_kohya_network():
         logger.setLevel(level)
 
 
+def sgm_unet(unet):
+    """The diffusers UNet's layers under their SGM paths, as kohya sd-scripts' own SDXL UNet nests them
+    (the layers are shared, so what LyCORIS changes is the model); the paths are the single-file
+    checkpoint's, which diffusers' ``from_single_file`` checks."""
+    from sdtune.single_file import unet_original_key
+
+    root = torch.nn.Module()
+    for path, layer in unet.named_modules():
+        if "weight" not in layer._parameters:
+            continue
+        *parents, leaf = unet_original_key(f"{path}.weight", dict(unet.config)).split(".")[:-1]
+        holder = root
+        for name in parents:
+            if not hasattr(holder, name):
+                holder.add_module(name, torch.nn.Module())
+            holder = getattr(holder, name)
+        holder.add_module(leaf, layer)
+    return root
+
+
 def lycoris_modules(pipe, family, weights):
     """Load a community file onto ``pipe`` with lycoris-lora: kohya's loader (``lora_unet_``/``lora_te*``,
-    text encoders as a list when the family has several) and, for SD3's ``lycoris_`` transformer names,
-    LyCORIS' own ``create_lycoris_from_weights``. Returns the LyCORIS modules it built."""
+    text encoders as a list when the family has several; SDXL's UNet under its SGM paths, as kohya
+    sd-scripts gives it) and, for SD3's ``lycoris_`` transformer names, LyCORIS' own
+    ``create_lycoris_from_weights``. Returns the LyCORIS modules it built."""
     pytest.importorskip("lycoris", reason="the real-loader tests need `pip install lycoris-lora` (the dev extra)")
     from lycoris import create_lycoris_from_weights
     from lycoris.kohya import create_network_from_weights
@@ -116,8 +148,9 @@ def lycoris_modules(pipe, family, weights):
             transformer, _ = create_lycoris_from_weights(1.0, "", pipe.transformer, weights_sd=weights)
             text, _ = create_network_from_weights(1.0, "", None, encoders, torch.nn.Module(), weights_sd=weights)
             return transformer.loras + text.text_encoder_loras
+        unet = sgm_unet(pipe.unet) if family.kohya_trainer_names_unet == "sgm" else pipe.unet
         network, _ = create_network_from_weights(
-            1.0, "", None, encoders if len(encoders) > 1 else encoders[0], pipe.unet, weights_sd=weights
+            1.0, "", None, encoders if len(encoders) > 1 else encoders[0], unet, weights_sd=weights
         )
         return network.unet_loras + network.text_encoder_loras
 
@@ -214,9 +247,10 @@ def test_community_file_loads_in_lycoris_as_the_merged_export(family, kind, trai
                                            msg=f"{component}.{key}")
 
 
-@pytest.mark.parametrize(("family", "kind"), [("sd1", "locon"), ("sd2", "lora"), ("sdxl", "lora")])
+@pytest.mark.parametrize(("family", "kind"), [("sd1", "locon"), ("sd2", "lora"), ("sdxl", "lora"), ("sdxl", "sgm-locon")])
 def test_lora_community_file_loads_in_diffusers_as_the_merged_export(family, kind, trained):
-    """diffusers' own kohya converter reads the file (LoCon convs and text encoders included)."""
+    """diffusers' own kohya converter reads the file (LoCon convs and text encoders included; SDXL's
+    SGM names through its own SGM → diffusers map, ``_maybe_map_sgm_blocks_to_diffusers``)."""
     run_dir, record, merged_dir = trained(family, kind)
     spec = FAMILIES.get(family)()
     path, part = _community_file(run_dir, record)
@@ -231,6 +265,109 @@ def test_lora_community_file_loads_in_diffusers_as_the_merged_export(family, kin
         assert ours.keys() == theirs.keys()
         for key, value in theirs.items():
             torch.testing.assert_close(ours[key], value, rtol=1e-4, atol=1e-5, msg=f"{component}.{key}")
+
+
+# -- SDXL: SGM names, read independently ------------------------------------------------------------------
+SDXL_LAYOUT = [("sdxl", kind) for kind in ("lora", "dora", "loha", "lokr", "partial", "sgm-locon", "loha-tucker",
+                                           "lokr-tucker", "partial-sgm")]
+
+
+def comfy_key_map(checkpoint):
+    """Community layer name → weight key (without ``.weight``), built as ComfyUI's ``model_lora_keys_unet``/
+    ``_clip`` build it: from the checkpoint's own keys, '.' → '_', with no knowledge of diffusers' names.
+    CLIP-G is held in the Hugging Face layout under ``te2.`` (as ComfyUI converts it when loading)."""
+    prefixes = {"model.diffusion_model.": "lora_unet_", "conditioner.embedders.0.transformer.": "lora_te1_", "te2.": "lora_te2_"}
+    return {
+        name + key[len(start):-len(".weight")].replace(".", "_"): key[: -len(".weight")]
+        for key in checkpoint if key.endswith(".weight")
+        for start, name in prefixes.items() if key.startswith(start)
+    }
+
+
+def community_delta(tensors, weight):
+    """ΔW of one layer of a community file by the formulas of ComfyUI's ``comfy/weight_adapter/`` (lora.py,
+    loha.py, lokr.py; A1111's are the same): scale = alpha / rank, rank = the ``lora_down``/``hada_w1_b``/
+    ``lokr_w*_b`` rows. DoRA is LyCORIS' and peft's (norm of W + ΔW per output row, ``dora_scale`` out×1…)."""
+    alpha = tensors.get("alpha")
+    if "lora_down.weight" in tensors:
+        down, up = tensors["lora_down.weight"], tensors["lora_up.weight"]
+        delta = (up.flatten(1) @ down.flatten(1)).reshape(weight.shape) * (alpha / down.shape[0])
+        if "dora_scale" in tensors:
+            magnitude = tensors["dora_scale"]
+            assert magnitude.shape == (weight.shape[0], *[1] * (weight.dim() - 1))
+            merged = weight + delta
+            delta = merged * magnitude / merged.flatten(1).norm(dim=1).reshape(magnitude.shape) - weight
+        return delta
+    if "hada_w1_a" in tensors:
+        def side(a, b, core):
+            return a @ b if core is None else torch.einsum("i j k l, j r, i p -> p r k l", core, b, a)
+        w1 = side(tensors["hada_w1_a"], tensors["hada_w1_b"], tensors.get("hada_t1"))
+        w2 = side(tensors["hada_w2_a"], tensors["hada_w2_b"], tensors.get("hada_t2"))
+        return (w1 * w2).reshape(weight.shape) * (alpha / tensors["hada_w1_b"].shape[0])
+    rank = None
+    w1 = tensors.get("lokr_w1")
+    if w1 is None:
+        w1, rank = tensors["lokr_w1_a"] @ tensors["lokr_w1_b"], tensors["lokr_w1_b"].shape[0]
+    w2 = tensors.get("lokr_w2")
+    if w2 is None:
+        a, b, core = tensors["lokr_w2_a"], tensors["lokr_w2_b"], tensors.get("lokr_t2")
+        w2 = a @ b if core is None else torch.einsum("i j k l, j r, i p -> p r k l", core, b, a)
+        rank = b.shape[0]
+    if w2.dim() == 4:
+        w1 = w1[:, :, None, None]
+    return torch.kron(w1.contiguous(), w2.contiguous()).reshape(weight.shape) * (1.0 if rank is None else alpha / rank)
+
+
+@pytest.mark.parametrize(("family", "kind"), SDXL_LAYOUT, ids=[k for _, k in SDXL_LAYOUT])
+def test_sdxl_community_file_on_the_sgm_checkpoint_is_the_merged_single_file(family, kind, trained, tmp_path):
+    """kohya sd-scripts names SDXL's UNet the SGM way (``lora_unet_input_blocks_4_1_…``), as the single-file
+    checkpoint does (its names are checked by diffusers' ``from_single_file``). The community file applied
+    to the base model's single file by an independent reader (ComfyUI's key map and formulas, Tucker LoKr
+    ``lokr_t2`` included) gives ``export --single-file`` of the run, every weight."""
+    from sdtune.single_file import clip_to_original, original_state_dict
+
+    run_dir, record, merged_dir = trained(family, kind)
+    spec = FAMILIES.get(family)()
+    path, part = _community_file(run_dir, record)
+    assert ("LyCORIS" if kind == "dora" else "kohya sd-scripts") in part["loads_in"]  # (see community.TOOLS)
+    base = spec.load_pipeline(record["config"]["model"]["path"])
+    open_clip = spec.single_file_layout["text_encoder_2"][0]  # CLIP-G, compared in the HF layout instead
+
+    def checkpoint(single_file, text_encoder_2):
+        kept = {key: value for key, value in single_file.items() if not key.startswith(open_clip)}
+        return {**kept, **{f"te2.{key}": value for key, value in clip_to_original(text_encoder_2).items()}}
+
+    before = checkpoint(original_state_dict(base.components, spec.single_file_layout), base.text_encoder_2)
+    ours = dict(before)
+    key_map = comfy_key_map(ours)
+    layers = {}
+    for key, value in load_file(path).items():
+        name, _, tensor = key.partition(".")
+        layers.setdefault(name, {})[tensor] = value.double()
+    assert set(layers) <= set(key_map), sorted(set(layers) - set(key_map))[:3]  # "lora key not loaded"
+    found = {tensor for tensors in layers.values() for tensor in tensors}
+    assert {"lokr-tucker": {"lokr_t2"}, "loha-tucker": {"hada_t1", "hada_t2"}, "dora": {"dora_scale"},
+            "partial-sgm": {"w_norm", "b_norm", "diff_b"}}.get(kind, set()) <= found
+    for name, tensors in layers.items():
+        layer = key_map[name]
+        weight = ours[f"{layer}.weight"].double()
+        if "diff" in tensors or "w_norm" in tensors:
+            ours[f"{layer}.weight"] = weight + tensors.get("diff", tensors.get("w_norm"))
+            for bias_name in ("diff_b", "b_norm"):
+                if bias_name in tensors:
+                    ours[f"{layer}.bias"] = ours[f"{layer}.bias"].double() + tensors[bias_name]
+        else:
+            ours[f"{layer}.weight"] = weight + community_delta(tensors, weight)
+
+    exported = load_file(export_single_file(run_dir, tmp_path / "merged.safetensors"))
+    merged_te2 = spec.pipeline_class().from_pretrained(merged_dir).text_encoder_2
+    theirs = checkpoint(exported, merged_te2)
+    assert ours.keys() == theirs.keys()
+    for key, value in theirs.items():
+        torch.testing.assert_close(ours[key].float(), value, rtol=1e-4, atol=1e-5 * max(value.abs().max().item(), 1.0),
+                                   msg=key)
+    moved = {key.split(".")[0] for key, value in theirs.items() if not torch.equal(value, before[key])}
+    assert "model" in moved  # the UNet changed, so the comparison means something
 
 
 # -- single-file checkpoints ---------------------------------------------------------------------------
@@ -351,16 +488,32 @@ def test_training_starts_from_a_single_file_model(write_experiment, family_model
 
 
 # -- init_from --------------------------------------------------------------------------------------------
-@pytest.mark.parametrize(("family", "kind"), [("sd1", "lora"), ("sd1", "dora"), ("sdxl", "loha"), ("sd3", "lokr")])
-def test_init_from_a_community_file_starts_where_it_left_off(family, kind, trained, tmp_path):
+INIT_FROM = [("sd1", "lora", "sd1-lora"), ("sd1", "dora", "sd1-dora"), ("sdxl", "loha", "sdxl-loha"),
+             ("sdxl", "sgm-locon", "sdxl-sgm-names"), ("sdxl", "sgm-locon", "sdxl-diffusers-names"), ("sd3", "lokr", "sd3-lokr")]
+
+
+@pytest.mark.parametrize(("family", "kind", "case"), INIT_FROM, ids=[case for _, _, case in INIT_FROM])
+def test_init_from_a_community_file_starts_where_it_left_off(family, kind, case, trained, tmp_path):
     """An adapter initialised from a run's community file (with another alpha: the file's scale is
-    folded in) has exactly the run's weights once merged, before any training."""
+    folded in) has exactly the run's weights once merged, before any training. SDXL files are read in
+    kohya's SGM names (what sdtune writes) and in diffusers' block names (what other trainers write)."""
+    from safetensors.torch import save_file
+
     from sdtune.models import family_for
     from sdtune.techniques import TECHNIQUES
     from sdtune.techniques.adapter import merge_adapters
 
     run_dir, record, merged_dir = trained(family, kind)
     path, _ = _community_file(run_dir, record)
+    if case == "sdxl-diffusers-names":
+        unet = FAMILIES.get(family)().load_pipeline(record["config"]["model"]["path"]).unet
+        renamed = {community.layer_name("lora_unet_", unet, p, sgm=True): community.layer_name("lora_unet_", unet, p)
+                   for p, layer in unet.named_modules() if "weight" in layer._parameters}
+        weights = {f"{renamed[key.split('.')[0]]}.{key.partition('.')[2]}": value for key, value in load_file(path).items()}
+        assert all(key.startswith(("lora_unet_down_blocks", "lora_unet_mid_block", "lora_unet_up_blocks",
+                                   "lora_unet_time_embedding", "lora_unet_add_embedding", "lora_unet_conv_")) for key in weights)
+        path = tmp_path / "diffusers-names.safetensors"
+        save_file(weights, path)
     raw = {**record["config"], "techniques": {"again": _technique_entry(record, kind, path)}}
     (tmp_path / "again.yaml").write_text(yaml.safe_dump(raw))
     experiment = load_experiment(tmp_path / "again.yaml")
@@ -385,6 +538,23 @@ def _technique_entry(record, kind, path):
         entry.pop("target_modules", None)
     entry["alpha"] = 7
     return entry
+
+
+def test_init_from_is_relative_to_the_experiment_file(write_experiment, tmp_path, monkeypatch):
+    """Like ``model`` and ``data``, ``init_from`` names a file next to the experiment, wherever sdtune runs."""
+    from safetensors.torch import save_file
+
+    (tmp_path / "weights").mkdir()
+    save_file({"lora_unet_conv_in.alpha": torch.tensor(1.0)}, tmp_path / "weights" / "start.safetensors")
+    path = write_experiment(techniques={"lora": {"kind": "lora", "init_from": "weights/start.safetensors"}})
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    experiment = load_experiment(path)
+    assert experiment.techniques["lora"].options["init_from"] == str(tmp_path / "weights" / "start.safetensors")
+    with pytest.raises(ConfigError, match=rf"^techniques.lora.init_from: '{tmp_path}/weights/missing.safetensors' is not a "
+                       r".safetensors file; .* \(absolute, or relative to the experiment file\)$"):
+        load_experiment(write_experiment(techniques={"lora": {"kind": "lora", "init_from": "weights/missing.safetensors"}}))
 
 
 def test_init_from_errors_are_one_line_with_the_fix(write_experiment, trained, tmp_path):
@@ -414,7 +584,8 @@ def test_init_from_errors_are_one_line_with_the_fix(write_experiment, trained, t
 
 def test_weights_without_a_community_form_are_refused_not_dropped():
     """Partial training of a text encoder moves its embeddings, which no kohya/LyCORIS layout holds:
-    the community file is not written at all rather than written without them."""
+    the community file is not written at all rather than written without them; so with an SDXL UNet
+    layer that has no SGM name."""
     encoder = torch.nn.Module()
     encoder.token_embedding = torch.nn.Embedding(4, 2)
     encoder.proj = torch.nn.Linear(2, 2)
@@ -427,3 +598,10 @@ def test_weights_without_a_community_form_are_refused_not_dropped():
         {"text_encoder": encoder}, {"text_encoder": "lora_te_"},
     )
     assert set(out) == {"lora_te_proj.diff_b", "lora_te_proj.diff"} and not out["lora_te_proj.diff"].any()
+    unet = torch.nn.Module()  # an SDXL-like UNet with a layer the SGM checkpoint has no name for
+    unet.config = {"layers_per_block": 1, "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"]}
+    unet.encoder_hid_proj = torch.nn.Linear(2, 2)
+    with pytest.raises(community.CommunityFormatError, match="'encoder_hid_proj.weight' has no original-layout name"):
+        community.differences_to_community({"unet.encoder_hid_proj.weight": torch.ones(2, 2)},
+                                           {"unet.encoder_hid_proj.weight": torch.zeros(2, 2)},
+                                           {"unet": unet}, {"unet": "lora_unet_"}, sgm=("unet",))

@@ -27,13 +27,16 @@ ALL_TECHNIQUES = {
     "partial": {"kind": "partial"},  # the family's first preset (UNets: cross-attention; SD3: context)
     "lora-te": {"kind": "lora", "rank": 2, "train_text_encoder": True, "text_encoder_learning_rate": 1e-3},
     "full-te": {"kind": "full", "train_text_encoder": True},
+    "oft": {"kind": "oft", "oft_block_size": 8},
+    "boft": {"kind": "boft", "boft_block_size": 4},
+    "oft-te": {"kind": "oft", "oft_block_size": 8, "train_text_encoder": True},
 }
 # (family, technique) pairs of the matrix: every technique on SD1, the ones that differ per family elsewhere
-MATRIX = [("sd1", name) for name in ALL_TECHNIQUES if name != "full-te"] + [
+MATRIX = [("sd1", name) for name in ALL_TECHNIQUES if name not in ("full-te", "oft-te")] + [
     (family, name)
     for family in ("sd2", "sdxl", "sd3")
     for name in ("full", "lora", "dora", "loha", "lokr", "partial", "lora-te", "full-te")
-] + [("sdxl", "locon"), ("sd3-no-t5", "lora-te")]
+] + [("sdxl", "locon"), ("sd3-no-t5", "lora-te"), ("sdxl", "oft-te"), ("sd3", "boft")]
 
 
 def _base_state(model_dir, part):
@@ -150,7 +153,7 @@ def test_partial_trains_exactly_the_chosen_tensors(write_experiment, tiny_model)
     assert len(changed) >= len(trained) - 2  # to_k/to_v of every block move (a bias may stay ~put)
 
 
-ADAPTER_MARKERS = ("lora_", "hada_", "lokr_")
+ADAPTER_MARKERS = ("lora_", "hada_", "lokr_", "oft_")  # (oft_R; boft_R, boft_s)
 
 
 def _intended(name, bundle):
@@ -166,7 +169,7 @@ def _intended(name, bundle):
     if name == "partial":
         patterns = next(iter(family.partial_presets.values()))
         return lambda n: n.startswith(denoiser) and any(fnmatchcase(n[len(denoiser):], p) for p in patterns)
-    if name == "lora-te":
+    if name in ("lora-te", "oft-te"):
         return lambda n: n.startswith((denoiser, *encoders)) and adapter(n)
     return lambda n: n.startswith(denoiser) and adapter(n)
 

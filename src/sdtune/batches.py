@@ -11,12 +11,14 @@ path (random crops, text-encoder training), and with a latent cache only the fir
 
 from __future__ import annotations
 
+import math
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
+from sdtune.buckets import BucketOrder
 from sdtune.data import TrainingSet, augmentation, stream_samples
 
 
@@ -33,19 +35,32 @@ class Layout:
     random_flip: bool
     center_crop: bool
     caption_dropout: float
+    order: BucketOrder | None = None  # aspect-ratio buckets: one bucket a global step (sdtune.buckets)
+    slot_images: tuple[int, ...] | None = None  # with repeats: slot → image (None: slot = image)
 
     def plan(self, global_micro: int) -> MicroBatch:
         """This process's share of micro-step ``global_micro`` (= step × accumulation + micro)."""
         start = (global_micro * self.num_processes + self.process_index) * self.batch_size
-        indices, epochs = stream_samples(self.seed, self.num_samples, start, self.batch_size)
+        if self.order is None:
+            slots, epochs = stream_samples(self.seed, self.num_samples, start, self.batch_size)
+        else:
+            slots, epochs = self.order.slots(start, self.batch_size)
         flips, crops, dropped = [], [], []
-        for index, epoch in zip(indices.tolist(), epochs.tolist()):
-            choice = augmentation(self.seed, epoch, index)
+        for slot, epoch in zip(slots.tolist(), epochs.tolist()):
+            choice = augmentation(self.seed, epoch, slot)
             flips.append(choice.flip and self.random_flip)
             crops.append(None if self.center_crop else choice.crop)
             dropped.append(choice.caption_draw < self.caption_dropout)
         positions = list(range(start, start + self.batch_size))
-        return MicroBatch(global_micro, positions, indices.tolist(), flips, crops, dropped)
+        images = slots.tolist() if self.slot_images is None else [self.slot_images[s] for s in slots.tolist()]
+        return MicroBatch(global_micro, positions, images, flips, crops, dropped, slots.tolist(), epochs.tolist())
+
+    def steps_for_epochs(self, num_epochs: float) -> int:
+        """Optimizer steps of ``num_epochs`` epochs (a bucketed epoch rounds each bucket up to whole steps)."""
+        step_size = self.batch_size * self.accumulation * self.num_processes
+        if self.order is not None:
+            return math.ceil(num_epochs * self.order.steps_per_epoch)
+        return math.ceil(num_epochs * self.num_samples / step_size)
 
 
 @dataclass(frozen=True)
@@ -56,6 +71,24 @@ class MicroBatch:
     flips: list[bool]
     crops: list[tuple[float, float] | None]  # random-crop position, None = centre
     dropped: list[bool]  # caption replaced by ""
+    slots: list[int]  # the samples' slots in an epoch (= indices without repeats)
+    epochs: list[int]
+
+
+def latent_masks(training_set: TrainingSet, batch: MicroBatch, latents: torch.Tensor) -> torch.Tensor | None:
+    """The loss masks of a micro-batch on the latent grid, (batch, 1, h, w): each image's mask with its
+    crop and flip, area-averaged down to the latents (a latent pixel half masked-in counts half); ones
+    for an image without a mask; None when the data set has no masks."""
+    if not training_set.masks:
+        return None
+    masks, latent_size = [], tuple(latents.shape[-2:])
+    for index, flip, crop in zip(batch.indices, batch.flips, batch.crops):
+        mask = training_set.mask(index, flip, crop)
+        if mask is None:
+            masks.append(torch.ones(1, *latent_size))
+        else:
+            masks.append(torch.nn.functional.interpolate(mask[None], size=latent_size, mode="area")[0])
+    return torch.stack(masks).to(latents.device)
 
 
 def pixel_needs(

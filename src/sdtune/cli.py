@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
     generate.add_argument("--scheduler", help="a diffusers scheduler class, e.g. DDIMScheduler")
     generate.add_argument("--resolution", type=int, help="image side in pixels (default: the training resolution)")
+    generate.add_argument("--width", type=int, help="image width, e.g. a bucket's (record: data.buckets)")
+    generate.add_argument("--height", type=int, help="image height, e.g. a bucket's")
     generate.add_argument("--out", help="folder for the PNGs (default: RUN_DIR/samples)")
     generate.add_argument("--no-fuse", action="store_true", help="keep adapters unfused (slower sampling)")
     compare = commands.add_parser(
@@ -185,7 +187,7 @@ def _generate(args: argparse.Namespace) -> int:
     result = generate(
         args.run_dir, args.prompt, num_images=args.num_images, seed=args.seed, steps=args.steps,
         guidance=args.guidance, out_dir=args.out, fuse=not args.no_fuse, scheduler=args.scheduler,
-        resolution=args.resolution,
+        resolution=args.resolution, width=args.width, height=args.height,
     )
     mean = sum(result.latencies_s) / max(len(result.latencies_s), 1)
     print(f"model load: {result.load_time_s:.2f} s; per image: {mean:.3f} s (mean of {len(result.latencies_s)})")

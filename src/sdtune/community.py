@@ -4,7 +4,13 @@ One file per run that A1111/Forge, ComfyUI, kohya sd-scripts and the LyCORIS loa
 adapted layer is one name, ``<prefix><module path with '.' → '_'>`` (the family's
 ``community_prefixes``: SD1/2 ``lora_unet_``/``lora_te_``, SDXL ``lora_unet_``/``lora_te1_``/
 ``lora_te2_``, SD3 SimpleTuner's ``lycoris_`` for the transformer and ``lora_te1/2/3_`` for its
-text encoders, as ComfyUI maps them), followed by the method's tensors:
+text encoders, as ComfyUI maps them). The module path is the one kohya sd-scripts' own trainer
+names (the family's ``kohya_trainer_names_unet``): diffusers' UNet path for SD1/2
+(``down_blocks_1_attentions_0_…``), Stability's SGM path for SDXL's UNet (``input_blocks_4_1_…``,
+``middle_block_1_…``, ``output_blocks_…``, resnets ``in_layers_2``/``emb_layers_1``/``out_layers_3``/
+``skip_connection``, ``time_embed_0``, ``label_emb_0_0``: the names of the single-file checkpoint,
+``sdtune.single_file``, whose mapping diffusers' ``from_single_file`` checks). Reading (``init_from``)
+takes both namings. Each name is followed by the method's tensors:
 
 =========  ======================================================  ==============================
 method     tensors (LyCORIS names)                                 from peft
@@ -38,6 +44,7 @@ from typing import Any
 import torch
 
 from sdtune.schema import ConfigError
+from sdtune.single_file import UnknownKeyError, unet_original_key
 
 Tensors = dict[str, torch.Tensor]
 COMMUNITY_FILE = "community_weights.safetensors"
@@ -61,13 +68,39 @@ def canonical_path(module: torch.nn.Module, path: str) -> str:
     return path
 
 
-def layer_name(prefix: str, module: torch.nn.Module, path: str) -> str:
-    return prefix + canonical_path(module, path).replace(".", "_")
+def sgm_path(unet: torch.nn.Module, path: str) -> str:
+    """The SGM (SDXL single-file checkpoint, kohya sd-scripts' SDXL UNet) path of a diffusers UNet
+    layer, e.g. ``down_blocks.1.attentions.0.proj_in`` → ``input_blocks.4.1.proj_in``."""
+    try:
+        return unet_original_key(f"{path}.weight", dict(unet.config)).removesuffix(".weight")
+    except UnknownKeyError as error:  # a layer the SGM checkpoint does not have: no community name
+        raise CommunityFormatError(str(error)) from None
 
 
-def layer_names(module: torch.nn.Module, prefix: str) -> dict[str, str]:
-    """Community layer name → module path, for every submodule of ``module``."""
-    return {layer_name(prefix, module, path): path for path, _ in module.named_modules() if path}
+def sgm_components(family: Any) -> tuple[str, ...]:
+    """The family's components whose community names are SGM paths (SDXL's UNet)."""
+    return (family.denoiser,) if family.kohya_trainer_names_unet == "sgm" else ()
+
+
+def layer_name(prefix: str, module: torch.nn.Module, path: str, sgm: bool = False) -> str:
+    return prefix + (sgm_path(module, path) if sgm else canonical_path(module, path)).replace(".", "_")
+
+
+def layer_names(module: torch.nn.Module, prefix: str, sgm: bool = False) -> dict[str, str]:
+    """Community layer name → module path, for every submodule of ``module``; with ``sgm`` the SGM
+    names of its weighted layers too (a container can share its layer's SGM name: a downsampler is
+    ``…_0_op`` and so is its conv)."""
+    names = {layer_name(prefix, module, path): path for path, _ in module.named_modules() if path}
+    for path, layer in module.named_modules() if sgm else ():
+        if not isinstance(getattr(layer, "weight", None), torch.Tensor):  # (peft's wrappers show their base's)
+            continue
+        try:
+            name = layer_name(prefix, module, path, sgm=True)
+        except CommunityFormatError:  # inside a peft wrapper of a top-level layer (conv_in.base_layer)
+            continue
+        if names.setdefault(name, path) != path:
+            raise CommunityFormatError(f"{names[name]} and {path} both have the SGM name {name}")
+    return names
 
 
 def adapter_layers(module: torch.nn.Module) -> Iterator[tuple[str, Any]]:
@@ -80,16 +113,19 @@ def adapter_layers(module: torch.nn.Module) -> Iterator[tuple[str, Any]]:
 
 
 # -- peft → community -----------------------------------------------------------------------------
-def adapter_to_community(adapted: list[tuple[str, torch.nn.Module, Tensors]], prefixes: dict[str, str]) -> Tensors:
+def adapter_to_community(
+    adapted: list[tuple[str, torch.nn.Module, Tensors]], prefixes: dict[str, str], sgm: tuple[str, ...] = ()
+) -> Tensors:
     """The community tensors of peft adapters: ``adapted`` is (component, module, peft state dict
-    as ``get_peft_model_state_dict`` gives it) per adapted component."""
+    as ``get_peft_model_state_dict`` gives it) per adapted component; ``sgm``: the components named
+    by their SGM paths (:func:`sgm_components`)."""
     result: Tensors = {}
     for component, module, state in adapted:
         if component not in prefixes:
             raise CommunityFormatError(f"the {component} has no community key prefix in this family")
         for path, layer in adapter_layers(module):
             tensors = {key[len(path) + 1:]: value for key, value in state.items() if key.startswith(path + ".")}
-            name = layer_name(prefixes[component], module, path)
+            name = layer_name(prefixes[component], module, path, sgm=component in sgm)
             for suffix, value in _layer_to_community(layer, tensors, f"{component}.{path}").items():
                 result[f"{name}.{suffix}"] = value.detach().to("cpu").contiguous()
     return result
@@ -130,7 +166,8 @@ def _layer_to_community(layer: Any, tensors: Tensors, where: str) -> Tensors:
 
 # -- full-rank differences (partial training) -------------------------------------------------------
 def differences_to_community(
-    trained: Tensors, base: Tensors, components: dict[str, torch.nn.Module], prefixes: dict[str, str]
+    trained: Tensors, base: Tensors, components: dict[str, torch.nn.Module], prefixes: dict[str, str],
+    sgm: tuple[str, ...] = (),
 ) -> Tensors:
     """Per-layer weight differences of full-rank training: ``trained``/``base`` map
     ``<component>.<parameter>`` to tensors. Linear and conv layers get ``diff``/``diff_b``, norm
@@ -152,7 +189,7 @@ def differences_to_community(
             names = {}
         if component not in prefixes or leaf not in names:
             raise CommunityFormatError(f"{key} ({type(layer).__name__}) has no kohya/LyCORIS difference form")
-        name = layer_name(prefixes[component], module, path)
+        name = layer_name(prefixes[component], module, path, sgm=component in sgm)
         result[f"{name}.{names[leaf]}"] = (trained[key].float() - base[key].float()).to(trained[key].dtype).contiguous()
         weight_name = f"{name}.{names['weight']}"
         if leaf == "bias" and weight_name not in result:
@@ -202,18 +239,22 @@ PEFT_LORA_SPELLINGS = {  # diffusers/peft LoRA files: their tensor names → koh
 }
 
 
-def load_layers(path: Path, components: dict[str, torch.nn.Module], prefixes: dict[str, str]) -> dict[str, Tensors]:
+def load_layers(
+    path: Path, components: dict[str, torch.nn.Module], prefixes: dict[str, str], sgm: tuple[str, ...] = ()
+) -> dict[str, Tensors]:
     """The file's layers as ``<component>.<module path>`` → {community tensor name: tensor}.
 
-    Reads the community layout (any of the family's prefixes) and peft/diffusers LoRA files
-    (``<component>.<module path>.lora_A.weight`` …, scale 1 unless the file has ``alpha`` keys).
+    Reads the community layout (any of the family's prefixes; for the ``sgm`` components SGM and
+    diffusers paths alike) and peft/diffusers LoRA files (``<component>.<module path>.lora_A.weight`` …,
+    scale 1 unless the file has ``alpha`` keys).
     """
     from safetensors.torch import load_file
 
     names = {}
     for component, module in components.items():
         if component in prefixes:
-            names.update({name: f"{component}.{p}" for name, p in layer_names(module, prefixes[component]).items()})
+            found = layer_names(module, prefixes[component], sgm=component in sgm)
+            names.update({name: f"{component}.{p}" for name, p in found.items()})
         names.update({f"{component}.{canonical_path(module, p)}": f"{component}.{p}" for p, _ in module.named_modules() if p})
         names.update({f"{component}.{p}": f"{component}.{p}" for p, _ in module.named_modules() if p})
     layers: dict[str, Tensors] = {}
@@ -276,10 +317,12 @@ def community_to_peft(layer: Any, tensors: Tensors, where: str) -> Tensors:
     return out
 
 
-def initialise_from(path: Path, components: dict[str, torch.nn.Module], prefixes: dict[str, str]) -> int:
+def initialise_from(
+    path: Path, components: dict[str, torch.nn.Module], prefixes: dict[str, str], sgm: tuple[str, ...] = ()
+) -> int:
     """Copy a community (or peft/diffusers LoRA) file into the injected adapters of ``components``;
     return the number of layers set. Shapes (rank, LoKr factors) must match the technique's."""
-    layers = load_layers(path, components, prefixes)
+    layers = load_layers(path, components, prefixes, sgm)
     adapted = {
         f"{component}.{p}": layer for component, module in components.items() for p, layer in adapter_layers(module)
     }
@@ -324,6 +367,4 @@ def tools_reading(kind: str, family: Any) -> list[str]:
     tools = list(TOOLS[kind])
     if family.kohya_trainer_names_unet == "none":  # SD3: SimpleTuner's lycoris_ names (ComfyUI, LyCORIS)
         return [tool for tool in tools if tool in ("ComfyUI", "LyCORIS")]
-    if family.kohya_trainer_names_unet != "diffusers":  # sd-scripts' SDXL UNet names blocks input_blocks_…
-        tools = [tool for tool in tools if tool != "kohya sd-scripts"]
     return tools

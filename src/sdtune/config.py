@@ -77,10 +77,21 @@ class DataConfig:
     cache: Literal["auto", "memory", "disk", "off"] = "auto"
     cache_memory_limit_gb: float = 4.0  # auto: above this estimate the cache goes to disk
     num_workers: int | None = None  # image-decoding worker processes; None = auto (0 on ≤ 2 cores, else up to 8)
+    # issue #14 (sdtune.buckets, sdtune.layouts): buckets, repeats, caption handling, masks, streaming
+    buckets: Literal["auto"] | list[list[int]] | None = None  # aspect-ratio buckets: auto or [[width, height], …]
+    bucket_max_aspect: float = 2.0  # auto buckets: the longest side at most this × the shortest
+    repeats: int = 1  # every image this many times an epoch (× a kohya folder's N)
+    shuffle_captions: bool = False  # shuffle comma-separated tags per (seed, epoch, sample)
+    keep_tokens: int = 0  # with shuffle_captions: this many leading tags stay in front
+    caption_prefix: str = ""  # prepended to every caption as written (a trigger word: "sks, ")
+    caption_suffix: str = ""  # appended as written
+    mask_column: str | None = None  # a column of loss-mask images (white = trained); else *_mask.png files
+    streaming: bool = False  # stream a hub dataset (webdataset .tar shards always stream); needs max_samples
     # held-out images never trained on: a fraction (0.1), {fraction, seed}, or a source ({source, split})
     validation: float | str | dict[str, Any] | None = None
 
     def validate(self) -> None:
+        validate_data_extras(self)
         if self.resolution is not None and (self.resolution <= 0 or self.resolution % 8):
             _fail("data.resolution", self.resolution, "a positive multiple of 8 (the VAE downsamples by 8)")
         _positive("data.max_samples", self.max_samples, allow_none=True)
@@ -99,6 +110,30 @@ class DataConfig:
                 f"data.cache: {self.cache!r} needs data.center_crop: true (random crops change every "
                 "epoch, so latents cannot be cached); set data.cache: off or auto"
             )
+
+
+def validate_data_extras(data: DataConfig) -> None:
+    """The keys of bucketing, layouts, captions and masks (issue #14)."""
+    if isinstance(data.buckets, list):
+        if not data.buckets:
+            _fail("data.buckets", data.buckets, "auto, or a non-empty list of [width, height] pairs")
+        for pair in data.buckets:
+            if len(pair) != 2 or any(side <= 0 or side % 8 for side in pair):
+                _fail("data.buckets", pair, "a [width, height] pair of positive multiples of 8")
+            if data.resolution is not None and pair[0] * pair[1] > data.resolution**2:
+                _fail("data.buckets", pair, f"a bucket of at most data.resolution² = {data.resolution}² pixels")
+    if data.bucket_max_aspect < 1:
+        _fail("data.bucket_max_aspect", data.bucket_max_aspect, "a ratio ≥ 1, e.g. 2.0")
+    _positive("data.repeats", data.repeats)
+    if data.keep_tokens < 0:
+        _fail("data.keep_tokens", data.keep_tokens, "0 or more leading tags")
+    if data.keep_tokens and not data.shuffle_captions:
+        raise ConfigError("data.keep_tokens: applies with data.shuffle_captions: true; set that, or remove keep_tokens")
+    if data.streaming and data.max_samples is None:
+        raise ConfigError(
+            "data.streaming: a stream has no known length and the data order needs one; set data.max_samples "
+            "(the first N samples are cached on disk as they stream)"
+        )
 
 
 @dataclass
@@ -366,7 +401,7 @@ def experiment_from_dict(
         evaluation.prompts_file = _resolve_local(evaluation.prompts_file, base_dir)
     evaluation.validate()
 
-    techniques = _build_techniques(raw["techniques"], train)
+    techniques = _build_techniques(raw["techniques"], train, base_dir)
     for spec in techniques.values():
         where = f"techniques.{spec.name}"
         _objective_keys(dataclasses.replace(train, **spec.train_overrides), family, where, spec.train_overrides)
@@ -434,7 +469,7 @@ def _expand(value: Any, key: str) -> Any:
     return {key: value} if isinstance(value, str) else value
 
 
-def _build_techniques(raw: Any, train: TrainConfig) -> dict[str, TechniqueSpec]:
+def _build_techniques(raw: Any, train: TrainConfig, base_dir: Path) -> dict[str, TechniqueSpec]:
     from sdtune.techniques import TECHNIQUES  # late import: techniques import config
 
     if not isinstance(raw, dict) or not raw:
@@ -462,6 +497,9 @@ def _build_techniques(raw: Any, train: TrainConfig) -> dict[str, TechniqueSpec]:
             if key in train_hints
         }
         technique_cls = TECHNIQUES.get(kind)
+        for key in technique_cls.path_options:  # files, like model/data: relative to the experiment file
+            if isinstance(entry.get(key), str):
+                entry[key] = _resolve_local(entry[key], base_dir)
         options = technique_cls.validate_options(entry, f"techniques.{name}")
         spec = TechniqueSpec(name=name, kind=kind, options=options, train_overrides=overrides)
         dataclasses.replace(train, **overrides).validate()

@@ -19,8 +19,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from sdtune import layouts
+from sdtune.buckets import BucketOrder, assign_buckets, bucket_sizes, bucket_summary, check_buckets
 from sdtune.config import DataConfig
-from sdtune.errors import UserError
+from sdtune.images import DataError, to_mask, to_rgb
 from sdtune.split import held_out_rows, parse_validation
 
 log = logging.getLogger(__name__)
@@ -30,20 +32,36 @@ CAPTION_COLUMN_NAMES = ("text", "caption", "captions", "prompt", "description", 
 FILE_BUILDERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv"}
 
 
-class DataError(UserError, ValueError):
-    """The dataset cannot be used as configured; the message says what to change."""
+__all__ = ["DataError", "TrainingSet", "prepare_training_set"]
 
 
 # --------------------------------------------------------------------------------------------
 # Loading
 
 
-def load_rows(config: DataConfig) -> tuple[Any, str, str, Path | None]:
-    """Load the dataset; return (dataset with undecoded images, image column, caption column, base dir)."""
+def load_rows(config: DataConfig, cache_root: Path | None = None) -> tuple[Any, str, str, Path | None]:
+    """Load the dataset; return (dataset with undecoded images, image column, caption column, base dir).
+
+    Folders of captioned images, kohya folders and streamed sets give a list of row dicts
+    (:mod:`sdtune.layouts`) with columns ``image``, ``text``, ``repeats`` and ``mask``."""
     import datasets
 
     source = Path(config.source).expanduser()
     base_dir: Path | None = None
+    if config.streaming or layouts.is_webdataset(config.source):
+        rows, folder = layouts.materialise_stream(config, cache_root or layouts.stream_cache_root())
+        return rows, "image", "text", folder
+    if source.is_dir() and layouts.folder_layout(source) != "imagefolder":
+        if config.mask_column is not None:
+            raise DataError(
+                f"data.mask_column: {str(source)!r} is a folder of image files, which has no columns; put each "
+                "mask next to its image as NAME_mask.png and remove data.mask_column"
+            )
+        reader = layouts.read_kohya_folder if layouts.folder_layout(source) == "kohya" else layouts.read_captioned_folder
+        rows = reader(source)[: config.max_samples]
+        if not rows:
+            raise DataError(f"data.source: {config.source!r} holds no images ({', '.join(layouts.IMAGE_SUFFIXES)})")
+        return rows, "image", "text", source
     try:
         if source.is_dir():
             base_dir = source
@@ -100,8 +118,13 @@ def _pick_column(dataset: Any, wanted: str | None, names: tuple[str, ...], what:
     )
 
 
-def decode_image(value: Any, base_dir: Path | None) -> Image.Image:
-    """An RGB PIL image from a datasets Image value, a path, bytes, or a PIL image."""
+def decode_image(value: Any, base_dir: Path | None, converted: dict[str, int] | None = None) -> Image.Image:
+    """An RGB PIL image from a datasets Image value, a path, bytes, or a PIL image (other modes
+    converted by :func:`sdtune.images.to_rgb`, counted per mode in ``converted``, or refused)."""
+    if isinstance(value, (str, Path)) or (isinstance(value, dict) and not value.get("bytes") and value.get("path")):
+        path = _resolve(str(value if isinstance(value, (str, Path)) else value["path"]), base_dir)
+        if path.exists() and path.stat().st_size == 0:
+            raise DataError("the file is empty (0 bytes)")
     if isinstance(value, Image.Image):
         image = value
     elif isinstance(value, dict) and value.get("bytes"):
@@ -115,7 +138,12 @@ def decode_image(value: Any, base_dir: Path | None) -> Image.Image:
     else:
         raise DataError(f"cannot read an image from a value of type {type(value).__name__}")
     image.load()
-    return image.convert("RGB")
+    if image.width == 0 or image.height == 0:
+        raise DataError(f"the image is {image.width}×{image.height} pixels")
+    rgb = to_rgb(image)
+    if converted is not None and image.mode != "RGB":
+        converted[image.mode] = converted.get(image.mode, 0) + 1
+    return rgb
 
 
 def _resolve(path: str, base_dir: Path | None) -> Path:
@@ -137,51 +165,68 @@ def caption_text(value: Any) -> str:
 
 
 def transform_image(
-    image: Image.Image, resolution: int, crop_top_left: tuple[float, float] | None, flip: bool
+    image: Image.Image, size: int | tuple[int, int], crop_top_left: tuple[float, float] | None, flip: bool
 ) -> torch.Tensor:
-    """Resize the shorter side to ``resolution``, crop a square, flip, and scale to [-1, 1].
+    """Resize to cover ``size`` (a square side, or (width, height)), crop it, flip, scale to [-1, 1].
 
     ``crop_top_left`` is the crop's position as fractions of the free space (None = centre).
-    Returns a float32 tensor of shape (3, resolution, resolution).
+    Returns a float32 tensor of shape (3, height, width).
     """
-    new_size = resized_size(image.size, resolution)
-    if new_size != image.size:
-        image = image.resize(new_size, Image.BILINEAR)
-    top, left = crop_origin(new_size, resolution, crop_top_left)
-    image = image.crop((left, top, left + resolution, top + resolution))
-    if flip:
-        image = image.transpose(Image.FLIP_LEFT_RIGHT)
+    image = fit_image(image, size, crop_top_left, flip, Image.BILINEAR)
     array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(array.transpose(2, 0, 1).copy())
 
 
-def resized_size(size: tuple[int, int], resolution: int) -> tuple[int, int]:
-    """(width, height) after scaling the shorter side to ``resolution``."""
+def fit_image(
+    image: Image.Image, size: int | tuple[int, int], crop_top_left: tuple[float, float] | None, flip: bool, resample: int
+) -> Image.Image:
+    """The resize-to-cover, crop and flip of :func:`transform_image` (masks get the same, as images)."""
+    width, height = _pair(size)
+    new_size = resized_size(image.size, size)
+    if new_size != image.size:
+        image = image.resize(new_size, resample)
+    top, left = crop_origin(new_size, size, crop_top_left)
+    image = image.crop((left, top, left + width, top + height))
+    if flip:
+        image = image.transpose(Image.FLIP_LEFT_RIGHT)
+    return image
+
+
+def _pair(size: int | tuple[int, int]) -> tuple[int, int]:
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def resized_size(size: tuple[int, int], target: int | tuple[int, int]) -> tuple[int, int]:
+    """(width, height) after scaling by the smallest factor that covers ``target`` (a square side or
+    (width, height)): the least content is cropped."""
     width, height = size
-    scale = resolution / min(width, height)
-    return max(resolution, round(width * scale)), max(resolution, round(height * scale))
+    target_width, target_height = _pair(target)
+    scale = max(target_width / width, target_height / height)
+    return max(target_width, round(width * scale)), max(target_height, round(height * scale))
 
 
 def crop_origin(
-    resized: tuple[int, int], resolution: int, crop_top_left: tuple[float, float] | None
+    resized: tuple[int, int], target: int | tuple[int, int], crop_top_left: tuple[float, float] | None
 ) -> tuple[int, int]:
-    """(top, left) pixel of the square crop in the resized image (fractions of the free space; None = centre)."""
-    free_x, free_y = resized[0] - resolution, resized[1] - resolution
+    """(top, left) pixel of the crop in the resized image (fractions of the free space; None = centre)."""
+    target_width, target_height = _pair(target)
+    free_x, free_y = resized[0] - target_width, resized[1] - target_height
     fx, fy = crop_top_left if crop_top_left is not None else (0.5, 0.5)
     return int(round(free_y * fy)), int(round(free_x * fx))
 
 
 def crop_geometry(
-    size: tuple[int, int], resolution: int, crop_top_left: tuple[float, float] | None, flip: bool
+    size: tuple[int, int], target: int | tuple[int, int], crop_top_left: tuple[float, float] | None, flip: bool
 ) -> tuple[int, int, int, int, int, int]:
     """(original height, original width, crop top, crop left, target height, target width) of a
-    training sample: SDXL's micro-conditioning (Podell et al. 2023, §2.2). A flip mirrors the crop's
-    left edge, so the numbers describe the image the model sees."""
-    resized = resized_size(size, resolution)
-    top, left = crop_origin(resized, resolution, crop_top_left)
+    training sample: SDXL's micro-conditioning (Podell et al. 2023, §2.2–2.3: the bucket is the target
+    size). A flip mirrors the crop's left edge, so the numbers describe the image the model sees."""
+    target_width, target_height = _pair(target)
+    resized = resized_size(size, target)
+    top, left = crop_origin(resized, target, crop_top_left)
     if flip:
-        left = resized[0] - resolution - left
-    return size[1], size[0], top, left, resolution, resolution
+        left = resized[0] - target_width - left
+    return size[1], size[0], top, left, target_height, target_width
 
 
 # --------------------------------------------------------------------------------------------
@@ -226,13 +271,26 @@ def augmentation(seed: int, epoch: int, index: int) -> Augmentation:
     return Augmentation(bool(draws[0] < 0.5), (float(draws[1]), float(draws[2])), float(draws[3]))
 
 
+def shuffled_caption(caption: str, keep_tokens: int, seed: int, epoch: int, slot: int) -> str:
+    """Comma-separated tags in a fresh order per (seed, epoch, slot), the first ``keep_tokens`` kept in
+    front (kohya's ``shuffle_caption``/``keep_tokens``: a trigger word or a subject stays first)."""
+    tags = [tag.strip() for tag in caption.split(",")]
+    tags = [tag for tag in tags if tag]
+    kept, rest = tags[:keep_tokens], tags[keep_tokens:]
+    order = np.random.default_rng([seed, epoch, slot, 4]).permutation(len(rest))
+    return ", ".join(kept + [rest[i] for i in order])
+
+
 # --------------------------------------------------------------------------------------------
 # The prepared training set
 
 
 @dataclass
 class TrainingSet:
-    """The usable rows of a dataset: captions in memory, images decoded on demand."""
+    """The usable rows of a dataset: captions in memory, images decoded on demand.
+
+    An image is one index; with repeats (kohya folders, ``data.repeats``) it fills several *slots* of
+    an epoch, each with its own flips, crops and caption shuffles, sharing one cache entry."""
 
     config: DataConfig
     dataset: Any
@@ -240,9 +298,15 @@ class TrainingSet:
     caption_column: str
     base_dir: Path | None
     indices: list[int]  # dataset rows whose image decodes
-    captions: list[str]
+    captions: list[str]  # with data.caption_prefix/suffix
     sizes: list[tuple[int, int]]  # (width, height) of each image as stored
     skipped: list[dict[str, str]] = field(default_factory=list)  # {"row": …, "error": …}
+    raw_captions: list[str] = field(default_factory=list)  # as read (what shuffle_captions reorders)
+    repeats: list[int] = field(default_factory=list)  # slots per image an epoch (empty: 1 each)
+    masks: list[Any] = field(default_factory=list)  # per image: a mask value (path, bytes…) or None
+    buckets: list[tuple[int, int]] = field(default_factory=list)  # candidate (width, height); empty: square
+    bucket_of: list[int] = field(default_factory=list)  # per image: its bucket
+    converted: dict[str, int] = field(default_factory=dict)  # PIL mode → images converted to RGB from it
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -250,27 +314,103 @@ class TrainingSet:
     def image(self, i: int) -> Image.Image:
         return decode_image(self.dataset[self.indices[i]][self.image_column], self.base_dir)
 
+    def target_size(self, i: int) -> int | tuple[int, int]:
+        """The training size of image ``i``: its bucket (width, height), or the square resolution."""
+        return self.buckets[self.bucket_of[i]] if self.buckets else self.config.resolution
+
     def pixels(self, i: int, flip: bool, crop_top_left: tuple[float, float] | None) -> torch.Tensor:
-        return transform_image(self.image(i), self.config.resolution, crop_top_left, flip)
+        return transform_image(self.image(i), self.target_size(i), crop_top_left, flip)
 
     def geometry(self, i: int, flip: bool, crop_top_left: tuple[float, float] | None) -> tuple[int, ...]:
-        return crop_geometry(self.sizes[i], self.config.resolution, crop_top_left, flip)
+        return crop_geometry(self.sizes[i], self.target_size(i), crop_top_left, flip)
+
+    def mask(self, i: int, flip: bool, crop_top_left: tuple[float, float] | None) -> torch.Tensor | None:
+        """Image ``i``'s loss mask, (1, height, width) in [0, 1] with the image's own crop and flip; None
+        without one (the whole image counts)."""
+        if not self.masks or self.masks[i] is None:
+            return None
+        mask = Image.fromarray(read_mask(self.masks[i], self.base_dir))
+        mask = fit_image(mask, self.target_size(i), crop_top_left, flip, Image.BILINEAR)
+        return torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0)[None]
+
+    def caption(self, i: int, seed: int, epoch: int, slot: int) -> str:
+        """The caption the model sees for image ``i`` in this slot and epoch (shuffled if asked)."""
+        config = self.config
+        if not config.shuffle_captions:
+            return self.captions[i]
+        raw = self.raw_captions[i]
+        return config.caption_prefix + shuffled_caption(raw, config.keep_tokens, seed, epoch, slot) + config.caption_suffix
+
+    # -- repeats and buckets: what the data order needs ---------------------------------------
+    @property
+    def num_slots(self) -> int:
+        return sum(self.repeats) if self.repeats else len(self)
+
+    def slot_images(self) -> tuple[int, ...] | None:
+        """Slot → image index, or None when every image has one slot (slot = image)."""
+        if not self.repeats or all(r == 1 for r in self.repeats):
+            return None
+        return tuple(i for i, repeat in enumerate(self.repeats) for _ in range(repeat))
+
+    def bucket_order(self, seed: int, step_size: int) -> BucketOrder | None:
+        if not self.buckets:
+            return None
+        slots = self.slot_images() or tuple(range(len(self)))
+        members: list[list[int]] = [[] for _ in self.buckets]
+        for slot, image in enumerate(slots):
+            members[self.bucket_of[image]].append(slot)
+        return BucketOrder(seed=seed, members=members, step_size=step_size)
+
+    def bucket_summary(self) -> list[dict[str, int]] | None:
+        if not self.buckets:
+            return None
+        return bucket_summary(self.buckets, self.bucket_of, self.repeats or [1] * len(self))
 
 
-def prepare_training_set(config: DataConfig, progress: bool = True) -> TrainingSet:
-    """Load the dataset and check that every image decodes (bad ones: skipped or an error)."""
+def read_mask(value: Any, base_dir: Path | None) -> np.ndarray:
+    """A mask value (path, bytes, datasets Image value, PIL image) as uint8 (height, width), 0–255."""
+    if isinstance(value, Image.Image):
+        image = value
+    elif isinstance(value, dict) and value.get("bytes"):
+        image = Image.open(io.BytesIO(value["bytes"]))
+    elif isinstance(value, dict) and value.get("path"):
+        image = Image.open(_resolve(value["path"], base_dir))
+    elif isinstance(value, (bytes, bytearray)):
+        image = Image.open(io.BytesIO(value))
+    else:
+        image = Image.open(_resolve(str(value), base_dir))
+    return np.round(to_mask(image) * 255).astype(np.uint8)
+
+
+def prepare_training_set(
+    config: DataConfig, progress: bool = True, stride: int = 8, cache_root: Path | None = None
+) -> TrainingSet:
+    """Load the dataset and check that every image decodes (bad ones: skipped or an error); read
+    repeats, masks and captions; put each image in its bucket (``stride``: the model's pixel multiple,
+    :func:`sdtune.buckets.pixel_stride`). Streamed sets are cached under ``cache_root`` (default:
+    :func:`sdtune.layouts.stream_cache_root`)."""
     from tqdm.auto import tqdm
 
-    dataset, image_column, caption_column, base_dir = load_rows(config)
-    captions_column = dataset[caption_column]
-    indices, captions, sizes, skipped = [], [], [], []
+    dataset, image_column, caption_column, base_dir = load_rows(config, cache_root)
+    if isinstance(dataset, list):
+        captions_column = [row[caption_column] for row in dataset]
+    else:
+        captions_column = dataset[caption_column]
+    if config.mask_column is not None and not isinstance(dataset, list) and config.mask_column not in dataset.column_names:
+        raise DataError(
+            f"data.mask_column: {config.mask_column!r} is not a column; the dataset has: {', '.join(dataset.column_names)}"
+        )
+    indices, captions, sizes, skipped, repeats, masks, converted = [], [], [], [], [], [], {}
     held_out = set(held_out_rows(parse_validation(config.validation), len(dataset)))  # never trained on
     for row in tqdm(range(len(dataset)), desc="checking images", disable=not progress, leave=False):
         if row in held_out:
             continue
         value = dataset[row][image_column]
         try:
-            size = decode_image(value, base_dir).size
+            size = decode_image(value, base_dir, converted).size
+            mask = dataset[row].get("mask") if isinstance(dataset, list) else _mask_of(config, dataset[row], value, base_dir)
+            if mask is not None:
+                _check_mask(mask, size, base_dir)
         except Exception as error:
             where = _describe(value, row)
             if config.on_bad_image == "error":
@@ -282,11 +422,51 @@ def prepare_training_set(config: DataConfig, progress: bool = True) -> TrainingS
         indices.append(row)
         sizes.append(size)
         captions.append(caption_text(captions_column[row]))
+        repeats.append(config.repeats * (dataset[row].get("repeats", 1) if isinstance(dataset, list) else 1))
+        masks.append(mask)
     if skipped:
-        warnings.warn(f"skipped {len(skipped)} unreadable image(s), first: {skipped[0]['image']}", stacklevel=2)
+        warnings.warn(f"skipped {len(skipped)} unreadable image(s), first: {skipped[0]['image']}: {skipped[0]['error']}", stacklevel=2)
+    if converted:
+        log.info("converted to RGB: %s", ", ".join(f"{n} {mode}" for mode, n in sorted(converted.items())))
     if not indices:
         raise DataError(f"data.source: none of the {len(dataset)} images of {config.source!r} could be read")
-    return TrainingSet(config, dataset, image_column, caption_column, base_dir, indices, captions, sizes, skipped)
+    buckets: list[tuple[int, int]] = []
+    bucket_of: list[int] = []
+    if config.buckets is not None:
+        if config.buckets == "auto":
+            buckets = bucket_sizes(config.resolution, stride, config.bucket_max_aspect)
+        else:
+            buckets = [(int(w), int(h)) for w, h in config.buckets]
+            check_buckets(buckets, config.resolution, stride)
+        bucket_of = assign_buckets(sizes, buckets)
+    final = [config.caption_prefix + c + config.caption_suffix for c in captions]
+    return TrainingSet(
+        config, dataset, image_column, caption_column, base_dir, indices, final, sizes, skipped,
+        raw_captions=captions, repeats=repeats, masks=masks if any(m is not None for m in masks) else [],
+        buckets=buckets, bucket_of=bucket_of, converted=converted,
+    )
+
+
+def _mask_of(config: DataConfig, row: dict[str, Any], image: Any, base_dir: Path | None) -> Any:
+    """A 🤗 dataset row's mask value: ``data.mask_column``, or a ``*_mask.png`` next to the image file
+    (an imagefolder lists only its metadata's files, so the mask is not read as an image)."""
+    if config.mask_column is not None:
+        return row[config.mask_column]
+    path = image.get("path") if isinstance(image, dict) else image if isinstance(image, str) else None
+    if not path:
+        return None
+    image_path = _resolve(path, base_dir)
+    candidate = image_path.with_name(image_path.stem + layouts.MASK_SUFFIX + image_path.suffix)
+    return str(candidate) if candidate.exists() else None
+
+
+def _check_mask(value: Any, size: tuple[int, int], base_dir: Path | None) -> None:
+    mask = read_mask(value, base_dir)
+    if (mask.shape[1], mask.shape[0]) != size:
+        raise DataError(
+            f"its mask is {mask.shape[1]}×{mask.shape[0]} pixels but the image is {size[0]}×{size[1]}; "
+            "make the mask the image's size"
+        )
 
 
 def _describe(value: Any, row: int) -> str:

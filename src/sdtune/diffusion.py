@@ -118,11 +118,19 @@ def min_snr_weights(snr_values: torch.Tensor, gamma: float, prediction_type: str
 
 
 def diffusion_loss(
-    prediction: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None
+    prediction: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Mean squared error, optionally weighted per sample (computed in float32)."""
-    per_sample = torch.nn.functional.mse_loss(prediction.float(), target.float(), reduction="none")
-    per_sample = per_sample.mean(dim=list(range(1, per_sample.ndim)))
+    """Mean squared error, optionally weighted per sample (computed in float32). With ``mask``
+    (batch, 1, h, w) in [0, 1] on the latent grid, each sample's error is the mask-weighted mean over
+    its masked-in latent pixels (a sample whose mask is empty contributes 0)."""
+    per_pixel = torch.nn.functional.mse_loss(prediction.float(), target.float(), reduction="none")
+    dims = list(range(1, per_pixel.ndim))
+    if mask is None:
+        per_sample = per_pixel.mean(dim=dims)
+    else:
+        mask = mask.float().expand_as(per_pixel)
+        per_sample = (per_pixel * mask).sum(dim=dims) / mask.sum(dim=dims).clamp_min(1e-12)
     if weights is not None:
         per_sample = per_sample * weights.float()
     return per_sample.mean()

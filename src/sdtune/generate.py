@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from sdtune.config import ModelConfig
+from sdtune.config import ConfigError, ModelConfig
 from sdtune.errors import UserError
 from sdtune.models import FAMILIES, ModelFamily, family_for
 from sdtune.records import read_record
@@ -88,7 +88,6 @@ def export_single_file(
     """``sdtune export --single-file``: the run's model (adapters merged) as one checkpoint in the
     original layout (CompVis LDM for SD1/2, SGM for SDXL, Stability's for SD3; see sdtune.single_file),
     which A1111, ComfyUI and diffusers' ``from_single_file`` load."""
-    from sdtune.config import ConfigError
     from sdtune.single_file import save_single_file
 
     out_file = Path(out_file)
@@ -150,17 +149,19 @@ def generate_images(
     seeds: list[int],
     num_inference_steps: int,
     guidance_scale: float,
-    resolution: int | None = None,
+    resolution: int | tuple[int, int] | None = None,
     progress: bool = True,
     pairs: list[tuple[str, int]] | None = None,
 ) -> GenerationResult:
     """One image per (prompt, seed) — every pair of ``prompts`` × ``seeds``, or the given ``pairs``
-    (a process's share) — each from its own seeded generator (same noise for every model)."""
+    (a process's share) — each from its own seeded generator (same noise for every model).
+    ``resolution``: a square side, or (width, height) such as a training bucket."""
     from tqdm.auto import tqdm
 
     pipe.set_progress_bar_config(disable=True)
     device = pipe.device
-    size = {"height": resolution, "width": resolution} if resolution else {}
+    width, height = (resolution, resolution) if isinstance(resolution, int) else resolution or (None, None)
+    size = {"height": height, "width": width} if width else {}
     size.update(family_of_pipeline(pipe).generation_kwargs)  # sample as the model was trained (SD3: T5 length)
     pairs = pairs if pairs is not None else [(prompt, seed) for prompt in prompts for seed in seeds]
     result = GenerationResult(images=[], prompts=[], seeds=[])
@@ -212,17 +213,24 @@ def generate(
     scheduler: str | None = None,
     resolution: int | None = None,
     progress: bool = True,
+    width: int | None = None,
+    height: int | None = None,
 ) -> GenerationResult:
-    """``sdtune generate``: load a run, write ``num_images`` PNGs per prompt (seeds seed, seed+1, …)."""
-    _check_arguments(prompts, num_images, steps, guidance, resolution)
+    """``sdtune generate``: load a run, write ``num_images`` PNGs per prompt (seeds seed, seed+1, …);
+    ``width``/``height`` (e.g. a bucket of the run's record) override the square ``resolution``."""
+    _check_arguments(prompts, num_images, steps, guidance)
+    for flag, value in (("--width", width), ("--height", height), ("--resolution", resolution)):
+        if value is not None and (value <= 0 or value % 8):
+            raise ConfigError(f"{flag}: {value} is not a positive multiple of 8 (the VAE downsamples by 8)")
     if scheduler:
         scheduler_class(scheduler)  # a bad name fails before the model loads
     started = time.perf_counter()
     pipe, record = load_run_pipeline(run_dir, fuse=fuse)
     set_scheduler(pipe, scheduler)
     load_time = time.perf_counter() - started
-    resolution = resolution or record["config"]["data"]["resolution"]
-    result = generate_images(pipe, prompts, list(range(seed, seed + num_images)), steps, guidance, resolution, progress)
+    side = resolution or record["config"]["data"]["resolution"]
+    size = (width or side, height or side) if width or height else side
+    result = generate_images(pipe, prompts, list(range(seed, seed + num_images)), steps, guidance, size, progress)
     result.load_time_s = load_time
     save_images(result, Path(out_dir) if out_dir else Path(run_dir) / "samples")
     return result
@@ -232,14 +240,12 @@ class GenerationArgumentError(UserError, ValueError):
     """A bad argument of ``sdtune generate`` (the message names it and what is allowed)."""
 
 
-def _check_arguments(prompts: list[str], num_images: int, steps: int, guidance: float, resolution: int | None) -> None:
+def _check_arguments(prompts: list[str], num_images: int, steps: int, guidance: float) -> None:
     problems = [
         (not prompts or not all(p.strip() for p in prompts), f"--prompt {prompts!r}", "one or more non-empty prompts"),
         (num_images < 1, f"--num-images {num_images}", "1 or more"),
         (steps < 1, f"--steps {steps}", "1 or more inference steps"),
         (guidance < 0, f"--guidance {guidance}", "0 or more (7.5 is usual)"),
-        (resolution is not None and (resolution <= 0 or resolution % 8), f"--resolution {resolution}",
-         "a positive multiple of 8 (the VAE downsamples by 8)"),
     ]
     for bad, given, allowed in problems:
         if bad:

@@ -157,6 +157,10 @@ def train_record(
             "skipped_images": len(ctx.training_set.skipped),
             "skipped_examples": ctx.training_set.skipped[:10],
             "cache": None if ctx.latent_cache is None else ctx.latent_cache.mode,
+            "samples_per_epoch": ctx.training_set.num_slots,  # repeats counted
+            "buckets": ctx.training_set.bucket_summary(),  # [{width, height, images, samples}] or None
+            "masked_images": sum(m is not None for m in ctx.training_set.masks),
+            "converted_images": ctx.training_set.converted,  # {PIL mode: count} converted to RGB
         },
         "loss_history": state["loss_history"],
         "evaluation": state.get("evaluation", []),  # validation loss and images during training

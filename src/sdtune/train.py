@@ -25,7 +25,8 @@ import torch
 
 from sdtune import cache as cache_lib
 from sdtune import diffusion, records
-from sdtune.batches import Layout, MicroBatch, PixelBatches, pixel_loader, pixel_needs
+from sdtune.batches import Layout, MicroBatch, PixelBatches, latent_masks, pixel_loader, pixel_needs
+from sdtune.buckets import pixel_stride
 from sdtune.checkpoint import (
     CheckpointError,
     load_checkpoint,
@@ -182,7 +183,8 @@ def train_technique(
                     noisy_latents = objective.noisy_latents(latents, noise, timesteps)
                     target = objective.target(latents, noise, timesteps)
                     prediction = family.predict(ctx.bundle, noisy_latents, timesteps, conditioning)
-                    loss = diffusion.diffusion_loss(prediction, target, objective.loss_weights(timesteps))
+                    mask = latent_masks(ctx.training_set, batch, latents)  # None without loss masks
+                    loss = diffusion.diffusion_loss(prediction, target, objective.loss_weights(timesteps), mask)
                     accelerator.backward(loss / cfg.gradient_accumulation_steps)
                 step_loss += loss.detach().float() / cfg.gradient_accumulation_steps
             accelerator.clip_grad_norm_(list(ctx.parameters.values()), cfg.max_grad_norm)
@@ -336,7 +338,8 @@ def _setup(experiment: Experiment, name: str, run_dir: Path, progress: bool) -> 
                 bundle.components[name].gradient_checkpointing_enable()
     synchronize(accelerator.device)
     timing["model_load_time_s"], started = time.perf_counter() - started, time.perf_counter()
-    training_set = prepare_training_set(experiment.data, progress=progress and accelerator.is_main_process)
+    training_set = prepare_training_set(experiment.data, progress and accelerator.is_main_process, pixel_stride(bundle))
+    images_per_step = cfg.batch_size * cfg.gradient_accumulation_steps * accelerator.num_processes
     timing["data_setup_time_s"], started = time.perf_counter() - started, time.perf_counter()
     data = experiment.data
     ctx = StepContext(
@@ -353,12 +356,13 @@ def _setup(experiment: Experiment, name: str, run_dir: Path, progress: bool) -> 
         latent_shift=family.latent_shift(bundle),
         train_text_encoder=any(name != family.denoiser for name in trained),
         models=[],
-        images_per_step=cfg.batch_size * cfg.gradient_accumulation_steps * accelerator.num_processes,
+        images_per_step=images_per_step,
         layout=Layout(
-            seed=cfg.seed, num_samples=len(training_set), batch_size=cfg.batch_size,
+            seed=cfg.seed, num_samples=training_set.num_slots, batch_size=cfg.batch_size,
             accumulation=cfg.gradient_accumulation_steps, num_processes=accelerator.num_processes,
             process_index=accelerator.process_index, random_flip=data.random_flip, center_crop=data.center_crop,
-            caption_dropout=cfg.caption_dropout,
+            caption_dropout=cfg.caption_dropout, order=training_set.bucket_order(cfg.seed, images_per_step),
+            slot_images=training_set.slot_images(),
         ),
         timing=timing,
     )
@@ -391,7 +395,7 @@ def _latent_cache(ctx: StepContext, experiment: Experiment, output_root: Path) -
     if mode == "off" or (mode == "auto" and not data.center_crop):
         return None
     bundle, family = ctx.bundle, ctx.bundle.family
-    caches_texts = not ctx.train_text_encoder
+    caches_texts = not ctx.train_text_encoder and not data.shuffle_captions  # (shuffled: a new caption each epoch)
     if mode == "auto":
         text_numel = 0
         if caches_texts:  # from the real shapes (SD3's T5 states dwarf SD1's CLIP states)
@@ -436,15 +440,14 @@ def _optimisation(ctx: StepContext) -> tuple[Any, Any, Any, int]:
     from diffusers.training_utils import EMAModel
 
     cfg, accelerator = ctx.config, ctx.accelerator
-    max_steps = cfg.max_train_steps or math.ceil(cfg.num_epochs * len(ctx.training_set) / ctx.images_per_step)
+    max_steps = cfg.max_train_steps or ctx.layout.steps_for_epochs(cfg.num_epochs)
     learning_rate = cfg.learning_rate * (ctx.images_per_step if cfg.scale_lr else 1)
     text_lr = ctx.technique.options.text_encoder_learning_rate or learning_rate
     denoiser = ctx.bundle.family.denoiser + "."
-    groups = [
-        {"params": [p for n, p in ctx.parameters.items() if n.startswith(denoiser)], "lr": learning_rate},
-        {"params": [p for n, p in ctx.parameters.items() if not n.startswith(denoiser)], "lr": text_lr},
+    groups = [  # the technique may split each further (LoRA+); the order is fixed, so resume restores it
+        *ctx.technique.parameter_groups({n: p for n, p in ctx.parameters.items() if n.startswith(denoiser)}, learning_rate),
+        *ctx.technique.parameter_groups({n: p for n, p in ctx.parameters.items() if not n.startswith(denoiser)}, text_lr),
     ]
-    groups = [g for g in groups if g["params"]]
     optimizer_cls, kernel = torch.optim.AdamW, {}
     if cfg.use_8bit_adam:  # the config check made sure bitsandbytes imports
         import bitsandbytes
@@ -518,7 +521,10 @@ def _micro_batch(
                 for name, empty in _empty_conditioning(ctx).items():
                     conditioning[name][row] = empty.to(conditioning[name].dtype)
     else:
-        captions = ["" if drop else ctx.training_set.captions[i] for i, drop in zip(batch.indices, batch.dropped)]
+        captions = [
+            "" if drop else ctx.training_set.caption(i, ctx.config.seed, epoch, slot)
+            for i, drop, epoch, slot in zip(batch.indices, batch.dropped, batch.epochs, batch.slots)
+        ]
         with contextlib.nullcontext() if ctx.train_text_encoder else torch.no_grad():
             conditioning = family.encode_prompt(bundle, captions)
     geometry = [ctx.training_set.geometry(i, f, c) for i, f, c in zip(batch.indices, batch.flips, batch.crops)]

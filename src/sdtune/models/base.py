@@ -96,7 +96,7 @@ class ModelFamily:
     modelspec_architecture: ClassVar[str] = ""  # the ModelSpec (kohya, A1111) name of the base architecture
     kohya_base_model_version: ClassVar[str] = ""  # kohya's ss_base_model_version ("sd_v1", "sdxl_base_v1-0")
     kohya_trainer_names_unet: ClassVar[str] = "diffusers"  # how kohya sd-scripts' own trainer names the
-    # denoiser's layers: "diffusers" (SD1/2: the names sdtune writes), "sgm" (SDXL: input_blocks_…), "none"
+    # denoiser's layers, and so sdtune's community files: "diffusers" (SD1/2), "sgm" (SDXL: input_blocks_…), "none"
 
     # -- the family's own maths ---------------------------------------------------------------------
     def encode_prompt(self, bundle: ModelBundle, captions: list[str]) -> Conditioning:

@@ -48,10 +48,10 @@ class StableDiffusionXL(ModelFamily):
         "text_encoder": ("conditioner.embedders.0.transformer.", "clip"),
         "text_encoder_2": ("conditioner.embedders.1.model.", "open_clip"),
     }
-    community_prefixes: ClassVar[dict[str, str]] = kohya_prefixes  # (diffusers block names: see community.py)
+    community_prefixes: ClassVar[dict[str, str]] = kohya_prefixes  # + the UNet's SGM paths (see community.py)
     modelspec_architecture = "stable-diffusion-xl-v1-base"
     kohya_base_model_version = "sdxl_base_v1-0"
-    kohya_trainer_names_unet = "sgm"  # its own SDXL UNet: lora_unet_input_blocks_4_1_…
+    kohya_trainer_names_unet = "sgm"  # its own SDXL UNet: lora_unet_input_blocks_4_1_…, as sdtune writes
 
     def encode_prompt(self, bundle: ModelBundle, captions: list[str]) -> Conditioning:
         states = []

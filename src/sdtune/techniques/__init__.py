@@ -1,7 +1,7 @@
 """Techniques: plug-ins of the one training loop. Add one as ``techniques/<name>.py`` that
 registers a :class:`Technique` subclass in :data:`TECHNIQUES`."""
 
-from sdtune.techniques import adapter, full, partial  # noqa: F401,E402  (register the techniques)
+from sdtune.techniques import adapter, full, oft, partial  # noqa: F401,E402  (register the techniques)
 from sdtune.techniques.base import TECHNIQUES, Technique, count_parameters, trainable_named_parameters
 
 __all__ = ["TECHNIQUES", "Technique", "count_parameters", "trainable_named_parameters"]

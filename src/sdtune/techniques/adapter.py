@@ -18,6 +18,7 @@ import torch
 from sdtune import community
 from sdtune.schema import ConfigError
 from sdtune.schema import build as _build
+from sdtune.techniques import lora_variants
 from sdtune.techniques.base import TECHNIQUES, Technique, TechniqueOptions, files_under
 
 if TYPE_CHECKING:
@@ -28,7 +29,7 @@ _RESERVED_PEFT_FIELDS = {
     "task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
     "inference_mode",
 }
-ADAPTER_MARKERS = ("lora_", "hada_", "lokr_")  # names of peft adapter tensors
+ADAPTER_MARKERS = ("lora_", "hada_", "lokr_", "oft_")  # names of peft adapter tensors (oft_R, boft_R/_s)
 DIFFUSERS_LORA_FILE = "pytorch_lora_weights.safetensors"
 KOHYA_LORA_FILE = "pytorch_lora_weights_kohya.safetensors"
 
@@ -45,10 +46,12 @@ class AdapterTechnique(Technique):
     frozen. ``target_modules`` defaults to the family's (SD1/SDXL: attention ``to_q/k/v/out.0``;
     SD3: the joint attention, ``add_q/k/v_proj`` and ``to_add_out`` too)."""
 
-    Options = AdapterOptions
+    Options: ClassVar[type] = AdapterOptions
+    path_options = ("init_from",)
     peft_config_name: ClassVar[str]  # the peft config class
-    alpha_field: ClassVar[str]
+    alpha_field: ClassVar[str | None]  # None: the method has no alpha (OFT, BOFT)
     fixed: ClassVar[dict[str, Any]] = {}  # peft arguments this kind sets itself (DoRA: use_dora)
+    default_peft_args: ClassVar[dict[str, Any]] = {"r": 4}
 
     # -- configuration --------------------------------------------------------------------------
     @classmethod
@@ -60,17 +63,17 @@ class AdapterTechnique(Technique):
     @classmethod
     def validate_options(cls, raw: dict[str, Any], where: str) -> dict[str, Any]:
         raw = dict(raw)
-        own = {f.name for f in dataclasses.fields(AdapterOptions)} - {"peft"}
-        options = _build(AdapterOptions, {key: raw.pop(key) for key in list(raw) if key in own}, where)
+        own = {f.name for f in dataclasses.fields(cls.Options)} - {"peft"}
+        options = _build(cls.Options, {key: raw.pop(key) for key in list(raw) if key in own}, where)
         if options.init_from is not None:
             options.init_from = _existing_file(options.init_from, f"{where}.init_from")
-        aliases = {"rank": "r", "alpha": cls.alpha_field}
+        aliases = {"rank": "r", **({"alpha": cls.alpha_field} if cls.alpha_field else {})}
         if cls.alpha_field == "lora_alpha":
             aliases["dropout"] = "lora_dropout"
-        peft_args: dict[str, Any] = {"r": 4}
+        peft_args: dict[str, Any] = dict(cls.default_peft_args)
         for key, value in raw.items():
             peft_args[aliases.get(key, key)] = value
-        peft_args.setdefault(cls.alpha_field, peft_args["r"])  # alpha = rank: scale 1, the usual default
+        peft_args = cls.complete_peft_args(peft_args, set(raw))
         allowed = {f.name for f in dataclasses.fields(cls.config_class()) if f.init}
         allowed -= _RESERVED_PEFT_FIELDS | set(cls.fixed)
         for key in peft_args:
@@ -84,7 +87,18 @@ class AdapterTechnique(Technique):
         except (TypeError, ValueError) as error:
             raise ConfigError(f"{where}: peft rejected the {cls.kind} options: {error}") from None
         options.peft = peft_args
+        cls.check_options(options, where)
         return dataclasses.asdict(options)
+
+    @classmethod
+    def complete_peft_args(cls, peft_args: dict[str, Any], given: set[str]) -> dict[str, Any]:
+        """The peft arguments with this kind's defaults filled in (``given``: the keys the file set)."""
+        peft_args.setdefault(cls.alpha_field, peft_args["r"])  # alpha = rank: scale 1, the usual default
+        return peft_args
+
+    @classmethod
+    def check_options(cls, options: Any, where: str) -> None:
+        """sdtune's own checks of options peft accepted (e.g. initialisations that need data)."""
 
     @classmethod
     def file_options(cls, options: dict[str, Any]) -> dict[str, Any]:
@@ -93,6 +107,14 @@ class AdapterTechnique(Technique):
 
     def peft_config(self, target_modules: list[str]) -> Any:
         return self.config_class()(**{**self.options.peft, "target_modules": target_modules}, **self.fixed)
+
+    def saved_peft_config(self, target_modules: list[str]) -> Any:
+        """The peft config of the saved files (LoRA from PiSSA/OLoRA: the converted adapter's)."""
+        return self.config_class()(**{**self.saved_peft_args(), "target_modules": target_modules}, **self.fixed)
+
+    def saved_peft_args(self) -> dict[str, Any]:
+        """The peft arguments the saved files describe (the trained ones unless the technique converts)."""
+        return self.options.peft
 
     def component_targets(self, bundle: ModelBundle) -> dict[str, list[str]]:
         """Adapted component → its target modules (the options', else the family's defaults)."""
@@ -112,7 +134,10 @@ class AdapterTechnique(Technique):
             _check_injected(bundle.components[name], modules, name)
         if self.options.init_from:  # after injection: the file's tensors replace the fresh initialisation
             adapted = {name: bundle.components[name] for name in targets}
-            community.initialise_from(Path(self.options.init_from), adapted, bundle.family.community_prefixes)
+            family = bundle.family
+            community.initialise_from(
+                Path(self.options.init_from), adapted, family.community_prefixes, community.sgm_components(family)
+            )
 
     # -- outputs ----------------------------------------------------------------------------------
     def save(self, bundle: ModelBundle, out_dir: Path) -> dict[str, list[str]]:
@@ -130,12 +155,14 @@ class AdapterTechnique(Technique):
         part, file_name = self.community_output(family)
         try:
             tensors = community.adapter_to_community(
-                [(name, module, state) for name, module, _, state in adapted], family.community_prefixes
+                [(name, module, state) for name, module, _, state in adapted], family.community_prefixes,
+                community.sgm_components(family),
             )
         except community.CommunityFormatError as error:  # an exotic peft option; the peft files still load
             print(f"no {file_name} written: {error}")
             return {}
-        network = {"rank": self.options.peft.get("r"), "alpha": self.options.peft.get(self.alpha_field)}
+        args = self.saved_peft_args()
+        network = {"rank": args.get("r"), "alpha": args.get(self.alpha_field)}
         meta = community.metadata(self.kind, family, out_dir.name, network)
         community.save(tensors, out_dir / file_name, meta)
         return {part: [file_name]}
@@ -163,7 +190,7 @@ class AdapterTechnique(Technique):
         written = []
         for name, _, targets, state in adapted:
             save_file(state, out_dir / f"{name}_adapter.safetensors", metadata={"format": "pt"})
-            config = self.peft_config(targets).to_dict()
+            config = self.saved_peft_config(targets).to_dict()
             (out_dir / f"{name}_adapter_config.json").write_text(json.dumps(_jsonable(config), indent=2))
             written += [out_dir / f"{name}_adapter.safetensors", out_dir / f"{name}_adapter_config.json"]
         return files_under(out_dir, written)
@@ -223,7 +250,7 @@ def _existing_file(value: str, where: str) -> str:
     if not path.is_file() or path.suffix != ".safetensors":
         raise ConfigError(
             f"{where}: {value!r} is not a .safetensors file; give a kohya/LyCORIS or diffusers LoRA file "
-            "(absolute, or relative to the working directory)"
+            "(absolute, or relative to the experiment file)"
         )
     return str(path.resolve())
 
@@ -245,18 +272,61 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+@dataclass
+class LoRAOptions(AdapterOptions):
+    loraplus_lr_ratio: float | None = None  # LoRA+: the B matrices train at learning_rate × this (None: off)
+
+
 @TECHNIQUES.register("lora")
 class LoRA(AdapterTechnique):
-    """LoRA (Hu et al. 2021); with conv layers in target_modules it is LoCon.
+    """LoRA (Hu et al. 2021); with conv layers in target_modules it is LoCon. rsLoRA (``use_rslora``),
+    PiSSA/OLoRA (``init_lora_weights``) and LoRA+ (``loraplus_lr_ratio``): see :mod:`.lora_variants`.
 
     Besides the peft files it writes ``pytorch_lora_weights.safetensors`` (diffusers'
     ``load_lora_weights``) and the kohya/LyCORIS file (SD1/2/XL: ``pytorch_lora_weights_kohya.safetensors``).
     """
 
     kind = "lora"
+    Options = LoRAOptions
     peft_config_name = "LoraConfig"
     alpha_field = "lora_alpha"
     fixed = {"use_dora": False}  # DoRA is its own kind
+    initial_states: dict[str, dict[str, torch.Tensor]] | None = None  # PiSSA/OLoRA: A₀, B₀ per component
+
+    @classmethod
+    def check_options(cls, options: Any, where: str) -> None:
+        lora_variants.check(options.peft, options.loraplus_lr_ratio, cls.kind, options.init_from, where)
+
+    def parameter_groups(self, parameters: dict[str, torch.nn.Parameter], learning_rate: float) -> list[dict[str, Any]]:
+        if self.options.loraplus_lr_ratio is None:
+            return super().parameter_groups(parameters, learning_rate)
+        return lora_variants.loraplus_groups(parameters, learning_rate, self.options.loraplus_lr_ratio)
+
+    def make_trainable(self, bundle: ModelBundle) -> None:
+        mutates = lora_variants.mutates_base(self.options.peft.get("init_lora_weights", True))
+        for name, modules in self.component_targets(bundle).items() if mutates else ():
+            lora_variants.check_linear_targets(self.peft_config(modules), bundle.components[name], name)
+        super().make_trainable(bundle)
+        self.initial_states = None
+        if mutates:
+            # what PiSSA/OLoRA took out of the base weights (recomputed the same way on resume)
+            self.initial_states = {  # (copies: on the CPU the state dict's tensors are the parameters)
+                name: {key: value.clone() for key, value in state.items()} for name, _, _, state in super()._adapted_states(bundle)
+            }
+
+    def _adapted_states(self, bundle: ModelBundle) -> list[tuple[str, Any, list[str], dict[str, torch.Tensor]]]:
+        adapted = super()._adapted_states(bundle)
+        if not self.initial_states:
+            return adapted
+        return [
+            (name, module, targets, lora_variants.subtract_initial(state, self.initial_states[name]))
+            for name, module, targets, state in adapted
+        ]
+
+    def saved_peft_args(self) -> dict[str, Any]:
+        if lora_variants.mutates_base(self.options.peft.get("init_lora_weights", True)):
+            return lora_variants.converted_config_args(self.options.peft)
+        return self.options.peft
 
     def save(self, bundle: ModelBundle, out_dir: Path) -> dict[str, list[str]]:
         adapted = self._adapted_states(bundle)
@@ -267,7 +337,7 @@ class LoRA(AdapterTechnique):
             # attention layers, and a file mixing both spellings (LoCon) loads without the attention ones
             lora_layers[f"{name}_lora_layers"] = state
             # the metadata keeps alpha and targets, so load_lora_weights rebuilds the same scale
-            lora_layers[f"{name}_lora_adapter_metadata"] = _jsonable(self.peft_config(targets).to_dict())
+            lora_layers[f"{name}_lora_adapter_metadata"] = _jsonable(self.saved_peft_config(targets).to_dict())
         bundle.family.pipeline_class().save_lora_weights(
             out_dir, weight_name=DIFFUSERS_LORA_FILE, safe_serialization=True, **lora_layers
         )

@@ -37,6 +37,7 @@ class Technique:
     kind: ClassVar[str]
     Options: ClassVar[type] = TechniqueOptions
     saves_frozen_parts: ClassVar[bool] = False  # True when save() writes frozen weights too
+    path_options: ClassVar[tuple[str, ...]] = ()  # options that name files (resolved against the experiment file)
 
     def __init__(self, options: dict[str, Any]) -> None:
         self.options = self.Options(**options) if not isinstance(options, self.Options) else options
@@ -84,6 +85,11 @@ class Technique:
 
     def make_trainable(self, bundle: ModelBundle) -> None:
         raise NotImplementedError
+
+    def parameter_groups(self, parameters: dict[str, torch.nn.Parameter], learning_rate: float) -> list[dict[str, Any]]:
+        """Optimizer parameter groups of ``parameters`` (named ``<component>.<parameter>``), all at
+        ``learning_rate`` unless the technique says otherwise (LoRA+: the B matrices higher)."""
+        return [{"params": list(parameters.values()), "lr": learning_rate}] if parameters else []
 
     # -- outputs ----------------------------------------------------------------------------------
     def save(self, bundle: ModelBundle, out_dir: Path) -> dict[str, list[str]]:

@@ -91,7 +91,8 @@ class PartialFineTuning(Technique):
         family = bundle.family
         try:
             differences = community.differences_to_community(
-                tensors, self.base_values, bundle.components, family.community_prefixes
+                tensors, self.base_values, bundle.components, family.community_prefixes,
+                community.sgm_components(family),
             )
         except community.CommunityFormatError as error:  # e.g. text-encoder embeddings: no such layout
             print(f"no {community.COMMUNITY_FILE} written: {error}; `sdtune export --single-file` has every weight")

@@ -196,7 +196,7 @@ class MetricContext:
             return self.clip_loader
         if name not in ENCODERS:
             raise ValueError(f"unknown encoder {name!r}; known: {', '.join(sorted(ENCODERS))}")
-        model = {"clip": self.clip_model, "dino": self.dino_model, "pickscore": self.pickscore_model}[name]
+        model = {"clip": self.clip_model, "dino": self.dino_model, "pickscore": self.pickscore_model}.get(name)
         device = self.device or _default_device()
         return lambda: ENCODERS[name](model, device, self.batch_size)
 

@@ -93,6 +93,49 @@ def test_drift_and_the_pickscore_plugin(tiny_clip_dir, tmp_path):
     assert "evaluation.pickscore_model" in missing["pickscore"]["skipped"] and "\n" not in missing["pickscore"]["skipped"]
 
 
+def test_evaluation_during_training_changes_nothing_and_survives_a_resume(write_experiment, tmp_path):
+    """full + EMA (the evaluation swaps the EMA weights in and out): with a separate validation set
+    and every_steps, the weights and losses equal a run without evaluation; interrupted and resumed,
+    the evaluations (validation losses, images at step 2) equal the uninterrupted run's."""
+    import os
+    import signal
+
+    from conftest import make_imagefolder
+    from safetensors.torch import load_file
+
+    from sdtune.train import train_technique
+
+    validation = make_imagefolder(tmp_path / "validation", count=3, seed=5)
+    path = write_experiment(max_train_steps=4, gradient_accumulation_steps=1, data={"center_crop": True})
+    raw = yaml.safe_load(path.read_text())
+    raw["evaluation"] = {"prompts": ["a red circle"], "seeds_per_prompt": 1, "num_inference_steps": 2}
+    path.write_text(yaml.safe_dump(raw))
+    evaluated = ["data.validation=" + str(validation), "evaluation.every_steps=2"]
+
+    def run(name: str, extra: list[str], **options):
+        return train_technique(load_experiment(path, [f"output_dir={tmp_path / name}", *extra]), "full", progress=False, **options)
+
+    def interrupt_at_3(done: int) -> None:
+        if done == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    plain, straight = run("plain", []), run("straight", evaluated)
+    assert run("stopped", evaluated, after_step=interrupt_at_3).status == "interrupted"
+    resumed = run("stopped", evaluated, resume=True)
+    weights = "unet/diffusion_pytorch_model.safetensors"
+    tensors = [load_file(result.run_dir / weights) for result in (plain, straight, resumed)]
+    assert all(torch.equal(tensors[0][k], other[k]) for other in tensors[1:] for k in tensors[0])
+    losses = [[h["loss"] for h in r.record["loss_history"]] for r in (plain, straight, resumed)]
+    assert losses[0] == losses[1] == losses[2]
+    assert plain.record["evaluation"] == [] and [e["step"] for e in straight.record["evaluation"]] == [0, 2, 4]
+    def measured(result) -> list[dict]:  # (the generation timings differ from run to run)
+        return [{k: v for k, v in e.items() if k != "generation"} for e in result.record["evaluation"]]
+
+    assert measured(resumed) == measured(straight)
+    images = [sorted((r.run_dir / "evaluation" / "step-000002").iterdir()) for r in (straight, resumed)]
+    assert [p.read_bytes() for p in images[0]] == [p.read_bytes() for p in images[1]] and images[0]
+
+
 def test_records_are_typed_versioned_and_checked(tmp_path):
     record = EvalRecord(label="base", metrics={}, images=[], config={"name": "x"})
     path = tmp_path / "eval-base.json"

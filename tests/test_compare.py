@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 
@@ -87,7 +88,8 @@ def test_failed_technique_keeps_others_and_is_marked(compare_experiment, monkeyp
     experiment = compare_experiment(metrics=["clip_score"])
     (tmp_path / "inject").mkdir()
     (tmp_path / "inject" / "sitecustomize.py").write_text(CRASHING_FULL)
-    monkeypatch.setenv("PYTHONPATH", str(tmp_path / "inject"))
+    original = os.environ.get("PYTHONPATH")  # kept after the injection: it may be what makes sdtune importable
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (str(tmp_path / "inject"), original) if p))
     report = compare(experiment, progress=False)
     markdown = (report.parent / "report.md").read_text()
     assert "| full | full | failed |" in markdown and "CUDA out of memory (simulated)" in markdown
@@ -95,7 +97,7 @@ def test_failed_technique_keeps_others_and_is_marked(compare_experiment, monkeyp
     assert "Traceback" in failed["traceback"] and "crashing" in (report.parent / "full" / "error.log").read_text()
     assert (report.parent / "records" / "eval-lora-seed0.json").exists()
     # a second run retries only the failed technique; lora's finished record is reused
-    monkeypatch.delenv("PYTHONPATH")
+    monkeypatch.setenv("PYTHONPATH", original) if original else monkeypatch.delenv("PYTHONPATH")
     lora_before = (report.parent / "lora" / "record.json").read_text()
     compare(experiment, progress=False)
     assert (report.parent / "lora" / "record.json").read_text() == lora_before

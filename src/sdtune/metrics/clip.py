@@ -35,8 +35,10 @@ def _unit_rows(x: torch.Tensor) -> np.ndarray:
 def image_processor(name_or_path: str | None, image_size: int) -> Any:
     """The model's ``CLIPImageProcessor``; without a preprocessor config, OpenAI CLIP's settings
     (bicubic resize of the short side and centre crop to ``image_size``, OpenAI mean/std)."""
-    from transformers import CLIPImageProcessor
+    import transformers
 
+    # the PIL implementation where transformers has one (≥ 5: the default one needs torchvision)
+    CLIPImageProcessor = getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor  # noqa: N806
     if name_or_path is not None:
         try:
             return CLIPImageProcessor.from_pretrained(name_or_path)

@@ -123,3 +123,10 @@ def tiny_clip_dir(tmp_path_factory) -> Path:
     from sdtune.tiny import build_tiny_clip
 
     return build_tiny_clip(tmp_path_factory.mktemp("tiny-clip"), words=WORDS + ["realistic", "cartoon", "image"])
+
+
+@pytest.fixture(scope="session")
+def tiny_dino_dir(tmp_path_factory) -> Path:
+    from sdtune.tiny import build_tiny_dino
+
+    return build_tiny_dino(tmp_path_factory.mktemp("tiny-dino"))

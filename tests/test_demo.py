@@ -52,3 +52,10 @@ def test_quick_demo_end_to_end(tmp_path):
     shares = evaluation["metrics"]["judge_style_split"]["value"]
     assert abs(sum(shares.values()) - 1) < 1e-9
     assert (root / "experiment.yaml").exists() and (root / "data" / "metadata.jsonl").exists()
+    # quality over training and the validation loss on the held-out style images, drawn in the report
+    step = json.loads((root / "records" / "eval-lora-seed0-step1.json").read_text())
+    assert step["step"] == 1 and step["metrics"]["judge_prompt_accuracy"]["skipped"] is None
+    train = json.loads((root / "records" / "train-lora-seed0.json").read_text())
+    assert [e["step"] for e in train["evaluation"]] == [0, 1, 2]
+    assert all(e["validation_loss"] > 0 for e in train["evaluation"])
+    assert "Quality over training steps" in markdown and "Validation loss over training" in markdown

@@ -14,6 +14,7 @@ from PIL import Image
 from sdtune.metrics import (
     METRICS,
     ClipScorer,
+    DinoEncoder,
     Metric,
     MetricContext,
     MetricUnavailable,
@@ -21,6 +22,7 @@ from sdtune.metrics import (
     centroid_distance,
     compute_all,
     cosine_matrix,
+    default_metric_names,
     fidelity,
     frechet_distance,
     kid,
@@ -171,10 +173,13 @@ def _build_tiny_clip(folder):
 @pytest.fixture
 def tiny_clip(tmp_path) -> ClipScorer:
     """A ClipScorer around a random-weight CLIP with tiny dimensions and a 10-word tokenizer."""
+    from transformers import CLIPImageProcessor
+
     model, tokenizer = _build_tiny_clip(tmp_path)
-    return ClipScorer(
-        model, tokenizer, image_size=32, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), batch_size=3
+    processor = CLIPImageProcessor(
+        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, image_mean=[0.5] * 3, image_std=[0.25] * 3
     )
+    return ClipScorer(model, tokenizer, processor, batch_size=3)
 
 
 def _images(count: int, seed: int, size: tuple[int, int] = (40, 48)) -> list[Image.Image]:
@@ -211,8 +216,8 @@ def test_load_from_a_local_folder_reads_the_preprocessing(tmp_path):
     }
     (folder / "preprocessor_config.json").write_text(json.dumps(config))
     scorer = ClipScorer.load(str(folder), device="cpu")
-    assert scorer.image_size == 32
-    assert scorer.mean.ravel() == pytest.approx([0.4] * 3)
+    assert scorer.processor.crop_size == {"height": 32, "width": 32}  # transformers' processor, the folder's values
+    assert scorer.processor.image_mean == pytest.approx([0.4] * 3)
     assert scorer.image_embeddings(_images(2, seed=1)).shape == (2, 16)
 
 
@@ -244,10 +249,12 @@ def _context(**overrides) -> MetricContext:
     return MetricContext(**{**fields, **overrides})
 
 
-def test_compute_all_runs_every_metric(tiny_clip):
-    ctx = _context(clip_loader=lambda: tiny_clip)
-    results = compute_all(ctx)
-    assert set(results) == set(METRICS.names())
+def test_compute_all_runs_every_metric(tiny_clip, tiny_dino_dir):
+    dino = DinoEncoder.load(str(tiny_dino_dir))
+    ctx = _context(clip_loader=lambda: tiny_clip, loaders={"dino": lambda: dino})
+    results = compute_all(ctx, default_metric_names())
+    assert set(results) == {name for name in METRICS.names() if METRICS.get(name).default}
+    assert {"dino", "clip_i", "clip_t", "drift"} <= set(results) and "pickscore" not in results
     for name, entry in results.items():
         assert entry["skipped"] is None, name
         assert entry["direction"] == METRICS.get(name).direction

@@ -260,7 +260,9 @@ def _demo(args: argparse.Namespace) -> int:
 
 def summary_table(root: Path) -> str:
     """A short plain-text table of the comparison for the terminal."""
-    from sdtune.report import build_rows, load_records, tables
+    from sdtune.records import load_records
+    from sdtune.report import tables
+    from sdtune.summary import build_rows
 
     rows = build_rows(*load_records(root))
     lines = []

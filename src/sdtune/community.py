@@ -43,7 +43,7 @@ from typing import Any
 
 import torch
 
-from sdtune.config import ConfigError
+from sdtune.schema import ConfigError
 from sdtune.single_file import UnknownKeyError, unet_original_key
 
 Tensors = dict[str, torch.Tensor]

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import difflib
 import re
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,11 +18,14 @@ from typing import Any, Literal
 
 import yaml
 
-from sdtune.errors import UserError
+from sdtune.schema import ConfigError, coerce
+from sdtune.schema import build as _build
+from sdtune.schema import check_keys as _check_keys
+from sdtune.schema import fail as _fail
+from sdtune.schema import positive as _positive
+from sdtune.split import check_validation, resolve_validation_source
 
-
-class ConfigError(UserError, ValueError):
-    """A bad experiment file: the message names the key, the bad value and the fix."""
+__all__ = ["ConfigError", "coerce"]  # re-exported: they live in the leaf module sdtune.schema
 
 
 # --------------------------------------------------------------------------------------------
@@ -87,6 +88,8 @@ class DataConfig:
     caption_suffix: str = ""  # appended as written
     mask_column: str | None = None  # a column of loss-mask images (white = trained); else *_mask.png files
     streaming: bool = False  # stream a hub dataset (webdataset .tar shards always stream); needs max_samples
+    # held-out images never trained on: a fraction (0.1), {fraction, seed}, or a source ({source, split})
+    validation: float | str | dict[str, Any] | None = None
 
     def validate(self) -> None:
         validate_data_extras(self)
@@ -109,6 +112,7 @@ class DataConfig:
             )
         if self.instance_prompt is not None and not self.instance_prompt.strip():
             _fail("data.instance_prompt", self.instance_prompt, "a caption such as 'a photo of <my-toy> toy'")
+        check_validation(self.validation)
         if self.cache in ("memory", "disk") and not self.center_crop:
             raise ConfigError(
                 f"data.cache: {self.cache!r} needs data.center_crop: true (random crops change every "
@@ -264,12 +268,19 @@ class EvaluationConfig:
     metrics: list[str] | None = None  # None = every registered metric
     clip_model: str = "openai/clip-vit-base-patch32"  # hub id or local folder for CLIP metrics
     style_labels: list[str] = field(default_factory=lambda: ["realistic", "semi-cartoon", "cartoon"])
-    max_reference_images: int = 200  # training images used as the reference set of the metrics
+    max_reference_images: int = 200  # real images (validation, else training) the metrics compare with
+    dino_model: str = "facebook/dinov2-small"  # hub id or local folder for DINO and drift
+    pickscore_model: str = "yuvalkirstain/PickScore_v1"  # for the opt-in pickscore metric
+    metric_plugins: list[str] = field(default_factory=list)  # modules that register more metrics
+    every_steps: int | None = None  # also evaluate (images, metrics, validation loss) every N steps
+    validation_timesteps: int = 4  # fixed timesteps of the validation loss
 
     def validate(self) -> None:
         _positive("evaluation.seeds_per_prompt", self.seeds_per_prompt)
         _positive("evaluation.num_inference_steps", self.num_inference_steps)
         _positive("evaluation.max_reference_images", self.max_reference_images)
+        _positive("evaluation.every_steps", self.every_steps, allow_none=True)
+        _positive("evaluation.validation_timesteps", self.validation_timesteps)
         if self.guidance_scale < 0:
             _fail("evaluation.guidance_scale", self.guidance_scale, "0 or more (7.5 is usual)")
         if self.resolution is not None and (self.resolution <= 0 or self.resolution % 8):
@@ -281,10 +292,12 @@ class EvaluationConfig:
 
             if not hasattr(getattr(diffusers, self.scheduler, None), "from_config") or "Scheduler" not in self.scheduler:
                 _fail("evaluation.scheduler", self.scheduler, "a diffusers scheduler class, e.g. DDIMScheduler")
-        if self.metrics is not None:
-            from sdtune.metrics import METRICS  # late import: metrics are heavier than configs
+        if self.metrics is not None or self.metric_plugins:
+            from sdtune.metrics import METRICS, load_plugins  # late import: metrics are heavier than configs
 
-            for name in self.metrics:
+            load_plugins(self.metric_plugins)
+
+            for name in self.metrics or []:
                 if name not in METRICS:
                     raise ConfigError(
                         f"evaluation.metrics: {name!r} is not a metric; choose from: {', '.join(METRICS.names())}"
@@ -411,6 +424,7 @@ def experiment_from_dict(
     family = _resolve_family(model)
     data = _build(DataConfig, _expand(raw["data"], "source"), "data")
     data.source = _resolve_local(data.source, base_dir)
+    data.validation = resolve_validation_source(data.validation, lambda text: _resolve_local(text, base_dir))
     data.validate()
     if data.resolution is None:
         data.resolution = family.native_resolution(model)
@@ -555,91 +569,6 @@ def _build_techniques(raw: Any, train: TrainConfig, base_dir: Path) -> dict[str,
     return specs
 
 
-def _build(cls: type, raw: Any, where: str) -> Any:
-    """Build dataclass ``cls`` from a mapping, checking keys and value types."""
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {raw!r}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    _check_keys(where, raw, set(fields))
-    hints = typing.get_type_hints(cls)
-    values = {}
-    for key, value in raw.items():
-        values[key] = coerce(value, hints[key], f"{where}.{key}" if where else key)
-    missing = [
-        name
-        for name, spec in fields.items()
-        if name not in values
-        and spec.default is dataclasses.MISSING
-        and spec.default_factory is dataclasses.MISSING
-    ]
-    if missing:
-        raise ConfigError(f"{where}: missing required key {missing[0]!r}")
-    return cls(**values)
-
-
-def _check_keys(where: str, raw: dict[str, Any], allowed: set[str]) -> None:
-    for key in raw:
-        if key not in allowed:
-            close = difflib.get_close_matches(str(key), sorted(allowed), n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            prefix = f"{where}." if where else ""
-            raise ConfigError(
-                f"{prefix}{key}: unknown key{hint}; allowed keys: {', '.join(sorted(allowed))}"
-            )
-
-
-def coerce(value: Any, annotation: Any, key: str) -> Any:
-    """Check ``value`` against a type annotation; numbers written as strings ("1e-5") are parsed."""
-    origin = typing.get_origin(annotation)
-    args = typing.get_args(annotation)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for option in (a for a in args if a is not type(None)):
-            try:
-                return coerce(value, option, key)
-            except ConfigError as error:
-                errors.append(error)
-        raise errors[0]
-    if origin is Literal:
-        if value not in args:
-            _fail(key, value, "one of " + ", ".join(repr(a) for a in args))
-        return value
-    if origin is list:
-        if not isinstance(value, list):
-            _fail(key, value, "a list")
-        return [coerce(item, args[0], f"{key}[{i}]") for i, item in enumerate(value)] if args else value
-    if origin is dict:
-        if not isinstance(value, dict):
-            _fail(key, value, "a mapping")
-        return value
-    if annotation is Any:
-        return value
-    if annotation is bool:
-        if not isinstance(value, bool):
-            _fail(key, value, "true or false")
-        return value
-    if annotation is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            _fail(key, value, "a whole number")
-        return value
-    if annotation is float:
-        if isinstance(value, str):
-            try:
-                return float(value)  # YAML 1.1 reads "1e-5" as a string
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            _fail(key, value, "a number")
-        return float(value)
-    if annotation is str:
-        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            _fail(key, value, "a string")
-        return str(value)
-    return value
-
-
 def looks_like_local_path(text: str) -> bool:
     """True for strings that can only mean a local path (not a hub id like 'org/name')."""
     return (
@@ -659,14 +588,3 @@ def _resolve_local(text: str, base_dir: Path) -> str:
     if relative_to_file.exists() or (looks_like_local_path(text) and not candidate.exists()):
         return str(relative_to_file.resolve()) if relative_to_file.exists() else str(relative_to_file)
     return str(candidate.resolve()) if candidate.exists() else text
-
-
-def _positive(key: str, value: int | None, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if value is None or value <= 0:
-        _fail(key, value, "a positive whole number")
-
-
-def _fail(key: str, value: Any, allowed: str) -> typing.NoReturn:
-    raise ConfigError(f"{key}: {value!r} is not allowed; expected {allowed}")

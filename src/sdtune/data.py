@@ -23,6 +23,7 @@ from sdtune import layouts
 from sdtune.buckets import BucketOrder, assign_buckets, bucket_sizes, bucket_summary, check_buckets
 from sdtune.config import DataConfig
 from sdtune.images import DataError, to_mask, to_rgb
+from sdtune.split import held_out_rows, parse_validation
 
 log = logging.getLogger(__name__)
 
@@ -406,7 +407,10 @@ def prepare_training_set(
             f"data.mask_column: {config.mask_column!r} is not a column; the dataset has: {', '.join(dataset.column_names)}"
         )
     indices, captions, sizes, skipped, repeats, masks, converted = [], [], [], [], [], [], {}
+    held_out = set(held_out_rows(parse_validation(config.validation), len(dataset)))  # never trained on
     for row in tqdm(range(len(dataset)), desc="checking images", disable=not progress, leave=False):
+        if row in held_out:
+            continue
         value = dataset[row][image_column]
         try:
             size = decode_image(value, base_dir, converted).size

@@ -88,7 +88,6 @@ def export_single_file(
     """``sdtune export --single-file``: the run's model (adapters merged) as one checkpoint in the
     original layout (CompVis LDM for SD1/2, SGM for SDXL, Stability's for SD3; see sdtune.single_file),
     which A1111, ComfyUI and diffusers' ``from_single_file`` load."""
-    from sdtune.config import ConfigError
     from sdtune.single_file import save_single_file
 
     out_file = Path(out_file)
@@ -131,14 +130,20 @@ def denoiser_of(pipe: Any) -> torch.nn.Module:
 
 def set_scheduler(pipe: Any, name: str | None) -> None:
     """Swap the sampler by diffusers class name (e.g. DDIMScheduler), keeping the noise schedule."""
-    if not name:
-        return
+    if name:
+        pipe.scheduler = scheduler_class(name).from_config(pipe.scheduler.config)
+
+
+def scheduler_class(name: str) -> Any:
+    """The diffusers scheduler class of that name; a :class:`GenerationArgumentError` otherwise."""
     import diffusers
 
-    scheduler_cls = getattr(diffusers, name, None)
-    if scheduler_cls is None or not hasattr(scheduler_cls, "from_config"):
-        raise ValueError(f"scheduler {name!r} is not a diffusers scheduler class (e.g. DDIMScheduler, EulerDiscreteScheduler)")
-    pipe.scheduler = scheduler_cls.from_config(pipe.scheduler.config)
+    found = getattr(diffusers, name, None)
+    if found is None or not hasattr(found, "from_config") or "Scheduler" not in name:
+        raise GenerationArgumentError(
+            f"scheduler {name!r} is not a diffusers scheduler class; give one such as DDIMScheduler or EulerDiscreteScheduler"
+        )
+    return found
 
 
 def generate_images(
@@ -216,9 +221,12 @@ def generate(
 ) -> GenerationResult:
     """``sdtune generate``: load a run, write ``num_images`` PNGs per prompt (seeds seed, seed+1, …);
     ``width``/``height`` (e.g. a bucket of the run's record) override the square ``resolution``."""
+    _check_arguments(prompts, num_images, steps, guidance)
     for flag, value in (("--width", width), ("--height", height), ("--resolution", resolution)):
         if value is not None and (value <= 0 or value % 8):
             raise ConfigError(f"{flag}: {value} is not a positive multiple of 8 (the VAE downsamples by 8)")
+    if scheduler:
+        scheduler_class(scheduler)  # a bad name fails before the model loads
     started = time.perf_counter()
     pipe, record = load_run_pipeline(run_dir, fuse=fuse)
     set_scheduler(pipe, scheduler)
@@ -229,6 +237,22 @@ def generate(
     result.load_time_s = load_time
     save_images(result, Path(out_dir) if out_dir else Path(run_dir) / "samples")
     return result
+
+
+class GenerationArgumentError(UserError, ValueError):
+    """A bad argument of ``sdtune generate`` (the message names it and what is allowed)."""
+
+
+def _check_arguments(prompts: list[str], num_images: int, steps: int, guidance: float) -> None:
+    problems = [
+        (not prompts or not all(p.strip() for p in prompts), f"--prompt {prompts!r}", "one or more non-empty prompts"),
+        (num_images < 1, f"--num-images {num_images}", "1 or more"),
+        (steps < 1, f"--steps {steps}", "1 or more inference steps"),
+        (guidance < 0, f"--guidance {guidance}", "0 or more (7.5 is usual)"),
+    ]
+    for bad, given, allowed in problems:
+        if bad:
+            raise GenerationArgumentError(f"{given} is not allowed; expected {allowed}")
 
 
 def slug(text: str, limit: int = 40) -> str:

@@ -1,15 +1,24 @@
-"""Figures of the report (matplotlib, Agg backend) and the image grid (PIL)."""
+"""Figures of the report (matplotlib, Agg backend) and the image grid (PIL), drawn from the
+numbers of :mod:`sdtune.summary`."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-if TYPE_CHECKING:
-    from sdtune.report import Row
+from sdtune.summary import (
+    BASE,
+    Row,
+    base_row,
+    curve_metrics,
+    metric_names,
+    metric_summary,
+    quality_curve,
+    study_table,
+    validation_curve,
+)
 
 GRID_CELL = 128  # pixels per image in the grid (small images are upscaled without smoothing)
 QUALITY_PREFERENCE = ("judge_prompt_accuracy", "clip_score", "fidelity", "preservation")
@@ -22,6 +31,9 @@ def all_figures(rows: list[Row], root: Path, folder: Path) -> list[tuple[str, Pa
         figures.append(("Images: rows = prompt × seed, columns = models (same noise across a row)", grid))
     for title, function in (
         ("Training loss", loss_curves),
+        ("Validation loss over training (held-out images, fixed timesteps and noise; 95 % CI across training seeds)",
+         validation_curves),
+        ("Quality over training steps (95 % CI across training seeds)", quality_curves),
         ("Quality metrics (95 % CI)", metric_bars),
         ("Size on disk vs quality", tradeoff),
     ):
@@ -45,7 +57,7 @@ def image_grid(rows: list[Row], root: Path, path: Path) -> Path | None:
     columns = [(row.label, row.evals[0]) for row in rows if row.evals]
     if not columns:
         return None
-    keys = [(e["prompt"], e["seed"]) for e in columns[0][1]["images"]]
+    keys = [(e["prompt"], e["seed"]) for e in columns[0][1].images]
     try:
         font = ImageFont.load_default(size=14)  # Pillow ≥ 10.1: a scalable font
     except TypeError:
@@ -58,7 +70,7 @@ def image_grid(rows: list[Row], root: Path, path: Path) -> Path | None:
     for r, (prompt, seed) in enumerate(keys):
         draw.text((4, header + r * GRID_CELL + GRID_CELL // 2 - 8), f"{prompt[:28]} (seed {seed})", fill="black", font=font)
         for c, (_, record) in enumerate(columns):
-            match = next((e for e in record["images"] if (e["prompt"], e["seed"]) == (prompt, seed)), None)
+            match = next((e for e in record.images if (e["prompt"], e["seed"]) == (prompt, seed)), None)
             if match is None or not (root / match["path"]).exists():
                 continue
             image = Image.open(root / match["path"]).convert("RGB")
@@ -74,10 +86,10 @@ def loss_curves(rows: list[Row], folder: Path) -> Path | None:
     drawn = False
     for row in rows:
         for record in row.train:
-            history = record.get("loss_history") or []
+            history = record.loss_history or []
             if history:
                 steps = [h["step"] for h in history]
-                label = f"{row.label} (seed {record['seeds']['train']})" if len(row.train) > 1 else row.label
+                label = f"{row.label} (seed {record.seeds['train']})" if len(row.train) > 1 else row.label
                 axis.plot(steps, _smooth([h["loss"] for h in history]), label=label)
                 drawn = True
     if not drawn:
@@ -99,9 +111,63 @@ def _smooth(values: list[float], window: int = 10) -> np.ndarray:
     return np.concatenate([head, np.convolve(values_array, kernel, mode="valid")])
 
 
-def metric_bars(rows: list[Row], folder: Path) -> Path | None:
-    from sdtune.report import metric_names, metric_summary
+def _integer_locator():
+    from matplotlib.ticker import MaxNLocator
 
+    return MaxNLocator(integer=True)
+
+
+def _curve(axis, points: list[dict], label: str) -> None:
+    steps = [p["step"] for p in points]
+    values = np.array([p["value"] for p in points])
+    line = axis.plot(steps, values, marker="o", markersize=3, label=label)[0]
+    low = np.array([p["low"] if p.get("low") is not None else p["value"] for p in points])
+    high = np.array([p["high"] if p.get("high") is not None else p["value"] for p in points])
+    if np.any(high > low):
+        axis.fill_between(steps, low, high, alpha=0.2, color=line.get_color())
+
+
+def validation_curves(rows: list[Row], folder: Path) -> Path | None:
+    """Validation loss against optimizer steps, one line per technique, CI band across seeds."""
+    curves = [(row.label, validation_curve(row)) for row in rows if row.label != BASE]
+    curves = [(label, points) for label, points in curves if points]
+    if not curves:
+        return None
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(8, 4.5))
+    for label, points in curves:
+        _curve(axis, points, label)
+    axis.set_xlabel("optimizer step")
+    axis.xaxis.set_major_locator(_integer_locator())
+    axis.set_ylabel("validation loss")
+    axis.legend(fontsize=8)
+    axis.grid(alpha=0.3)
+    return _save(plt, figure, folder / "validation_loss.png")
+
+
+def quality_curves(rows: list[Row], folder: Path) -> Path | None:
+    """Each metric measured at several steps against optimizer steps, one line per technique."""
+    names = curve_metrics(rows)
+    if not names:
+        return None
+    plt = _pyplot()
+    figure, axes = plt.subplots(1, len(names), figsize=(3.6 * len(names), 3.4), squeeze=False)
+    base = base_row(rows)
+    for axis, name in zip(axes[0], names):
+        for row in rows:
+            points = quality_curve(row, name, base) if row.label != BASE else []
+            if points:
+                _curve(axis, points, row.label)
+        axis.set_title(name, fontsize=10)
+        axis.set_xlabel("optimizer step (0: the base model)", fontsize=8)
+        axis.xaxis.set_major_locator(_integer_locator())
+        axis.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    figure.tight_layout()
+    return _save(plt, figure, folder / "quality_over_steps.png")
+
+
+def metric_bars(rows: list[Row], folder: Path) -> Path | None:
     numeric, _ = metric_names(rows)
     summaries = {m: [(row.label, metric_summary(row, m)) for row in rows] for m in numeric}
     summaries = {m: [(label, s) for label, s in items if s and "value" in s] for m, items in summaries.items()}
@@ -124,8 +190,6 @@ def metric_bars(rows: list[Row], folder: Path) -> Path | None:
 
 
 def tradeoff(rows: list[Row], folder: Path) -> Path | None:
-    from sdtune.report import metric_names, metric_summary, study_table
-
     numeric, _ = metric_names(rows)
     quality = next((m for m in QUALITY_PREFERENCE if m in numeric), numeric[0] if numeric else None)
     if quality is None:

@@ -1,6 +1,11 @@
-"""Run records: one self-describing JSON per run, written atomically.
+"""Run records: one self-describing JSON per run, written atomically, typed and versioned.
 
-Reports are built only from these records, so they can be re-rendered without retraining.
+Two kinds, each a dataclass with a ``schema_version``: :class:`TrainRecord` (one training run,
+``OUTPUT/<technique>/record.json`` and ``records/train-….json``) and :class:`EvalRecord` (one
+evaluated model, or one technique at one evaluated step: ``records/eval-….json``). Every record is
+written with :func:`write_record` and read with :func:`read_record` / :func:`load_records`, which
+reject unknown kinds, unknown keys and newer schema versions with one line. Reports are built only
+from these records, so they can be re-rendered without retraining.
 """
 
 from __future__ import annotations
@@ -12,11 +17,14 @@ import resource
 import subprocess
 import sys
 import tempfile
+from dataclasses import asdict, dataclass, field, fields
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from sdtune.errors import UserError
 
 RECORD_FILE = "record.json"
 PACKAGES = ("sdtune", "torch", "diffusers", "transformers", "peft", "accelerate", "datasets", "safetensors")
@@ -87,9 +95,130 @@ def write_json_atomic(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
+SCHEMA_VERSION = 2  # 1: records before the typed classes (no schema_version key; read as version 1)
+
+
+class RecordError(UserError, ValueError):
+    """A records file sdtune cannot read: the message names the file and the problem."""
+
+
+@dataclass
+class TrainRecord:
+    """One training run: resolved config (the one the run used: its seed, overrides, detected
+    family), seeds, versions, timing, memory, sizes, losses, and the evaluations during training
+    (``evaluation``: one entry per evaluated step with its validation loss and image folder)."""
+
+    status: str  # finished | interrupted | failed | missing
+    technique: dict[str, Any]
+    seeds: dict[str, int]
+    config: dict[str, Any]  # a loadable experiment file (experiment_from_dict)
+    experiment: str | None = None
+    model: dict[str, Any] | None = None
+    train: dict[str, Any] | None = None
+    objective: dict[str, Any] | None = None
+    prediction_type: str | None = None
+    steps: dict[str, int] | None = None
+    versions: dict[str, str | None] | None = None
+    git_commit: str | None = None
+    device: dict[str, Any] | None = None
+    num_processes: int | None = None
+    sharding: str | None = None  # fsdp2 | deepspeed | None (whole weights in each process)
+    timing: dict[str, Any] | None = None
+    memory: dict[str, Any] | None = None
+    parameters: dict[str, Any] | None = None
+    outputs: dict[str, Any] = field(default_factory=dict)
+    bytes_on_disk: int | None = None
+    data: dict[str, Any] | None = None
+    loss_history: list[dict[str, float]] = field(default_factory=list)
+    evaluation: list[dict[str, Any]] = field(default_factory=list)
+    resumed_from: list[str] = field(default_factory=list)
+    finished_at: str | None = None
+    run_dir: str | None = None
+    error: str | None = None  # failed/missing: the one-line reason
+    traceback: str | None = None  # failed by a bug of ours: its traceback
+    kind: str = "train"
+    schema_version: int = SCHEMA_VERSION
+
+
+@dataclass
+class EvalRecord:
+    """One evaluated model: the base model, a technique's final model (``step`` None), or a
+    technique at one step of its training (``step`` N); its images, generation costs and metrics."""
+
+    label: str  # "base" or the technique's name
+    metrics: dict[str, dict[str, Any]]
+    images: list[dict[str, Any]]  # {path (relative to the output folder), prompt, seed, in_domain}
+    config: dict[str, Any]
+    technique: dict[str, Any] | None = None
+    train_seed: int | None = None
+    step: int | None = None  # None: the finished model
+    train_record: str | None = None
+    model: str | None = None
+    generation: dict[str, Any] | None = None
+    base_sizes: dict[str, int] | None = None
+    base_parameters: dict[str, int] | None = None
+    references: dict[str, Any] | None = None  # which real images the metrics compared with
+    versions: dict[str, str | None] | None = None
+    git_commit: str | None = None
+    created_at: str | None = None
+    kind: str = "eval"
+    schema_version: int = SCHEMA_VERSION
+
+
+RECORD_CLASSES: dict[str, type] = {"train": TrainRecord, "eval": EvalRecord}
+Record = TrainRecord | EvalRecord
+
+
+def record_from_dict(data: dict[str, Any], where: str = "record") -> Record:
+    """The typed record of a mapping; unknown kinds, unknown keys and newer versions are errors."""
+    kind = data.get("kind")
+    if kind not in RECORD_CLASSES:
+        raise RecordError(f"{where}: kind {kind!r} is not a record kind ({', '.join(RECORD_CLASSES)})")
+    cls = RECORD_CLASSES[kind]
+    version = data.get("schema_version", 1)
+    if not isinstance(version, int) or version > SCHEMA_VERSION:
+        raise RecordError(
+            f"{where}: schema_version {version!r} is newer than this sdtune reads ({SCHEMA_VERSION}); upgrade sdtune"
+        )
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise RecordError(f"{where}: unknown {kind} record key {unknown[0]!r}; was it written by another tool?")
+    try:
+        return cls(**{**data, "schema_version": SCHEMA_VERSION})
+    except TypeError as error:  # a required key is missing
+        raise RecordError(f"{where}: not a complete {kind} record ({error})") from None
+
+
+def write_record(path: Path, record: Record | dict[str, Any]) -> Record:
+    """Write a record (typed, or a mapping checked by :func:`record_from_dict`) atomically."""
+    typed = record if isinstance(record, (TrainRecord, EvalRecord)) else record_from_dict(record, str(path))
+    write_json_atomic(Path(path), asdict(typed))
+    return typed
+
+
 def read_record(run_dir: Path) -> dict[str, Any] | None:
+    """A run folder's train record as a mapping (checked), or None when there is none."""
     path = Path(run_dir) / RECORD_FILE
-    return json.loads(path.read_text()) if path.exists() else None
+    return asdict(read_record_file(path)) if path.exists() else None
+
+
+def read_record_file(path: Path) -> Record:
+    """One record file, typed."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as error:
+        raise RecordError(f"{path}: not valid JSON ({error}); delete it and rerun to write it again") from None
+    return record_from_dict(data, str(path))
+
+
+def load_records(root: Path) -> tuple[list[TrainRecord], list[EvalRecord]]:
+    """Every record of a comparison folder (``ROOT/records/*.json``): (train records, eval records)."""
+    folder = Path(root) / "records"
+    if not folder.is_dir():
+        raise RecordError(f"{root} has no records/ folder; give the output folder of an `sdtune compare` run")
+    loaded = [read_record_file(path) for path in sorted(folder.glob("*.json"))]
+    return [r for r in loaded if isinstance(r, TrainRecord)], [r for r in loaded if isinstance(r, EvalRecord)]
 
 
 def _default(value: Any) -> Any:

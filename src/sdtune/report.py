@@ -9,148 +9,26 @@ from __future__ import annotations
 import base64
 import html
 import json
-from dataclasses import dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import yaml
 
-from sdtune.metrics.maths import bootstrap_ci
+from sdtune import plots
+from sdtune.records import EvalRecord, TrainRecord, load_records
+from sdtune.summary import (
+    Row,
+    build_rows,
+    final_validation_loss,
+    metric_names,
+    metric_summary,
+    share_summary,
+    study_table,
+)
 
 FILES_DIR = "report_files"
 MB = 1e6
-
-
-@dataclass
-class Row:
-    """One model of the comparison (the base model, or a technique over its training seeds)."""
-
-    label: str
-    kind: str
-    status: str = "finished"
-    error: str | None = None
-    train: list[dict] = field(default_factory=list)
-    evals: list[dict] = field(default_factory=list)
-
-
-def load_records(root: Path) -> tuple[list[dict], list[dict]]:
-    folder = Path(root) / "records"
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{root} has no records/ folder; run `sdtune compare` first")
-    loaded = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
-    return [r for r in loaded if r.get("kind") == "train"], [r for r in loaded if r.get("kind") == "eval"]
-
-
-def build_rows(train: list[dict], evals: list[dict]) -> list[Row]:
-    rows: dict[str, Row] = {}
-    for record in evals:
-        if record["label"] == "base":
-            rows.setdefault("base", Row("base", "base model")).evals.append(record)
-    for record in train:
-        name = record["technique"]["name"]
-        row = rows.setdefault(name, Row(name, record["technique"]["kind"]))
-        row.train.append(record)
-        if record.get("status") != "finished":
-            row.status, row.error = record.get("status", "failed"), record.get("error")
-    for record in evals:
-        if record["label"] != "base" and record["label"] in rows:
-            rows[record["label"]].evals.append(record)
-    order = ["base", *((train[0].get("config") or {}).get("techniques") or {} if train else {})]
-    return sorted(rows.values(), key=lambda row: order.index(row.label) if row.label in order else len(order))
-
-
-# ----------------------------------------------------------------------------------------------
-# Numbers
-
-
-def metric_names(rows: list[Row]) -> tuple[list[str], list[str]]:
-    """(numeric metrics, share-valued metrics) that appear in any evaluation."""
-    numeric, shares = [], []
-    for row in rows:
-        for record in row.evals:
-            for name, entry in record["metrics"].items():
-                value = entry.get("value")
-                target = shares if isinstance(value, dict) else numeric
-                if (value is not None or entry.get("skipped")) and name not in numeric + shares:
-                    target.append(name)
-    return numeric, shares
-
-
-def metric_summary(row: Row, name: str) -> dict[str, Any] | None:
-    """Mean and 95 % CI of a metric: bootstrap over training seeds, else the metric's own CI."""
-    entries = [r["metrics"].get(name) for r in row.evals if name in r["metrics"]]
-    values = [e["value"] for e in entries if e and isinstance(e.get("value"), (int, float))]
-    if not values:
-        skipped = next((e.get("skipped") for e in entries if e and e.get("skipped")), None)
-        return {"skipped": skipped} if skipped else None
-    if len(values) > 1:
-        mean, low, high = bootstrap_ci(np.asarray(values, dtype=float))
-        return {"value": mean, "low": low, "high": high, "n": len(values), "over": "training seeds"}
-    details = entries[0].get("details") or {}
-    low, high = details.get("ci_low"), details.get("ci_high")
-    return {"value": values[0], "low": low, "high": high, "n": details.get("n"), "over": "images"}
-
-
-def share_summary(row: Row, name: str) -> dict[str, float] | None:
-    found = [r["metrics"][name]["value"] for r in row.evals if isinstance(r["metrics"].get(name, {}).get("value"), dict)]
-    if not found:
-        return None
-    labels = list(found[0])
-    return {label: float(np.mean([f.get(label, 0.0) for f in found])) for label in labels}
-
-
-def _mean(values: list[float]) -> float | None:
-    values = [v for v in values if v is not None]
-    return float(np.mean(values)) if values else None
-
-
-def study_table(rows: list[Row]) -> list[dict[str, Any]]:
-    """The study's table: sizes on disk, parameters, training and generation costs."""
-    base_eval = next((r.evals[0] for r in rows if r.label == "base" and r.evals), None)
-    base_sizes = (base_eval or {}).get("base_sizes") or {}
-    base_params = (base_eval or {}).get("base_parameters") or {}
-    table = []
-    for row in rows:
-        entry: dict[str, Any] = {"model": row.label, "kind": row.kind, "status": row.status}
-        if row.label == "base":  # files on disk, else fp32 parameter bytes
-            sizes = {part: base_sizes.get(part) or 4 * count for part, count in base_params.items()} or base_sizes
-            entry.update(component_columns(sizes))
-            entry["total_params"] = sum(base_params.values()) if base_params else None
-        finished = [t for t in row.train if t.get("status") == "finished"]
-        if finished:
-            outputs = finished[0]["outputs"]
-            entry.update(component_columns({part: value.get("bytes") for part, value in outputs.items()}))
-            adapter = outputs.get("diffusers_lora") or outputs.get("adapter") or outputs.get("partial")
-            entry["adapter"] = adapter["bytes"] if adapter else None
-            params = finished[0]["parameters"]
-            entry["trainable_params"] = params["trainable"]
-            entry["total_params"] = sum(params["components"].values())
-            entry["train_time_s"] = _mean([t["timing"]["train_time_s"] for t in finished])
-            entry["s_per_step"] = _mean([t["timing"]["s_per_step"] for t in finished])
-            entry["images_per_s"] = _mean([t["timing"]["images_per_s"] for t in finished])
-            entry["peak_memory"] = _mean([t["memory"]["peak"]["bytes"] for t in finished])
-            entry["memory_kind"] = finished[0]["memory"]["peak"]["kind"]
-        if row.evals:
-            entry["load_time_s"] = _mean([e["generation"]["load_time_s"] for e in row.evals])
-            entry["s_per_image"] = _mean([e["generation"]["latency_s_mean"] for e in row.evals])
-        table.append(entry)
-    return table
-
-
-def component_columns(sizes: dict[str, int | None]) -> dict[str, int | None]:
-    """Bytes per component grouped as the study's table shows them: the denoiser (UNet or
-    transformer), the VAE, and all text encoders together (None where nothing was written)."""
-
-    def total(names: list[str]) -> int | None:
-        values = [sizes[name] for name in names if sizes.get(name) is not None]
-        return sum(values) if values else None
-
-    return {
-        "denoiser": total([n for n in sizes if n in ("unet", "transformer")]),
-        "vae": total(["vae"]),
-        "text_encoders": total([n for n in sizes if n.startswith("text_encoder")]),
-    }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -209,11 +87,19 @@ def tables(rows: list[Row]) -> list[tuple[str, list[str], list[list[str]], str]]
         "are its weight files, or 4 bytes per parameter when the model is not on disk here.",
     )]
     numeric, shares = metric_names(rows)
-    if numeric:
-        header = ["Model", *numeric]
-        body = [[row.label, *(_metric_cell(metric_summary(row, m)) for m in numeric)] for row in rows]
+    validation = any(final_validation_loss(row) for row in rows)
+    if numeric or validation:
+        header = ["Model", *numeric, *(["validation loss"] if validation else [])]
+        body = [
+            [row.label, *(_metric_cell(metric_summary(row, m)) for m in numeric),
+             *([_metric_cell(final_validation_loss(row))] if validation else [])]
+            for row in rows
+        ]
         skipped = {m: s["skipped"] for row in rows for m in numeric if (s := metric_summary(row, m)) and "skipped" in s}
         note = "Mean [95 % bootstrap CI] over training seeds (several) or over images (one seed)."
+        if validation:
+            note += (" Validation loss: the denoising loss on the held-out images at fixed timesteps and"
+                     " noise, at the last step.")
         if skipped:
             note += " Skipped: " + "; ".join(f"{m}: {reason}" for m, reason in skipped.items())
         result.append(("Quality metrics", header, body, note))
@@ -231,8 +117,6 @@ def tables(rows: list[Row]) -> list[tuple[str, list[str], list[list[str]], str]]
 
 def render_report(root: str | Path) -> Path:
     """Render ``report.md`` and ``report.html`` in ``root`` from its records; return the HTML path."""
-    from sdtune import plots
-
     root = Path(root)
     train, evals = load_records(root)
     rows = build_rows(train, evals)
@@ -247,18 +131,21 @@ def render_report(root: str | Path) -> Path:
     return html_path
 
 
-def _context(train: list[dict], evals: list[dict]) -> dict[str, Any]:
-    source = next((r for r in train if r.get("status") == "finished"), None) or (evals[0] if evals else {})
+def _context(train: list[TrainRecord], evals: list[EvalRecord]) -> dict[str, Any]:
+    finished = next((asdict(r) for r in train if r.status == "finished"), None)
+    source = finished or (asdict(evals[0]) if evals else {})
+    generation = next((e.generation for e in evals if e.generation), None) or {}
     return {
         "experiment": source.get("experiment") or (source.get("config") or {}).get("name"),
         # the date of the newest record, not of rendering: re-rendering gives the same report
-        "date": max((r.get("finished_at") or r.get("created_at") or "" for r in [*train, *evals]), default=None),
-        "versions": source.get("versions") or (evals[0].get("versions") if evals else None),
+        "date": max((getattr(r, "finished_at", None) or getattr(r, "created_at", None) or "" for r in [*train, *evals]), default=None),
+        "versions": source.get("versions") or (evals[0].versions if evals else None),
         "git_commit": source.get("git_commit"),
-        "device": source.get("device") or (evals[0]["generation"]["device"] if evals else None),
-        "evaluation": {k: v for k, v in (evals[0]["generation"].items() if evals else []) if k not in ("latencies_s",)},
+        "device": source.get("device") or generation.get("device"),
+        "evaluation": {k: v for k, v in generation.items() if k not in ("latencies_s",)},
+        "references": next((e.references for e in evals if e.references), None),
         "config": source.get("config"),
-        "training_seeds": sorted({r["seeds"]["train"] for r in train if r.get("seeds")}),
+        "training_seeds": sorted({r.seeds["train"] for r in train if r.seeds}),
     }
 
 

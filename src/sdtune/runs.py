@@ -164,6 +164,7 @@ def train_record(
             "converted_images": ctx.training_set.converted,  # {PIL mode: count} converted to RGB
         },
         "loss_history": state["loss_history"],
+        "evaluation": state.get("evaluation", []),  # validation loss and images during training
         "resumed_from": state.get("resumed_from", []),
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }

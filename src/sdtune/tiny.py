@@ -448,3 +448,22 @@ def build_sd15_architecture(folder: Path, words: list[str] | None = None, seed: 
     )
     pipe.save_pretrained(folder, safe_serialization=True)
     return pipe
+
+
+def build_tiny_dino(folder: str | Path, seed: int = 0) -> Path:
+    """A random-weight DINOv2 (``Dinov2Model``) with tiny dimensions and its image processor, saved as
+    a local folder that ``evaluation.dino_model`` can name (tests: DINO and drift metrics offline)."""
+    from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
+
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    config = Dinov2Config(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, mlp_ratio=2, image_size=32, patch_size=8,
+    )
+    Dinov2Model(config).save_pretrained(folder, safe_serialization=True)
+    processor = BitImageProcessor(
+        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, do_convert_rgb=True,
+        image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225],
+    )
+    processor.save_pretrained(folder)
+    return folder

@@ -38,11 +38,13 @@ from sdtune.checkpoint import (
 from sdtune.config import ConfigError, Experiment, TrainConfig
 from sdtune.data import TrainingSet, prepare_training_set
 from sdtune.distributed import launched_processes, on_cpu, process_state
+from sdtune.errors import UserError
 from sdtune.isolate import train_in_fresh_process
 from sdtune.models import Conditioning, ModelBundle, family_for
 from sdtune.runs import RunExistsError, StopRequest, claim_run_dir, flat_scalars, train_record
 from sdtune.techniques import TECHNIQUES, Technique, trainable_named_parameters
 from sdtune.timing import StepClock, synchronize
+from sdtune.validation import TrainingEvaluator
 
 __all__ = ["RunExistsError", "TrainResult", "output_root", "train", "train_technique"]
 
@@ -157,6 +159,7 @@ def train_technique(
         state = _resume(ctx, checkpoint, optimizer, lr_scheduler, ema, state)
     batches = _pixel_batches(ctx, state["step"], max_steps)
     ctx.timing["setup_time_s"] = time.perf_counter() - started
+    evaluator = TrainingEvaluator.create(experiment, run_dir, accelerator.is_main_process)  # None: nothing asked
     stop = StopRequest()
     bar = _progress_bar(max_steps, state["step"], progress and accelerator.is_main_process, name)
     records.reset_peak_memory(accelerator.device)
@@ -165,6 +168,8 @@ def train_technique(
         model.train()
     clock, pending = StepClock(accelerator.device), []  # pending: (step, loss on the device, lr) not read back yet
     status, first_step = "finished", state["step"]
+    if evaluator is not None and first_step == 0:  # the starting point of the validation-loss curve
+        evaluator.after_step(0, max_steps, ctx, _unwrapped(ctx), ema, state)
     clock.start()
     with stop.installed():
         for step in range(first_step, max_steps):
@@ -212,6 +217,9 @@ def train_technique(
             if done % cfg.log_every == 0 or done == max_steps or periodic or stop_requested:
                 stop_requested = _sync_point(ctx, clock, pending, state, stop.requested, bar)
             bar.update(1)
+            if evaluator is not None and evaluator.due(done, max_steps):  # validation loss, images (sdtune.validation)
+                with clock.excluded():
+                    evaluator.after_step(done, max_steps, ctx, _unwrapped(ctx), ema, state)
             interrupted = stop_requested and done < max_steps
             if interrupted or periodic:
                 with clock.excluded():
@@ -596,9 +604,13 @@ def _no_sync(accelerator: Any, models: list[torch.nn.Module], skip: bool):
         yield
 
 
+class NonFiniteLossError(UserError, FloatingPointError):
+    """The loss became NaN or infinite: the settings diverge (the message says which to change)."""
+
+
 def _check_finite(loss: float, step: int) -> None:
     if not math.isfinite(loss):
-        raise FloatingPointError(
+        raise NonFiniteLossError(
             f"loss became {loss} at step {step}; lower train.learning_rate, or use bf16 instead of fp16"
         )
 
@@ -730,6 +742,6 @@ def _finish(
     timing["job_wall_time_s"] = time.perf_counter() - started  # from the call to the saved weights
     record = train_record(ctx, experiment, name, bundle, status, state, timing, max_steps, outputs)
     if accelerator.is_main_process:
-        records.write_json_atomic(run_dir / records.RECORD_FILE, record)
+        records.write_record(run_dir / records.RECORD_FILE, record)
     accelerator.wait_for_everyone()  # no process leaves before the run's files are written
     return record

@@ -1,7 +1,9 @@
 """The demo's exact metrics: the judge reads colour, shape and style off every generated image.
 
-Registered in the metric registry with ``needs="judge"``, so they run only where an experiment asks
-for them by name (``evaluation.metrics``): they are meaningful only for the demo's world.
+The demo registers them itself when this module is imported (the demo's experiment file lists it in
+``evaluation.metric_plugins``), as not-default metrics: they run only where an experiment names them
+(``evaluation.metrics``), since they are meaningful only for the demo's world. The judge needs no
+model: it is pure image analysis.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from sdtune.demo.judge import STYLE_CLASSES, judge_many
 from sdtune.metrics.maths import bootstrap_ci
 from sdtune.metrics.registry import MetricContext, register_metric
 
-JUDGE = "judge"
+PLUGIN = __name__  # what an experiment lists in evaluation.metric_plugins to get these metrics
 
 
 def prompt_targets(prompt: str) -> tuple[str | None, str | None]:
@@ -27,11 +29,7 @@ def prompt_targets(prompt: str) -> tuple[str | None, str | None]:
 
 
 def _judged(ctx: MetricContext) -> list[Any]:
-    cached = getattr(ctx, "_judgements", None)
-    if cached is None:
-        cached = judge_many(ctx.images)
-        ctx._judgements = cached  # judged once for all judge metrics of this row
-    return cached
+    return ctx.cached("demo.judgements", lambda: judge_many(ctx.images))  # once for all judge metrics
 
 
 def _correct(ctx: MetricContext) -> tuple[np.ndarray, np.ndarray]:
@@ -49,7 +47,7 @@ def _share(values: np.ndarray, rows: np.ndarray, seed: int) -> dict[str, Any]:
     return {"value": mean, "ci_low": low, "ci_high": high, "n": len(rows)}
 
 
-@register_metric("judge_prompt_accuracy", direction="higher", needs=JUDGE)
+@register_metric("judge_prompt_accuracy", direction="higher", default=False)
 def prompt_accuracy(ctx: MetricContext) -> dict[str, Any]:
     """Share of images whose colour and shape are the ones the prompt asks for (all prompts)."""
     colour, shape = _correct(ctx)
@@ -60,14 +58,14 @@ def prompt_accuracy(ctx: MetricContext) -> dict[str, Any]:
     return result
 
 
-@register_metric("judge_heldout_accuracy", direction="higher", needs=JUDGE)
+@register_metric("judge_heldout_accuracy", direction="higher", default=False)
 def heldout_accuracy(ctx: MetricContext) -> dict[str, Any]:
     """Prompt accuracy on held-out combinations (never in the fine-tuning set): preservation."""
     colour, shape = _correct(ctx)
     return _share(colour * shape, ctx.indices(in_domain=False), ctx.seed)
 
 
-@register_metric("judge_style_split", direction="none", needs=JUDGE)
+@register_metric("judge_style_split", direction="none", default=False)
 def style_split(ctx: MetricContext) -> dict[str, Any]:
     """Share of images in each style class (base look / partial style / full style): the study's table."""
     styles = [j.style for j in _judged(ctx)]
@@ -75,7 +73,7 @@ def style_split(ctx: MetricContext) -> dict[str, Any]:
     return {"value": shares}
 
 
-@register_metric("judge_full_style", direction="none", needs=JUDGE)
+@register_metric("judge_full_style", direction="none", default=False)
 def full_style(ctx: MetricContext) -> dict[str, Any]:
     """Share of images drawn in the full fine-tuning style (how strongly the style took/leaked)."""
     full = np.array([j.style == "full" for j in _judged(ctx)], dtype=float)

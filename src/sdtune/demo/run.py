@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from sdtune.demo import world
-from sdtune.demo.metrics import JUDGE_METRICS
+from sdtune.demo.metrics import JUDGE_METRICS, PLUGIN
 from sdtune.errors import UserError
 
 ASSET = "demo-base"
@@ -40,12 +40,15 @@ class DemoSettings:
     seeds_per_prompt: int = 4
     num_inference_steps: int = 25
     guidance_scale: float = 4.0  # the base model samples best at 3-5
+    validation_images: int = 24  # held-out style images (a separate set: the fine-tuning set is unchanged)
+    every_steps: int | None = 50  # quality and validation loss over training (at 50, and at the end)
     techniques: tuple[str, ...] = ("full", "lora", "dora", "loha", "lokr", "cross-attention")
 
 
 QUICK = DemoSettings(
     num_images=16, max_train_steps=2, batch_size=2, gradient_accumulation_steps=1, in_domain_prompts=2,
     held_out_prompts=1, seeds_per_prompt=1, num_inference_steps=3, techniques=("full", "lora"),
+    validation_images=4, every_steps=1,
 )
 
 # The study's two techniques with its schedules (full: constant + EMA; LoRA: cosine), plus the other
@@ -78,6 +81,10 @@ def demo_experiment(output_dir: Path, settings: DemoSettings, seed: int = 0) -> 
     data_dir = output_dir / "data"
     if not (data_dir / "metadata.jsonl").exists():
         world.write_imagefolder(data_dir, world.sample_scenes(settings.num_images, seed + 7, "style", combos=tune))
+    validation_dir = output_dir / "validation"
+    if not (validation_dir / "metadata.jsonl").exists():  # same combos, other scenes: never trained on
+        scenes = world.sample_scenes(settings.validation_images, seed + 11, "style", combos=tune)
+        world.write_imagefolder(validation_dir, scenes)
     # prompts worded like the captions ("a large red circle"), alternating sizes
     sizes = list(world.SIZES)
     in_domain = [
@@ -87,7 +94,7 @@ def demo_experiment(output_dir: Path, settings: DemoSettings, seed: int = 0) -> 
     experiment = {
         "name": "demo",
         "model": str(base_model_path()),
-        "data": {"source": "data", "resolution": 64, "center_crop": True, "random_flip": True},
+        "data": {"source": "data", "resolution": 64, "center_crop": True, "random_flip": True, "validation": "validation"},
         "train": {
             "batch_size": settings.batch_size,
             "gradient_accumulation_steps": settings.gradient_accumulation_steps,
@@ -104,6 +111,8 @@ def demo_experiment(output_dir: Path, settings: DemoSettings, seed: int = 0) -> 
             "guidance_scale": settings.guidance_scale,
             "scheduler": "DDIMScheduler",
             "metrics": JUDGE_METRICS,
+            "metric_plugins": [PLUGIN],  # the judge metrics register themselves
+            "every_steps": settings.every_steps,
         },
         "output_dir": ".",
     }

@@ -3,17 +3,22 @@
 - :mod:`sdtune.metrics.maths`: pure functions on embedding arrays (cosine fidelity, Vendi, Fréchet
   distance, KID, bootstrap confidence intervals, style shares).
 - :mod:`sdtune.metrics.clip`: :class:`ClipScorer`, CLIP embeddings / CLIPScore / zero-shot.
+- :mod:`sdtune.metrics.dino`: :class:`DinoEncoder`, DINOv2 embeddings.
+- :mod:`sdtune.metrics.benchmark`: the benchmark metrics (DINO, CLIP-I, CLIP-T, drift, PickScore).
 - :mod:`sdtune.metrics.registry`: the metric plug-in registry, :class:`MetricContext` and
   :func:`compute_all`. FID and KID here use CLIP features, not Inception ones.
 """
 
+from sdtune.metrics import benchmark as _benchmark  # noqa: F401  (registers the benchmark metrics)
 from sdtune.metrics.clip import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ClipScorer
+from sdtune.metrics.dino import DinoEncoder
 from sdtune.metrics.errors import MetricUnavailable
 from sdtune.metrics.maths import (
     bootstrap_ci,
     centroid_distance,
     clip_scores,
     cosine_matrix,
+    drift,
     fidelity,
     frechet_distance,
     kid,
@@ -27,10 +32,13 @@ from sdtune.metrics.registry import (
     DEFAULT_CLIP_MODEL,
     DEFAULT_STYLE_LABELS,
     DIRECTIONS,
+    ENCODERS,
     METRICS,
     Metric,
     MetricContext,
     compute_all,
+    default_metric_names,
+    load_plugins,
     register_metric,
 )
 
@@ -38,10 +46,12 @@ __all__ = [
     "DEFAULT_CLIP_MODEL",
     "DEFAULT_STYLE_LABELS",
     "DIRECTIONS",
+    "ENCODERS",
     "METRICS",
     "OPENAI_CLIP_MEAN",
     "OPENAI_CLIP_STD",
     "ClipScorer",
+    "DinoEncoder",
     "Metric",
     "MetricContext",
     "MetricUnavailable",
@@ -49,7 +59,10 @@ __all__ = [
     "centroid_distance",
     "clip_scores",
     "compute_all",
+    "default_metric_names",
+    "load_plugins",
     "cosine_matrix",
+    "drift",
     "fidelity",
     "frechet_distance",
     "kid",
@@ -60,5 +73,3 @@ __all__ = [
     "vendi_score",
     "zero_shot_probabilities",
 ]
-
-from sdtune.demo import metrics as _demo_metrics  # noqa: E402,F401  (registers the judge metrics)

@@ -1,21 +1,22 @@
 """CLIP embeddings, CLIPScore and zero-shot classification for the quality metrics.
 
 Radford et al. 2021, "Learning Transferable Visual Models From Natural Language Supervision".
-Images are preprocessed here with PIL/numpy the way CLIP's processor does (bicubic resize of the
-short side, centre crop, scale to [0, 1], normalise per channel), so torchvision is not needed.
+Images are prepared by transformers' ``CLIPImageProcessor`` with the model's own
+``preprocessor_config.json`` (OpenAI's values for a folder without one).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
 from sdtune.metrics import maths
-from sdtune.metrics.errors import MetricUnavailable
+from sdtune.metrics.errors import MetricUnavailable, one_line
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -31,31 +32,29 @@ def _unit_rows(x: torch.Tensor) -> np.ndarray:
     return (x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)).cpu().numpy()
 
 
-def _one_line(error: BaseException) -> str:
-    text = " ".join(str(error).split())
-    return f"{type(error).__name__}: {text[:200]}{'…' if len(text) > 200 else ''}"
+def image_processor(name_or_path: str | None, image_size: int) -> Any:
+    """The model's ``CLIPImageProcessor``; without a preprocessor config, OpenAI CLIP's settings
+    (bicubic resize of the short side and centre crop to ``image_size``, OpenAI mean/std)."""
+    import transformers
 
-
-def _processor_values(name_or_path: str, image_size: int) -> tuple[int, tuple, tuple]:
-    """Crop size, mean and std from the model's ``preprocessor_config.json`` (OpenAI values without one)."""
-    from transformers.image_processing_base import ImageProcessingMixin
-
-    try:
-        config, _ = ImageProcessingMixin.get_image_processor_dict(name_or_path)
-    except (OSError, ValueError):
-        return image_size, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-    crop = config.get("crop_size", image_size)
-    size = crop.get("height", image_size) if isinstance(crop, dict) else int(crop)
-    mean = tuple(config.get("image_mean", OPENAI_CLIP_MEAN))
-    std = tuple(config.get("image_std", OPENAI_CLIP_STD))
-    return size, mean, std
+    # the PIL implementation where transformers has one (≥ 5: the default one needs torchvision)
+    CLIPImageProcessor = getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor  # noqa: N806
+    if name_or_path is not None:
+        try:
+            return CLIPImageProcessor.from_pretrained(name_or_path)
+        except (OSError, ValueError):
+            pass
+    return CLIPImageProcessor(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
+        image_mean=list(OPENAI_CLIP_MEAN), image_std=list(OPENAI_CLIP_STD),
+    )
 
 
 class ClipScorer:
     """A CLIP model and tokenizer, with the embeddings and scores the metrics need.
 
     Build one with :meth:`load` (a hub id or local folder), or directly from a loaded
-    ``transformers.CLIPModel`` and its tokenizer. Every method runs in batches of ``batch_size``
+    ``transformers.CLIPModel``, its tokenizer and its image processor. Every method runs in batches of ``batch_size``
     under :func:`torch.no_grad` on ``device`` (default: wherever the model already is).
     """
 
@@ -63,9 +62,7 @@ class ClipScorer:
         self,
         model,
         tokenizer,
-        image_size: int = 224,
-        mean: Sequence[float] = OPENAI_CLIP_MEAN,
-        std: Sequence[float] = OPENAI_CLIP_STD,
+        processor: Any = None,
         device: str | torch.device | None = None,
         batch_size: int = 32,
     ) -> None:
@@ -77,13 +74,14 @@ class ClipScorer:
         self.device = next(self.model.parameters()).device
         self.dtype = next(self.model.parameters()).dtype
         self.tokenizer = tokenizer
-        self.image_size = int(image_size)
-        self.mean = np.asarray(mean, dtype=np.float32).reshape(3, 1, 1)
-        self.std = np.asarray(std, dtype=np.float32).reshape(3, 1, 1)
+        self.processor = processor or image_processor(None, model.config.vision_config.image_size)
         self.batch_size = batch_size
 
     @classmethod
-    def load(cls, name_or_path: str, device: str | torch.device = "cpu", batch_size: int = 32) -> ClipScorer:
+    def load(
+        cls, name_or_path: str, device: str | torch.device = "cpu", batch_size: int = 32,
+        setting: str = "evaluation.clip_model",
+    ) -> ClipScorer:
         """Load a CLIP model, its tokenizer and its preprocessing values from a hub id or a local folder.
 
         Raises :class:`MetricUnavailable` with a one-line message when the model cannot be had.
@@ -96,29 +94,17 @@ class ClipScorer:
         except Exception as error:  # any failure means: this model cannot be had here
             where = "" if Path(name_or_path).expanduser().is_dir() else " (and no local folder of that name)"
             raise MetricUnavailable(
-                f"CLIP model {name_or_path!r} could not be loaded{where}: {_one_line(error)}; "
-                "download it once where there is network (e.g. `hf download openai/clip-vit-base-patch32 "
-                "--local-dir ./clip`) and set evaluation.clip_model to that folder"
+                f"CLIP model {name_or_path!r} could not be loaded{where}: {one_line(error)}; "
+                "download it once where there is network (`hf download REPO_ID --local-dir DIR`) and set "
+                f"{setting} to that folder"
             ) from error
-        size, mean, std = _processor_values(name_or_path, model.config.vision_config.image_size)
-        return cls(
-            model, tokenizer, image_size=size, mean=mean, std=std, device=device, batch_size=batch_size
-        )
+        processor = image_processor(name_or_path, model.config.vision_config.image_size)
+        return cls(model, tokenizer, processor, device=device, batch_size=batch_size)
 
     def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """Images → normalised ``(n, 3, size, size)`` pixel tensor on the model's device and dtype."""
-        arrays = [self._pixels(image) for image in images]
-        return torch.from_numpy(np.stack(arrays)).to(device=self.device, dtype=self.dtype)
-
-    def _pixels(self, image: Image.Image) -> np.ndarray:
-        image = image.convert("RGB")
-        scale = self.image_size / min(image.size)
-        width, height = (max(self.image_size, round(side * scale)) for side in image.size)
-        image = image.resize((width, height), Image.Resampling.BICUBIC)
-        left, top = (width - self.image_size) // 2, (height - self.image_size) // 2
-        image = image.crop((left, top, left + self.image_size, top + self.image_size))
-        pixels = np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / 255.0
-        return (pixels - self.mean) / self.std
+        pixels = self.processor(images=[image.convert("RGB") for image in images], return_tensors="pt")
+        return pixels["pixel_values"].to(device=self.device, dtype=self.dtype)
 
     @torch.no_grad()
     def image_embeddings(self, images: Sequence[Image.Image]) -> np.ndarray:

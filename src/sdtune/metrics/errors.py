@@ -9,3 +9,9 @@ class MetricUnavailable(Exception):
     The message is one line that says what is missing and how to provide it;
     :func:`sdtune.metrics.compute_all` reports it as the metric's ``skipped`` reason.
     """
+
+
+def one_line(error: BaseException) -> str:
+    """An exception as one short line: its type and the first 200 characters of its message."""
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text[:200]}{'…' if len(text) > 200 else ''}"

@@ -239,3 +239,10 @@ def style_shares(labels: Sequence[str | int], classes: Sequence[str]) -> dict[st
     counts = Counter(names)
     total = len(names)
     return {name: (counts[name] / total if total else 0.0) for name in classes}
+
+
+def drift(cosines: np.ndarray) -> np.ndarray:
+    """peft's drift of each (base, tuned) image pair from the cosine of their embeddings:
+    ``(1 − cos) / 2``, in [0, 1]; 0 = the same image, 0.5 = orthogonal embeddings
+    (huggingface/peft ``method_comparison/image-gen``, ``measure_drift``)."""
+    return (1.0 - np.asarray(cosines, dtype=float)) / 2.0

@@ -5,7 +5,8 @@ name, a direction ("higher" or "lower" is better, or "none" for informational re
 model it needs. The dict holds the headline number under ``"value"`` and any extra numbers beside
 it; :func:`compute_all` reports the extras as ``"details"``.
 
-Every metric here uses CLIP image embeddings (Radford et al. 2021). In particular ``fid`` and
+The metrics here use CLIP (Radford et al. 2021) or DINOv2 (Oquab et al. 2023) image embeddings,
+loaded on first use by the context from the model named in the experiment. In particular ``fid`` and
 ``kid`` are CLIP-feature FID/KID, *not* the usual Inception-v3 FID/KID: Inception weights cannot be
 had offline, so the numbers are only comparable with each other, never with published FIDs.
 """
@@ -22,6 +23,7 @@ from PIL import Image
 
 from sdtune.metrics import maths
 from sdtune.metrics.clip import ClipScorer
+from sdtune.metrics.dino import DinoEncoder
 from sdtune.metrics.errors import MetricUnavailable
 from sdtune.registry import Registry
 
@@ -30,6 +32,8 @@ logger = logging.getLogger(__name__)
 DIRECTIONS = ("higher", "lower", "none")
 DEFAULT_STYLE_LABELS = ("realistic", "semi-cartoon", "cartoon")
 DEFAULT_CLIP_MODEL = "openai/clip-vit-base-patch32"
+DEFAULT_DINO_MODEL = "facebook/dinov2-small"
+DEFAULT_PICKSCORE_MODEL = "yuvalkirstain/PickScore_v1"
 IMAGE_SETS = {"generated": "images", "training": "training_images", "base": "base_images"}  # → field
 
 
@@ -39,20 +43,43 @@ class Metric:
 
     name: str
     direction: str  # "higher" or "lower" is better, "none" = informational
-    needs: str | None  # the model it needs ("clip"), or None
+    needs: str | None  # the encoder it needs ("clip", "dino", …: a key of ENCODERS), or None
     compute: Callable[[MetricContext], dict[str, Any]]
     description: str = ""
+    default: bool = True  # run when an experiment names no metrics (False: only when named)
 
 
 METRICS: Registry[Metric] = Registry("metric")
 
 
+def _load_clip(model: str, device: str, batch_size: int) -> ClipScorer:
+    return ClipScorer.load(model, device=device, batch_size=batch_size)
+
+
+def _load_dino(model: str, device: str, batch_size: int) -> DinoEncoder:
+    return DinoEncoder.load(model, device=device, batch_size=batch_size)
+
+
+# encoder name → loader(model name or folder, device, batch size); plug-ins may add their own and
+# pass the loader through MetricContext.loaders
+def _load_pickscore(model: str, device: str, batch_size: int) -> ClipScorer:
+    # PickScore is a CLIP model fine-tuned on human preferences (Kirstain et al. 2023)
+    return ClipScorer.load(model, device=device, batch_size=batch_size, setting="evaluation.pickscore_model")
+
+
+ENCODERS: dict[str, Callable[[str, str, int], Any]] = {
+    "clip": _load_clip, "dino": _load_dino, "pickscore": _load_pickscore,
+}
+
+
 def register_metric(
-    name: str, direction: str, needs: str | None = None, registry: Registry[Metric] | None = None
+    name: str, direction: str, needs: str | None = None, registry: Registry[Metric] | None = None,
+    default: bool = True,
 ):
     """Decorator registering ``compute(ctx) -> dict`` as a metric in ``registry`` (default :data:`METRICS`).
 
-    Duplicate names are rejected. ``compute`` returns the headline number under ``"value"``.
+    Duplicate names are rejected. ``compute`` returns the headline number under ``"value"``. A
+    metric with ``default=False`` runs only where an experiment names it (``evaluation.metrics``).
     """
     if direction not in DIRECTIONS:
         raise ValueError(f"metric {name!r}: direction must be one of {DIRECTIONS}, got {direction!r}")
@@ -60,11 +87,33 @@ def register_metric(
     def add(compute: Callable[[MetricContext], dict[str, Any]]):
         summary = (compute.__doc__ or "").strip().split("\n")[0]
         (METRICS if registry is None else registry).register(name)(
-            Metric(name, direction, needs, compute, summary)
+            Metric(name, direction, needs, compute, summary, default)
         )
         return compute
 
     return add
+
+
+def default_metric_names(registry: Registry[Metric] | None = None) -> list[str]:
+    """The metrics an experiment that names none gets: every registered one marked ``default``."""
+    registry = METRICS if registry is None else registry
+    return [name for name in registry.names() if registry.get(name).default]
+
+
+def load_plugins(modules: Sequence[str]) -> None:
+    """Import the named modules, which register their own metrics (``evaluation.metric_plugins``)."""
+    import importlib
+
+    from sdtune.schema import ConfigError
+
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError as error:
+            raise ConfigError(
+                f"evaluation.metric_plugins: {module!r} cannot be imported ({error}); give an importable "
+                "module that registers metrics, e.g. sdtune.demo.metrics"
+            ) from None
 
 
 def _default_device() -> str:
@@ -79,9 +128,11 @@ class MetricContext:
 
     ``images[i]`` was generated from ``prompts[i]`` with ``seeds[i]``; ``in_domain[i]`` says whether
     that prompt is in the training domain (default: all are). ``base_images[i]``, when given, is the
-    base model's image at the same prompt and seed (None for the base model's own row). The CLIP
-    scorer is loaded on first use of :attr:`clip` by ``clip_loader`` (default:
-    ``ClipScorer.load(clip_model, device)``); embeddings are computed once and cached.
+    base model's image at the same prompt and seed (None for the base model's own row).
+    ``training_images`` are the real reference images: the held-out validation images when the
+    experiment has ``data.validation`` (``reference_set`` says which). Encoders (``"clip"``,
+    ``"dino"``, …) are loaded on first use by ``loaders[name]`` (default: the :data:`ENCODERS`
+    entry with the model named here); embeddings and :meth:`cached` values are computed once.
     """
 
     images: list[Image.Image]
@@ -95,11 +146,16 @@ class MetricContext:
     clip_model: str = DEFAULT_CLIP_MODEL
     device: str | None = None  # None = CUDA when available, else CPU
     clip_loader: Callable[[], ClipScorer] | None = None
+    dino_model: str = DEFAULT_DINO_MODEL
+    pickscore_model: str = DEFAULT_PICKSCORE_MODEL
+    loaders: dict[str, Callable[[], Any]] = field(default_factory=dict)  # encoder name → loader
+    reference_set: str = "training"  # "validation" when the references are held-out images
     batch_size: int = 32
     seed: int = 0  # for bootstrap resampling and KID subsets
-    _clip: ClipScorer | None = field(default=None, init=False, repr=False)
-    _clip_error: str | None = field(default=None, init=False, repr=False)
-    _embeddings: dict[str, np.ndarray] = field(default_factory=dict, init=False, repr=False)
+    _encoders: dict[str, Any] = field(default_factory=dict, init=False, repr=False)
+    _encoder_errors: dict[str, str] = field(default_factory=dict, init=False, repr=False)
+    _embeddings: dict[tuple[str, str], np.ndarray] = field(default_factory=dict, init=False, repr=False)
+    _cache: dict[str, Any] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.in_domain is None:
@@ -119,41 +175,51 @@ class MetricContext:
     @property
     def clip(self) -> ClipScorer:
         """The CLIP scorer, loaded on first use; raises :class:`MetricUnavailable` if it cannot be."""
-        if self._clip is None:
-            if self._clip_error is not None:
-                raise MetricUnavailable(self._clip_error)
-            try:
-                self._clip = self.clip_loader() if self.clip_loader else self._load_clip()
-            except MetricUnavailable as error:
-                self._clip_error = str(error)
-                raise
-        return self._clip
+        return self.encoder("clip")
 
-    def _load_clip(self) -> ClipScorer:
-        return ClipScorer.load(
-            self.clip_model, device=self.device or _default_device(), batch_size=self.batch_size
-        )
+    def encoder(self, name: str) -> Any:
+        """The encoder ``name`` (loaded once); :class:`MetricUnavailable` if it cannot be had."""
+        if name not in self._encoders:
+            if name in self._encoder_errors:
+                raise MetricUnavailable(self._encoder_errors[name])
+            try:
+                self._encoders[name] = self._loader(name)()
+            except MetricUnavailable as error:
+                self._encoder_errors[name] = str(error)
+                raise
+        return self._encoders[name]
+
+    def _loader(self, name: str) -> Callable[[], Any]:
+        if name in self.loaders:
+            return self.loaders[name]
+        if name == "clip" and self.clip_loader is not None:
+            return self.clip_loader
+        if name not in ENCODERS:
+            raise ValueError(f"unknown encoder {name!r}; known: {', '.join(sorted(ENCODERS))}")
+        model = {"clip": self.clip_model, "dino": self.dino_model, "pickscore": self.pickscore_model}.get(name)
+        device = self.device or _default_device()
+        return lambda: ENCODERS[name](model, device, self.batch_size)
 
     def require(self, need: str | None) -> Any:
-        """The model a metric ``needs`` (None: nothing); :class:`MetricUnavailable` if it cannot be had."""
-        if need is None:
-            return None
-        if need == "clip":
-            return self.clip
-        if need == "judge":  # the demo's exact judge: pure image analysis, nothing to load
-            return None
-        raise ValueError(f"unknown model need {need!r}; known: 'clip', 'judge'")
+        """The encoder a metric ``needs`` (None: nothing); :class:`MetricUnavailable` if it cannot be had."""
+        return None if need is None else self.encoder(need)
 
-    def embeddings(self, which: str) -> np.ndarray:
-        """Unit CLIP image embeddings of the ``"generated"``, ``"training"`` or ``"base"`` images (cached)."""
+    def cached(self, key: str, compute: Callable[[], Any]) -> Any:
+        """``compute()`` once per context under ``key`` (e.g. a plug-in's per-image analysis)."""
+        if key not in self._cache:
+            self._cache[key] = compute()
+        return self._cache[key]
+
+    def embeddings(self, which: str, encoder: str = "clip") -> np.ndarray:
+        """Unit image embeddings of the ``"generated"``, ``"training"`` or ``"base"`` images (cached)."""
         if which not in IMAGE_SETS:
             raise ValueError(f"unknown image set {which!r}; choose one of: {', '.join(IMAGE_SETS)}")
-        if which not in self._embeddings:
+        if (which, encoder) not in self._embeddings:
             images = getattr(self, IMAGE_SETS[which])
             if not images:
                 raise MetricUnavailable(f"no {which} images were given")
-            self._embeddings[which] = self.clip.image_embeddings(images)
-        return self._embeddings[which]
+            self._embeddings[which, encoder] = self.encoder(encoder).image_embeddings(images)
+        return self._embeddings[which, encoder]
 
     def indices(self, in_domain: bool) -> np.ndarray:
         """Positions of the in-domain (True) or out-of-domain (False) generated images."""
@@ -208,7 +274,7 @@ def compute_all(
 # --------------------------------------------------------------------------- the metrics
 
 
-def _with_ci(values: np.ndarray, seed: int) -> dict[str, Any]:
+def with_ci(values: np.ndarray, seed: int) -> dict[str, Any]:
     mean, low, high = maths.bootstrap_ci(values, seed=seed)
     return {"value": mean, "ci_low": low, "ci_high": high, "n": len(values)}
 
@@ -217,11 +283,16 @@ def _mean_or_none(values: np.ndarray) -> float | None:
     return float(values.mean()) if len(values) else None
 
 
-def _in_domain_generated(ctx: MetricContext, minimum: int = 1) -> np.ndarray:
+def in_domain_rows(ctx: MetricContext, minimum: int = 1) -> np.ndarray:
+    """Positions of the in-domain generated images; MetricUnavailable when there are fewer than ``minimum``."""
     rows = ctx.indices(in_domain=True)
     if len(rows) < minimum:
         raise MetricUnavailable(f"needs at least {minimum} in-domain generated images, got {len(rows)}")
-    return ctx.embeddings("generated")[rows]
+    return rows
+
+
+def _in_domain_generated(ctx: MetricContext, minimum: int = 1) -> np.ndarray:
+    return ctx.embeddings("generated")[in_domain_rows(ctx, minimum)]
 
 
 def _training(ctx: MetricContext, minimum: int = 1) -> np.ndarray:
@@ -237,7 +308,7 @@ def clip_score_metric(ctx: MetricContext) -> dict[str, Any]:
     texts = ctx.clip.text_embeddings(unique)
     text_rows = texts[[unique.index(prompt) for prompt in ctx.prompts]]
     scores = maths.clip_scores(ctx.embeddings("generated"), text_rows)
-    result = _with_ci(scores, ctx.seed)
+    result = with_ci(scores, ctx.seed)
     result["in_domain"] = _mean_or_none(scores[ctx.indices(True)])
     result["out_of_domain"] = _mean_or_none(scores[ctx.indices(False)])
     return result
@@ -266,7 +337,7 @@ def fidelity_metric(ctx: MetricContext) -> dict[str, Any]:
     """Closeness to the training set: mean cosine of in-domain generated to training image embeddings."""
     generated, training = _in_domain_generated(ctx), _training(ctx)
     per_image = maths.cosine_matrix(generated, training).mean(axis=1)
-    result = _with_ci(per_image, ctx.seed)
+    result = with_ci(per_image, ctx.seed)
     result["nearest_neighbour"] = maths.mean_max_cosine(generated, training)
     result["centroid_distance"] = maths.centroid_distance(generated, training)
     return result
@@ -308,7 +379,7 @@ def preservation_metric(ctx: MetricContext) -> dict[str, Any]:
     if len(rows) == 0:
         raise MetricUnavailable("no out-of-domain prompts; add some (evaluation.out_of_domain_prompts)")
     pairs = np.sum(ctx.embeddings("generated")[rows] * ctx.embeddings("base")[rows], axis=1)
-    return _with_ci(pairs, ctx.seed)
+    return with_ci(pairs, ctx.seed)
 
 
 @register_metric("fid", direction="lower", needs="clip")

@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 
 from sdtune import community
-from sdtune.config import ConfigError, _build
+from sdtune.schema import ConfigError
+from sdtune.schema import build as _build
 from sdtune.techniques import lora_variants
 from sdtune.techniques.base import TECHNIQUES, Technique, TechniqueOptions, files_under
 

@@ -14,8 +14,9 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from sdtune.config import ConfigError, _build
 from sdtune.registry import Registry
+from sdtune.schema import ConfigError
+from sdtune.schema import build as _build
 
 if TYPE_CHECKING:
     from sdtune.models import ModelBundle

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sdtune.config import ConfigError
+from sdtune.schema import ConfigError
 from sdtune.techniques.adapter import AdapterTechnique
 from sdtune.techniques.base import TECHNIQUES
 

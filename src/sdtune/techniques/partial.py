@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sdtune import community
-from sdtune.config import ConfigError
+from sdtune.schema import ConfigError
 from sdtune.techniques.base import (
     TECHNIQUES,
     Technique,

@@ -1,0 +1,356 @@
+"""One model → its images at the fixed prompts × seeds → metrics → one eval record.
+
+:func:`evaluate_model` generates with a pipeline (the base model, or a finished run's) and
+:func:`evaluate_images` measures images already generated (those a run wrote at
+``evaluation.every_steps`` while it trained); both write ``records/eval-….json`` through
+:mod:`sdtune.records`. :mod:`sdtune.compare` only decides what to train and what to evaluate.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from sdtune import records
+from sdtune.config import Experiment
+from sdtune.generate import (
+    default_device,
+    denoiser_of,
+    generate_images,
+    image_name,
+    load_base_pipeline,
+    load_run_pipeline,
+    save_images,
+    set_scheduler,
+)
+from sdtune.split import parse_validation
+
+RECORDS_DIR = "records"
+IMAGES_DIR = "images"
+BASE_LABEL = "base"
+
+# The study's prompt plus a small default set: in the dataset's domain (Pokémon-like creatures) and
+# outside it (to measure how much of the base model survives fine-tuning).
+DEFAULT_PROMPTS = (
+    "yoda", "a cute green dragon", "a blue bird with big eyes", "a fire monster",
+    "a photo of a city street at night", "a bowl of fruit on a wooden table", "a portrait of an old man",
+)
+DEFAULT_IN_DOMAIN = (True, True, True, True, False, False, False)
+
+
+@dataclass
+class EvaluationPlan:
+    """The fixed prompts × seeds every model is sampled at."""
+
+    prompts: list[str]
+    in_domain: list[bool]
+    seeds: list[int]
+
+    @classmethod
+    def from_experiment(cls, experiment: Experiment) -> EvaluationPlan:
+        evaluation = experiment.evaluation
+        prompts = list(evaluation.prompts)
+        in_domain = [True] * len(prompts)
+        if evaluation.prompts_file:
+            for line in Path(evaluation.prompts_file).read_text().splitlines():
+                line = line.strip()
+                if line and not line.startswith("#"):
+                    out_of_domain = line.startswith("!")
+                    prompts.append(line[1:].strip() if out_of_domain else line)
+                    in_domain.append(not out_of_domain)
+        for prompt in evaluation.out_of_domain_prompts:
+            prompts.append(prompt)
+            in_domain.append(False)
+        if not prompts:
+            prompts, in_domain = list(DEFAULT_PROMPTS), list(DEFAULT_IN_DOMAIN)
+        return cls(prompts, in_domain, list(range(evaluation.seeds_per_prompt)))
+
+    def pairs(self) -> list[tuple[str, int]]:
+        return [(prompt, seed) for prompt in self.prompts for seed in self.seeds]
+
+
+class Encoders:
+    """The metric encoders (CLIP, DINOv2, …), each loaded once for every evaluated model; an encoder
+    that cannot be had is reported once, in one line, and its metrics are skipped everywhere."""
+
+    def __init__(self, experiment: Experiment, overrides: dict[str, Callable[[], Any]] | None = None) -> None:
+        from sdtune.metrics import ENCODERS
+
+        evaluation = experiment.evaluation
+        models = {"clip": evaluation.clip_model, "dino": evaluation.dino_model, "pickscore": evaluation.pickscore_model}
+        device = str(default_device())
+        self.factories = {
+            name: (lambda name=name: ENCODERS[name](models[name], device, 32)) for name in models
+        } | dict(overrides or {})
+        self.loaded: dict[str, Any] = {}
+        self.errors: dict[str, str] = {}
+
+    def loader(self, name: str) -> Callable[[], Any]:
+        def load() -> Any:
+            from sdtune.metrics import MetricUnavailable
+
+            if name in self.errors:
+                raise MetricUnavailable(self.errors[name])
+            if name not in self.loaded:
+                try:
+                    self.loaded[name] = self.factories[name]()
+                except MetricUnavailable as error:
+                    self.errors[name] = str(error)
+                    print(f"{name} metrics skipped: {error}")
+                    raise
+            return self.loaded[name]
+
+        return load
+
+    def loaders(self) -> dict[str, Callable[[], Any]]:
+        return {name: self.loader(name) for name in self.factories}
+
+
+@dataclass
+class References:
+    """The real images the metrics compare with: held-out validation images when the experiment
+    has ``data.validation``, else training images (``set`` says which)."""
+
+    images: list[Image.Image] = field(default_factory=list)
+    set: str = "training"
+
+    def describe(self) -> dict[str, Any]:
+        return {"set": self.set, "count": len(self.images)}
+
+
+def reference_images(experiment: Experiment) -> References:
+    """Up to ``evaluation.max_reference_images`` real images, centre-cropped to the resolution:
+    the validation split's (never trained on) when there is one, else the training images."""
+    from sdtune.data import decode_image, transform_image
+
+    rows = validation_rows(experiment) if parse_validation(experiment.data.validation) else None
+    dataset, image_column, _, base_dir, indices = rows or _training_rows(experiment)
+    images = []
+    for row in indices[: experiment.evaluation.max_reference_images]:
+        try:
+            image = decode_image(dataset[row][image_column], base_dir)
+        except Exception:
+            continue  # unreadable: training skipped it too
+        pixels = transform_image(image, eval_resolution(experiment), None, False)
+        array = ((pixels.permute(1, 2, 0).numpy() + 1) * 127.5).round().clip(0, 255).astype("uint8")
+        images.append(Image.fromarray(array))
+    return References(images, "validation" if rows else "training")
+
+
+def _training_rows(experiment: Experiment) -> tuple[Any, str, str, Path | None, list[int]]:
+    from sdtune.data import load_rows
+
+    dataset, image_column, caption_column, base_dir = load_rows(experiment.data)
+    return dataset, image_column, caption_column, base_dir, list(range(len(dataset)))
+
+
+def validation_rows(experiment: Experiment) -> tuple[Any, str, str, Path | None, list[int]]:
+    """(dataset, image column, caption column, base dir, rows) of the validation split."""
+    import dataclasses
+
+    from sdtune.data import load_rows
+    from sdtune.split import held_out_rows
+
+    split = parse_validation(experiment.data.validation)
+    if split.source is not None:
+        config = dataclasses.replace(
+            experiment.data, source=split.source, split=split.split, max_samples=split.max_samples, validation=None
+        )
+        dataset, image_column, caption_column, base_dir = load_rows(config)
+        return dataset, image_column, caption_column, base_dir, list(range(len(dataset)))
+    dataset, image_column, caption_column, base_dir = load_rows(experiment.data)
+    return dataset, image_column, caption_column, base_dir, held_out_rows(split, len(dataset))
+
+
+def eval_resolution(experiment: Experiment) -> int:
+    return experiment.evaluation.resolution or experiment.data.resolution
+
+
+@dataclass
+class Target:
+    """What one eval record is about: the base model, or a technique's run (one training seed),
+    finished (``final``) or at one evaluated step of its training; ``step`` is the optimizer step
+    the weights are from (the last one for a finished run; None for the base model)."""
+
+    label: str
+    run: dict[str, Any] | None = None  # the train record (None: the base model)
+    train_seed: int | None = None
+    step: int | None = None
+    final: bool = True
+
+    @property
+    def name(self) -> str:
+        seed = "" if self.train_seed is None else f"-seed{self.train_seed}"
+        step = "" if self.final else f"-step{self.step}"
+        return f"{self.label}{seed}{step}"
+
+
+@dataclass
+class Evaluation:
+    """Everything shared by the models of one comparison."""
+
+    experiment: Experiment
+    plan: EvaluationPlan
+    root: Path
+    references: References
+    encoders: Encoders
+    progress: bool = True
+    base_images: list[Image.Image] | None = None  # the base model's, in plan order (for preservation, drift)
+
+
+def evaluate_model(evaluation: Evaluation, target: Target, state: Any) -> records.EvalRecord | None:
+    """Generate the plan's images with one model — each process its share of prompts × seeds —,
+    measure them on the main process and write ``records/eval-<target>.json`` (None elsewhere)."""
+    from accelerate.utils import gather_object
+
+    experiment, settings = evaluation.experiment, evaluation.experiment.evaluation
+    folder = evaluation.root / IMAGES_DIR / target.name
+    started = time.perf_counter()
+    if target.run is None:
+        pipe = load_base_pipeline(experiment.model).to(state.device)
+    else:
+        pipe, _ = load_run_pipeline(target.run["run_dir"], fuse=True, device=state.device)
+    set_scheduler(pipe, settings.scheduler)
+    load_time = time.perf_counter() - started
+    pairs = evaluation.plan.pairs()
+    mine = list(range(state.process_index, len(pairs), state.num_processes))
+    share = generate_images(
+        pipe, [], [], settings.num_inference_steps, settings.guidance_scale, eval_resolution(experiment),
+        evaluation.progress and state.is_main_process, pairs=[pairs[i] for i in mine],
+    )
+    save_images(share, folder, mine)
+    latencies = dict(gather_object(list(zip(mine, share.latencies_s))))  # every process's, in one place
+    if not state.is_main_process:
+        return None
+    paths = [folder / image_name(i, p, s) for i, (p, s) in enumerate(pairs)]
+    generation = {
+        "load_time_s": load_time,
+        "latency_s_mean": sum(latencies.values()) / len(latencies),
+        "latencies_s": [latencies[i] for i in range(len(pairs))],
+        "num_inference_steps": settings.num_inference_steps,
+        "guidance_scale": settings.guidance_scale,
+        "scheduler": type(pipe.scheduler).__name__,
+        "resolution": eval_resolution(experiment),
+        "fused": target.run is not None,
+        "processes": state.num_processes,
+        "dtype": str(denoiser_of(pipe).dtype),
+        "device": records.device_description(pipe.device),
+    }
+    base = target.run is None
+    sizes = {
+        "base_sizes": pipeline_sizes(experiment.model.path, experiment.model.variant) if base else None,
+        "base_parameters": pipeline_parameters(pipe) if base else None,
+    }
+    del pipe
+    return evaluate_images(evaluation, target, paths, generation, **sizes)
+
+
+def evaluate_images(
+    evaluation: Evaluation, target: Target, paths: list[Path], generation: dict[str, Any] | None = None,
+    **extra: Any,
+) -> records.EvalRecord:
+    """Measure the images at ``paths`` (the plan's prompts × seeds, in order) and write the eval record."""
+    from sdtune.metrics import MetricContext, compute_all, default_metric_names
+
+    experiment, settings, plan = evaluation.experiment, evaluation.experiment.evaluation, evaluation.plan
+    pairs = plan.pairs()
+    images = [Image.open(path).convert("RGB") for path in paths]
+    in_domain = [plan.in_domain[plan.prompts.index(prompt)] for prompt, _ in pairs]
+    context = MetricContext(
+        images=images, prompts=[p for p, _ in pairs], seeds=[s for _, s in pairs],
+        training_images=evaluation.references.images, in_domain=in_domain,
+        base_images=None if target.run is None else evaluation.base_images,
+        style_labels=list(settings.style_labels), clip_model=settings.clip_model, dino_model=settings.dino_model,
+        pickscore_model=settings.pickscore_model, loaders=evaluation.encoders.loaders(),
+        reference_set=evaluation.references.set,
+    )
+    metrics = compute_all(context, settings.metrics or default_metric_names())
+    run = target.run
+    record = records.EvalRecord(
+        label=target.label,
+        metrics=metrics,
+        images=[
+            {"path": str(path.relative_to(evaluation.root)), "prompt": prompt, "seed": seed, "in_domain": domain}
+            for path, (prompt, seed), domain in zip(paths, pairs, in_domain)
+        ],
+        config=run["config"] if run else experiment.to_dict(),  # the config the evaluated run used
+        technique=run["technique"] if run else None,
+        train_seed=target.train_seed,
+        step=target.step,
+        train_record=None if run is None else f"train-{target.label}-seed{target.train_seed}.json",
+        model=experiment.model.path,
+        generation=generation,
+        references=evaluation.references.describe(),
+        versions=records.package_versions(),
+        git_commit=records.git_commit(),
+        created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **extra,
+    )
+    records.write_record(evaluation.root / RECORDS_DIR / f"eval-{target.name}.json", record)
+    if run is None:
+        evaluation.base_images = images
+    return record
+
+
+def evaluate_training_steps(evaluation: Evaluation, run: dict[str, Any]) -> list[records.EvalRecord]:
+    """Measure the images a run generated at ``evaluation.every_steps`` while it trained."""
+    evaluated = []
+    for entry in run.get("evaluation") or []:
+        if not entry.get("images"):
+            continue
+        folder = Path(run["run_dir"]) / entry["images"]
+        paths = [folder / image_name(i, p, s) for i, (p, s) in enumerate(evaluation.plan.pairs())]
+        if not all(path.exists() for path in paths):
+            continue  # generated for other prompts × seeds (the experiment changed since)
+        target = Target(run["technique"]["name"], run, run["seeds"]["train"], entry["step"], final=False)
+        evaluated.append(evaluate_images(evaluation, target, paths, entry.get("generation")))
+    return evaluated
+
+
+def pipeline_sizes(path: str, variant: str | None = None) -> dict[str, int] | None:
+    """Bytes on disk of the weight files ``from_pretrained`` loads, per component (local models;
+    a hub id is looked up in the local hub cache). Folders often hold several copies (fp16, non-EMA,
+    .bin): only the file that would be loaded is counted."""
+    folder = Path(path).expanduser()
+    if folder.is_file():
+        return {"checkpoint": folder.stat().st_size}
+    if not folder.is_dir():
+        try:
+            from huggingface_hub import snapshot_download
+
+            folder = Path(snapshot_download(path, local_files_only=True))
+        except Exception:
+            return None  # not downloaded: the report shows parameters instead
+    sizes = {}
+    infix = f".{variant}" if variant else ""
+    parts = [p.name for p in sorted(folder.iterdir()) if p.is_dir() and (p / "config.json").exists()]
+    for part in parts:
+        for stem in ("diffusion_pytorch_model", "model"):
+            matches = [folder / part / f"{stem}{infix}{ext}" for ext in (".safetensors", ".bin")]
+            shards = sorted((folder / part).glob(f"{stem}{infix}-*-of-*.safetensors"))
+            found = [m for m in matches if m.exists()][:1] or shards
+            if found:
+                sizes[part] = sum(f.stat().st_size for f in found)
+                break
+    return sizes
+
+
+def pipeline_parameters(pipe: Any) -> dict[str, int]:
+    return {
+        name: sum(p.numel() for p in module.parameters())
+        for name, module in pipe.components.items()
+        if isinstance(module, torch.nn.Module)
+    }
+
+
+__all__ = [
+    "BASE_LABEL", "Encoders", "Evaluation", "EvaluationPlan", "References", "Target",
+    "evaluate_images", "evaluate_model", "evaluate_training_steps", "reference_images",
+]

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from sdtune.config import ConfigError
+from sdtune.schema import ConfigError
 from sdtune.techniques.base import TECHNIQUES, Technique
 
 if TYPE_CHECKING:

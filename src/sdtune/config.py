@@ -271,6 +271,8 @@ class EvaluationConfig:
     max_reference_images: int = 200  # real images (validation, else training) the metrics compare with
     dino_model: str = "facebook/dinov2-small"  # hub id or local folder for DINO and drift
     pickscore_model: str = "yuvalkirstain/PickScore_v1"  # for the opt-in pickscore metric
+    hpsv2_model: str = "adams-story/HPSv2-hf"  # opt-in hpsv2: a transformers-format HPS v2 CLIP
+    imagereward_model: str = "ImageReward-v1.0"  # opt-in imagereward: a package name, folder or .pt file
     metric_plugins: list[str] = field(default_factory=list)  # modules that register more metrics
     every_steps: int | None = None  # also evaluate (images, metrics, validation loss) every N steps
     validation_timesteps: int = 4  # fixed timesteps of the validation loss

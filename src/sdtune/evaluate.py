@@ -84,7 +84,10 @@ class Encoders:
         from sdtune.metrics import ENCODERS
 
         evaluation = experiment.evaluation
-        models = {"clip": evaluation.clip_model, "dino": evaluation.dino_model, "pickscore": evaluation.pickscore_model}
+        # every encoder whose model the experiment names (evaluation.<encoder>_model)
+        models = {
+            name: getattr(evaluation, f"{name}_model") for name in ENCODERS if hasattr(evaluation, f"{name}_model")
+        }
         device = str(default_device())
         self.factories = {
             name: (lambda name=name: ENCODERS[name](models[name], device, 32)) for name in models
@@ -268,7 +271,8 @@ def evaluate_images(
         training_images=evaluation.references.images, in_domain=in_domain,
         base_images=None if target.run is None else evaluation.base_images,
         style_labels=list(settings.style_labels), clip_model=settings.clip_model, dino_model=settings.dino_model,
-        pickscore_model=settings.pickscore_model, loaders=evaluation.encoders.loaders(),
+        pickscore_model=settings.pickscore_model, hpsv2_model=settings.hpsv2_model,
+        imagereward_model=settings.imagereward_model, loaders=evaluation.encoders.loaders(),
         reference_set=evaluation.references.set,
     )
     metrics = compute_all(context, settings.metrics or default_metric_names())

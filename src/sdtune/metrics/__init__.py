@@ -4,7 +4,9 @@
   distance, KID, bootstrap confidence intervals, style shares).
 - :mod:`sdtune.metrics.clip`: :class:`ClipScorer`, CLIP embeddings / CLIPScore / zero-shot.
 - :mod:`sdtune.metrics.dino`: :class:`DinoEncoder`, DINOv2 embeddings.
-- :mod:`sdtune.metrics.benchmark`: the benchmark metrics (DINO, CLIP-I, CLIP-T, drift, PickScore).
+- :mod:`sdtune.metrics.imagereward`: :class:`ImageRewardScorer`, through the ``image-reward`` package.
+- :mod:`sdtune.metrics.benchmark`: the benchmark metrics (DINO, CLIP-I, CLIP-T, drift) and the
+  opt-in human-preference scorers (PickScore, HPS v2, ImageReward).
 - :mod:`sdtune.metrics.registry`: the metric plug-in registry, :class:`MetricContext` and
   :func:`compute_all`. FID and KID here use CLIP features, not Inception ones.
 """
@@ -13,6 +15,7 @@ from sdtune.metrics import benchmark as _benchmark  # noqa: F401  (registers the
 from sdtune.metrics.clip import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ClipScorer
 from sdtune.metrics.dino import DinoEncoder
 from sdtune.metrics.errors import MetricUnavailable
+from sdtune.metrics.imagereward import ImageRewardScorer
 from sdtune.metrics.maths import (
     bootstrap_ci,
     centroid_distance,
@@ -52,6 +55,7 @@ __all__ = [
     "OPENAI_CLIP_STD",
     "ClipScorer",
     "DinoEncoder",
+    "ImageRewardScorer",
     "Metric",
     "MetricContext",
     "MetricUnavailable",

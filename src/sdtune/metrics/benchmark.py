@@ -9,9 +9,12 @@
 - **drift** (peft ``method_comparison/image-gen``): ``(1 − cos(base, tuned)) / 2`` between DINOv2
   embeddings of the base and the fine-tuned model's images of unrelated (out-of-domain) prompts at
   the same seed; 0 = unchanged, 0.5 = orthogonal.
-- **PickScore** (Kirstain et al. 2023), a human-preference scorer, as an opt-in plug-in: it runs
-  only where ``evaluation.metrics`` names it, with ``evaluation.pickscore_model`` (a hub id or a
-  local folder); without those weights it is skipped with one line.
+- Human-preference scorers, each an opt-in plug-in that runs only where ``evaluation.metrics``
+  names it and is skipped with one line where its weights (or its package) cannot be had:
+  **PickScore** (Kirstain et al. 2023) and **HPS v2** (Wu et al. 2023), both CLIP models fine-tuned
+  on human choices (``evaluation.pickscore_model``, ``evaluation.hpsv2_model``: a hub id or a local
+  folder in transformers' CLIPModel format); **ImageReward** (Xu et al. 2023), a BLIP encoder with a
+  reward head, through the ``image-reward`` package (``evaluation.imagereward_model``).
 """
 
 from __future__ import annotations
@@ -25,6 +28,11 @@ from sdtune.metrics.errors import MetricUnavailable
 from sdtune.metrics.registry import MetricContext, in_domain_rows, register_metric, with_ci
 
 PICKSCORE = "pickscore"
+HPSV2 = "hpsv2"
+IMAGEREWARD = "imagereward"
+# HPS v2's benchmark reports 100 · cos(image, prompt) (tgxs002/HPSv2 hpsv2/evaluation.py; its
+# score() returns the bare cosine), not the model's own logit_scale · cos
+HPS_SCALE = 100.0
 
 
 def _references(ctx: MetricContext, encoder: str) -> np.ndarray:
@@ -74,11 +82,26 @@ def drift_metric(ctx: MetricContext) -> dict[str, Any]:
     return with_ci(maths.drift(cosines), ctx.seed)
 
 
+def _prompt_cosines(ctx: MetricContext, encoder: str) -> np.ndarray:
+    """cos(image i, prompt i) under the CLIP-type ``encoder``, one per generated image."""
+    unique = list(dict.fromkeys(ctx.prompts))
+    texts = ctx.encoder(encoder).text_embeddings(unique)[[unique.index(prompt) for prompt in ctx.prompts]]
+    return np.sum(ctx.embeddings("generated", encoder) * texts, axis=1)
+
+
 @register_metric(PICKSCORE, direction="higher", needs=PICKSCORE, default=False)
 def pickscore_metric(ctx: MetricContext) -> dict[str, Any]:
     """PickScore (Kirstain et al. 2023): the preference model's logit_scale · cos(image, prompt)."""
-    scorer = ctx.encoder(PICKSCORE)
-    unique = list(dict.fromkeys(ctx.prompts))
-    texts = scorer.text_embeddings(unique)[[unique.index(prompt) for prompt in ctx.prompts]]
-    scores = scorer.logit_scale * np.sum(ctx.embeddings("generated", PICKSCORE) * texts, axis=1)
-    return with_ci(scores, ctx.seed)
+    return with_ci(ctx.encoder(PICKSCORE).logit_scale * _prompt_cosines(ctx, PICKSCORE), ctx.seed)
+
+
+@register_metric(HPSV2, direction="higher", needs=HPSV2, default=False)
+def hpsv2_metric(ctx: MetricContext) -> dict[str, Any]:
+    """HPS v2 (Wu et al. 2023): 100 · cos(image, prompt) under the preference-tuned CLIP, as its benchmark."""
+    return with_ci(HPS_SCALE * _prompt_cosines(ctx, HPSV2), ctx.seed)
+
+
+@register_metric(IMAGEREWARD, direction="higher", needs=IMAGEREWARD, default=False)
+def imagereward_metric(ctx: MetricContext) -> dict[str, Any]:
+    """ImageReward (Xu et al. 2023): the reward model's normalised score of each image for its prompt."""
+    return with_ci(ctx.encoder(IMAGEREWARD).scores(ctx.images, ctx.prompts), ctx.seed)

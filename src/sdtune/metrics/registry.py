@@ -5,8 +5,9 @@ name, a direction ("higher" or "lower" is better, or "none" for informational re
 model it needs. The dict holds the headline number under ``"value"`` and any extra numbers beside
 it; :func:`compute_all` reports the extras as ``"details"``.
 
-The metrics here use CLIP (Radford et al. 2021) or DINOv2 (Oquab et al. 2023) image embeddings,
-loaded on first use by the context from the model named in the experiment. In particular ``fid`` and
+The metrics here use CLIP (Radford et al. 2021) or DINOv2 (Oquab et al. 2023) image embeddings, or
+a human-preference model (PickScore, HPS v2, ImageReward), loaded on first use by the context from
+the model named in the experiment. In particular ``fid`` and
 ``kid`` are CLIP-feature FID/KID, *not* the usual Inception-v3 FID/KID: Inception weights cannot be
 had offline, so the numbers are only comparable with each other, never with published FIDs.
 """
@@ -25,6 +26,7 @@ from sdtune.metrics import maths
 from sdtune.metrics.clip import ClipScorer
 from sdtune.metrics.dino import DinoEncoder
 from sdtune.metrics.errors import MetricUnavailable
+from sdtune.metrics.imagereward import ImageRewardScorer
 from sdtune.registry import Registry
 
 logger = logging.getLogger(__name__)
@@ -34,6 +36,8 @@ DEFAULT_STYLE_LABELS = ("realistic", "semi-cartoon", "cartoon")
 DEFAULT_CLIP_MODEL = "openai/clip-vit-base-patch32"
 DEFAULT_DINO_MODEL = "facebook/dinov2-small"
 DEFAULT_PICKSCORE_MODEL = "yuvalkirstain/PickScore_v1"
+DEFAULT_HPSV2_MODEL = "adams-story/HPSv2-hf"  # a third-party transformers conversion of HPS v2.0
+DEFAULT_IMAGEREWARD_MODEL = "ImageReward-v1.0"  # the image-reward package's name for THUDM/ImageReward
 IMAGE_SETS = {"generated": "images", "training": "training_images", "base": "base_images"}  # → field
 
 
@@ -67,8 +71,20 @@ def _load_pickscore(model: str, device: str, batch_size: int) -> ClipScorer:
     return ClipScorer.load(model, device=device, batch_size=batch_size, setting="evaluation.pickscore_model")
 
 
+def _load_hpsv2(model: str, device: str, batch_size: int) -> ClipScorer:
+    # HPS v2 is OpenCLIP ViT-H/14 fine-tuned on human preferences (Wu et al. 2023), here in
+    # transformers' CLIPModel format
+    return ClipScorer.load(model, device=device, batch_size=batch_size, setting="evaluation.hpsv2_model")
+
+
+def _load_imagereward(model: str, device: str, batch_size: int) -> ImageRewardScorer:
+    return ImageRewardScorer.load(model, device=device)  # the package scores one image at a time
+
+
+# a context reads the model of encoder NAME from its field NAME_model (None where it has none)
 ENCODERS: dict[str, Callable[[str, str, int], Any]] = {
-    "clip": _load_clip, "dino": _load_dino, "pickscore": _load_pickscore,
+    "clip": _load_clip, "dino": _load_dino, "pickscore": _load_pickscore, "hpsv2": _load_hpsv2,
+    "imagereward": _load_imagereward,
 }
 
 
@@ -148,6 +164,8 @@ class MetricContext:
     clip_loader: Callable[[], ClipScorer] | None = None
     dino_model: str = DEFAULT_DINO_MODEL
     pickscore_model: str = DEFAULT_PICKSCORE_MODEL
+    hpsv2_model: str = DEFAULT_HPSV2_MODEL
+    imagereward_model: str = DEFAULT_IMAGEREWARD_MODEL
     loaders: dict[str, Callable[[], Any]] = field(default_factory=dict)  # encoder name → loader
     reference_set: str = "training"  # "validation" when the references are held-out images
     batch_size: int = 32
@@ -196,7 +214,7 @@ class MetricContext:
             return self.clip_loader
         if name not in ENCODERS:
             raise ValueError(f"unknown encoder {name!r}; known: {', '.join(sorted(ENCODERS))}")
-        model = {"clip": self.clip_model, "dino": self.dino_model, "pickscore": self.pickscore_model}.get(name)
+        model = getattr(self, f"{name}_model", None)
         device = self.device or _default_device()
         return lambda: ENCODERS[name](model, device, self.batch_size)
 

@@ -1,5 +1,5 @@
 """Sharded training through accelerate: FSDP2 (``torch.distributed.fsdp.fully_shard``) and
-DeepSpeed ZeRO stages 1–2 (ZeRO-3 is refused: it hung in the CPU test).
+DeepSpeed ZeRO stages 1–3, in fp32 or bf16 (fp16 on CUDA).
 
 ``accelerate launch`` with an FSDP config sets ``ACCELERATE_USE_FSDP=true`` and ``FSDP_VERSION=2``;
 the loop then hands accelerate the trained model and the optimizer together (FSDP2 replaces the
@@ -14,9 +14,13 @@ into this run's shards, so a run may resume on another number of processes, shar
 
 DeepSpeed: ``accelerate launch`` with a DeepSpeed config sets ``ACCELERATE_USE_DEEPSPEED=true``;
 the micro-batch, accumulation and clipping of the DeepSpeed config are filled from the train
-section, the engine accumulates (the loop marks the last micro-step) and steps, and the whole fp32
-weights (whole in every process under ZeRO-1/2) are read from the model, the Adam moments through
-DeepSpeed's ``safe_get_full_optimizer_state``, and both written back with ``safe_set_full_*``.
+section, the engine accumulates (the loop marks the last micro-step) and steps. With bf16/fp16 the
+engine casts the trained model to that dtype and the loop feeds the denoiser its inputs in it
+(:func:`input_dtype`); the noising maths and the loss stay fp32. What is saved comes from the
+optimizer's fp32 master weights (``safe_get_full_fp32_param``) and Adam moments
+(``safe_get_full_optimizer_state``), written back with ``safe_set_full_*``; EMA follows the fp32
+master weights, each process its fragment. Under ZeRO-3 models load whole (:func:`load_whole`) and
+the engine partitions only the trained model.
 
 accelerate routes FSDP and DeepSpeed only to GPUs; on a CPU process group (gloo) the same code
 paths are switched on here (:func:`configure`), which is how both are tested on CPUs.
@@ -108,27 +112,17 @@ def _configure_deepspeed(accelerator: Any, config: Any) -> str:
     from accelerate.utils import DeepSpeedPlugin, DistributedType
 
     _check_options(config, "DeepSpeed")
-    if config.mixed_precision != "no":
-        raise ShardingError(
-            "DeepSpeed runs here with train.mixed_precision: no only (its bf16/fp16 engine casts the trained "
-            "model, which the loop's fp32 inputs do not match); use FSDP2 for bf16"
-        )
     state = accelerator.state
     if accelerator.device.type == "cpu" and getattr(state, "deepspeed_plugins", None) is None:
         plugin = DeepSpeedPlugin()  # reads the ACCELERATE_DEEPSPEED_* variables the launcher set
-        plugin.set_mixed_precision("no")
+        plugin.set_mixed_precision(config.mixed_precision)  # bf16: the engine casts the model (fp16 needs CUDA)
         plugin.select(_from_accelerator_state=True)
         state.deepspeed_plugins = plugin
         state.distributed_type = DistributedType.DEEPSPEED
         _route(DistributedType.DEEPSPEED)
+    load_whole(accelerator)
     plugin = state.deepspeed_plugin
     ds_config = plugin.deepspeed_config
-    stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
-    if stage == 3:  # partitioned weights: the training run did not finish on the CPU test here (it hung)
-        raise ShardingError(
-            "DeepSpeed ZeRO-3 is not supported; use FSDP2 (weights sharded too) or ZeRO stage 1/2 "
-            "(zero_stage: 2 in the accelerate config)"
-        )
     wanted = {
         "train_micro_batch_size_per_gpu": (config.batch_size, "train.batch_size"),
         "gradient_accumulation_steps": (config.gradient_accumulation_steps, "train.gradient_accumulation_steps"),
@@ -141,6 +135,18 @@ def _configure_deepspeed(accelerator: Any, config: Any) -> str:
             print(f"DeepSpeed config {key}: {given} replaced by {value} ({source} of the experiment)")
         ds_config[key] = value
     return DEEPSPEED
+
+
+def load_whole(accelerator: Any) -> None:
+    """Models load whole from here on, also under ZeRO-3: the engine partitions only the trained
+    model it is handed. accelerate's ``zero3_init_flag`` (on by default for ZeRO-3) keeps a
+    transformers ``HfDeepSpeedConfig`` alive, which makes every later ``from_pretrained`` build its
+    text encoders under ``deepspeed.zero.Init``: frozen encoders would be partitioned, and the fresh
+    copy that rank 0 alone loads to save the weights waited for the other ranks forever (the hang)."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is not None and plugin.zero3_init_flag:
+        plugin.zero3_init_flag = False
+        plugin.dschf = None  # the only strong reference: transformers' weak one dies with it
 
 
 def is_deepspeed(accelerator: Any) -> bool:
@@ -232,12 +238,6 @@ def shard_optimizer_state(optimizer: Any, saved: dict[str, Any]) -> dict[str, An
     return {**saved, "state": state}
 
 
-def shard_ema_state(parameters: list[torch.nn.Parameter], saved: dict[str, Any]) -> dict[str, Any]:
-    """A gathered EMA state with its shadow weights cut like the parameters they follow."""
-    shadows = saved.get("shadow_params") or []
-    return {**saved, "shadow_params": [shard_like(p, s) for p, s in zip(parameters, shadows)]}
-
-
 # ----------------------------------------------------------------------------------------------
 # The loop's few sharding-aware steps
 
@@ -253,13 +253,92 @@ def backward(accelerator: Any, loss: torch.Tensor, accumulation: int, last_micro
         accelerator.backward(loss / accumulation)
 
 
+def input_dtype(accelerator: Any, weight_dtype: torch.dtype) -> torch.dtype:
+    """The dtype the denoiser's inputs are fed in. DeepSpeed's bf16/fp16 engine casts the trained
+    model to that dtype and runs no autocast, so its inputs are cast as in diffusers' example scripts
+    (``weight_dtype``); elsewhere fp32 goes in (autocast, or FSDP2's mixed precision, casts)."""
+    return weight_dtype if is_deepspeed(accelerator) else torch.float32
+
+
+def as_dtype(value: Any, dtype: torch.dtype) -> Any:
+    """``value`` (a tensor or a dict of them) with its floating tensors in ``dtype``."""
+    if isinstance(value, dict):
+        return {key: as_dtype(item, dtype) for key, item in value.items()}
+    if isinstance(value, torch.Tensor) and value.is_floating_point():
+        return value.to(dtype)
+    return value
+
+
 def full_parameters(accelerator: Any, parameters: dict[str, torch.nn.Parameter]) -> dict[str, torch.Tensor]:
-    """The trained tensors whole, as the model holds them (with EMA: after ``copy_to``). A
-    collective when sharded. DeepSpeed ZeRO-1/2 keeps whole fp32 weights in every process (ZeRO-3
-    and DeepSpeed's bf16/fp16 engine are refused), equal to its optimizer's master copy."""
+    """The trained tensors whole in fp32, as the model holds them (with EMA: after ``copy_to``). A
+    collective when sharded. DeepSpeed: its optimizer's fp32 master weights (the model itself may
+    hold bf16/fp16 copies)."""
     if is_deepspeed(accelerator):
-        return {name: parameter.detach() for name, parameter in parameters.items()}
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        return {name: safe_get_full_fp32_param(parameter) for name, parameter in parameters.items()}
     return gathered(dict(parameters))
+
+
+# EMA under DeepSpeed follows the optimizer's fp32 master weights, this process's fragment of each
+# (sharded like them, updated without communication); whole tensors are gathered only to save.
+
+
+def ema_tensors(accelerator: Any, parameters: dict[str, torch.nn.Parameter]) -> list[torch.Tensor]:
+    """What EMA averages and ``copy_to`` writes: the parameters (FSDP2: their shards), or under
+    DeepSpeed this process's fragments of the fp32 master weights (views: written in place)."""
+    if not is_deepspeed(accelerator):
+        return list(parameters.values())
+    return [_local_fp32(parameter) for parameter in parameters.values()]
+
+
+def _local_fp32(parameter: torch.nn.Parameter) -> torch.Tensor:
+    if hasattr(parameter, "ds_id"):  # ZeRO-3: the partition the optimizer holds
+        from deepspeed.utils import safe_get_local_fp32_param
+
+        return safe_get_local_fp32_param(parameter)
+    mapping = getattr(parameter, "_hp_mapping", None)  # ZeRO-1/2: the fragment of the flat fp32 partition
+    return mapping.get_hp_fragment() if mapping is not None else parameter.new_empty(0, dtype=torch.float32)
+
+
+def full_ema_state(accelerator: Any, parameters: dict[str, torch.nn.Parameter], ema: Any) -> dict[str, Any] | None:
+    """The EMA state with whole shadow weights under DeepSpeed (a collective); else as it is (FSDP2's
+    sharded shadows are gathered with the rest of the training state)."""
+    if ema is None:
+        return None
+    state = ema.state_dict()
+    if is_deepspeed(accelerator):
+        state["shadow_params"] = [
+            _through_master(parameter, shadow, get=True) for parameter, shadow in zip(parameters.values(), state["shadow_params"])
+        ]
+    return state
+
+
+def shard_ema_state(accelerator: Any, parameters: dict[str, torch.nn.Parameter], saved: dict[str, Any]) -> dict[str, Any]:
+    """A saved (whole) EMA state cut like :func:`ema_tensors` of this run."""
+    shadows = saved.get("shadow_params") or []
+    if is_deepspeed(accelerator):
+        return {**saved, "shadow_params": [_through_master(p, s, get=False) for p, s in zip(parameters.values(), shadows)]}
+    return {**saved, "shadow_params": [shard_like(p, s) for p, s in zip(parameters.values(), shadows)]}
+
+
+@torch.no_grad()
+def _through_master(parameter: torch.nn.Parameter, value: torch.Tensor, get: bool) -> torch.Tensor:
+    """A fragment → whole tensor (``get``; a collective), or whole → this process's fragment, by
+    passing it through the parameter's fp32 master slot with DeepSpeed's own mapping, then putting
+    the master weights back."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+
+    local = _local_fp32(parameter)
+    kept = local.clone()
+    if get:
+        local.copy_(value.to(local.device))
+        result = safe_get_full_fp32_param(parameter).clone()
+    else:
+        safe_set_full_fp32_param(parameter, value.to(local.device, torch.float32))
+        result = local.clone()
+    local.copy_(kept)
+    return result
 
 
 def full_optimizer_state(accelerator: Any, parameters: dict[str, torch.nn.Parameter], optimizer: Any) -> dict[str, Any]:
@@ -312,13 +391,15 @@ def _deepspeed_optimizer_state_ready(optimizer: Any) -> None:
     """Create Adam's state before the first step (torch creates it lazily, in the first step) and
     let DeepSpeed link it to each parameter's fragment, so saved moments can be written into it."""
     inner = _deepspeed_torch_optimizer(optimizer)
-    for group in inner.param_groups:
-        for flat in group["params"]:
-            if not inner.state[flat]:  # torch's own initial state (AdamW, no amsgrad)
-                inner.state[flat] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(flat),
-                                     "exp_avg_sq": torch.zeros_like(flat)}
     zero = optimizer.optimizer  # accelerate's wrapper → DeepSpeed's ZeRO optimizer
-    zero._lazy_init_hp_params_optimizer_state()  # what its own step does first (stage 1/2)
+    # ZeRO-3 puts its fp32 partitions into the torch optimizer's groups only while it steps
+    flats = getattr(zero, "fp32_partitioned_groups_flat", None) or [p for g in inner.param_groups for p in g["params"]]
+    for flat in flats:
+        if not inner.state[flat]:  # torch's own initial state (AdamW, no amsgrad)
+            inner.state[flat] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(flat),
+                                 "exp_avg_sq": torch.zeros_like(flat)}
+    if hasattr(zero, "_lazy_init_hp_params_optimizer_state"):  # (ZeRO-3 makes its state when created)
+        zero._lazy_init_hp_params_optimizer_state()  # what its own step does first (stage 1/2)
 
 
 def _check_names(parameters: dict[str, torch.nn.Parameter], trainable: dict[str, torch.Tensor]) -> None:

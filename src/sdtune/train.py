@@ -76,6 +76,7 @@ class StepContext:
     timing: dict[str, float]  # setup split: model load, data, cache
     empty_conditioning: Conditioning | None = None
     sharding: str | None = None  # fsdp2 | deepspeed: trained tensors are sharded (see sdtune.sharding)
+    input_dtype: torch.dtype = torch.float32  # of the denoiser's inputs (DeepSpeed bf16: bf16)
 
 
 def train(
@@ -178,7 +179,9 @@ def train_technique(
                     timesteps = objective.sample_timesteps(latents.shape[0], generators, latents.device)
                     noisy_latents = objective.noisy_latents(latents, noise, timesteps)
                     target = objective.target(latents, noise, timesteps)
-                    prediction = family.predict(ctx.bundle, noisy_latents, timesteps, conditioning)
+                    # DeepSpeed's bf16 engine takes its inputs in bf16 (elsewhere fp32: autocast casts)
+                    model_input = noisy_latents.to(ctx.input_dtype)
+                    prediction = family.predict(ctx.bundle, model_input, timesteps, sharding.as_dtype(conditioning, ctx.input_dtype))
                     mask = latent_masks(ctx.training_set, batch, latents)  # None without loss masks
                     loss = diffusion.diffusion_loss(prediction, target, objective.loss_weights(timesteps), mask)
                     sharding.backward(accelerator, loss, cfg.gradient_accumulation_steps, last_micro)
@@ -189,7 +192,7 @@ def train_technique(
             lr_scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             if ema is not None:
-                ema.step(ctx.parameters.values())
+                ema.step(sharding.ema_tensors(accelerator, ctx.parameters))
             done = step + 1
             state["step"] = done
             pending.append((done, step_loss, lr))
@@ -302,6 +305,7 @@ def _setup(experiment: Experiment, name: str, run_dir: Path, progress: bool) -> 
         log_with="tensorboard",
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")),
     )
+    sharding.load_whole(accelerator)  # (ZeRO-3: no partitioned loading; the engine partitions what trains)
     if torch.cuda.is_available():  # set either way: a flag left on by an earlier run must not leak in
         torch.backends.cuda.matmul.allow_tf32 = cfg.allow_tf32
         torch.backends.cudnn.allow_tf32 = cfg.allow_tf32
@@ -356,6 +360,7 @@ def _setup(experiment: Experiment, name: str, run_dir: Path, progress: bool) -> 
         ),
         timing=timing,
         sharding=sharded,
+        input_dtype=sharding.input_dtype(accelerator, weight_dtype),
     )
     ctx.latent_cache = _latent_cache(ctx, experiment, run_dir.parent)
     timing["cache_open_time_s"] = time.perf_counter() - started
@@ -463,7 +468,8 @@ def _optimisation(ctx: StepContext) -> tuple[Any, Any, Any, int]:
     if cfg.use_ema:
         # multi-tensor (foreach) EMA only on CUDA: on the CPU it measured 1.5–2.6× slower per update
         # (490 M values: 0.16–0.24 s plain vs 0.24–0.62 s foreach), and slowed sdtune's full+EMA step
-        ema = EMAModel(list(ctx.parameters.values()), decay=cfg.ema_decay, foreach=accelerator.device.type == "cuda")
+        # (DeepSpeed: over its fp32 master weights, each process its fragment: see sdtune.sharding)
+        ema = EMAModel(sharding.ema_tensors(accelerator, ctx.parameters), decay=cfg.ema_decay, foreach=accelerator.device.type == "cuda")
         ema.to(accelerator.device)
     return optimizer, lr_scheduler, ema, max_steps
 
@@ -604,7 +610,7 @@ def _resume(ctx: StepContext, checkpoint: Path, optimizer: Any, lr_scheduler: An
     sharding.load_training_state(ctx.accelerator, ctx.parameters, optimizer, trainable, saved["optimizer"])
     lr_scheduler.load_state_dict(saved["lr_scheduler"])
     if ema is not None:
-        ema.load_state_dict(sharding.shard_ema_state(list(ctx.parameters.values()), saved["ema"]))
+        ema.load_state_dict(sharding.shard_ema_state(ctx.accelerator, ctx.parameters, saved["ema"]))
         ema.to(ctx.accelerator.device)
     scaler = getattr(ctx.accelerator, "scaler", None)
     if scaler is not None and saved.get("scaler") is not None:
@@ -630,7 +636,7 @@ def _write_checkpoint(ctx: StepContext, run_dir: Path, step: int, optimizer: Any
         training_state = {
             "optimizer": sharding.full_optimizer_state(accelerator, ctx.parameters, optimizer),
             "lr_scheduler": lr_scheduler.state_dict(),
-            "ema": ema.state_dict() if ema is not None else None,
+            "ema": sharding.full_ema_state(accelerator, ctx.parameters, ema),
             "scaler": scaler.state_dict() if scaler is not None else None,
             "state": state,
         }
@@ -699,7 +705,7 @@ def _finish(
     accelerator = ctx.accelerator
     saving_started = time.perf_counter()
     if status == "finished" and ema is not None:
-        ema.copy_to(ctx.parameters.values())  # the study saved the EMA weights (sharded: each its shard)
+        ema.copy_to(sharding.ema_tensors(accelerator, ctx.parameters))  # the study saves the EMA weights
     bundle = _gathered_bundle(ctx, experiment) if ctx.sharding and status == "finished" else _unwrapped(ctx)
     outputs: dict[str, Any] = {}
     if status == "finished" and accelerator.is_main_process:

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from test_distributed import TOLERANCE, _max_difference, _torchrun, _weights
 
 from sdtune.config import load_experiment
-from sdtune.sharding import ShardingError, configure
+from sdtune.sharding import Routed, ShardingError, TrainedComponents, configure, unrouted
 from sdtune.train import train_technique
 
 # what `accelerate launch` sets from an FSDP2 config (accelerate config → fsdp_config)
@@ -53,6 +53,14 @@ def test_deepspeed_zero3_on_two_cpu_processes_trains_checkpoints_and_resumes(wri
     _train_sharded_match_one_process_and_resume(write_experiment, tmp_path, ZERO3_ENV, "deepspeed")
 
 
+def _trained(run_dir, name):
+    """The saved trained tensors: full fine-tuning's UNet; LoRA's UNet and text-encoder adapters."""
+    if name == "full":
+        return _weights(run_dir, name)
+    return {f"{part}.{key}": value for part in ("unet", "text_encoder")
+            for key, value in load_file(run_dir / f"{part}_adapter.safetensors").items()}
+
+
 def _close_to_one_process(sharded, single, name, mixed_precision, model_dir):
     """fp32: within the 1-vs-2-process tolerance. bf16: DeepSpeed computes with bf16 weights, one
     process with fp32 weights under bf16 autocast, so single elements differ by about an Adam step
@@ -70,10 +78,14 @@ def _close_to_one_process(sharded, single, name, mixed_precision, model_dir):
 
 
 def _train_sharded_match_one_process_and_resume(write_experiment, tmp_path, environment, sharding, mixed_precision="no"):
-    """One launch trains full+EMA and LoRA sharded (checkpoint at step 2 of 4); one process trains
-    the same total batch, and resumes the sharded checkpoints; a second launch resumes both from step 2."""
+    """One launch trains full+EMA (one model) and LoRA of the UNet and the text encoder (two models,
+    prepared as one container) sharded, with a checkpoint at step 2 of 4; one process trains the same
+    total batch, and resumes the sharded checkpoints; a second launch resumes both from step 2."""
+    techniques = {"full": {"kind": "full", "use_ema": True, "ema_decay": 0.9, "lr_scheduler": "constant"},
+                  "lora": {"kind": "lora", "rank": 4, "alpha": 8, "lr_scheduler": "cosine", "train_text_encoder": True}}
     path = write_experiment(
-        data={"cache": "memory"}, log_every=1, max_train_steps=4, checkpointing_steps=2, mixed_precision=mixed_precision
+        techniques, data={"cache": "memory"}, log_every=1, max_train_steps=4, checkpointing_steps=2,
+        mixed_precision=mixed_precision,
     )
     model_dir = Path(load_experiment(path).model.path)
     sharded = tmp_path / "sharded"
@@ -90,7 +102,7 @@ def _train_sharded_match_one_process_and_resume(write_experiment, tmp_path, envi
         assert sorted(p.name for p in single.run_dir.iterdir() if p.is_file()) == sorted(
             p.name for p in (sharded / name).iterdir() if p.is_file()
         )
-        assert _close_to_one_process(_weights(sharded / name, name), _weights(single.run_dir, name), name, mixed_precision, model_dir)
+        assert _close_to_one_process(_trained(sharded / name, name), _trained(single.run_dir, name), name, mixed_precision, model_dir)
     # resume both sharded runs from their step-2 checkpoints (whole tensors put back into the shards)
     resumed, unsharded = tmp_path / "resumed", tmp_path / "unsharded"
     shutil.copytree(sharded, resumed)
@@ -101,14 +113,14 @@ def _train_sharded_match_one_process_and_resume(write_experiment, tmp_path, envi
     for name in ("full", "lora"):  # the sharded checkpoint resumed by one process: the layout is the same
         finished = train_technique(load_experiment(path, ["train.batch_size=4"]), name, unsharded, resume=True, progress=False)
         assert finished.record["resumed_from"] and finished.record["sharding"] is None
-        assert _close_to_one_process(_weights(unsharded / name, name), _weights(one / name, name), name, mixed_precision, model_dir)
+        assert _close_to_one_process(_trained(unsharded / name, name), _trained(one / name, name), name, mixed_precision, model_dir)
     again = _torchrun("train", str(path), "--output", str(resumed), "--no-progress", "--resume", extra_env=environment)
     assert again.returncode == 0, again.stderr[-3000:]
     for name in ("full", "lora"):
         record = json.loads((resumed / name / "record.json").read_text())
         assert record["status"] == "finished" and record["resumed_from"] and record["sharding"] == sharding
         assert record["steps"]["done"] == 4 and [h["step"] for h in record["loss_history"]] == [1, 2, 3, 4]
-        assert _max_difference(_weights(resumed / name, name), _weights(sharded / name, name)) <= RESUME_TOLERANCE
+        assert _max_difference(_trained(resumed / name, name), _trained(sharded / name, name)) <= RESUME_TOLERANCE
 
 
 class _Accelerator(SimpleNamespace):
@@ -120,7 +132,6 @@ class _Accelerator(SimpleNamespace):
     [
         (ZERO2_ENV, ["unet"], {"use_8bit_adam": True}, "train.use_8bit_adam is not supported with DeepSpeed"),
         ({**FSDP2_ENV, "FSDP_VERSION": "1"}, ["unet"], {}, "FSDP1 is not supported"),
-        (FSDP2_ENV, ["unet", "text_encoder"], {}, "FSDP2 trains one model, but this technique trains unet, text_encoder"),
         (FSDP2_ENV, ["unet"], {"compile": True}, "train.compile: true is not supported with FSDP2"),
     ],
 )
@@ -137,3 +148,17 @@ def test_sharded_setups_that_cannot_run_are_refused_in_one_line(environment, tra
     config = SimpleNamespace(**{"mixed_precision": "no", "compile": False, "use_8bit_adam": False, **options})
     with pytest.raises(ShardingError, match=message):
         configure(accelerator, config, trained)
+
+
+def test_components_prepared_as_one_container_are_called_through_it():
+    """FSDP2/DeepSpeed prepare one model: the bundle calls each trained component through the
+    container's forward (where FSDP2's unshard and DeepSpeed's engine run); the rest is its own."""
+    calls = []
+    unet, text_encoder = torch.nn.Linear(3, 2), torch.nn.Linear(3, 4)
+    container = TrainedComponents({"unet": unet, "text_encoder": text_encoder})
+    container.register_forward_pre_hook(lambda module, args: calls.append(args[0]))
+    routed = Routed(container, container["text_encoder"], "text_encoder")
+    inputs = torch.ones(1, 3)
+    assert torch.equal(routed(inputs), text_encoder(inputs)) and calls == ["text_encoder"]
+    assert routed.weight is text_encoder.weight and routed.out_features == 4
+    assert unrouted(routed) is text_encoder and unrouted(unet) is unet

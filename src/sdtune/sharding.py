@@ -80,11 +80,6 @@ def configure(accelerator: Any, config: Any, trained: list[str]) -> str | None:
     fsdp = _flag("ACCELERATE_USE_FSDP") or accelerator.distributed_type == DistributedType.FSDP
     if not chosen and (accelerator.num_processes == 1 or not (deepspeed or fsdp)):
         return None  # (one CPU process holds everything anyway: the plain path, the same numbers)
-    if len(trained) > 1:
-        raise ShardingError(
-            f"{'DeepSpeed' if deepspeed else 'FSDP2'} trains one model, but this technique trains "
-            f"{', '.join(trained)}; set train_text_encoder: false for the sharded run, or launch without it (DDP)"
-        )
     if deepspeed:
         return _configure_deepspeed(accelerator, config)
     if accelerator.device.type == "cpu" and getattr(accelerator.state, "fsdp_plugin", None) is None:
@@ -180,11 +175,49 @@ def _route(distributed_type: Any) -> None:
     PartialState._shared_state["distributed_type"] = distributed_type
 
 
-def prepare(accelerator: Any, models: list[torch.nn.Module], optimizer: Any) -> tuple[list[torch.nn.Module], Any]:
-    """Prepare the trained models and their optimizer in one call (FSDP2 needs them together:
-    sharding replaces the parameters the optimizer holds)."""
-    prepared = accelerator.prepare(*models, optimizer)
-    return list(prepared[:-1]), prepared[-1]
+def prepare(
+    accelerator: Any, trained: dict[str, torch.nn.Module], optimizer: Any, sharded: str | None
+) -> tuple[dict[str, Any], list[torch.nn.Module], Any]:
+    """Prepare the trained components and their optimizer in one call (FSDP2 needs them together:
+    sharding replaces the parameters the optimizer holds). Returns what the bundle calls for each
+    component, the prepared models (for ``train()`` and ``no_sync``), and the optimizer.
+
+    FSDP2 and DeepSpeed prepare one model: several trained components (a text encoder too) are
+    prepared as one :class:`TrainedComponents` container, and each is called through it."""
+    if not sharded or len(trained) == 1:
+        prepared = accelerator.prepare(*trained.values(), optimizer)
+        return dict(zip(trained, prepared[:-1])), list(prepared[:-1]), prepared[-1]
+    container, optimizer = accelerator.prepare(TrainedComponents(trained), optimizer)
+    inner = accelerator.unwrap_model(container)
+    return {name: Routed(container, inner[name], name) for name in trained}, [container], optimizer
+
+
+class TrainedComponents(torch.nn.ModuleDict):
+    """The trained components as one model for FSDP2/DeepSpeed; ``container(name, …)`` calls one of
+    them, so the wrapper's forward (FSDP2's root unshard, DeepSpeed's engine) runs around each call."""
+
+    def forward(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        return self[name](*args, **kwargs)
+
+
+class Routed:
+    """A trained component as the bundle holds it while it is prepared inside a container: a call
+    goes through the container; anything else (``dtype``, ``config``, ``parameters()``…) is the
+    component's own."""
+
+    def __init__(self, container: torch.nn.Module, module: torch.nn.Module, name: str) -> None:
+        self.container, self.module, self.name = container, module, name
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.container(self.name, *args, **kwargs)
+
+    def __getattr__(self, attribute: str) -> Any:  # (only for what the proxy itself does not have)
+        return getattr(self.module, attribute)
+
+
+def unrouted(component: Any) -> Any:
+    """The component itself, out of a :class:`Routed` proxy."""
+    return component.module if isinstance(component, Routed) else component
 
 
 def _is_sharded(tensor: Any) -> bool:
@@ -341,25 +374,32 @@ def _through_master(parameter: torch.nn.Parameter, value: torch.Tensor, get: boo
     return result
 
 
-def full_optimizer_state(accelerator: Any, parameters: dict[str, torch.nn.Parameter], optimizer: Any) -> dict[str, Any]:
-    """The optimizer state whole, in torch's layout (states by parameter index), as one process
-    saves it. A collective when sharded."""
+def full_optimizer_state(
+    accelerator: Any, parameters: dict[str, torch.nn.Parameter], optimizer: Any, groups: list[list[str]]
+) -> dict[str, Any]:
+    """The optimizer state whole, in torch's layout (states by parameter index, counted through the
+    param groups; ``groups``: the names in each group), as one process saves it. A collective when sharded."""
     if not is_deepspeed(accelerator):
         return gathered(optimizer.state_dict())
     from deepspeed.utils import safe_get_full_optimizer_state
 
     inner = _deepspeed_torch_optimizer(optimizer)
+    _link_optimizer_state(optimizer)
     step = next(iter(inner.state.values()), {}).get("step", torch.tensor(0.0))
-    state = {}
-    for index, parameter in enumerate(parameters.values()):
-        moments = {key: safe_get_full_optimizer_state(parameter, key) for key in ("exp_avg", "exp_avg_sq")}
-        state[index] = {"step": torch.as_tensor(step, dtype=torch.float32).clone(), **moments}
-    hyper = {key: value for key, value in inner.param_groups[0].items() if key != "params"}
-    return {"state": state, "param_groups": [{**hyper, "params": list(range(len(parameters)))}]}
+    state, param_groups = {}, []
+    for names, group in zip(groups, inner.param_groups):  # (DeepSpeed keeps the groups and their order)
+        first = len(state)
+        for name in names:
+            moments = {key: safe_get_full_optimizer_state(parameters[name], key) for key in ("exp_avg", "exp_avg_sq")}
+            state[len(state)] = {"step": torch.as_tensor(step, dtype=torch.float32).clone(), **moments}
+        hyper = {key: value for key, value in group.items() if key != "params"}
+        param_groups.append({**hyper, "params": list(range(first, len(state)))})
+    return {"state": state, "param_groups": param_groups}
 
 
 def load_training_state(
-    accelerator: Any, parameters: dict[str, torch.nn.Parameter], optimizer: Any, trainable: dict, optimizer_state: dict
+    accelerator: Any, parameters: dict[str, torch.nn.Parameter], optimizer: Any, trainable: dict, optimizer_state: dict,
+    groups: list[list[str]],
 ) -> None:
     """Put a checkpoint's whole tensors back: cut into this run's shards, or given to DeepSpeed."""
     from sdtune.checkpoint import restore_parameters
@@ -373,18 +413,20 @@ def load_training_state(
 
     _check_names(parameters, trainable)
     _deepspeed_optimizer_state_ready(optimizer)
-    for index, (name, parameter) in enumerate(parameters.items()):
+    for index, name in enumerate(name for names in groups for name in names):  # torch's state layout
+        parameter = parameters[name]
         with deepspeed.zero.GatheredParameters([parameter], modifier_rank=0), torch.no_grad():
             parameter.data.copy_(trainable[name].to(parameter.device, parameter.dtype))  # the weights used
         safe_set_full_fp32_param(parameter, trainable[name].to(accelerator.device))  # the optimizer's master copy
         for key in ("exp_avg", "exp_avg_sq"):
             safe_set_full_optimizer_state(parameter, optimizer_state["state"][index][key].to(accelerator.device), key)
-    for group in _deepspeed_torch_optimizer(optimizer).param_groups:  # the rate of the step resumed at
-        group["lr"] = optimizer_state["param_groups"][0]["lr"]  # (the schedule sets it only after a step)
+    for group, saved in zip(_deepspeed_torch_optimizer(optimizer).param_groups, optimizer_state["param_groups"]):
+        group["lr"] = saved["lr"]  # the rate of the step resumed at (the schedule sets it only after a step)
     step = optimizer_state["state"][0]["step"] if optimizer_state["state"] else None
     for entries in _deepspeed_torch_optimizer(optimizer).state.values():
         if step is not None and "step" in entries:
-            entries["step"] = torch.as_tensor(step, dtype=entries["step"].dtype if torch.is_tensor(entries["step"]) else None)
+            dtype = entries["step"].dtype if torch.is_tensor(entries["step"]) else None  # (a copy each: torch
+            entries["step"] = torch.as_tensor(step, dtype=dtype).clone()  # increments it in place, per group)
 
 
 def _deepspeed_optimizer_state_ready(optimizer: Any) -> None:
@@ -398,8 +440,17 @@ def _deepspeed_optimizer_state_ready(optimizer: Any) -> None:
         if not inner.state[flat]:  # torch's own initial state (AdamW, no amsgrad)
             inner.state[flat] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(flat),
                                  "exp_avg_sq": torch.zeros_like(flat)}
-    if hasattr(zero, "_lazy_init_hp_params_optimizer_state"):  # (ZeRO-3 makes its state when created)
-        zero._lazy_init_hp_params_optimizer_state()  # what its own step does first (stage 1/2)
+    _link_optimizer_state(optimizer)
+
+
+def _link_optimizer_state(optimizer: Any) -> None:
+    """Link each parameter's fragment to Adam's state (ZeRO-1/2; ZeRO-3 needs no link). DeepSpeed
+    links once, right after stepping its *first* param group, so with several groups (a text encoder
+    at its own rate) the later groups' fragments stay linked to empty state: link again here."""
+    zero = optimizer.optimizer  # accelerate's wrapper → DeepSpeed's ZeRO optimizer
+    if hasattr(zero, "_lazy_init_hp_params_optimizer_state"):
+        zero._hp_optimizer_states_linked = False
+        zero._lazy_init_hp_params_optimizer_state()
 
 
 def _check_names(parameters: dict[str, torch.nn.Parameter], trainable: dict[str, torch.Tensor]) -> None:

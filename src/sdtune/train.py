@@ -77,6 +77,7 @@ class StepContext:
     empty_conditioning: Conditioning | None = None
     sharding: str | None = None  # fsdp2 | deepspeed: trained tensors are sharded (see sdtune.sharding)
     input_dtype: torch.dtype = torch.float32  # of the denoiser's inputs (DeepSpeed bf16: bf16)
+    optimizer_groups: list[list[str]] = dataclasses.field(default_factory=list)  # trained names per param group
 
 
 def train(
@@ -456,9 +457,11 @@ def _optimisation(ctx: StepContext) -> tuple[Any, Any, Any, int]:
         **kernel,
     )
     # models and optimizer prepared together: FSDP2 replaces the parameters the optimizer holds
-    trained = [name for name in ctx.bundle.trainable_names() if _trains(ctx.bundle.components[name])]
-    ctx.models, optimizer = sharding.prepare(accelerator, ctx.models, optimizer)
-    ctx.bundle = ctx.bundle.replace(**dict(zip(trained, ctx.models)))
+    trained = {name: ctx.bundle.components[name] for name in ctx.bundle.trainable_names() if _trains(ctx.bundle.components[name])}
+    names = {id(parameter): name for name, parameter in ctx.parameters.items()}
+    ctx.optimizer_groups = [[names[id(parameter)] for parameter in group["params"]] for group in optimizer.param_groups]
+    called, ctx.models, optimizer = sharding.prepare(accelerator, trained, optimizer, ctx.sharding)
+    ctx.bundle = ctx.bundle.replace(**called)
     ctx.parameters = trainable_named_parameters(_unwrapped(ctx))
     # stepped once per optimizer step by the loop itself (not prepared: no per-process scaling)
     lr_scheduler = get_scheduler(
@@ -607,7 +610,7 @@ def _resume(ctx: StepContext, checkpoint: Path, optimizer: Any, lr_scheduler: An
             f"cannot resume {checkpoint}: {changed}; resume with the total batch (batch × accumulation × "
             "processes) and steps it was started with (the data order depends on them)"
         )
-    sharding.load_training_state(ctx.accelerator, ctx.parameters, optimizer, trainable, saved["optimizer"])
+    sharding.load_training_state(ctx.accelerator, ctx.parameters, optimizer, trainable, saved["optimizer"], ctx.optimizer_groups)
     lr_scheduler.load_state_dict(saved["lr_scheduler"])
     if ema is not None:
         ema.load_state_dict(sharding.shard_ema_state(ctx.accelerator, ctx.parameters, saved["ema"]))
@@ -634,7 +637,7 @@ def _write_checkpoint(ctx: StepContext, run_dir: Path, step: int, optimizer: Any
     if accelerator.is_main_process or ctx.sharding:  # sharded: every process takes part in the gather
         scaler = getattr(accelerator, "scaler", None)
         training_state = {
-            "optimizer": sharding.full_optimizer_state(accelerator, ctx.parameters, optimizer),
+            "optimizer": sharding.full_optimizer_state(accelerator, ctx.parameters, optimizer, ctx.optimizer_groups),
             "lr_scheduler": lr_scheduler.state_dict(),
             "ema": sharding.full_ema_state(accelerator, ctx.parameters, ema),
             "scaler": scaler.state_dict() if scaler is not None else None,
@@ -657,7 +660,7 @@ def _unwrapped(ctx: StepContext) -> ModelBundle:
     """The bundle without accelerate's (DDP) and torch.compile's wrappers."""
 
     def unwrap(module: torch.nn.Module) -> torch.nn.Module:
-        module = ctx.accelerator.unwrap_model(module)
+        module = ctx.accelerator.unwrap_model(sharding.unrouted(module))
         return getattr(module, "_orig_mod", module)
 
     return ctx.bundle.replace(**{name: unwrap(ctx.bundle.components[name]) for name in ctx.bundle.trainable_names()})

@@ -128,14 +128,14 @@ class _Accelerator(SimpleNamespace):
 
 
 @pytest.mark.parametrize(
-    ("environment", "trained", "options", "message"),
+    ("environment", "options", "message"),
     [
-        (ZERO2_ENV, ["unet"], {"use_8bit_adam": True}, "train.use_8bit_adam is not supported with DeepSpeed"),
-        ({**FSDP2_ENV, "FSDP_VERSION": "1"}, ["unet"], {}, "FSDP1 is not supported"),
-        (FSDP2_ENV, ["unet"], {"compile": True}, "train.compile: true is not supported with FSDP2"),
+        (ZERO2_ENV, {"use_8bit_adam": True}, "train.use_8bit_adam is not supported with DeepSpeed"),
+        ({**FSDP2_ENV, "FSDP_VERSION": "1"}, {}, "FSDP1 is not supported"),
+        (FSDP2_ENV, {"compile": True}, "train.compile: true is not supported with FSDP2"),
     ],
 )
-def test_sharded_setups_that_cannot_run_are_refused_in_one_line(environment, trained, options, message, monkeypatch):
+def test_sharded_setups_that_cannot_run_are_refused_in_one_line(environment, options, message, monkeypatch):
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
     for key, value in environment.items():
@@ -147,7 +147,7 @@ def test_sharded_setups_that_cannot_run_are_refused_in_one_line(environment, tra
     )
     config = SimpleNamespace(**{"mixed_precision": "no", "compile": False, "use_8bit_adam": False, **options})
     with pytest.raises(ShardingError, match=message):
-        configure(accelerator, config, trained)
+        configure(accelerator, config)
 
 
 def test_components_prepared_as_one_container_are_called_through_it():

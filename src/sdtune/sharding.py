@@ -3,8 +3,10 @@ DeepSpeed ZeRO stages 1–3, in fp32 or bf16 (fp16 on CUDA).
 
 ``accelerate launch`` with an FSDP config sets ``ACCELERATE_USE_FSDP=true`` and ``FSDP_VERSION=2``;
 the loop then hands accelerate the trained model and the optimizer together (FSDP2 replaces the
-parameters with sharded DTensors and accelerate moves the optimizer onto them). Frozen parts
-(VAE, text encoders that do not train) stay whole on every process. Gradient accumulation keeps
+parameters with sharded DTensors and accelerate moves the optimizer onto them). Several trained
+components (a text encoder too) are handed over as one container model (:func:`prepare`), since
+accelerate prepares one model for FSDP2/DeepSpeed. Frozen parts (VAE, text encoders that do not
+train) stay whole on every process. Gradient accumulation keeps
 the loop's explicit ``no_sync`` (FSDP2: ``set_requires_gradient_sync(False)``, one reduce-scatter
 on the last micro-step). EMA is kept sharded like the parameters it follows.
 
@@ -66,11 +68,10 @@ def before_accelerator() -> None:
             ) from None
 
 
-def configure(accelerator: Any, config: Any, trained: list[str]) -> str | None:
+def configure(accelerator: Any, config: Any) -> str | None:
     """Check the sharding the launcher asked for and switch it on: "fsdp2", "deepspeed" or None.
 
-    ``trained``: the bundle's components that train. On a CPU group (where accelerate leaves DDP)
-    FSDP2 and DeepSpeed are switched on here; FSDP1 and option combinations the sharded paths cannot
+    On a CPU group (where accelerate leaves DDP) FSDP2 and DeepSpeed are switched on here; FSDP1 and option combinations the sharded paths cannot
     run are refused in one line instead of silently running something else.
     """
     from accelerate.utils import DistributedType

@@ -318,7 +318,7 @@ def _setup(experiment: Experiment, name: str, run_dir: Path, progress: bool) -> 
     torch.manual_seed(cfg.seed)  # adapter initialisation is random: same seed, same start
     technique.prepare(bundle)
     trained = [name for name in bundle.trainable_names() if _trains(bundle.components[name])]
-    sharded = sharding.configure(accelerator, cfg, trained)  # FSDP2 / DeepSpeed when launched with them
+    sharded = sharding.configure(accelerator, cfg)  # FSDP2 / DeepSpeed when launched with them
     for name, module in bundle.components.items():
         frozen_dtype = torch.float32 if name == "vae" and family.vae_in_fp32 else weight_dtype
         for parameter in module.parameters():  # frozen weights in the compute dtype, trained ones fp32

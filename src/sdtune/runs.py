@@ -143,7 +143,7 @@ def train_record(
         },
         "memory": {"peak": records.peak_memory(accelerator.device)},
         "parameters": {
-            "trainable": sum(p.numel() for p in ctx.parameters.values()),
+            "trainable": sum(getattr(p, "ds_numel", p.numel()) for p in ctx.parameters.values()),  # (ZeRO-3: partitioned)
             "components": {name: count_parameters(module) for name, module in bundle.components.items()},
             "trained_modules": trained_modules(ctx.parameters, bundle),
         },

@@ -1,10 +1,12 @@
 """Sharded training through accelerate: FSDP2 (``torch.distributed.fsdp.fully_shard``) and
-DeepSpeed ZeRO stages 1–2 (ZeRO-3 is refused: it hung in the CPU test).
+DeepSpeed ZeRO stages 1–3, in fp32 or bf16 (fp16 on CUDA).
 
 ``accelerate launch`` with an FSDP config sets ``ACCELERATE_USE_FSDP=true`` and ``FSDP_VERSION=2``;
 the loop then hands accelerate the trained model and the optimizer together (FSDP2 replaces the
-parameters with sharded DTensors and accelerate moves the optimizer onto them). Frozen parts
-(VAE, text encoders that do not train) stay whole on every process. Gradient accumulation keeps
+parameters with sharded DTensors and accelerate moves the optimizer onto them). Several trained
+components (a text encoder too) are handed over as one container model (:func:`prepare`), since
+accelerate prepares one model for FSDP2/DeepSpeed. Frozen parts (VAE, text encoders that do not
+train) stay whole on every process. Gradient accumulation keeps
 the loop's explicit ``no_sync`` (FSDP2: ``set_requires_gradient_sync(False)``, one reduce-scatter
 on the last micro-step). EMA is kept sharded like the parameters it follows.
 
@@ -14,9 +16,13 @@ into this run's shards, so a run may resume on another number of processes, shar
 
 DeepSpeed: ``accelerate launch`` with a DeepSpeed config sets ``ACCELERATE_USE_DEEPSPEED=true``;
 the micro-batch, accumulation and clipping of the DeepSpeed config are filled from the train
-section, the engine accumulates (the loop marks the last micro-step) and steps, and the whole fp32
-weights (whole in every process under ZeRO-1/2) are read from the model, the Adam moments through
-DeepSpeed's ``safe_get_full_optimizer_state``, and both written back with ``safe_set_full_*``.
+section, the engine accumulates (the loop marks the last micro-step) and steps. With bf16/fp16 the
+engine casts the trained model to that dtype and the loop feeds the denoiser its inputs in it
+(:func:`input_dtype`); the noising maths and the loss stay fp32. What is saved comes from the
+optimizer's fp32 master weights (``safe_get_full_fp32_param``) and Adam moments
+(``safe_get_full_optimizer_state``), written back with ``safe_set_full_*``; EMA follows the fp32
+master weights, each process its fragment. Under ZeRO-3 models load whole (:func:`load_whole`) and
+the engine partitions only the trained model.
 
 accelerate routes FSDP and DeepSpeed only to GPUs; on a CPU process group (gloo) the same code
 paths are switched on here (:func:`configure`), which is how both are tested on CPUs.
@@ -62,11 +68,10 @@ def before_accelerator() -> None:
             ) from None
 
 
-def configure(accelerator: Any, config: Any, trained: list[str]) -> str | None:
+def configure(accelerator: Any, config: Any) -> str | None:
     """Check the sharding the launcher asked for and switch it on: "fsdp2", "deepspeed" or None.
 
-    ``trained``: the bundle's components that train. On a CPU group (where accelerate leaves DDP)
-    FSDP2 and DeepSpeed are switched on here; FSDP1 and option combinations the sharded paths cannot
+    On a CPU group (where accelerate leaves DDP) FSDP2 and DeepSpeed are switched on here; FSDP1 and option combinations the sharded paths cannot
     run are refused in one line instead of silently running something else.
     """
     from accelerate.utils import DistributedType
@@ -76,11 +81,6 @@ def configure(accelerator: Any, config: Any, trained: list[str]) -> str | None:
     fsdp = _flag("ACCELERATE_USE_FSDP") or accelerator.distributed_type == DistributedType.FSDP
     if not chosen and (accelerator.num_processes == 1 or not (deepspeed or fsdp)):
         return None  # (one CPU process holds everything anyway: the plain path, the same numbers)
-    if len(trained) > 1:
-        raise ShardingError(
-            f"{'DeepSpeed' if deepspeed else 'FSDP2'} trains one model, but this technique trains "
-            f"{', '.join(trained)}; set train_text_encoder: false for the sharded run, or launch without it (DDP)"
-        )
     if deepspeed:
         return _configure_deepspeed(accelerator, config)
     if accelerator.device.type == "cpu" and getattr(accelerator.state, "fsdp_plugin", None) is None:
@@ -108,27 +108,17 @@ def _configure_deepspeed(accelerator: Any, config: Any) -> str:
     from accelerate.utils import DeepSpeedPlugin, DistributedType
 
     _check_options(config, "DeepSpeed")
-    if config.mixed_precision != "no":
-        raise ShardingError(
-            "DeepSpeed runs here with train.mixed_precision: no only (its bf16/fp16 engine casts the trained "
-            "model, which the loop's fp32 inputs do not match); use FSDP2 for bf16"
-        )
     state = accelerator.state
     if accelerator.device.type == "cpu" and getattr(state, "deepspeed_plugins", None) is None:
         plugin = DeepSpeedPlugin()  # reads the ACCELERATE_DEEPSPEED_* variables the launcher set
-        plugin.set_mixed_precision("no")
+        plugin.set_mixed_precision(config.mixed_precision)  # bf16: the engine casts the model (fp16 needs CUDA)
         plugin.select(_from_accelerator_state=True)
         state.deepspeed_plugins = plugin
         state.distributed_type = DistributedType.DEEPSPEED
         _route(DistributedType.DEEPSPEED)
+    load_whole(accelerator)
     plugin = state.deepspeed_plugin
     ds_config = plugin.deepspeed_config
-    stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
-    if stage == 3:  # partitioned weights: the training run did not finish on the CPU test here (it hung)
-        raise ShardingError(
-            "DeepSpeed ZeRO-3 is not supported; use FSDP2 (weights sharded too) or ZeRO stage 1/2 "
-            "(zero_stage: 2 in the accelerate config)"
-        )
     wanted = {
         "train_micro_batch_size_per_gpu": (config.batch_size, "train.batch_size"),
         "gradient_accumulation_steps": (config.gradient_accumulation_steps, "train.gradient_accumulation_steps"),
@@ -141,6 +131,18 @@ def _configure_deepspeed(accelerator: Any, config: Any) -> str:
             print(f"DeepSpeed config {key}: {given} replaced by {value} ({source} of the experiment)")
         ds_config[key] = value
     return DEEPSPEED
+
+
+def load_whole(accelerator: Any) -> None:
+    """Models load whole from here on, also under ZeRO-3: the engine partitions only the trained
+    model it is handed. accelerate's ``zero3_init_flag`` (on by default for ZeRO-3) keeps a
+    transformers ``HfDeepSpeedConfig`` alive, which makes every later ``from_pretrained`` build its
+    text encoders under ``deepspeed.zero.Init``: frozen encoders would be partitioned, and the fresh
+    copy that rank 0 alone loads to save the weights waited for the other ranks forever (the hang)."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is not None and plugin.zero3_init_flag:
+        plugin.zero3_init_flag = False
+        plugin.dschf = None  # the only strong reference: transformers' weak one dies with it
 
 
 def is_deepspeed(accelerator: Any) -> bool:
@@ -174,11 +176,49 @@ def _route(distributed_type: Any) -> None:
     PartialState._shared_state["distributed_type"] = distributed_type
 
 
-def prepare(accelerator: Any, models: list[torch.nn.Module], optimizer: Any) -> tuple[list[torch.nn.Module], Any]:
-    """Prepare the trained models and their optimizer in one call (FSDP2 needs them together:
-    sharding replaces the parameters the optimizer holds)."""
-    prepared = accelerator.prepare(*models, optimizer)
-    return list(prepared[:-1]), prepared[-1]
+def prepare(
+    accelerator: Any, trained: dict[str, torch.nn.Module], optimizer: Any, sharded: str | None
+) -> tuple[dict[str, Any], list[torch.nn.Module], Any]:
+    """Prepare the trained components and their optimizer in one call (FSDP2 needs them together:
+    sharding replaces the parameters the optimizer holds). Returns what the bundle calls for each
+    component, the prepared models (for ``train()`` and ``no_sync``), and the optimizer.
+
+    FSDP2 and DeepSpeed prepare one model: several trained components (a text encoder too) are
+    prepared as one :class:`TrainedComponents` container, and each is called through it."""
+    if not sharded or len(trained) == 1:
+        prepared = accelerator.prepare(*trained.values(), optimizer)
+        return dict(zip(trained, prepared[:-1])), list(prepared[:-1]), prepared[-1]
+    container, optimizer = accelerator.prepare(TrainedComponents(trained), optimizer)
+    inner = accelerator.unwrap_model(container)
+    return {name: Routed(container, inner[name], name) for name in trained}, [container], optimizer
+
+
+class TrainedComponents(torch.nn.ModuleDict):
+    """The trained components as one model for FSDP2/DeepSpeed; ``container(name, …)`` calls one of
+    them, so the wrapper's forward (FSDP2's root unshard, DeepSpeed's engine) runs around each call."""
+
+    def forward(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        return self[name](*args, **kwargs)
+
+
+class Routed:
+    """A trained component as the bundle holds it while it is prepared inside a container: a call
+    goes through the container; anything else (``dtype``, ``config``, ``parameters()``…) is the
+    component's own."""
+
+    def __init__(self, container: torch.nn.Module, module: torch.nn.Module, name: str) -> None:
+        self.container, self.module, self.name = container, module, name
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.container(self.name, *args, **kwargs)
+
+    def __getattr__(self, attribute: str) -> Any:  # (only for what the proxy itself does not have)
+        return getattr(self.module, attribute)
+
+
+def unrouted(component: Any) -> Any:
+    """The component itself, out of a :class:`Routed` proxy."""
+    return component.module if isinstance(component, Routed) else component
 
 
 def _is_sharded(tensor: Any) -> bool:
@@ -232,12 +272,6 @@ def shard_optimizer_state(optimizer: Any, saved: dict[str, Any]) -> dict[str, An
     return {**saved, "state": state}
 
 
-def shard_ema_state(parameters: list[torch.nn.Parameter], saved: dict[str, Any]) -> dict[str, Any]:
-    """A gathered EMA state with its shadow weights cut like the parameters they follow."""
-    shadows = saved.get("shadow_params") or []
-    return {**saved, "shadow_params": [shard_like(p, s) for p, s in zip(parameters, shadows)]}
-
-
 # ----------------------------------------------------------------------------------------------
 # The loop's few sharding-aware steps
 
@@ -253,34 +287,120 @@ def backward(accelerator: Any, loss: torch.Tensor, accumulation: int, last_micro
         accelerator.backward(loss / accumulation)
 
 
+def input_dtype(accelerator: Any, weight_dtype: torch.dtype) -> torch.dtype:
+    """The dtype the denoiser's inputs are fed in. DeepSpeed's bf16/fp16 engine casts the trained
+    model to that dtype and runs no autocast, so its inputs are cast as in diffusers' example scripts
+    (``weight_dtype``); elsewhere fp32 goes in (autocast, or FSDP2's mixed precision, casts)."""
+    return weight_dtype if is_deepspeed(accelerator) else torch.float32
+
+
+def as_dtype(value: Any, dtype: torch.dtype) -> Any:
+    """``value`` (a tensor or a dict of them) with its floating tensors in ``dtype``."""
+    if isinstance(value, dict):
+        return {key: as_dtype(item, dtype) for key, item in value.items()}
+    if isinstance(value, torch.Tensor) and value.is_floating_point():
+        return value.to(dtype)
+    return value
+
+
 def full_parameters(accelerator: Any, parameters: dict[str, torch.nn.Parameter]) -> dict[str, torch.Tensor]:
-    """The trained tensors whole, as the model holds them (with EMA: after ``copy_to``). A
-    collective when sharded. DeepSpeed ZeRO-1/2 keeps whole fp32 weights in every process (ZeRO-3
-    and DeepSpeed's bf16/fp16 engine are refused), equal to its optimizer's master copy."""
+    """The trained tensors whole in fp32, as the model holds them (with EMA: after ``copy_to``). A
+    collective when sharded. DeepSpeed: its optimizer's fp32 master weights (the model itself may
+    hold bf16/fp16 copies)."""
     if is_deepspeed(accelerator):
-        return {name: parameter.detach() for name, parameter in parameters.items()}
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        return {name: safe_get_full_fp32_param(parameter) for name, parameter in parameters.items()}
     return gathered(dict(parameters))
 
 
-def full_optimizer_state(accelerator: Any, parameters: dict[str, torch.nn.Parameter], optimizer: Any) -> dict[str, Any]:
-    """The optimizer state whole, in torch's layout (states by parameter index), as one process
-    saves it. A collective when sharded."""
+# EMA under DeepSpeed follows the optimizer's fp32 master weights, this process's fragment of each
+# (sharded like them, updated without communication); whole tensors are gathered only to save.
+
+
+def ema_tensors(accelerator: Any, parameters: dict[str, torch.nn.Parameter]) -> list[torch.Tensor]:
+    """What EMA averages and ``copy_to`` writes: the parameters (FSDP2: their shards), or under
+    DeepSpeed this process's fragments of the fp32 master weights (views: written in place)."""
+    if not is_deepspeed(accelerator):
+        return list(parameters.values())
+    return [_local_fp32(parameter) for parameter in parameters.values()]
+
+
+def _local_fp32(parameter: torch.nn.Parameter) -> torch.Tensor:
+    if hasattr(parameter, "ds_id"):  # ZeRO-3: the partition the optimizer holds
+        from deepspeed.utils import safe_get_local_fp32_param
+
+        return safe_get_local_fp32_param(parameter)
+    mapping = getattr(parameter, "_hp_mapping", None)  # ZeRO-1/2: the fragment of the flat fp32 partition
+    return mapping.get_hp_fragment() if mapping is not None else parameter.new_empty(0, dtype=torch.float32)
+
+
+def full_ema_state(accelerator: Any, parameters: dict[str, torch.nn.Parameter], ema: Any) -> dict[str, Any] | None:
+    """The EMA state with whole shadow weights under DeepSpeed (a collective); else as it is (FSDP2's
+    sharded shadows are gathered with the rest of the training state)."""
+    if ema is None:
+        return None
+    state = ema.state_dict()
+    if is_deepspeed(accelerator):
+        state["shadow_params"] = [
+            _through_master(parameter, shadow, get=True) for parameter, shadow in zip(parameters.values(), state["shadow_params"])
+        ]
+    return state
+
+
+def shard_ema_state(accelerator: Any, parameters: dict[str, torch.nn.Parameter], saved: dict[str, Any]) -> dict[str, Any]:
+    """A saved (whole) EMA state cut like :func:`ema_tensors` of this run."""
+    shadows = saved.get("shadow_params") or []
+    if is_deepspeed(accelerator):
+        return {**saved, "shadow_params": [_through_master(p, s, get=False) for p, s in zip(parameters.values(), shadows)]}
+    return {**saved, "shadow_params": [shard_like(p, s) for p, s in zip(parameters.values(), shadows)]}
+
+
+@torch.no_grad()
+def _through_master(parameter: torch.nn.Parameter, value: torch.Tensor, get: bool) -> torch.Tensor:
+    """A fragment → whole tensor (``get``; a collective), or whole → this process's fragment, by
+    passing it through the parameter's fp32 master slot with DeepSpeed's own mapping, then putting
+    the master weights back."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+
+    local = _local_fp32(parameter)
+    kept = local.clone()
+    if get:
+        local.copy_(value.to(local.device))
+        result = safe_get_full_fp32_param(parameter).clone()
+    else:
+        safe_set_full_fp32_param(parameter, value.to(local.device, torch.float32))
+        result = local.clone()
+    local.copy_(kept)
+    return result
+
+
+def full_optimizer_state(
+    accelerator: Any, parameters: dict[str, torch.nn.Parameter], optimizer: Any, groups: list[list[str]]
+) -> dict[str, Any]:
+    """The optimizer state whole, in torch's layout (states by parameter index, counted through the
+    param groups; ``groups``: the names in each group), as one process saves it. A collective when sharded."""
     if not is_deepspeed(accelerator):
         return gathered(optimizer.state_dict())
     from deepspeed.utils import safe_get_full_optimizer_state
 
     inner = _deepspeed_torch_optimizer(optimizer)
+    _link_optimizer_state(optimizer)
     step = next(iter(inner.state.values()), {}).get("step", torch.tensor(0.0))
-    state = {}
-    for index, parameter in enumerate(parameters.values()):
-        moments = {key: safe_get_full_optimizer_state(parameter, key) for key in ("exp_avg", "exp_avg_sq")}
-        state[index] = {"step": torch.as_tensor(step, dtype=torch.float32).clone(), **moments}
-    hyper = {key: value for key, value in inner.param_groups[0].items() if key != "params"}
-    return {"state": state, "param_groups": [{**hyper, "params": list(range(len(parameters)))}]}
+    state, param_groups = {}, []
+    for names, group in zip(groups, inner.param_groups):  # (DeepSpeed keeps the groups and their order)
+        first = len(state)
+        for name in names:
+            moments = {key: safe_get_full_optimizer_state(parameters[name], key) for key in ("exp_avg", "exp_avg_sq")}
+            state[len(state)] = {"step": torch.as_tensor(step, dtype=torch.float32).clone(), **moments}
+        hyper = {key: value for key, value in group.items() if key != "params"}
+        param_groups.append({**hyper, "params": list(range(first, len(state)))})
+    return {"state": state, "param_groups": param_groups}
 
 
 def load_training_state(
-    accelerator: Any, parameters: dict[str, torch.nn.Parameter], optimizer: Any, trainable: dict, optimizer_state: dict
+    accelerator: Any, parameters: dict[str, torch.nn.Parameter], optimizer: Any, trainable: dict, optimizer_state: dict,
+    groups: list[list[str]],
 ) -> None:
     """Put a checkpoint's whole tensors back: cut into this run's shards, or given to DeepSpeed."""
     from sdtune.checkpoint import restore_parameters
@@ -294,31 +414,44 @@ def load_training_state(
 
     _check_names(parameters, trainable)
     _deepspeed_optimizer_state_ready(optimizer)
-    for index, (name, parameter) in enumerate(parameters.items()):
+    for index, name in enumerate(name for names in groups for name in names):  # torch's state layout
+        parameter = parameters[name]
         with deepspeed.zero.GatheredParameters([parameter], modifier_rank=0), torch.no_grad():
             parameter.data.copy_(trainable[name].to(parameter.device, parameter.dtype))  # the weights used
         safe_set_full_fp32_param(parameter, trainable[name].to(accelerator.device))  # the optimizer's master copy
         for key in ("exp_avg", "exp_avg_sq"):
             safe_set_full_optimizer_state(parameter, optimizer_state["state"][index][key].to(accelerator.device), key)
-    for group in _deepspeed_torch_optimizer(optimizer).param_groups:  # the rate of the step resumed at
-        group["lr"] = optimizer_state["param_groups"][0]["lr"]  # (the schedule sets it only after a step)
+    for group, saved in zip(_deepspeed_torch_optimizer(optimizer).param_groups, optimizer_state["param_groups"]):
+        group["lr"] = saved["lr"]  # the rate of the step resumed at (the schedule sets it only after a step)
     step = optimizer_state["state"][0]["step"] if optimizer_state["state"] else None
     for entries in _deepspeed_torch_optimizer(optimizer).state.values():
         if step is not None and "step" in entries:
-            entries["step"] = torch.as_tensor(step, dtype=entries["step"].dtype if torch.is_tensor(entries["step"]) else None)
+            dtype = entries["step"].dtype if torch.is_tensor(entries["step"]) else None  # (a copy each: torch
+            entries["step"] = torch.as_tensor(step, dtype=dtype).clone()  # increments it in place, per group)
 
 
 def _deepspeed_optimizer_state_ready(optimizer: Any) -> None:
     """Create Adam's state before the first step (torch creates it lazily, in the first step) and
     let DeepSpeed link it to each parameter's fragment, so saved moments can be written into it."""
     inner = _deepspeed_torch_optimizer(optimizer)
-    for group in inner.param_groups:
-        for flat in group["params"]:
-            if not inner.state[flat]:  # torch's own initial state (AdamW, no amsgrad)
-                inner.state[flat] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(flat),
-                                     "exp_avg_sq": torch.zeros_like(flat)}
     zero = optimizer.optimizer  # accelerate's wrapper → DeepSpeed's ZeRO optimizer
-    zero._lazy_init_hp_params_optimizer_state()  # what its own step does first (stage 1/2)
+    # ZeRO-3 puts its fp32 partitions into the torch optimizer's groups only while it steps
+    flats = getattr(zero, "fp32_partitioned_groups_flat", None) or [p for g in inner.param_groups for p in g["params"]]
+    for flat in flats:
+        if not inner.state[flat]:  # torch's own initial state (AdamW, no amsgrad)
+            inner.state[flat] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(flat),
+                                 "exp_avg_sq": torch.zeros_like(flat)}
+    _link_optimizer_state(optimizer)
+
+
+def _link_optimizer_state(optimizer: Any) -> None:
+    """Link each parameter's fragment to Adam's state (ZeRO-1/2; ZeRO-3 needs no link). DeepSpeed
+    links once, right after stepping its *first* param group, so with several groups (a text encoder
+    at its own rate) the later groups' fragments stay linked to empty state: link again here."""
+    zero = optimizer.optimizer  # accelerate's wrapper → DeepSpeed's ZeRO optimizer
+    if hasattr(zero, "_lazy_init_hp_params_optimizer_state"):
+        zero._hp_optimizer_states_linked = False
+        zero._lazy_init_hp_params_optimizer_state()
 
 
 def _check_names(parameters: dict[str, torch.nn.Parameter], trainable: dict[str, torch.Tensor]) -> None:

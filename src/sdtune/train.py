@@ -80,6 +80,8 @@ class StepContext:
     empty_conditioning: Conditioning | None = None
     sharding: str | None = None  # fsdp2 | deepspeed: trained tensors are sharded (see sdtune.sharding)
     prior: prior_lib.PriorSamples | None = None  # DreamBooth's class samples (prior_preservation)
+    input_dtype: torch.dtype = torch.float32  # of the denoiser's inputs (DeepSpeed bf16: bf16)
+    optimizer_groups: list[list[str]] = dataclasses.field(default_factory=list)  # trained names per param group
 
 
 def train(
@@ -188,8 +190,12 @@ def train_technique(
                     timesteps = objective.sample_timesteps(latents.shape[0], generators, latents.device)
                     noisy_latents = objective.noisy_latents(latents, noise, timesteps)
                     target = objective.target(latents, noise, timesteps)
+                    # DeepSpeed's bf16 engine takes its inputs in bf16 (elsewhere fp32: autocast casts)
+                    model_input = noisy_latents.to(ctx.input_dtype)
                     with accelerator.autocast():  # (prepare() wraps trained models only; a frozen denoiser too)
-                        prediction = family.predict(ctx.bundle, noisy_latents, timesteps, conditioning)
+                        prediction = family.predict(
+                            ctx.bundle, model_input, timesteps, sharding.as_dtype(conditioning, ctx.input_dtype)
+                        )
                     if ctx.prior is None:
                         loss = diffusion.diffusion_loss(prediction, target, objective.loss_weights(timesteps), mask)
                     else:  # instance loss + λ × prior loss (Ruiz et al. 2023, eq. 2)
@@ -204,7 +210,7 @@ def train_technique(
             lr_scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             if ema is not None:
-                ema.step(ctx.parameters.values())
+                ema.step(sharding.ema_tensors(accelerator, ctx.parameters))
             done = step + 1
             state["step"] = done
             pending.append((done, step_loss, lr))
@@ -320,6 +326,7 @@ def _setup(experiment: Experiment, name: str, run_dir: Path, progress: bool) -> 
         log_with="tensorboard",
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")),
     )
+    sharding.load_whole(accelerator)  # (ZeRO-3: no partitioned loading; the engine partitions what trains)
     if torch.cuda.is_available():  # set either way: a flag left on by an earlier run must not leak in
         torch.backends.cuda.matmul.allow_tf32 = cfg.allow_tf32
         torch.backends.cudnn.allow_tf32 = cfg.allow_tf32
@@ -334,7 +341,7 @@ def _setup(experiment: Experiment, name: str, run_dir: Path, progress: bool) -> 
     torch.manual_seed(cfg.seed)  # adapter initialisation is random: same seed, same start
     technique.prepare(bundle)
     trained = [name for name in bundle.trainable_names() if _trains(bundle.components[name])]
-    sharded = sharding.configure(accelerator, cfg, trained)  # FSDP2 / DeepSpeed when launched with them
+    sharded = sharding.configure(accelerator, cfg)  # FSDP2 / DeepSpeed when launched with them
     for name, module in bundle.components.items():
         frozen_dtype = torch.float32 if name == "vae" and family.vae_in_fp32 else weight_dtype
         for parameter in module.parameters():  # frozen weights in the compute dtype, trained ones fp32
@@ -379,6 +386,7 @@ def _setup(experiment: Experiment, name: str, run_dir: Path, progress: bool) -> 
         timing=timing,
         sharding=sharded,
         prior=prior,
+        input_dtype=sharding.input_dtype(accelerator, weight_dtype),
     )
     ctx.latent_cache = _latent_cache(ctx, experiment, run_dir.parent)
     timing["cache_open_time_s"] = time.perf_counter() - started
@@ -474,9 +482,11 @@ def _optimisation(ctx: StepContext) -> tuple[Any, Any, Any, int]:
         **kernel,
     )
     # models and optimizer prepared together: FSDP2 replaces the parameters the optimizer holds
-    trained = [name for name in ctx.bundle.trainable_names() if _trains(ctx.bundle.components[name])]
-    ctx.models, optimizer = sharding.prepare(accelerator, ctx.models, optimizer)
-    ctx.bundle = ctx.bundle.replace(**dict(zip(trained, ctx.models)))
+    trained = {name: ctx.bundle.components[name] for name in ctx.bundle.trainable_names() if _trains(ctx.bundle.components[name])}
+    names = {id(parameter): name for name, parameter in ctx.parameters.items()}
+    ctx.optimizer_groups = [[names[id(parameter)] for parameter in group["params"]] for group in optimizer.param_groups]
+    called, ctx.models, optimizer = sharding.prepare(accelerator, trained, optimizer, ctx.sharding)
+    ctx.bundle = ctx.bundle.replace(**called)
     ctx.parameters = trainable_named_parameters(_unwrapped(ctx))
     # stepped once per optimizer step by the loop itself (not prepared: no per-process scaling)
     lr_scheduler = get_scheduler(
@@ -486,7 +496,8 @@ def _optimisation(ctx: StepContext) -> tuple[Any, Any, Any, int]:
     if cfg.use_ema:
         # multi-tensor (foreach) EMA only on CUDA: on the CPU it measured 1.5–2.6× slower per update
         # (490 M values: 0.16–0.24 s plain vs 0.24–0.62 s foreach), and slowed sdtune's full+EMA step
-        ema = EMAModel(list(ctx.parameters.values()), decay=cfg.ema_decay, foreach=accelerator.device.type == "cuda")
+        # (DeepSpeed: over its fp32 master weights, each process its fragment: see sdtune.sharding)
+        ema = EMAModel(sharding.ema_tensors(accelerator, ctx.parameters), decay=cfg.ema_decay, foreach=accelerator.device.type == "cuda")
         ema.to(accelerator.device)
     return optimizer, lr_scheduler, ema, max_steps
 
@@ -628,10 +639,10 @@ def _resume(ctx: StepContext, checkpoint: Path, optimizer: Any, lr_scheduler: An
             f"cannot resume {checkpoint}: {changed}; resume with the total batch (batch × accumulation × "
             "processes) and steps it was started with (the data order depends on them)"
         )
-    sharding.load_training_state(ctx.accelerator, ctx.parameters, optimizer, trainable, saved["optimizer"])
+    sharding.load_training_state(ctx.accelerator, ctx.parameters, optimizer, trainable, saved["optimizer"], ctx.optimizer_groups)
     lr_scheduler.load_state_dict(saved["lr_scheduler"])
     if ema is not None:
-        ema.load_state_dict(sharding.shard_ema_state(list(ctx.parameters.values()), saved["ema"]))
+        ema.load_state_dict(sharding.shard_ema_state(ctx.accelerator, ctx.parameters, saved["ema"]))
         ema.to(ctx.accelerator.device)
     scaler = getattr(ctx.accelerator, "scaler", None)
     if scaler is not None and saved.get("scaler") is not None:
@@ -655,9 +666,9 @@ def _write_checkpoint(ctx: StepContext, run_dir: Path, step: int, optimizer: Any
     if accelerator.is_main_process or ctx.sharding:  # sharded: every process takes part in the gather
         scaler = getattr(accelerator, "scaler", None)
         training_state = {
-            "optimizer": sharding.full_optimizer_state(accelerator, ctx.parameters, optimizer),
+            "optimizer": sharding.full_optimizer_state(accelerator, ctx.parameters, optimizer, ctx.optimizer_groups),
             "lr_scheduler": lr_scheduler.state_dict(),
-            "ema": ema.state_dict() if ema is not None else None,
+            "ema": sharding.full_ema_state(accelerator, ctx.parameters, ema),
             "scaler": scaler.state_dict() if scaler is not None else None,
             "state": state,
         }
@@ -678,7 +689,7 @@ def _unwrapped(ctx: StepContext) -> ModelBundle:
     """The bundle without accelerate's (DDP) and torch.compile's wrappers."""
 
     def unwrap(module: torch.nn.Module) -> torch.nn.Module:
-        module = ctx.accelerator.unwrap_model(module)
+        module = ctx.accelerator.unwrap_model(sharding.unrouted(module))
         return getattr(module, "_orig_mod", module)
 
     return ctx.bundle.replace(**{name: unwrap(ctx.bundle.components[name]) for name in ctx.bundle.trainable_names()})
@@ -726,7 +737,7 @@ def _finish(
     accelerator = ctx.accelerator
     saving_started = time.perf_counter()
     if status == "finished" and ema is not None:
-        ema.copy_to(ctx.parameters.values())  # the study saved the EMA weights (sharded: each its shard)
+        ema.copy_to(sharding.ema_tensors(accelerator, ctx.parameters))  # the study saves the EMA weights
     bundle = _gathered_bundle(ctx, experiment) if ctx.sharding and status == "finished" else _unwrapped(ctx)
     outputs: dict[str, Any] = {}
     if status == "finished" and accelerator.is_main_process:

@@ -71,8 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("action", nargs="?", choices=["run", "pretrain"], default="run",
                       help="run (default): the whole comparison; pretrain: rebuild the demo base model")
-    demo.add_argument("--output", default="demo-output", metavar="DIR", help="output folder (default: demo-output)")
+    demo.add_argument("--output", metavar="DIR",
+                      help="output folder (default: demo-output; with --subject: demo-subject-output)")
     demo.add_argument("--quick", action="store_true", help="a few steps only (a smoke test)")
+    demo.add_argument("--subject", action="store_true",
+                      help="the subject round instead: a new object from 6 images (textual inversion, DreamBooth)")
     demo.add_argument("--out", metavar="DIR", help="pretrain: where to write the base model")
     demo.add_argument("--unet-steps", type=int, default=2500, help="pretrain: UNet/text-encoder steps")
     demo.add_argument("--vae-steps", type=int, default=800, help="pretrain: VAE steps")
@@ -244,15 +247,24 @@ def _export(args: argparse.Namespace) -> int:
 
 def _demo(args: argparse.Namespace) -> int:
     if args.action == "pretrain":
+        if args.subject:
+            from sdtune.errors import UserError
+
+            raise UserError("demo pretrain: --subject applies to `sdtune demo` (run), not to pretrain; remove it")
         from sdtune.demo.pretrain import pretrain
 
         out = Path(args.out or "demo-base")
         summary = pretrain(out, vae_steps=args.vae_steps, unet_steps=args.unet_steps)
         print(f"demo base model written to {out} (VAE PSNR {summary['vae']['psnr_db']:.1f} dB)")
         return 0
-    from sdtune.demo.run import run_demo
+    if args.subject:
+        from sdtune.demo.subject import run_subject
 
-    report = run_demo(args.output, quick=args.quick)
+        report = run_subject(args.output or "demo-subject-output", quick=args.quick)
+    else:
+        from sdtune.demo.run import run_demo
+
+        report = run_demo(args.output or "demo-output", quick=args.quick)
     print(summary_table(report.parent))
     print(f"report: {report}")
     return 0

@@ -10,6 +10,8 @@ diffusion model are still judged sensibly:
   the nearest palette hue;
 * shape: vertical skewness of the region (an upright triangle is bottom-heavy), and how full the
   corners of its bounding box are (a square fills them, a circle does not);
+* subject shape (:func:`subject_shape`, for ``sdtune demo --subject``): a symmetric region whose
+  bounding box is empty on its diagonals is the plus, which the base model never saw;
 * style: how far the background is from the base light grey (0 = base, 1 = style pastel), and the
   share of dark pixels in a thin ring just inside the object's edge (the outline).
 
@@ -57,6 +59,13 @@ OUTLINE_ABSENT = 0.15
 TRIANGLE_SKEW = 0.28  # half of the triangle's skewness
 CORNER_PATCH = 0.2  # corner patch side, as a fraction of the bounding-box side
 SQUARE_CORNER_FILL = 0.4  # circles <= 0.25, squares >= 0.65 (>= 0.35 under heavy blur, which rounds corners)
+# The subject round's plus (world.SUBJECT_SHAPES) is symmetric like a circle, but its four notches
+# leave the bounding box empty on the diagonals, where a circle and a square are full: patches of
+# side DIAGONAL_PATCH centred DIAGONAL_AT of the box side in from each corner (0.22: inside a circle,
+# whose boundary there is 0.15 from the corner; outside the plus's arms, which start at 0.32).
+DIAGONAL_AT = 0.22
+DIAGONAL_PATCH = 0.12
+PLUS_DIAGONAL_FILL = 0.5  # clean plus 0, circle/square 1; blurred samples of both stay on their side
 
 _STYLE_DISTANCE = math.dist(BASE_BACKGROUND, STYLE_BACKGROUND)
 
@@ -75,6 +84,7 @@ class Judgement:
     skewness: float = 0.0
     corner_fill: float = 0.0
     fill_ratio: float = 0.0
+    diagonal_fill: float = 0.0
 
 
 # --------------------------------------------------------------------------------------------
@@ -192,8 +202,8 @@ def _object_hue(rgb: np.ndarray, inner: np.ndarray) -> float | None:
     return math.degrees(mean) % 360.0
 
 
-def _shape_features(mask: np.ndarray) -> tuple[float, float, float]:
-    """(vertical skewness, bounding-box corner fill, bounding-box fill ratio) of a region."""
+def _shape_features(mask: np.ndarray) -> tuple[float, float, float, float]:
+    """(vertical skewness, corner fill, fill ratio, diagonal fill) of a region's bounding box."""
     ys, xs = np.nonzero(mask)
     y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
     spread = ys - ys.mean()
@@ -202,7 +212,23 @@ def _shape_features(mask: np.ndarray) -> tuple[float, float, float]:
     box = mask[y0:y1, x0:x1]
     ph, pw = max(1, round(CORNER_PATCH * box.shape[0])), max(1, round(CORNER_PATCH * box.shape[1]))
     corners = [box[:ph, :pw], box[:ph, -pw:], box[-ph:, :pw], box[-ph:, -pw:]]
-    return skew, float(np.mean([c.mean() for c in corners])), float(box.mean())
+    return skew, float(np.mean([c.mean() for c in corners])), float(box.mean()), _diagonal_fill(box)
+
+
+def _diagonal_fill(box: np.ndarray) -> float:
+    """Mean fill of the four patches on the bounding box's diagonals (see ``DIAGONAL_AT``)."""
+    fills = []
+    for fy in (DIAGONAL_AT, 1 - DIAGONAL_AT):
+        for fx in (DIAGONAL_AT, 1 - DIAGONAL_AT):
+            fills.append(box[_patch(box.shape[0], fy), _patch(box.shape[1], fx)].mean())
+    return float(np.mean(fills))
+
+
+def _patch(side: int, centre: float) -> slice:
+    """Pixel range of a patch of DIAGONAL_PATCH × ``side`` (at least one pixel) centred at ``centre``."""
+    half = max(0.5, DIAGONAL_PATCH * side / 2)
+    start = min(side - 1, max(0, round(centre * side - half)))
+    return slice(start, max(start + 1, min(side, round(centre * side + half))))
 
 
 def _shape(skew: float, corner_fill: float) -> str:
@@ -247,7 +273,7 @@ def judge(image: Image.Image | np.ndarray) -> Judgement:
     dark = rgb.max(axis=-1) <= DARK_MAX_CHANNEL
     outline_score = float(dark[edge_ring].mean()) if edge_ring.any() else 0.0
     hue = _object_hue(rgb, inner if inner.any() else mask)
-    skew, corner_fill, fill_ratio = _shape_features(mask)
+    skew, corner_fill, fill_ratio, diagonal_fill = _shape_features(mask)
     return Judgement(
         colour=None if hue is None else _nearest_colour(hue),
         shape=_shape(skew, corner_fill),
@@ -259,7 +285,22 @@ def judge(image: Image.Image | np.ndarray) -> Judgement:
         skewness=skew,
         corner_fill=corner_fill,
         fill_ratio=fill_ratio,
+        diagonal_fill=diagonal_fill,
     )
+
+
+def subject_shape(judgement: Judgement) -> str | None:
+    """The shape among the base shapes *and* the subject shapes (``world.SUBJECT_SHAPES``).
+
+    :func:`judge`'s ``shape`` knows only the base world's three shapes (the default demo's rule is
+    left as it was); the subject round asks this instead: a vertically symmetric region with empty
+    diagonals is a plus, anything else keeps the base rule's class.
+    """
+    if judgement.shape is None:
+        return None
+    if abs(judgement.skewness) < TRIANGLE_SKEW and judgement.diagonal_fill < PLUS_DIAGONAL_FILL:
+        return "plus"
+    return judgement.shape
 
 
 def judge_many(images: Iterable[Image.Image | np.ndarray]) -> list[Judgement]:

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from sdtune.demo import world
-from sdtune.demo.judge import STYLE_CLASSES, judge_many
+from sdtune.demo.judge import STYLE_CLASSES, judge_many, subject_shape
 from sdtune.metrics.maths import bootstrap_ci
 from sdtune.metrics.registry import MetricContext, register_metric
 
@@ -80,4 +80,39 @@ def full_style(ctx: MetricContext) -> dict[str, Any]:
     return _share(full, np.arange(len(full)), ctx.seed)
 
 
+# The subject round (``sdtune demo --subject``): its in-domain prompts name the new object, its
+# out-of-domain prompts the base world's shapes.
+
+
+@register_metric("judge_subject_drawn", direction="higher", needs=JUDGE)
+def subject_drawn(ctx: MetricContext) -> dict[str, Any]:
+    """Share of the subject prompts' images that draw the new object (a plus, judged exactly)."""
+    rows = ctx.indices(in_domain=True)
+    judgements = _judged(ctx)
+    drawn = np.array([subject_shape(j) == world.SUBJECT_SHAPES[0] for j in judgements], dtype=float)
+    result = _share(drawn, rows, ctx.seed)
+    if len(rows):
+        result["colour"] = float(np.mean([judgements[i].colour == world.SUBJECT_COLOUR for i in rows]))
+    return result
+
+
+@register_metric("judge_others_kept", direction="higher", needs=JUDGE)
+def others_kept(ctx: MetricContext) -> dict[str, Any]:
+    """Share of the other prompts' images that still draw the asked colour and shape (the new object
+    counts as a shape: a circle drawn as a plus is wrong); ``shape``: the share with the asked shape
+    whatever its colour; ``as_subject``: the share drawn as the new object."""
+    rows = ctx.indices(in_domain=False)
+    judgements = _judged(ctx)
+    targets = [prompt_targets(p) for p in ctx.prompts]
+    kept = np.array(
+        [j.colour == c and subject_shape(j) == s for j, (c, s) in zip(judgements, targets)], dtype=float
+    )
+    result = _share(kept, rows, ctx.seed)
+    if len(rows):
+        result["shape"] = float(np.mean([subject_shape(judgements[i]) == targets[i][1] for i in rows]))
+        result["as_subject"] = float(np.mean([subject_shape(judgements[i]) == world.SUBJECT_SHAPES[0] for i in rows]))
+    return result
+
+
+SUBJECT_METRICS = ["judge_subject_drawn", "judge_others_kept"]
 JUDGE_METRICS = ["judge_prompt_accuracy", "judge_heldout_accuracy", "judge_full_style", "judge_style_split"]

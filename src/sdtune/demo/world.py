@@ -34,6 +34,12 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "purple": (185, 45, 205),
 }
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
+# Shapes the base model never saw, for ``sdtune demo --subject`` (never in a base caption nor in
+# VOCABULARY). A plus's arms are PLUS_ARM of its extent wide: its notches (0.32 of the extent) stay
+# several latent pixels (4 image px) wide at the smallest size, so the 16×16-latent model can draw them.
+SUBJECT_SHAPES: tuple[str, ...] = ("plus",)
+PLUS_ARM = 0.36
+SUBJECT_COLOUR = "red"  # the subject is one object: a red plus, at any size and place
 DOMAINS: tuple[str, ...] = ("base", "style")
 
 # Object extent (bounding-box side) as a fraction of the image side, per size word.
@@ -62,8 +68,8 @@ class Scene:
     domain: str = "base"
 
     def __post_init__(self) -> None:
-        if self.shape not in SHAPES:
-            raise ValueError(f"unknown shape {self.shape!r}; expected one of {SHAPES}")
+        if self.shape not in SHAPES + SUBJECT_SHAPES:
+            raise ValueError(f"unknown shape {self.shape!r}; expected one of {SHAPES + SUBJECT_SHAPES}")
         if self.colour not in COLOURS:
             raise ValueError(f"unknown colour {self.colour!r}; expected one of {tuple(COLOURS)}")
         if self.domain not in DOMAINS:
@@ -126,6 +132,12 @@ def _draw_shape(
         return
     half = s / 2 - inset
     if half <= 0:
+        return
+    if shape == "plus":
+        arm = PLUS_ARM * s / 2 - inset  # half the arm's thickness
+        if arm > 0:
+            draw.rectangle([round(cx - half), round(cy - arm), round(cx + half) - 1, round(cy + arm) - 1], fill=fill)
+            draw.rectangle([round(cx - arm), round(cy - half), round(cx + arm) - 1, round(cy + half) - 1], fill=fill)
         return
     box = [round(cx - half), round(cy - half), round(cx + half) - 1, round(cy + half) - 1]
     if shape == "circle":

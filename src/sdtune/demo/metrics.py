@@ -84,7 +84,7 @@ def full_style(ctx: MetricContext) -> dict[str, Any]:
 # out-of-domain prompts the base world's shapes.
 
 
-@register_metric("judge_subject_drawn", direction="higher", needs=JUDGE)
+@register_metric("judge_subject_drawn", direction="higher", default=False)
 def subject_drawn(ctx: MetricContext) -> dict[str, Any]:
     """Share of the subject prompts' images that draw the new object (a plus, judged exactly)."""
     rows = ctx.indices(in_domain=True)
@@ -96,7 +96,7 @@ def subject_drawn(ctx: MetricContext) -> dict[str, Any]:
     return result
 
 
-@register_metric("judge_others_kept", direction="higher", needs=JUDGE)
+@register_metric("judge_others_kept", direction="higher", default=False)
 def others_kept(ctx: MetricContext) -> dict[str, Any]:
     """Share of the other prompts' images that still draw the asked colour and shape (the new object
     counts as a shape: a circle drawn as a plus is wrong); ``shape``: the share with the asked shape

@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from sdtune.demo import world
-from sdtune.demo.metrics import SUBJECT_METRICS
+from sdtune.demo.metrics import PLUGIN, SUBJECT_METRICS
 from sdtune.demo.run import base_model_path
 
 # The made-up word. Textual inversion adds it as a new token; the other techniques read it as
@@ -113,6 +113,7 @@ def subject_experiment(output_dir: Path, settings: SubjectSettings, seed: int = 
             "guidance_scale": settings.guidance_scale,
             "scheduler": "DDIMScheduler",
             "metrics": SUBJECT_METRICS,
+            "metric_plugins": [PLUGIN],  # the judge metrics register themselves
         },
         "output_dir": ".",
     }

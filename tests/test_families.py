@@ -120,9 +120,9 @@ def test_v_target_is_what_the_sd2_loop_regresses(write_experiment, family_model,
     seen = {}
     real_loss = diffusion.diffusion_loss
 
-    def spy(prediction, target, weights=None):
+    def spy(prediction, target, weights=None, mask=None):
         seen.setdefault("target", target.detach().clone())
-        return real_loss(prediction, target, weights)
+        return real_loss(prediction, target, weights, mask)
 
     real_objective = diffusion.DDPMObjective.target
 

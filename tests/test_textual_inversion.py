@@ -101,7 +101,8 @@ def test_only_the_new_rows_train_and_the_files_load_in_diffusers(family, num_vec
             f"np.save({str(out)!r}, np.stack([np.asarray(i, dtype=np.float32) for i in r.images]))"
         )
         subprocess.run([sys.executable, "-c", script], check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-        assert np.array_equal(np.load(f"{out}.npy"), in_diffusers)
+        # (another process may use other thread counts: uint8 images at most one level of rounding apart)
+        assert np.abs(np.load(f"{out}.npy") - in_diffusers).max() <= 1.0
 
 
 def _interrupt_at(step):

@@ -129,18 +129,7 @@ def decode_image(value: Any, base_dir: Path | None, converted: dict[str, int] | 
         path = _resolve(str(value if isinstance(value, (str, Path)) else value["path"]), base_dir)
         if path.exists() and path.stat().st_size == 0:
             raise DataError("the file is empty (0 bytes)")
-    if isinstance(value, Image.Image):
-        image = value
-    elif isinstance(value, dict) and value.get("bytes"):
-        image = Image.open(io.BytesIO(value["bytes"]))
-    elif isinstance(value, dict) and value.get("path"):
-        image = Image.open(_resolve(value["path"], base_dir))
-    elif isinstance(value, (str, Path)):
-        image = Image.open(_resolve(str(value), base_dir))
-    elif isinstance(value, (bytes, bytearray)):
-        image = Image.open(io.BytesIO(value))
-    else:
-        raise DataError(f"cannot read an image from a value of type {type(value).__name__}")
+    image = _open_image(value, base_dir)
     image.load()
     if image.width == 0 or image.height == 0:
         raise DataError(f"the image is {image.width}×{image.height} pixels")
@@ -148,6 +137,21 @@ def decode_image(value: Any, base_dir: Path | None, converted: dict[str, int] | 
     if converted is not None and image.mode != "RGB":
         converted[image.mode] = converted.get(image.mode, 0) + 1
     return rgb
+
+
+def _open_image(value: Any, base_dir: Path | None) -> Image.Image:
+    """A PIL image (not yet decoded) from a datasets Image value, a path, bytes, or a PIL image."""
+    if isinstance(value, Image.Image):
+        return value
+    if isinstance(value, dict) and value.get("bytes"):
+        return Image.open(io.BytesIO(value["bytes"]))
+    if isinstance(value, dict) and value.get("path"):
+        return Image.open(_resolve(value["path"], base_dir))
+    if isinstance(value, (str, Path)):
+        return Image.open(_resolve(str(value), base_dir))
+    if isinstance(value, (bytes, bytearray)):
+        return Image.open(io.BytesIO(value))
+    raise DataError(f"cannot read an image from a value of type {type(value).__name__}")
 
 
 def _resolve(path: str, base_dir: Path | None) -> Path:
@@ -373,16 +377,7 @@ class TrainingSet:
 
 def read_mask(value: Any, base_dir: Path | None) -> np.ndarray:
     """A mask value (path, bytes, datasets Image value, PIL image) as uint8 (height, width), 0–255."""
-    if isinstance(value, Image.Image):
-        image = value
-    elif isinstance(value, dict) and value.get("bytes"):
-        image = Image.open(io.BytesIO(value["bytes"]))
-    elif isinstance(value, dict) and value.get("path"):
-        image = Image.open(_resolve(value["path"], base_dir))
-    elif isinstance(value, (bytes, bytearray)):
-        image = Image.open(io.BytesIO(value))
-    else:
-        image = Image.open(_resolve(str(value), base_dir))
+    image = _open_image(value, base_dir)
     return np.round(to_mask(image) * 255).astype(np.uint8)
 
 

@@ -76,14 +76,7 @@ class Technique:
         """The text encoders this technique trains (none unless ``train_text_encoder``)."""
         if not self.options.train_text_encoder:
             return []
-        names = self.options.text_encoders or list(bundle.family.trained_text_encoders)
-        missing = [name for name in names if name not in bundle.text_encoder_names()]
-        if missing:
-            raise ConfigError(
-                f"text_encoders: {missing[0]!r} is not loaded (model.text_encoder_3: false?); loaded: "
-                f"{', '.join(bundle.text_encoder_names())}"
-            )
-        return names
+        return loaded_text_encoders(bundle, self.options.text_encoders or list(bundle.family.trained_text_encoders))
 
     def make_trainable(self, bundle: ModelBundle) -> None:
         raise NotImplementedError
@@ -120,6 +113,17 @@ class Technique:
 
 
 TECHNIQUES: Registry[type[Technique]] = Registry("technique")
+
+
+def loaded_text_encoders(bundle: ModelBundle, names: list[str]) -> list[str]:
+    """``names`` (the ``text_encoders`` option, or a default), each checked to be loaded in ``bundle``."""
+    missing = [name for name in names if name not in bundle.text_encoder_names()]
+    if missing:
+        raise ConfigError(
+            f"text_encoders: {missing[0]!r} is not loaded (model.text_encoder_3: false?); loaded: "
+            f"{', '.join(bundle.text_encoder_names())}"
+        )
+    return names
 
 
 def trainable_named_parameters(bundle: ModelBundle) -> dict[str, torch.nn.Parameter]:

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 
 from sdtune.schema import ConfigError
-from sdtune.techniques.base import TECHNIQUES, Technique
+from sdtune.techniques.base import TECHNIQUES, Technique, loaded_text_encoders
 
 if TYPE_CHECKING:
     from sdtune.models import ModelBundle
@@ -110,14 +110,7 @@ class TextualInversion(Technique):
         return [token] + [f"{token}_{i}" for i in range(1, self.options.num_vectors)]
 
     def encoders(self, bundle: ModelBundle) -> list[str]:
-        names = self.options.text_encoders or bundle.text_encoder_names()
-        missing = [name for name in names if name not in bundle.text_encoder_names()]
-        if missing:
-            raise ConfigError(
-                f"text_encoders: {missing[0]!r} is not loaded (model.text_encoder_3: false?); loaded: "
-                f"{', '.join(bundle.text_encoder_names())}"
-            )
-        return names
+        return loaded_text_encoders(bundle, self.options.text_encoders or bundle.text_encoder_names())
 
     def make_trainable(self, bundle: ModelBundle) -> None:
         for name in self.encoders(bundle):

@@ -22,7 +22,7 @@ from PIL import Image
 from sdtune import layouts
 from sdtune.buckets import BucketOrder, assign_buckets, bucket_sizes, bucket_summary, check_buckets
 from sdtune.config import DataConfig
-from sdtune.images import DataError, to_mask, to_rgb
+from sdtune.images import DataError, first_line, to_mask, to_rgb
 from sdtune.split import held_out_rows, parse_validation
 
 log = logging.getLogger(__name__)
@@ -82,9 +82,8 @@ def load_rows(config: DataConfig, cache_root: Path | None = None) -> tuple[Any, 
     except DataError:
         raise
     except Exception as error:  # datasets raises many types; the user needs one line
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise DataError(
-            f"data.source: could not load {config.source!r} ({first[:200]}); give a local imagefolder "
+            f"data.source: could not load {config.source!r} ({first_line(error)}); give a local imagefolder "
             "with metadata.jsonl/csv, a .parquet/.jsonl/.csv file, or a reachable hub dataset id"
         ) from error
     if config.max_samples is not None:

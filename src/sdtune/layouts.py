@@ -20,7 +20,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from sdtune.images import DataError
+from sdtune.images import DataError, first_line
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 CAPTION_SUFFIXES = (".txt", ".caption")  # kohya reads either; both for one image is ambiguous
@@ -210,9 +210,8 @@ def _open_stream(config: Any) -> Any:
         else:
             dataset = datasets.load_dataset(config.source, split=config.split, revision=config.revision, streaming=True)
     except Exception as error:  # datasets raises many types; the user needs one line
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise DataError(
-            f"data.source: could not stream {config.source!r} ({first[:200]}); give a reachable hub dataset id or "
+            f"data.source: could not stream {config.source!r} ({first_line(error)}); give a reachable hub dataset id or "
             "webdataset .tar shards"
         ) from error
     features = getattr(dataset, "features", None) or {}

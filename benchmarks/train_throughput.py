@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from sdtune.allocator import keep_freed_memory
 from sdtune.config import experiment_from_dict
 from sdtune.demo import world
 from sdtune.demo.run import TECHNIQUES, base_model_path
@@ -28,7 +29,7 @@ from sdtune.models import family_for
 from sdtune.records import device_description, package_versions
 from sdtune.techniques import TECHNIQUES as REGISTRY
 from sdtune.techniques import trainable_named_parameters
-from sdtune.train import train_technique
+from sdtune.train import has_fused_adamw, train_technique
 
 
 def bare_seconds_per_step(experiment, name: str, steps: int, warmup: int = 3) -> float:
@@ -45,7 +46,9 @@ def bare_seconds_per_step(experiment, name: str, steps: int, warmup: int = 3) ->
         module.to(device)
     bundle.denoiser.train()
     parameters = list(trainable_named_parameters(bundle).values())
-    optimizer = torch.optim.AdamW(parameters, lr=cfg.learning_rate)
+    if device.type == "cpu" and cfg.keep_freed_cpu_memory:  # the same runtime levers as sdtune's loop
+        keep_freed_memory()
+    optimizer = torch.optim.AdamW(parameters, lr=cfg.learning_rate, fused=has_fused_adamw(device) or None)
     side = experiment.data.resolution // family.vae_downsampling(bundle)
     latents = torch.randn(cfg.batch_size, family.latent_channels(bundle), side, side, device=device)
     with torch.no_grad():

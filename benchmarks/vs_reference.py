@@ -124,6 +124,7 @@ def main() -> int:
     parser.add_argument("--python", default=sys.executable, help="interpreter for both trainers")
     parser.add_argument("--work", default="/tmp/sdtune-vs-reference")
     parser.add_argument("--skip-bare", action="store_true", help="do not measure the bare denoiser loop")
+    parser.add_argument("--sdtune-only", action="store_true", help="run sdtune alone (no reference, no speed-up)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     work = Path(args.work)
@@ -159,9 +160,11 @@ def main() -> int:
         (out / "experiment.yaml").write_text(yaml.safe_dump(experiment))
         ours = [args.python, "-m", "sdtune.cli", "train", str(out / "experiment.yaml"), "--output",
                 str(out / "sdtune"), "--no-progress"]
-        print(f"{name}: reference …", flush=True)
-        ref = run_measured(reference, out / "reference.log", env)
-        ref["steady_s_per_step"] = steady_from_tensorboard(out / "reference", "train_loss")
+        ref = {"wall_s": float("nan"), "steady_s_per_step": None, "peak_rss_bytes": float("nan")}
+        if not args.sdtune_only:
+            print(f"{name}: reference …", flush=True)
+            ref = run_measured(reference, out / "reference.log", env)
+            ref["steady_s_per_step"] = steady_from_tensorboard(out / "reference", "train_loss")
         print(f"{name}: sdtune …", flush=True)
         sd = run_measured(ours, out / "sdtune.log", env)
         record = json.loads((out / "sdtune" / name / "record.json").read_text())

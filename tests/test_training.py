@@ -272,6 +272,8 @@ def test_same_data_and_noise_for_every_technique(write_experiment):
     for key in ("versions", "git_commit", "device", "seeds", "timing", "memory", "config"):
         assert key in full.record
     assert full.record["memory"]["peak"]["bytes"] > 0
+    if sys.platform.startswith("linux"):  # glibc's malloc keeps freed blocks (sdtune.allocator)
+        assert full.record["memory"]["cpu_allocator"] == "kept"
 
 
 @pytest.mark.parametrize("family", ["sd1", "sdxl", "sd3"])

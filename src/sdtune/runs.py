@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from sdtune import records
+from sdtune import allocator, records
 from sdtune.checkpoint import resolve_resume
 from sdtune.errors import UserError
 from sdtune.techniques import count_parameters
@@ -141,7 +141,7 @@ def train_record(
             "s_per_step": timing["train_time_s"] / steps_run,
             "images_per_s": timing["images_per_step"] * steps_run / max(timing["train_time_s"], 1e-9),
         },
-        "memory": {"peak": records.peak_memory(accelerator.device)},
+        "memory": {"peak": records.peak_memory(accelerator.device), "cpu_allocator": allocator.state()},
         "parameters": {
             "trainable": sum(getattr(p, "ds_numel", p.numel()) for p in ctx.parameters.values()),  # (ZeRO-3: partitioned)
             "components": {name: count_parameters(module) for name, module in bundle.components.items()},

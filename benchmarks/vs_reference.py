@@ -6,11 +6,12 @@ each run is a fresh process started from the command line, one after the other. 
 - whole-job wall time: from starting the command to its exit (imports, model load, data, caching,
   every step, saving the weights);
 - steady-state s/step: the wall time between the TensorBoard loss events of the second half of the
-  steps, divided by their number (both trainers log every step here; with the study's shape —
-  dataset ≈ half of steps × batch — sdtune's second half runs entirely from its latent cache);
+  steps, divided by their number (both trainers log every step here; with random flips sdtune's
+  second half still encodes the (image, flip) pairs the first epoch did not draw: its record's own
+  ``steady_s_per_step`` leaves those first-use encodes out);
 - peak memory: the process's peak RSS (CPU), read from wait4();
 - for sdtune, steady s/step divided by a bare denoiser loop's (forward + backward + AdamW on fixed
-  tensors of the same shapes: the limit).
+  tensors of the same shapes, with sdtune's optimizer kernel and allocator: the limit).
 
     python benchmarks/vs_reference.py --model sd15-arch --resolution 128 --steps 16 \\
         --batch-size 1 --accumulation 4 --techniques lora,full [--python PYTHON] [--out results.json]

@@ -272,8 +272,7 @@ def test_same_data_and_noise_for_every_technique(write_experiment):
     for key in ("versions", "git_commit", "device", "seeds", "timing", "memory", "config"):
         assert key in full.record
     assert full.record["memory"]["peak"]["bytes"] > 0
-    if sys.platform.startswith("linux"):  # glibc's malloc keeps freed blocks (sdtune.allocator)
-        assert full.record["memory"]["cpu_allocator"] == "kept"
+    assert full.record["memory"]["cpu_allocator"] == "default"  # a library call leaves its caller's malloc alone
 
 
 @pytest.mark.parametrize("family", ["sd1", "sdxl", "sd3"])
@@ -406,4 +405,6 @@ def test_each_technique_of_train_runs_in_its_own_process(write_experiment):
     peak = {r.record["technique"]["name"]: r.record["memory"]["peak"]["bytes"] for r in results}
     assert [r.status for r in results] == ["finished", "finished"]
     assert peak["small"] < peak["big"] - 200e6, peak
+    if sys.platform.startswith("linux"):  # sdtune's own training processes keep freed memory (glibc)
+        assert {r.record["memory"]["cpu_allocator"] for r in results} == {"kept"}
     assert results[1].record["config"]["techniques"]["small"]["batch_size"] == 1

@@ -156,6 +156,7 @@ def _train(args: argparse.Namespace) -> int:
     from sdtune.train import train
 
     experiment = load_experiment(args.experiment, args.set)
+    _keep_freed_cpu_memory(experiment, args.technique)
     results = train(
         experiment, args.technique, args.output, args.resume, args.overwrite, progress=not args.no_progress,
         on_result=_print_result,
@@ -168,6 +169,18 @@ def _train(args: argparse.Namespace) -> int:
         # crash and kill the other processes while they finish writing
         return 130 if launched_processes() == 1 else 0
     return 0
+
+
+def _keep_freed_cpu_memory(experiment: Any, names: list[str] | None) -> None:
+    """A training process of sdtune's own (this command, or each technique's child process) keeps
+    the CPU memory it frees (:mod:`sdtune.allocator`), unless the experiment sets
+    ``train.keep_freed_cpu_memory: false``. Library calls leave their caller's process alone."""
+    from sdtune import allocator
+    from sdtune.distributed import on_cpu
+
+    chosen = [name for name in names or experiment.techniques if name in experiment.techniques]
+    if on_cpu() and all(experiment.train_config_for(name).keep_freed_cpu_memory for name in chosen):
+        allocator.keep_freed_memory()
 
 
 def _print_result(result: Any) -> None:

@@ -184,7 +184,7 @@ class TrainConfig:
     channels_last: bool = False  # NHWC memory format for the denoiser (UNets; see the README's measurements)
     compile: bool = False  # torch.compile the denoiser (minutes of compilation first; pays on long GPU runs)
     allow_tf32: bool = True  # TF32 matmuls on Ampere+ GPUs; no effect on CPU
-    keep_freed_cpu_memory: bool = True  # CPU: glibc's malloc keeps freed blocks for reuse (sdtune.allocator)
+    keep_freed_cpu_memory: bool = True  # CPU, sdtune's own training processes: malloc keeps freed blocks (sdtune.allocator)
     log_every: int = 10  # synchronise the device, read back and log the losses every N steps (every step's loss is recorded)
     prior_preservation: bool = False  # DreamBooth (Ruiz et al. 2023): add class images; needs a `dreambooth:` section
     prior_loss_weight: float = 1.0  # λ of loss = instance loss + λ × prior loss (1.0 in the paper and diffusers)

@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from sdtune import allocator, diffusion, records, sharding
 from sdtune import cache as cache_lib
+from sdtune import diffusion, records, sharding
 from sdtune import prior as prior_lib
 from sdtune.batches import Layout, MicroBatch, PixelBatches, latent_masks, pixel_loader, pixel_needs
 from sdtune.buckets import pixel_stride
@@ -327,8 +327,6 @@ def _setup(experiment: Experiment, name: str, run_dir: Path, progress: bool) -> 
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")),
     )
     sharding.load_whole(accelerator)  # (ZeRO-3: no partitioned loading; the engine partitions what trains)
-    if accelerator.device.type == "cpu" and cfg.keep_freed_cpu_memory:  # before the model's weights arrive
-        allocator.keep_freed_memory()
     if torch.cuda.is_available():  # set either way: a flag left on by an earlier run must not leak in
         torch.backends.cuda.matmul.allow_tf32 = cfg.allow_tf32
         torch.backends.cudnn.allow_tf32 = cfg.allow_tf32

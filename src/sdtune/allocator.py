@@ -4,8 +4,8 @@ torch has no caching allocator for the CPU: every tensor comes from ``malloc``, 
 large blocks with fresh ``mmap`` pages that it unmaps again on ``free``. A training step allocates
 and frees the same gradient and activation buffers over and over, so each one is paid for again in
 page faults and in the kernel zeroing the new pages. Full fine-tuning of SD 1.5 at 128 px spent a
-third of its step there on this project's CPU machines (2.9 s → 1.85 s per forward + backward with
-the settings below; see the README's benchmarks). With ``mmap`` off and a high trim threshold, freed
+third of its step there on this project's CPU machines (3.23 s → 2.12 s per forward + backward of
+one image with the settings below; `benchmarks/levers.py`, the README's benchmarks). With ``mmap`` off and a high trim threshold, freed
 blocks stay in the heap and are reused, which is what a caching allocator does on a GPU.
 
 Process-wide and idempotent; a no-op where the C library has no ``mallopt`` (macOS, musl). sdtune's

@@ -4,8 +4,8 @@ diffusers' ``EMAModel`` (its decay schedule, ``state_dict``, ``store``/``restore
 with one change to ``step``: ``shadow ← shadow + (1 − decay) · (weight − shadow)`` as a single
 ``lerp_`` per tensor instead of ``shadow.sub_((1 − decay) · (shadow − weight))``, which allocates
 and writes two temporaries the size of the model per update. Same maths; on this project's CPU
-machines one update of SD 1.5's 860 M UNet weights took 0.34 s instead of 2.5 s (see the README's
-benchmarks). On CUDA the lerps go in one multi-tensor (``foreach``) call.
+machines one update of SD 1.5's 860 M UNet weights took 0.39 s instead of 2.77 s
+(`benchmarks/levers.py`, the README's benchmarks). On CUDA the lerps go in one multi-tensor (``foreach``) call.
 
 Every tensor handed to ``step`` is averaged: sdtune hands it exactly the trained tensors (under
 DeepSpeed its fp32 master fragments, which need not carry ``requires_grad``).

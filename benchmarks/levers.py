@@ -3,9 +3,9 @@
 - ``adamw``: one AdamW step over the UNet's weights: torch's default (on the CPU a per-tensor loop),
   multi-tensor (``foreach``) and ``fused``;
 - ``ema``: one EMA update over the UNet's weights: diffusers' ``EMAModel`` (plain and ``foreach``)
-  and sdtune's one-``lerp_``-per-tensor (``sdtune.ema.LerpEMA``);
+  and sdtune's one-``lerp_``-per-tensor (``sdtune.training.ema.LerpEMA``);
 - ``step``: UNet forward + backward of one image for full fine-tuning and LoRA (rank 4), with the
-  C library's default malloc or sdtune's (``sdtune.allocator``), contiguous or channels_last.
+  C library's default malloc or sdtune's (``sdtune.util.allocator``), contiguous or channels_last.
 
 Each figure is the median of the timed repeats after a warm-up (first use: page faults, lazy state).
 
@@ -55,7 +55,7 @@ def measure_adamw(model: Path, variant: str) -> list[float]:
 def measure_ema(model: Path, variant: str) -> list[float]:
     from diffusers.training_utils import EMAModel
 
-    from sdtune.ema import LerpEMA
+    from sdtune.training.ema import LerpEMA
 
     parameters = list(_unet(model).parameters())
     ema = LerpEMA(parameters, foreach=False) if variant == "lerp" else EMAModel(parameters, foreach=variant == "foreach")
@@ -67,7 +67,7 @@ def measure_step(model: Path, variant: str, resolution: int) -> list[float]:
 
     technique, malloc, layout = variant.split("/")
     if malloc == "kept":
-        from sdtune.allocator import keep_freed_memory
+        from sdtune.util.allocator import keep_freed_memory
 
         assert keep_freed_memory() == "kept"
     torch.manual_seed(0)

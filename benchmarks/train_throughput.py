@@ -21,15 +21,15 @@ from pathlib import Path
 
 import torch
 
-from sdtune.allocator import keep_freed_memory
-from sdtune.config import experiment_from_dict
+from sdtune.config.sections import experiment_from_dict
 from sdtune.demo import world
 from sdtune.demo.run import TECHNIQUES, base_model_path
 from sdtune.models import family_for
 from sdtune.records import device_description, package_versions
 from sdtune.techniques import TECHNIQUES as REGISTRY
 from sdtune.techniques import trainable_named_parameters
-from sdtune.train import has_fused_adamw, train_technique
+from sdtune.training.loop import has_fused_adamw, train_technique
+from sdtune.util.allocator import keep_freed_memory
 
 
 def bare_seconds_per_step(experiment, name: str, steps: int, warmup: int = 3) -> float:

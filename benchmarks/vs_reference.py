@@ -45,7 +45,7 @@ SETTINGS = {  # the study's two techniques, as the reference scripts run them
 
 
 def build_model(kind: str, work: Path) -> Path:
-    from sdtune.tiny import TinySizes, build_sd15_architecture, build_tiny_pipeline
+    from sdtune.testing.tiny import TinySizes, build_sd15_architecture, build_tiny_pipeline
 
     if kind not in ("sd15-arch", "small"):
         return Path(kind)
@@ -178,7 +178,7 @@ def main() -> int:
             sys.path.insert(0, str(HERE))
             from train_throughput import bare_seconds_per_step
 
-            from sdtune.config import experiment_from_dict
+            from sdtune.config.sections import experiment_from_dict
 
             bare = bare_seconds_per_step(experiment_from_dict(experiment), name, max(args.steps // 2, 2), warmup=2)
             row["bare_s_per_step"] = bare

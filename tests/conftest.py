@@ -40,7 +40,7 @@ def make_imagefolder(folder: Path, count: int = 8, size: int = 40, seed: int = 0
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
-    from sdtune.tiny import build_tiny_pipeline
+    from sdtune.testing.tiny import build_tiny_pipeline
 
     folder = tmp_path_factory.mktemp("tiny-sd")
     build_tiny_pipeline(folder, words=WORDS)
@@ -59,7 +59,7 @@ FAMILY_BUILDERS = {  # a tiny random model of each family: (builder, keyword arg
 @pytest.fixture(scope="session")
 def family_model(tmp_path_factory, tiny_model):
     """family name → the folder of a tiny random model of that family (built once per session)."""
-    import sdtune.tiny
+    import sdtune.testing.tiny
 
     built = {"sd1": tiny_model}
 
@@ -67,7 +67,7 @@ def family_model(tmp_path_factory, tiny_model):
         if family not in built:
             builder, kwargs = FAMILY_BUILDERS[family]
             folder = tmp_path_factory.mktemp(f"tiny-{family}")
-            getattr(sdtune.tiny, builder)(folder, words=WORDS, **kwargs)
+            getattr(sdtune.testing.tiny, builder)(folder, words=WORDS, **kwargs)
             built[family] = folder
         return built[family]
 
@@ -120,13 +120,13 @@ def write_experiment(tmp_path, tiny_model, tiny_data):
 
 @pytest.fixture(scope="session")
 def tiny_clip_dir(tmp_path_factory) -> Path:
-    from sdtune.tiny import build_tiny_clip
+    from sdtune.testing.tiny import build_tiny_clip
 
     return build_tiny_clip(tmp_path_factory.mktemp("tiny-clip"), words=WORDS + ["realistic", "cartoon", "image"])
 
 
 @pytest.fixture(scope="session")
 def tiny_dino_dir(tmp_path_factory) -> Path:
-    from sdtune.tiny import build_tiny_dino
+    from sdtune.testing.tiny import build_tiny_dino
 
     return build_tiny_dino(tmp_path_factory.mktemp("tiny-dino"))

@@ -13,13 +13,13 @@ import yaml
 from PIL import Image
 from safetensors.torch import load_file
 
-from sdtune.batches import Layout, latent_masks
-from sdtune.buckets import BucketOrder, assign_buckets, bucket_sizes
-from sdtune.config import DataConfig, load_experiment
-from sdtune.data import DataError, prepare_training_set
+from sdtune.config.sections import DataConfig, load_experiment
+from sdtune.data.batches import Layout, latent_masks
+from sdtune.data.buckets import BucketOrder, assign_buckets, bucket_sizes
+from sdtune.data.dataset import DataError, prepare_training_set
 from sdtune.diffusion import diffusion_loss
-from sdtune.generate import generate_images, load_run_pipeline
-from sdtune.train import train_technique
+from sdtune.generation import generate_images, load_run_pipeline
+from sdtune.training.loop import train_technique
 
 
 def test_bucket_sizes_are_area_bounded_multiples_and_assignment_is_closest_aspect():
@@ -186,8 +186,8 @@ def test_masks_from_an_imagefolder_and_from_a_mask_column(tmp_path):
 
 
 def test_generate_refuses_a_size_the_vae_cannot_make(tmp_path):
-    from sdtune.config import ConfigError
-    from sdtune.generate import generate
+    from sdtune.config.sections import ConfigError
+    from sdtune.generation import generate
 
     with pytest.raises(ConfigError, match="--width: 30 is not a positive multiple of 8"):
         generate(tmp_path, ["a red circle"], width=30, height=32)

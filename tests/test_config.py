@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sdtune.config import ConfigError, load_experiment
+from sdtune.config.sections import ConfigError, load_experiment
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = sorted((ROOT / "configs").rglob("*.yaml"))

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sdtune.config import DataConfig
-from sdtune.data import DataError, augmentation, prepare_training_set, stream_samples, transform_image
+from sdtune.config.sections import DataConfig
+from sdtune.data.dataset import DataError, augmentation, prepare_training_set, stream_samples, transform_image
 
 
 def test_stream_is_a_permutation_per_epoch_and_pure():

@@ -15,9 +15,9 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
-from sdtune.config import load_experiment
-from sdtune.distributed import DistributedSetupError, check_group
-from sdtune.train import train_technique
+from sdtune.config.sections import load_experiment
+from sdtune.training.loop import train_technique
+from sdtune.util.distributed import DistributedSetupError, check_group
 
 # Weights after 3 AdamW steps (lr 1e-3) on 1 and 2 processes: the same samples and random draws,
 # summed in another order (DDP averages two half-batch gradients). Measured: LoRA ≤ 5e-7; full
@@ -28,7 +28,7 @@ STOP_RANK_1_AT_STEP_2 = """
 import os
 import signal
 
-import sdtune.train as train_module
+import sdtune.training.loop as train_module
 
 real = train_module.train_technique
 
@@ -141,7 +141,7 @@ def test_launched_processes_that_form_no_group_are_an_error(monkeypatch):
 
 
 def test_resume_with_another_total_batch_is_refused(write_experiment, tmp_path):
-    from sdtune.checkpoint import CheckpointError
+    from sdtune.training.checkpoint import CheckpointError
 
     path = write_experiment(max_train_steps=4, checkpointing_steps=2)
     train_technique(load_experiment(path), "lora", progress=False)

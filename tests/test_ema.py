@@ -4,7 +4,7 @@ import pytest
 import torch
 from diffusers.training_utils import EMAModel
 
-from sdtune.ema import LerpEMA
+from sdtune.training.ema import LerpEMA
 
 
 @pytest.mark.parametrize("foreach", [False, True])

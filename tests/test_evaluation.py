@@ -12,9 +12,9 @@ import pytest
 import torch
 import yaml
 
-from sdtune.config import ConfigError, experiment_from_dict, load_experiment
+from sdtune.config.sections import ConfigError, experiment_from_dict, load_experiment
+from sdtune.config.split import held_out_rows, parse_validation
 from sdtune.records import SCHEMA_VERSION, EvalRecord, RecordError, read_record_file, write_record
-from sdtune.split import held_out_rows, parse_validation
 
 
 def test_held_out_rows_are_fixed_by_their_seed_and_never_all():
@@ -32,7 +32,7 @@ def test_held_out_rows_are_fixed_by_their_seed_and_never_all():
 
 
 def test_validation_images_are_never_trained_on(write_experiment):
-    from sdtune.data import prepare_training_set
+    from sdtune.data.dataset import prepare_training_set
 
     experiment = load_experiment(write_experiment(data={"validation": {"fraction": 0.25, "seed": 1}}))
     training_set = prepare_training_set(experiment.data, progress=False)
@@ -43,7 +43,7 @@ def test_validation_images_are_never_trained_on(write_experiment):
 @pytest.mark.parametrize("family_name", ["sd1", "sdxl", "sd3"])
 def test_validation_loss_is_deterministic_and_follows_the_weights(family_name, write_experiment, family_model):
     from sdtune.models import family_for
-    from sdtune.validation import fixed_timesteps, load_validation_batch, validation_loss
+    from sdtune.training.evaluator import fixed_timesteps, load_validation_batch, validation_loss
 
     experiment = load_experiment(write_experiment(data={"validation": 0.5}, model=family_model(family_name)))
     family = family_for(experiment.model)
@@ -103,7 +103,7 @@ def test_evaluation_during_training_changes_nothing_and_survives_a_resume(write_
     from conftest import make_imagefolder
     from safetensors.torch import load_file
 
-    from sdtune.train import train_technique
+    from sdtune.training.loop import train_technique
 
     validation = make_imagefolder(tmp_path / "validation", count=3, seed=5)
     path = write_experiment(max_train_steps=4, gradient_accumulation_steps=1, data={"center_crop": True})
@@ -159,13 +159,13 @@ def test_core_modules_import_no_demo_and_have_no_cycles():
     code = (
         "import sys\n"
         "import sdtune.techniques, sdtune.models\n"
-        "assert 'sdtune.config' not in sys.modules, 'techniques/models import the config'\n"
-        "import sdtune.plots\n"
-        "assert 'sdtune.report' not in sys.modules, 'plots import the report'\n"
+        "assert 'sdtune.config.sections' not in sys.modules, 'techniques/models import the config'\n"
+        "import sdtune.report.plots\n"
+        "assert 'sdtune.report.render' not in sys.modules, 'plots import the report'\n"
         "import sdtune.compare, sdtune.metrics, sdtune.cli\n"
         "assert not [m for m in sys.modules if m.startswith('sdtune.demo')], 'the core imports the demo'\n"
-        "from sdtune.config import ConfigError, coerce\n"
-        "from sdtune.schema import ConfigError as Leaf\n"
+        "from sdtune.config.sections import ConfigError, coerce\n"
+        "from sdtune.config.schema import ConfigError as Leaf\n"
         "assert ConfigError is Leaf\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
@@ -175,7 +175,7 @@ def test_core_modules_import_no_demo_and_have_no_cycles():
 def test_cli_errors_are_one_line(tmp_path, capsys):
     from sdtune.cli import main
     from sdtune.errors import UserError
-    from sdtune.train import _check_finite
+    from sdtune.training.loop import _check_finite
 
     assert main(["report", str(tmp_path / "no-comparison-here")]) == 2
     assert main(["generate", str(tmp_path), "--prompt", "a red circle", "--num-images", "0"]) == 2
@@ -194,7 +194,7 @@ def test_compare_measures_quality_and_validation_loss_over_training(
     validation loss per technique, training seed and evaluated step; the report's curves; the
     report re-rendered from the records alone is identical."""
     from sdtune.compare import compare
-    from sdtune.report import render_report
+    from sdtune.report.render import render_report
 
     path = write_experiment(max_train_steps=2, gradient_accumulation_steps=1, data={"validation": 0.25})
     raw = yaml.safe_load(path.read_text())

@@ -24,11 +24,11 @@ import yaml
 from conftest import experiment_dict
 from safetensors.torch import load_file
 
-from sdtune import community
-from sdtune.config import ConfigError, ModelConfig, load_experiment
-from sdtune.generate import export_merged, export_single_file, load_run_pipeline
+from sdtune.config.sections import ConfigError, ModelConfig, load_experiment
+from sdtune.formats import community
+from sdtune.generation import export_merged, export_single_file, load_run_pipeline
 from sdtune.models import FAMILIES, detect_family_name
-from sdtune.train import train_technique
+from sdtune.training.loop import train_technique
 
 # random initial weights (peft's init_* = False); alpha ≠ rank so that a wrong alpha shows, except
 # loha-tucker, whose alpha = rank lets LyCORIS merge LoHa exactly (see _merges_exactly)
@@ -116,7 +116,7 @@ def sgm_unet(unet):
     """The diffusers UNet's layers under their SGM paths, as kohya sd-scripts' own SDXL UNet nests them
     (the layers are shared, so what LyCORIS changes is the model); the paths are the single-file
     checkpoint's, which diffusers' ``from_single_file`` checks."""
-    from sdtune.single_file import unet_original_key
+    from sdtune.formats.single_file import unet_original_key
 
     root = torch.nn.Module()
     for path, layer in unet.named_modules():
@@ -324,7 +324,7 @@ def test_sdxl_community_file_on_the_sgm_checkpoint_is_the_merged_single_file(fam
     checkpoint does (its names are checked by diffusers' ``from_single_file``). The community file applied
     to the base model's single file by an independent reader (ComfyUI's key map and formulas, Tucker LoKr
     ``lokr_t2`` included) gives ``export --single-file`` of the run, every weight."""
-    from sdtune.single_file import clip_to_original, original_state_dict
+    from sdtune.formats.single_file import clip_to_original, original_state_dict
 
     run_dir, record, merged_dir = trained(family, kind)
     spec = FAMILIES.get(family)()
@@ -457,7 +457,7 @@ def test_single_file_model_loads_with_the_same_weights(family, family_model, tmp
     """``model: file.safetensors`` (original layout) with ``single_file_config``: sdtune detects the
     family from the config folder and loads exactly the folder's weights (diffusers folder → single
     file → sdtune → same weights)."""
-    from sdtune.single_file import save_single_file
+    from sdtune.formats.single_file import save_single_file
 
     spec = FAMILIES.get(family)()
     folder = family_model(family)
@@ -474,7 +474,7 @@ def test_single_file_model_loads_with_the_same_weights(family, family_model, tmp
 
 
 def test_training_starts_from_a_single_file_model(write_experiment, family_model, tmp_path):
-    from sdtune.single_file import save_single_file
+    from sdtune.formats.single_file import save_single_file
 
     spec = FAMILIES.get("sd1")()
     reference = spec.load_pipeline(str(family_model("sd1")))

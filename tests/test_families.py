@@ -10,15 +10,15 @@ import pytest
 import torch
 import yaml
 
-from sdtune.config import ConfigError, load_experiment
-from sdtune.data import crop_geometry
-from sdtune.generate import generate_images, load_run_pipeline
+from sdtune.config.sections import ConfigError, load_experiment
+from sdtune.data.dataset import crop_geometry
+from sdtune.generation import generate_images, load_run_pipeline
 from sdtune.models import ModelLoadError, detect_family_name, family_for
-from sdtune.train import train_technique
+from sdtune.training.loop import train_technique
 
 
 def _load(family_model, family, **model):
-    from sdtune.config import ModelConfig
+    from sdtune.config.sections import ModelConfig
 
     config = ModelConfig(path=str(family_model(family)), **model)
     config.family = detect_family_name(config)
@@ -27,7 +27,7 @@ def _load(family_model, family, **model):
 
 @pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl", "sd3"])
 def test_auto_detects_each_family(family, family_model):
-    from sdtune.config import ModelConfig
+    from sdtune.config.sections import ModelConfig
 
     assert detect_family_name(ModelConfig(path=str(family_model(family)))) == family
 
@@ -114,7 +114,7 @@ def test_sd2_v_prediction_trains_saves_and_samples_v(write_experiment, family_mo
 
 def test_v_target_is_what_the_sd2_loop_regresses(write_experiment, family_model, monkeypatch):
     """The loss the loop records at step 1 is the MSE to the v target (Salimans & Ho 2022), not to ε."""
-    import sdtune.train as train_module
+    import sdtune.training.loop as train_module
     from sdtune import diffusion
 
     seen = {}
@@ -212,7 +212,7 @@ def test_sd3_lora_loads_with_the_pipelines_own_loader(write_experiment, family_m
 def test_separate_vae_is_used(write_experiment, family_model, tmp_path):
     from safetensors.torch import load_file
 
-    from sdtune.tiny import build_tiny_sdxl_pipeline
+    from sdtune.testing.tiny import build_tiny_sdxl_pipeline
 
     other = tmp_path / "other"
     build_tiny_sdxl_pipeline(other, seed=7)  # same architecture, other weights: stands in for the fp16-fix VAE
@@ -244,6 +244,6 @@ def test_unknown_model_folder_is_one_clear_error(tmp_path, write_experiment):
     with pytest.raises(ConfigError, match="is a FluxPipeline, which no registered family trains"):
         load_experiment(write_experiment(model=folder))
     with pytest.raises(ModelLoadError):
-        from sdtune.config import ModelConfig
+        from sdtune.config.sections import ModelConfig
 
         detect_family_name(ModelConfig(path=str(tmp_path)))

@@ -18,13 +18,13 @@ import torch
 from safetensors.torch import load_file
 from test_export import lycoris_modules
 
-from sdtune.checkpoint import load_checkpoint
-from sdtune.config import ConfigError, load_experiment
-from sdtune.generate import export_merged, generate_images, load_run_pipeline
+from sdtune.config.sections import ConfigError, load_experiment
+from sdtune.generation import export_merged, generate_images, load_run_pipeline
 from sdtune.models import FAMILIES
 from sdtune.techniques import TECHNIQUES, trainable_named_parameters
 from sdtune.techniques.adapter import merge_adapters
-from sdtune.train import train_technique
+from sdtune.training.checkpoint import load_checkpoint
+from sdtune.training.loop import train_technique
 
 LORAPLUS = {"kind": "lora", "rank": 2, "loraplus_lr_ratio": 16, "lr_scheduler": "cosine"}
 

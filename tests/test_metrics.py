@@ -31,7 +31,7 @@ from sdtune.metrics import (
     style_shares,
     vendi_score,
 )
-from sdtune.registry import Registry, RegistryError
+from sdtune.util.registry import Registry, RegistryError
 
 WORDS = ["a", "image", "realistic", "semi", "cartoon", "red", "green", "blue", "square", "circle"]
 SPECIALS = ["<|startoftext|>", "<|endoftext|>"]

@@ -11,9 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sdtune.config import ConfigError, load_experiment
-from sdtune.prior import class_images_folder, ensure_class_images, prior_preservation_loss
-from sdtune.train import train_technique
+from sdtune.config.sections import ConfigError, load_experiment
+from sdtune.training.loop import train_technique
+from sdtune.training.prior import class_images_folder, ensure_class_images, prior_preservation_loss
 
 DREAMBOOTH = {"class_prompt": "a circle", "num_class_images": 3, "class_inference_steps": 2, "class_guidance_scale": 2.0}
 

@@ -14,9 +14,9 @@ import torch
 from safetensors.torch import load_file
 from test_distributed import TOLERANCE, _max_difference, _torchrun, _weights
 
-from sdtune.config import load_experiment
-from sdtune.sharding import Routed, ShardingError, TrainedComponents, configure, unrouted
-from sdtune.train import train_technique
+from sdtune.config.sections import load_experiment
+from sdtune.training.loop import train_technique
+from sdtune.training.sharding import Routed, ShardingError, TrainedComponents, configure, unrouted
 
 # what `accelerate launch` sets from an FSDP2 config (accelerate config → fsdp_config)
 FSDP2_ENV = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}

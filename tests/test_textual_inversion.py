@@ -13,8 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sdtune.config import ConfigError, load_experiment
-from sdtune.train import train_technique
+from sdtune.config.sections import ConfigError, load_experiment
+from sdtune.training.loop import train_technique
 
 PROMPTS = ["a <sks> circle", "a red <sks>"]
 
@@ -25,7 +25,7 @@ def _ti(num_vectors=1, **extra):
 
 
 def _images(pipe, prompts=PROMPTS):
-    from sdtune.generate import generate_images
+    from sdtune.generation import generate_images
 
     result = generate_images(pipe, prompts, [0], num_inference_steps=2, guidance_scale=3.0, resolution=32, progress=False)
     return np.stack([np.asarray(image, dtype=np.float32) for image in result.images])
@@ -95,7 +95,7 @@ def test_only_the_new_rows_train_and_the_files_load_in_diffusers(family, num_vec
     if family == "sd1":  # sdtune's own reload, in a fresh process: the same images as diffusers' loader
         out = tmp_path / "fresh"
         script = (
-            "import numpy as np, torch; from sdtune.generate import load_run_pipeline, generate_images;"
+            "import numpy as np, torch; from sdtune.generation import load_run_pipeline, generate_images;"
             f"pipe, _ = load_run_pipeline({str(run)!r}, device=torch.device('cpu'));"
             f"r = generate_images(pipe, {PROMPTS!r}, [0], 2, 3.0, 32, progress=False);"
             f"np.save({str(out)!r}, np.stack([np.asarray(i, dtype=np.float32) for i in r.images]))"
@@ -114,7 +114,7 @@ def _interrupt_at(step):
 
 
 def test_resume_is_bit_exact(write_experiment, tmp_path):
-    from sdtune.generate import export_single_file
+    from sdtune.generation import export_single_file
 
     # bf16: the frozen denoiser (not wrapped by accelerate) must still run under autocast
     path = write_experiment(techniques=_ti(2), data={"instance_prompt": "a <sks> toy"}, max_train_steps=4,
@@ -159,7 +159,7 @@ def test_errors_found_at_training_start_are_one_line(write_experiment, tmp_path)
 
 
 def test_sd3_learns_the_token_in_both_clips_and_t5_and_reloads(write_experiment, family_model):
-    from sdtune.generate import load_run_pipeline
+    from sdtune.generation import load_run_pipeline
 
     model_dir = family_model("sd3")
     path = write_experiment(techniques=_ti(), model=model_dir, data={"instance_prompt": "a <sks> toy"})

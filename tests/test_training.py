@@ -13,9 +13,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sdtune.config import load_experiment
-from sdtune.generate import generate_images, load_run_pipeline
-from sdtune.train import RunExistsError, train_technique
+from sdtune.config.sections import load_experiment
+from sdtune.generation import generate_images, load_run_pipeline
+from sdtune.training.loop import RunExistsError, train_technique
 
 ALL_TECHNIQUES = {
     "full": {"kind": "full", "use_ema": True, "ema_decay": 0.9},
@@ -82,7 +82,7 @@ def test_technique_trains_saves_and_reloads(family, name, write_experiment, fami
     expected = _images(in_memory)
     out = tmp_path / "fresh"
     script = (
-        "import sys, numpy as np; from sdtune.generate import load_run_pipeline, generate_images;"
+        "import sys, numpy as np; from sdtune.generation import load_run_pipeline, generate_images;"
         f"pipe, _ = load_run_pipeline({str(result.run_dir)!r}, fuse=False, device=__import__('torch').device('cpu'));"
         "r = generate_images(pipe, ['a red circle', 'a blue square'], [0], 3, 3.0, 32, progress=False);"
         f"np.save({str(out)!r}, np.stack([np.asarray(i, dtype=np.float32) for i in r.images]))"
@@ -277,7 +277,7 @@ def test_same_data_and_noise_for_every_technique(write_experiment):
 
 @pytest.mark.parametrize("family", ["sd1", "sdxl", "sd3"])
 def test_export_merged_equals_the_unmerged_adapter(family, write_experiment, family_model, tmp_path):
-    from sdtune.generate import export_merged
+    from sdtune.generation import export_merged
 
     techniques = {"loha": {**ALL_TECHNIQUES["loha"], "train_text_encoder": True}}
     experiment = load_experiment(write_experiment(techniques=techniques, model=family_model(family)))
@@ -292,7 +292,7 @@ def test_export_merged_equals_the_unmerged_adapter(family, write_experiment, fam
 
 
 def test_checkpoint_state_round_trips_without_pickles():
-    from sdtune.checkpoint import join_tensors, split_tensors
+    from sdtune.training.checkpoint import join_tensors, split_tensors
 
     state = {"optimizer": {"state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.ones(2)}},
                            "param_groups": [{"lr": 0.1, "betas": (0.9, 0.999), "params": [0]}]},
@@ -330,7 +330,7 @@ def test_caption_dropout_changes_what_the_model_sees(write_experiment, tmp_path)
 
 def _distinct_pairs(experiment, name, steps):
     """The (image, flip) pairs the deterministic order uses in ``steps`` steps (one process)."""
-    from sdtune.batches import Layout
+    from sdtune.data.batches import Layout
 
     cfg, data = experiment.train_config_for(name), experiment.data
     layout = Layout(cfg.seed, 8, cfg.batch_size, cfg.gradient_accumulation_steps, 1, 0, data.random_flip,
@@ -397,7 +397,7 @@ def test_timing_record_is_split_and_synchronised(write_experiment):
 def test_each_technique_of_train_runs_in_its_own_process(write_experiment):
     """A technique trained after a memory-hungry one records its own peak, not the earlier one's
     (in one process the peak RSS can only grow; see isolate=False below)."""
-    from sdtune.train import train
+    from sdtune.training.loop import train
 
     techniques = {"big": {"kind": "full", "batch_size": 32}, "small": {"kind": "lora", "batch_size": 1}}
     path = write_experiment(techniques=techniques, data={"resolution": 64}, max_train_steps=2)

@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_libraries()
     from sdtune.errors import UserError
-    from sdtune.isolate import TechniqueFailed, report_error
+    from sdtune.runner.isolate import TechniqueFailed, report_error
 
     try:
         return COMMANDS[args.command](args)
@@ -151,9 +151,9 @@ def _quiet_libraries() -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from sdtune.config import load_experiment
-    from sdtune.distributed import launch_rank, launched_processes
-    from sdtune.train import train
+    from sdtune.config.sections import load_experiment
+    from sdtune.training.loop import train
+    from sdtune.util.distributed import launch_rank, launched_processes
 
     experiment = load_experiment(args.experiment, args.set)
     _keep_freed_cpu_memory(experiment, args.technique)
@@ -173,10 +173,10 @@ def _train(args: argparse.Namespace) -> int:
 
 def _keep_freed_cpu_memory(experiment: Any, names: list[str] | None) -> None:
     """A training process of sdtune's own (this command, or each technique's child process) keeps
-    the CPU memory it frees (:mod:`sdtune.allocator`), unless the experiment sets
+    the CPU memory it frees (:mod:`sdtune.util.allocator`), unless the experiment sets
     ``train.keep_freed_cpu_memory: false``. Library calls leave their caller's process alone."""
-    from sdtune import allocator
-    from sdtune.distributed import on_cpu
+    from sdtune.util import allocator
+    from sdtune.util.distributed import on_cpu
 
     chosen = [name for name in names or experiment.techniques if name in experiment.techniques]
     if on_cpu() and all(experiment.train_config_for(name).keep_freed_cpu_memory for name in chosen):
@@ -184,7 +184,7 @@ def _keep_freed_cpu_memory(experiment: Any, names: list[str] | None) -> None:
 
 
 def _print_result(result: Any) -> None:
-    from sdtune.distributed import launch_rank
+    from sdtune.util.distributed import launch_rank
 
     if launch_rank() != 0:  # under a launcher, one process reports
         return
@@ -198,7 +198,7 @@ def _print_result(result: Any) -> None:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from sdtune.generate import generate
+    from sdtune.generation import generate
 
     result = generate(
         args.run_dir, args.prompt, num_images=args.num_images, seed=args.seed, steps=args.steps,
@@ -214,7 +214,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 def _compare(args: argparse.Namespace) -> int:
     from sdtune.compare import compare
-    from sdtune.config import load_experiment
+    from sdtune.config.sections import load_experiment
 
     experiment = load_experiment(args.experiment, args.set)
     if args.plan:
@@ -235,7 +235,7 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from sdtune.report import render_report
+    from sdtune.report.render import render_report
 
     report = render_report(Path(args.output))
     print(summary_table(Path(args.output)))
@@ -244,8 +244,8 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from sdtune.config import ConfigError
-    from sdtune.generate import export_merged, export_single_file
+    from sdtune.config.sections import ConfigError
+    from sdtune.generation import export_merged, export_single_file
 
     if not (args.merged or args.single_file) or bool(args.merged) != bool(args.out):
         raise ConfigError("export: give --merged --out DIR (a diffusers folder), --single-file OUT.safetensors, or both")
@@ -286,8 +286,8 @@ def _demo(args: argparse.Namespace) -> int:
 def summary_table(root: Path) -> str:
     """A short plain-text table of the comparison for the terminal."""
     from sdtune.records import load_records
-    from sdtune.report import tables
-    from sdtune.summary import build_rows
+    from sdtune.report.render import tables
+    from sdtune.report.summary import build_rows
 
     rows = build_rows(*load_records(root))
     lines = []

@@ -1,9 +1,9 @@
 """``sdtune compare``: train every technique, evaluate every model, write the report.
 
 This module only orchestrates: which runs to train (or reuse, or mark failed/missing) and which
-models to evaluate. :mod:`sdtune.evaluate` turns one model into images, metrics and an eval record;
+models to evaluate. :mod:`sdtune.evaluation.evaluate` turns one model into images, metrics and an eval record;
 everything measured lands in ``DIR/records/*.json`` (one per training run, one per evaluated model
-and evaluated step); :func:`sdtune.report.render_report` builds the report from those files alone.
+and evaluated step); :func:`sdtune.report.render.render_report` builds the report from those files alone.
 """
 
 from __future__ import annotations
@@ -15,10 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from sdtune import records
-from sdtune.config import ConfigError, Experiment
-from sdtune.distributed import launch_rank, launched_processes, process_state
+from sdtune.config.sections import ConfigError, Experiment
 from sdtune.errors import UserError
-from sdtune.evaluate import (
+from sdtune.evaluation.evaluate import (
     BASE_LABEL,
     RECORDS_DIR,
     Encoders,
@@ -30,9 +29,10 @@ from sdtune.evaluate import (
     evaluate_training_steps,
     reference_images,
 )
-from sdtune.isolate import TechniqueFailed, train_in_fresh_process
-from sdtune.report import render_report
-from sdtune.train import output_root, train_technique
+from sdtune.report.render import render_report
+from sdtune.runner.isolate import TechniqueFailed, train_in_fresh_process
+from sdtune.training.loop import output_root, train_technique
+from sdtune.util.distributed import launch_rank, launched_processes, process_state
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +136,7 @@ def _train_or_reuse(
             # resume an interrupted run; otherwise the folder holds nothing finished (a failure's log)
             resumable = (run_dir / "checkpoints").exists()
             options = {"resume": True if resumable else None, "overwrite": not resumable, "progress": progress}
-            if launched_processes() > 1:  # under a launcher: in the launched processes (see sdtune.train.train)
+            if launched_processes() > 1:  # under a launcher: in the launched processes (see sdtune.training.loop.train)
                 record = _train_here(experiment, name, out, options)
             else:
                 record = train_in_fresh_process(experiment, name, out, **options)

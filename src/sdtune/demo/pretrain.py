@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from sdtune.demo import world
-from sdtune.tiny import TinySizes, build_tiny_pipeline
+from sdtune.testing.tiny import TinySizes, build_tiny_pipeline
 
 DEMO_SIZES = TinySizes(
     unet_channels=(32, 64, 64),  # 1.49 M parameters
@@ -150,8 +150,8 @@ def _vae_batch(rng: np.random.Generator, batch_size: int) -> torch.Tensor:
 
 
 def _train_unet(init_dir: Path, data_dir: Path, runs_dir: Path, steps: int, seed: int, progress: bool) -> Any:
-    from sdtune.config import experiment_from_dict
-    from sdtune.train import train_technique
+    from sdtune.config.sections import experiment_from_dict
+    from sdtune.training.loop import train_technique
 
     experiment = experiment_from_dict(
         {

@@ -125,7 +125,7 @@ def demo_experiment(output_dir: Path, settings: DemoSettings, seed: int = 0) -> 
 def run_demo(output_dir: str | Path = "demo-output", quick: bool = False, progress: bool = True) -> Path:
     """Build the demo experiment and run the whole comparison; returns the report's path."""
     from sdtune.compare import compare
-    from sdtune.config import load_experiment
+    from sdtune.config.sections import load_experiment
 
     settings = QUICK if quick else DemoSettings()
     path = demo_experiment(Path(output_dir), settings)

@@ -27,7 +27,7 @@ from sdtune.metrics.clip import ClipScorer
 from sdtune.metrics.dino import DinoEncoder
 from sdtune.metrics.errors import MetricUnavailable
 from sdtune.metrics.imagereward import ImageRewardScorer
-from sdtune.registry import Registry
+from sdtune.util.registry import Registry
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ def load_plugins(modules: Sequence[str]) -> None:
     """Import the named modules, which register their own metrics (``evaluation.metric_plugins``)."""
     import importlib
 
-    from sdtune.schema import ConfigError
+    from sdtune.config.schema import ConfigError
 
     for module in modules:
         try:

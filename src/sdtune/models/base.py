@@ -23,10 +23,10 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 
 from sdtune.errors import UserError
-from sdtune.registry import Registry
+from sdtune.util.registry import Registry
 
 if TYPE_CHECKING:
-    from sdtune.config import ModelConfig, TrainConfig
+    from sdtune.config.sections import ModelConfig, TrainConfig
 
 Conditioning = dict[str, torch.Tensor]  # batch-first tensors the denoiser takes besides latents
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
@@ -90,7 +90,7 @@ class ModelFamily:
     detects_pipelines: ClassVar[tuple[str, ...]] = ()  # model_index.json class names this family loads
     single_file_types: ClassVar[tuple[str, ...]] = ()  # diffusers' inferred single-file model types
     generation_kwargs: ClassVar[dict[str, Any]] = {}  # pipeline call arguments that match training (SD3: T5 length)
-    # export facts (sdtune.single_file, sdtune.community):
+    # export facts (sdtune.formats.single_file, sdtune.formats.community):
     single_file_layout: ClassVar[dict[str, tuple[str, str]]] = {}  # component → (original key prefix, layout)
     community_prefixes: ClassVar[dict[str, str]] = {}  # component → key prefix of kohya/LyCORIS adapter files
     embedding_keys: ClassVar[dict[str, str]] = {}  # text encoder → its key in A1111/ComfyUI embedding files

@@ -18,7 +18,7 @@ from sdtune.models.sd1 import CLIP_ATTENTION
 from sdtune.models.sdxl import clip_penultimate_and_pooled
 
 if TYPE_CHECKING:
-    from sdtune.config import ModelConfig
+    from sdtune.config.sections import ModelConfig
 
 T5_TOKENS = 77  # T5 sequence length in training and sampling (the diffusers SD3 training default)
 JOINT_ATTENTION = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]

@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from sdtune import community
-from sdtune.schema import ConfigError
-from sdtune.schema import build as _build
+from sdtune.config.schema import ConfigError
+from sdtune.config.schema import build as _build
+from sdtune.formats import community
 from sdtune.techniques import lora_variants
 from sdtune.techniques.base import TECHNIQUES, Technique, TechniqueOptions, files_under
 
@@ -150,7 +150,7 @@ class AdapterTechnique(Technique):
         return "community", community.COMMUNITY_FILE
 
     def _save_community(self, bundle: ModelBundle, adapted: list, out_dir: Path) -> dict[str, list[str]]:
-        """The kohya/LyCORIS file (A1111, ComfyUI, kohya sd-scripts, LyCORIS); see sdtune.community."""
+        """The kohya/LyCORIS file (A1111, ComfyUI, kohya sd-scripts, LyCORIS); see sdtune.formats.community."""
         family = bundle.family
         part, file_name = self.community_output(family)
         try:

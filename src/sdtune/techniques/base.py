@@ -1,6 +1,6 @@
 """The technique plug-in interface: which parameters train, how they are saved and loaded.
 
-A technique never runs its own loop. The one loop in :mod:`sdtune.train` asks it to ``prepare``
+A technique never runs its own loop. The one loop in :mod:`sdtune.training.loop` asks it to ``prepare``
 the model (freeze, inject adapters), trains whatever has ``requires_grad``, then asks it to
 ``save`` the result; ``load_into`` puts a saved result onto a base pipeline for generation.
 """
@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from sdtune.registry import Registry
-from sdtune.schema import ConfigError
-from sdtune.schema import build as _build
+from sdtune.config.schema import ConfigError
+from sdtune.config.schema import build as _build
+from sdtune.util.registry import Registry
 
 if TYPE_CHECKING:
     from sdtune.models import ModelBundle

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from sdtune.schema import ConfigError
+from sdtune.config.schema import ConfigError
 
 PLAIN_INITS = (True, False, "gaussian", "orthogonal")  # random or zero B: the base weights stay as they are
 MUTATING_INITS = ("pissa", "pissa_niter_K", "olora")  # A₀, B₀ taken out of the base weights

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sdtune.schema import ConfigError
+from sdtune.config.schema import ConfigError
 from sdtune.techniques.adapter import AdapterTechnique
 from sdtune.techniques.base import TECHNIQUES
 

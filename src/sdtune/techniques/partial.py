@@ -17,8 +17,8 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sdtune import community
-from sdtune.schema import ConfigError
+from sdtune.config.schema import ConfigError
+from sdtune.formats import community
 from sdtune.techniques.base import (
     TECHNIQUES,
     Technique,
@@ -87,7 +87,7 @@ class PartialFineTuning(Technique):
         return {**parts, **self._save_community(bundle, tensors, out_dir)}
 
     def _save_community(self, bundle: ModelBundle, tensors: dict, out_dir: Path) -> dict[str, list[str]]:
-        """The differences to the base model as a LyCORIS "full" file (see sdtune.community)."""
+        """The differences to the base model as a LyCORIS "full" file (see sdtune.formats.community)."""
         family = bundle.family
         try:
             differences = community.differences_to_community(

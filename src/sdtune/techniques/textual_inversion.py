@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from sdtune.schema import ConfigError
+from sdtune.config.schema import ConfigError
 from sdtune.techniques.base import TECHNIQUES, Technique, loaded_text_encoders
 
 if TYPE_CHECKING:

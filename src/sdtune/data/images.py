@@ -1,6 +1,6 @@
 """Image files as they come: every PIL mode to 8-bit RGB (or refused with the reason), and masks.
 
-A leaf module: :mod:`sdtune.data` and :mod:`sdtune.layouts` import it, it imports neither.
+A leaf module: :mod:`sdtune.data.dataset` and :mod:`sdtune.data.layouts` import it, it imports neither.
 """
 
 from __future__ import annotations

@@ -23,10 +23,10 @@ import numpy as np
 import torch
 
 from sdtune import diffusion
-from sdtune.config import Experiment
-from sdtune.evaluate import EvaluationPlan, eval_resolution, validation_rows
-from sdtune.generate import generate_images, save_images, set_scheduler
-from sdtune.split import parse_validation
+from sdtune.config.sections import Experiment
+from sdtune.config.split import parse_validation
+from sdtune.evaluation.evaluate import EvaluationPlan, eval_resolution, validation_rows
+from sdtune.generation import generate_images, save_images, set_scheduler
 
 STEP_FOLDER = "evaluation/step-{:06d}"
 
@@ -51,7 +51,7 @@ class ValidationBatch:
 
 def load_validation_batch(experiment: Experiment, limit: int) -> ValidationBatch | None:
     """Up to ``limit`` validation images, centre-cropped, unflipped (None without ``data.validation``)."""
-    from sdtune.data import caption_text, crop_geometry, decode_image, transform_image
+    from sdtune.data.dataset import caption_text, crop_geometry, decode_image, transform_image
 
     if parse_validation(experiment.data.validation) is None:
         return None

@@ -15,9 +15,9 @@ from typing import Any
 
 import yaml
 
-from sdtune import plots
 from sdtune.records import EvalRecord, TrainRecord, load_records
-from sdtune.summary import (
+from sdtune.report import plots
+from sdtune.report.summary import (
     Row,
     build_rows,
     final_validation_loss,

@@ -23,8 +23,8 @@ from typing import Any
 import yaml
 
 from sdtune import records
-from sdtune.config import Experiment
-from sdtune.runs import interrupt_handler
+from sdtune.config.sections import Experiment
+from sdtune.training.run_dir import interrupt_handler
 
 ERROR_FILE_VARIABLE = "SDTUNE_ERROR_FILE"  # where a child `sdtune` writes the error that ended it
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from sdtune.images import DataError
+from sdtune.data.images import DataError
 
 Bucket = tuple[int, int]  # (width, height) in pixels
 

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
-from sdtune.buckets import BucketOrder
-from sdtune.data import TrainingSet, augmentation, stream_samples
+from sdtune.data.buckets import BucketOrder
+from sdtune.data.dataset import TrainingSet, augmentation, stream_samples
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ class Layout:
     random_flip: bool
     center_crop: bool
     caption_dropout: float
-    order: BucketOrder | None = None  # aspect-ratio buckets: one bucket a global step (sdtune.buckets)
+    order: BucketOrder | None = None  # aspect-ratio buckets: one bucket a global step (sdtune.data.buckets)
     slot_images: tuple[int, ...] | None = None  # with repeats: slot → image (None: slot = image)
 
     def plan(self, global_micro: int) -> MicroBatch:

@@ -18,14 +18,14 @@ from typing import Any, Literal
 
 import yaml
 
-from sdtune.schema import ConfigError, coerce
-from sdtune.schema import build as _build
-from sdtune.schema import check_keys as _check_keys
-from sdtune.schema import fail as _fail
-from sdtune.schema import positive as _positive
-from sdtune.split import check_validation, resolve_validation_source
+from sdtune.config.schema import ConfigError, coerce
+from sdtune.config.schema import build as _build
+from sdtune.config.schema import check_keys as _check_keys
+from sdtune.config.schema import fail as _fail
+from sdtune.config.schema import positive as _positive
+from sdtune.config.split import check_validation, resolve_validation_source
 
-__all__ = ["ConfigError", "coerce"]  # re-exported: they live in the leaf module sdtune.schema
+__all__ = ["ConfigError", "coerce"]  # re-exported: they live in the leaf module sdtune.config.schema
 
 
 # --------------------------------------------------------------------------------------------
@@ -78,7 +78,7 @@ class DataConfig:
     cache_memory_limit_gb: float = 4.0  # auto: above this estimate the cache goes to disk
     num_workers: int | None = None  # image-decoding worker processes; None = auto (0 on ≤ 2 cores, else up to 8)
     instance_prompt: str | None = None  # DreamBooth: the caption of every image (the dataset's own are not read)
-    # issue #14 (sdtune.buckets, sdtune.layouts): buckets, repeats, caption handling, masks, streaming
+    # issue #14 (sdtune.data.buckets, sdtune.data.layouts): buckets, repeats, caption handling, masks, streaming
     buckets: Literal["auto"] | list[list[int]] | None = None  # aspect-ratio buckets: auto or [[width, height], …]
     bucket_max_aspect: float = 2.0  # auto buckets: the longest side at most this × the shortest
     repeats: int = 1  # every image this many times an epoch (× a kohya folder's N)
@@ -184,7 +184,7 @@ class TrainConfig:
     channels_last: bool = False  # NHWC memory format for the denoiser (UNets; see the README's measurements)
     compile: bool = False  # torch.compile the denoiser (minutes of compilation first; pays on long GPU runs)
     allow_tf32: bool = True  # TF32 matmuls on Ampere+ GPUs; no effect on CPU
-    keep_freed_cpu_memory: bool = True  # CPU, sdtune's own training processes: malloc keeps freed blocks (sdtune.allocator)
+    keep_freed_cpu_memory: bool = True  # CPU, sdtune's own training processes: malloc keeps freed blocks (sdtune.util.allocator)
     log_every: int = 10  # synchronise the device, read back and log the losses every N steps (every step's loss is recorded)
     prior_preservation: bool = False  # DreamBooth (Ruiz et al. 2023): add class images; needs a `dreambooth:` section
     prior_loss_weight: float = 1.0  # λ of loss = instance loss + λ × prior loss (1.0 in the paper and diffusers)

@@ -1,5 +1,5 @@
 """Figures of the report (matplotlib, Agg backend) and the image grid (PIL), drawn from the
-numbers of :mod:`sdtune.summary`."""
+numbers of :mod:`sdtune.report.summary`."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from sdtune.summary import (
+from sdtune.report.summary import (
     BASE,
     Row,
     base_row,

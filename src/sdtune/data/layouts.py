@@ -3,7 +3,7 @@ kohya's ``N_name/`` folders with repeat counts), and streamed sets (🤗 hub str
 ``.tar`` shards) materialised on disk as they stream.
 
 Each returns rows ``{"image": path, "text": caption, "repeats": n, "mask": path or None}`` that
-:func:`sdtune.data.prepare_training_set` reads like a dataset. A streamed set has no length and no
+:func:`sdtune.data.dataset.prepare_training_set` reads like a dataset. A streamed set has no length and no
 random access, so the first ``data.max_samples`` samples are written to a cache folder once; the
 deterministic order then indexes that folder like any other.
 """
@@ -20,7 +20,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from sdtune.images import DataError, first_line
+from sdtune.data.images import DataError, first_line
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 CAPTION_SUFFIXES = (".txt", ".caption")  # kohya reads either; both for one image is ambiguous

@@ -19,11 +19,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from sdtune import layouts
-from sdtune.buckets import BucketOrder, assign_buckets, bucket_sizes, bucket_summary, check_buckets
-from sdtune.config import DataConfig
-from sdtune.images import DataError, first_line, to_mask, to_rgb
-from sdtune.split import held_out_rows, parse_validation
+from sdtune.config.sections import DataConfig
+from sdtune.config.split import held_out_rows, parse_validation
+from sdtune.data import layouts
+from sdtune.data.buckets import BucketOrder, assign_buckets, bucket_sizes, bucket_summary, check_buckets
+from sdtune.data.images import DataError, first_line, to_mask, to_rgb
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ def load_rows(config: DataConfig, cache_root: Path | None = None) -> tuple[Any, 
     """Load the dataset; return (dataset with undecoded images, image column, caption column, base dir).
 
     Folders of captioned images, kohya folders and streamed sets give a list of row dicts
-    (:mod:`sdtune.layouts`) with columns ``image``, ``text``, ``repeats`` and ``mask``."""
+    (:mod:`sdtune.data.layouts`) with columns ``image``, ``text``, ``repeats`` and ``mask``."""
     import datasets
 
     source = Path(config.source).expanduser()
@@ -123,7 +123,7 @@ def _pick_column(dataset: Any, wanted: str | None, names: tuple[str, ...], what:
 
 def decode_image(value: Any, base_dir: Path | None, converted: dict[str, int] | None = None) -> Image.Image:
     """An RGB PIL image from a datasets Image value, a path, bytes, or a PIL image (other modes
-    converted by :func:`sdtune.images.to_rgb`, counted per mode in ``converted``, or refused)."""
+    converted by :func:`sdtune.data.images.to_rgb`, counted per mode in ``converted``, or refused)."""
     if isinstance(value, (str, Path)) or (isinstance(value, dict) and not value.get("bytes") and value.get("path")):
         path = _resolve(str(value if isinstance(value, (str, Path)) else value["path"]), base_dir)
         if path.exists() and path.stat().st_size == 0:
@@ -385,8 +385,8 @@ def prepare_training_set(
 ) -> TrainingSet:
     """Load the dataset and check that every image decodes (bad ones: skipped or an error); read
     repeats, masks and captions; put each image in its bucket (``stride``: the model's pixel multiple,
-    :func:`sdtune.buckets.pixel_stride`). Streamed sets are cached under ``cache_root`` (default:
-    :func:`sdtune.layouts.stream_cache_root`)."""
+    :func:`sdtune.data.buckets.pixel_stride`). Streamed sets are cached under ``cache_root`` (default:
+    :func:`sdtune.data.layouts.stream_cache_root`)."""
     from tqdm.auto import tqdm
 
     dataset, image_column, caption_column, base_dir = load_rows(config, cache_root)

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from sdtune.schema import ConfigError
+from sdtune.config.schema import ConfigError
 
 KEYS = ("fraction", "seed", "source", "split", "max_samples")
 

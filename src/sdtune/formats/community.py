@@ -9,7 +9,7 @@ names (the family's ``kohya_trainer_names_unet``): diffusers' UNet path for SD1/
 (``down_blocks_1_attentions_0_…``), Stability's SGM path for SDXL's UNet (``input_blocks_4_1_…``,
 ``middle_block_1_…``, ``output_blocks_…``, resnets ``in_layers_2``/``emb_layers_1``/``out_layers_3``/
 ``skip_connection``, ``time_embed_0``, ``label_emb_0_0``: the names of the single-file checkpoint,
-``sdtune.single_file``, whose mapping diffusers' ``from_single_file`` checks). Reading (``init_from``)
+``sdtune.formats.single_file``, whose mapping diffusers' ``from_single_file`` checks). Reading (``init_from``)
 takes both namings. Each name is followed by the method's tensors:
 
 =========  ======================================================  ==============================
@@ -43,8 +43,8 @@ from typing import Any
 
 import torch
 
-from sdtune.schema import ConfigError
-from sdtune.single_file import UnknownKeyError, unet_original_key
+from sdtune.config.schema import ConfigError
+from sdtune.formats.single_file import UnknownKeyError, unet_original_key
 
 Tensors = dict[str, torch.Tensor]
 COMMUNITY_FILE = "community_weights.safetensors"

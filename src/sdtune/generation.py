@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from sdtune.config import ConfigError, ModelConfig
+from sdtune.config.sections import ConfigError, ModelConfig
 from sdtune.errors import UserError
 from sdtune.models import FAMILIES, ModelFamily, family_for
 from sdtune.records import read_record
@@ -86,9 +86,9 @@ def export_single_file(
     run_dir: str | Path, out_file: str | Path, overwrite: bool = False, precision: str = "fp32"
 ) -> Path:
     """``sdtune export --single-file``: the run's model (adapters merged) as one checkpoint in the
-    original layout (CompVis LDM for SD1/2, SGM for SDXL, Stability's for SD3; see sdtune.single_file),
+    original layout (CompVis LDM for SD1/2, SGM for SDXL, Stability's for SD3; see sdtune.formats.single_file),
     which A1111, ComfyUI and diffusers' ``from_single_file`` load."""
-    from sdtune.single_file import save_single_file
+    from sdtune.formats.single_file import save_single_file
 
     out_file = Path(out_file)
     if out_file.suffix != ".safetensors":

@@ -1,5 +1,5 @@
 """The report's numbers, computed from records only: rows, metric summaries, the study table and the
-curves over training steps. :mod:`sdtune.report` formats them and :mod:`sdtune.plots` draws them;
+curves over training steps. :mod:`sdtune.report.render` formats them and :mod:`sdtune.report.plots` draws them;
 both import this module and neither imports the other's callers.
 """
 

@@ -32,12 +32,12 @@ import numpy as np
 import torch
 
 from sdtune import diffusion
-from sdtune.cache import cache_key
-from sdtune.data import stream_samples, transform_image
+from sdtune.data.cache import cache_key
+from sdtune.data.dataset import stream_samples, transform_image
 
 if TYPE_CHECKING:
-    from sdtune.batches import MicroBatch
-    from sdtune.config import DreamBoothConfig, Experiment
+    from sdtune.config.sections import DreamBoothConfig, Experiment
+    from sdtune.data.batches import MicroBatch
     from sdtune.models import Conditioning, ModelBundle
 
 CLASS_IMAGES_DIR = ".class-images"

@@ -23,28 +23,29 @@ from typing import Any
 import numpy as np
 import torch
 
-from sdtune import cache as cache_lib
-from sdtune import diffusion, records, sharding
-from sdtune import prior as prior_lib
-from sdtune.batches import Layout, MicroBatch, PixelBatches, latent_masks, pixel_loader, pixel_needs
-from sdtune.buckets import pixel_stride
-from sdtune.checkpoint import (
+from sdtune import diffusion, records
+from sdtune.config.sections import ConfigError, Experiment, TrainConfig
+from sdtune.data.batches import Layout, MicroBatch, PixelBatches, latent_masks, pixel_loader, pixel_needs
+from sdtune.data.buckets import pixel_stride
+from sdtune.data.dataset import TrainingSet, prepare_training_set
+from sdtune.data import cache as cache_lib
+from sdtune.errors import UserError
+from sdtune.models import Conditioning, ModelBundle, family_for
+from sdtune.runner.isolate import train_in_fresh_process
+from sdtune.techniques import TECHNIQUES, Technique, trainable_named_parameters
+from sdtune.training import prior as prior_lib
+from sdtune.training import sharding
+from sdtune.training.checkpoint import (
     CheckpointError,
     load_checkpoint,
     resolve_resume,
     restore_parameters,
     save_checkpoint,
 )
-from sdtune.config import ConfigError, Experiment, TrainConfig
-from sdtune.data import TrainingSet, prepare_training_set
-from sdtune.distributed import launched_processes, on_cpu, process_state
-from sdtune.errors import UserError
-from sdtune.isolate import train_in_fresh_process
-from sdtune.models import Conditioning, ModelBundle, family_for
-from sdtune.runs import RunExistsError, StopRequest, claim_run_dir, flat_scalars, train_record
-from sdtune.techniques import TECHNIQUES, Technique, trainable_named_parameters
-from sdtune.timing import StepClock, synchronize
-from sdtune.validation import TrainingEvaluator
+from sdtune.training.evaluator import TrainingEvaluator
+from sdtune.training.run_dir import RunExistsError, StopRequest, claim_run_dir, flat_scalars, train_record
+from sdtune.util.distributed import launched_processes, on_cpu, process_state
+from sdtune.util.timing import StepClock, synchronize
 
 __all__ = ["RunExistsError", "TrainResult", "has_fused_adamw", "output_root", "train", "train_technique"]
 
@@ -78,7 +79,7 @@ class StepContext:
     layout: Layout  # what each micro-batch holds (pure in its position)
     timing: dict[str, float]  # setup split: model load, data, cache
     empty_conditioning: Conditioning | None = None
-    sharding: str | None = None  # fsdp2 | deepspeed: trained tensors are sharded (see sdtune.sharding)
+    sharding: str | None = None  # fsdp2 | deepspeed: trained tensors are sharded (see sdtune.training.sharding)
     prior: prior_lib.PriorSamples | None = None  # DreamBooth's class samples (prior_preservation)
     input_dtype: torch.dtype = torch.float32  # of the denoiser's inputs (DeepSpeed bf16: bf16)
     optimizer_groups: list[list[str]] = dataclasses.field(default_factory=list)  # trained names per param group
@@ -96,7 +97,7 @@ def train(
 ) -> list[TrainResult]:
     """Train the named techniques (default: all of the experiment) one after the other.
 
-    With several techniques each trains in a fresh process (``isolate``, see :mod:`sdtune.isolate`),
+    With several techniques each trains in a fresh process (``isolate``, see :mod:`sdtune.runner.isolate`),
     so its time, memory and flags are its own; a single one trains in this process, and so do all
     under a launcher (torchrun / accelerate launch: the launched processes are the ones that train;
     ``sdtune compare --plan`` gives one command per technique to launch separately). With
@@ -223,7 +224,7 @@ def train_technique(
             if done % cfg.log_every == 0 or done == max_steps or periodic or stop_requested:
                 stop_requested = _sync_point(ctx, clock, pending, state, stop.requested, bar)
             bar.update(1)
-            if evaluator is not None and evaluator.due(done, max_steps):  # validation loss, images (sdtune.validation)
+            if evaluator is not None and evaluator.due(done, max_steps):  # validation loss, images (sdtune.training.evaluator)
                 with clock.excluded():
                     evaluator.after_step(done, max_steps, ctx, _unwrapped(ctx), ema, state)
             interrupted = stop_requested and done < max_steps
@@ -446,7 +447,7 @@ def _latent_cache(ctx: StepContext, experiment: Experiment, output_root: Path) -
 
 
 def _pixel_batches(ctx: StepContext, first_step: int, max_steps: int) -> Any:
-    """An iterator over the micro-batches' decoded images from ``first_step`` on (see sdtune.batches)."""
+    """An iterator over the micro-batches' decoded images from ``first_step`` on (see sdtune.data.batches)."""
     accumulation = ctx.config.gradient_accumulation_steps
     start, count = first_step * accumulation, (max_steps - first_step) * accumulation
     cache = ctx.latent_cache
@@ -465,7 +466,7 @@ def _optimisation(ctx: StepContext) -> tuple[Any, Any, Any, int]:
     """Optimizer (AdamW), LR schedule (diffusers), optional EMA, and the number of steps."""
     from diffusers.optimization import get_scheduler
 
-    from sdtune.ema import LerpEMA
+    from sdtune.training.ema import LerpEMA
 
     cfg, accelerator = ctx.config, ctx.accelerator
     max_steps = cfg.max_train_steps or ctx.layout.steps_for_epochs(cfg.num_epochs)
@@ -504,8 +505,8 @@ def _optimisation(ctx: StepContext) -> tuple[Any, Any, Any, int]:
         cfg.lr_scheduler, optimizer=optimizer, num_warmup_steps=cfg.lr_warmup_steps, num_training_steps=max_steps
     )
     ema = None
-    if cfg.use_ema:  # one lerp per tensor (sdtune.ema); multi-tensor on CUDA only: on the CPU it is no faster
-        # (DeepSpeed: over its fp32 master weights, each process its fragment: see sdtune.sharding)
+    if cfg.use_ema:  # one lerp per tensor (sdtune.training.ema); multi-tensor on CUDA only: on the CPU it is no faster
+        # (DeepSpeed: over its fp32 master weights, each process its fragment: see sdtune.training.sharding)
         ema = LerpEMA(sharding.ema_tensors(accelerator, ctx.parameters), decay=cfg.ema_decay, foreach=accelerator.device.type == "cuda")
         ema.to(accelerator.device)
     return optimizer, lr_scheduler, ema, max_steps

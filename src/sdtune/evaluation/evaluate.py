@@ -19,8 +19,9 @@ import torch
 from PIL import Image
 
 from sdtune import records
-from sdtune.config import Experiment
-from sdtune.generate import (
+from sdtune.config.sections import Experiment
+from sdtune.config.split import parse_validation
+from sdtune.generation import (
     default_device,
     denoiser_of,
     generate_images,
@@ -30,7 +31,6 @@ from sdtune.generate import (
     save_images,
     set_scheduler,
 )
-from sdtune.split import parse_validation
 
 RECORDS_DIR = "records"
 IMAGES_DIR = "images"
@@ -131,7 +131,7 @@ class References:
 def reference_images(experiment: Experiment) -> References:
     """Up to ``evaluation.max_reference_images`` real images, centre-cropped to the resolution:
     the validation split's (never trained on) when there is one, else the training images."""
-    from sdtune.data import decode_image, transform_image
+    from sdtune.data.dataset import decode_image, transform_image
 
     rows = validation_rows(experiment) if parse_validation(experiment.data.validation) else None
     dataset, image_column, _, base_dir, indices = rows or _training_rows(experiment)
@@ -148,7 +148,7 @@ def reference_images(experiment: Experiment) -> References:
 
 
 def _training_rows(experiment: Experiment) -> tuple[Any, str, str, Path | None, list[int]]:
-    from sdtune.data import load_rows
+    from sdtune.data.dataset import load_rows
 
     dataset, image_column, caption_column, base_dir = load_rows(experiment.data)
     return dataset, image_column, caption_column, base_dir, list(range(len(dataset)))
@@ -158,8 +158,8 @@ def validation_rows(experiment: Experiment) -> tuple[Any, str, str, Path | None,
     """(dataset, image column, caption column, base dir, rows) of the validation split."""
     import dataclasses
 
-    from sdtune.data import load_rows
-    from sdtune.split import held_out_rows
+    from sdtune.config.split import held_out_rows
+    from sdtune.data.dataset import load_rows
 
     split = parse_validation(experiment.data.validation)
     if split.source is not None:

@@ -12,10 +12,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from sdtune import allocator, records
-from sdtune.checkpoint import resolve_resume
+from sdtune import records
 from sdtune.errors import UserError
 from sdtune.techniques import count_parameters
+from sdtune.training.checkpoint import resolve_resume
+from sdtune.util import allocator
 
 if TYPE_CHECKING:
     from sdtune.models import ModelBundle

@@ -403,7 +403,7 @@ def load_training_state(
     groups: list[list[str]],
 ) -> None:
     """Put a checkpoint's whole tensors back: cut into this run's shards, or given to DeepSpeed."""
-    from sdtune.checkpoint import restore_parameters
+    from sdtune.training.checkpoint import restore_parameters
 
     if not is_deepspeed(accelerator):
         restore_parameters(parameters, shard_parameters(parameters, trainable))
@@ -455,7 +455,7 @@ def _link_optimizer_state(optimizer: Any) -> None:
 
 
 def _check_names(parameters: dict[str, torch.nn.Parameter], trainable: dict[str, torch.Tensor]) -> None:
-    from sdtune.checkpoint import CheckpointError
+    from sdtune.training.checkpoint import CheckpointError
 
     if set(parameters) != set(trainable):
         raise CheckpointError(

@@ -21,48 +21,44 @@ from pathlib import Path
 
 import torch
 
-from sdtune.config.sections import experiment_from_dict
+from sdtune import experiment_from_dict, train_technique
 from sdtune.demo import world
 from sdtune.demo.run import TECHNIQUES, base_model_path
-from sdtune.models import family_for
 from sdtune.records import device_description, package_versions
-from sdtune.techniques import TECHNIQUES as REGISTRY
 from sdtune.techniques import trainable_named_parameters
-from sdtune.training.loop import has_fused_adamw, train_technique
+from sdtune.training import has_fused_adamw
 from sdtune.util.allocator import keep_freed_memory
 
 
 def bare_seconds_per_step(experiment, name: str, steps: int, warmup: int = 3) -> float:
     """Denoiser forward + backward + AdamW step on fixed tensors of the loop's shapes."""
     cfg = experiment.train_config_for(name)
-    spec = experiment.techniques[name]
-    bundle = family_for(experiment.model).load(experiment.model)
-    technique = REGISTRY.get(spec.kind)(spec.options)
+    model = experiment.family.load(experiment.model)
+    technique = experiment.techniques[name].build()
     torch.manual_seed(0)
-    technique.prepare(bundle)
+    technique.prepare(model)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    family = bundle.family
-    for module in bundle.components.values():
+    for module in model.components.values():
         module.to(device)
-    bundle.denoiser.train()
-    parameters = list(trainable_named_parameters(bundle).values())
+    model.denoiser.train()
+    parameters = list(trainable_named_parameters(model).values())
     if device.type == "cpu" and cfg.keep_freed_cpu_memory:  # the same runtime levers as sdtune's loop
         keep_freed_memory()
     optimizer = torch.optim.AdamW(parameters, lr=cfg.learning_rate, fused=has_fused_adamw(device) or None)
-    side = experiment.data.resolution // family.vae_downsampling(bundle)
-    latents = torch.randn(cfg.batch_size, family.latent_channels(bundle), side, side, device=device)
+    side = experiment.data.resolution // model.vae_downsampling
+    latents = torch.randn(cfg.batch_size, model.latent_channels, side, side, device=device)
     with torch.no_grad():
-        conditioning = family.encode_prompt(bundle, ["a fixed caption"] * cfg.batch_size)
+        conditioning = model.encode_prompt(["a fixed caption"] * cfg.batch_size)
     resolution = experiment.data.resolution
     geometry = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]] * cfg.batch_size, device=device)
-    conditioning.update(family.image_conditioning(geometry.float()))
+    conditioning.update(model.image_conditioning(geometry.float()))
     timesteps = torch.randint(0, 1000, (cfg.batch_size,), device=device)
     for step in range(warmup + steps):
         if step == warmup:
             _sync(device)
             started = time.perf_counter()
         for _ in range(cfg.gradient_accumulation_steps):
-            prediction = family.predict(bundle, latents, timesteps, conditioning)
+            prediction = model.predict(latents, timesteps, conditioning)
             torch.nn.functional.mse_loss(prediction, latents).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

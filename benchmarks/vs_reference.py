@@ -178,7 +178,7 @@ def main() -> int:
             sys.path.insert(0, str(HERE))
             from train_throughput import bare_seconds_per_step
 
-            from sdtune.config.sections import experiment_from_dict
+            from sdtune import experiment_from_dict
 
             bare = bare_seconds_per_step(experiment_from_dict(experiment), name, max(args.steps // 2, 2), warmup=2)
             row["bare_s_per_step"] = bare

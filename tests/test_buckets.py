@@ -13,13 +13,15 @@ import yaml
 from PIL import Image
 from safetensors.torch import load_file
 
-from sdtune.config.sections import DataConfig, load_experiment
+from sdtune.config import DataConfig
 from sdtune.data.batches import Layout, latent_masks
 from sdtune.data.buckets import BucketOrder, assign_buckets, bucket_sizes
 from sdtune.data.dataset import DataError, prepare_training_set
 from sdtune.diffusion import diffusion_loss
-from sdtune.generation import generate_images, load_run_pipeline
-from sdtune.training.loop import train_technique
+from sdtune.experiment import load_experiment
+from sdtune.generation import load_run_pipeline
+from sdtune.models.sampling import generate_images
+from sdtune.training import train_technique
 
 
 def test_bucket_sizes_are_area_bounded_multiples_and_assignment_is_closest_aspect():
@@ -186,7 +188,7 @@ def test_masks_from_an_imagefolder_and_from_a_mask_column(tmp_path):
 
 
 def test_generate_refuses_a_size_the_vae_cannot_make(tmp_path):
-    from sdtune.config.sections import ConfigError
+    from sdtune.config import ConfigError
     from sdtune.generation import generate
 
     with pytest.raises(ConfigError, match="--width: 30 is not a positive multiple of 8"):
@@ -199,9 +201,9 @@ def test_sdxl_time_ids_carry_each_samples_real_size_crop_and_bucket(family_model
     seen = []
     real = StableDiffusionXL.predict
 
-    def spy(self, bundle, noisy, timesteps, conditioning):
+    def spy(self, noisy, timesteps, conditioning):
         seen.append((tuple(noisy.shape[-2:]), conditioning["time_ids"].clone()))
-        return real(self, bundle, noisy, timesteps, conditioning)
+        return real(self, noisy, timesteps, conditioning)
 
     monkeypatch.setattr(StableDiffusionXL, "predict", spy)
     data = _bucketed_folder(tmp_path / "data")

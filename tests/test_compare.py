@@ -10,8 +10,8 @@ import subprocess
 import pytest
 import yaml
 
-from sdtune.compare import compare
-from sdtune.config.sections import load_experiment
+from sdtune.comparison import compare
+from sdtune.experiment import load_experiment
 from sdtune.report.render import render_report
 
 
@@ -67,7 +67,7 @@ def test_compare_two_techniques_two_seeds(compare_experiment, tmp_path):
 
 
 CRASHING_FULL = """
-import sdtune.training.loop as train_module
+import sdtune.runner.runs as train_module
 
 real = train_module.train_technique
 
@@ -106,7 +106,7 @@ def test_failed_technique_keeps_others_and_is_marked(compare_experiment, monkeyp
 
 def test_a_bad_technique_option_is_a_failed_row_with_its_one_line_reason(compare_experiment, write_experiment):
     experiment = compare_experiment(metrics=["clip_score"])
-    from sdtune.config.sections import experiment_from_dict
+    from sdtune.experiment import experiment_from_dict
 
     raw = experiment.to_dict()
     raw["techniques"]["full"] = {"kind": "partial", "modules": ["no_such_layer.*"]}
@@ -175,7 +175,7 @@ def test_plan_commands_then_evaluate_only(compare_experiment, tmp_path):
     import os
     import sys
 
-    from sdtune.compare import plan
+    from sdtune.comparison import compare_plan as plan
 
     experiment = compare_experiment(metrics=["clip_score"])
     entries = plan(experiment, seeds=[0, 1])

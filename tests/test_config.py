@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sdtune.config.sections import ConfigError, load_experiment
+from sdtune.config import ConfigError
+from sdtune.experiment import load_experiment
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = sorted((ROOT / "configs").rglob("*.yaml"))
@@ -30,7 +31,7 @@ def test_pokemon_paper_has_the_study_parameters():
     full, lora = experiment.train_config_for("full"), experiment.train_config_for("lora")
     assert (full.lr_scheduler, full.use_ema) == ("constant", True)
     assert (lora.lr_scheduler, lora.use_ema) == ("cosine", False)
-    assert experiment.techniques["lora"].options["peft"]["r"] == 4
+    assert experiment.techniques["lora"].options.peft["r"] == 4
 
 
 def _write(tmp_path, raw) -> Path:
@@ -87,7 +88,7 @@ def test_overrides_and_number_strings(tmp_path, tiny_model, tiny_data):
     )
     assert experiment.train.learning_rate == 1e-5
     assert experiment.train.max_train_steps == 10
-    assert experiment.techniques["lora"].options["peft"]["r"] == 8
+    assert experiment.techniques["lora"].options.peft["r"] == 8
     assert experiment.data.random_flip is False
     with pytest.raises(ConfigError, match="expected KEY=VALUE"):
         load_experiment(_write(tmp_path, raw), ["train.max_train_steps"])

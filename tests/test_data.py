@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sdtune.config.sections import DataConfig
+from sdtune.config import DataConfig
 from sdtune.data.dataset import DataError, augmentation, prepare_training_set, stream_samples, transform_image
 
 

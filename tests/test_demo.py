@@ -11,7 +11,7 @@ from sdtune.demo import world
 from sdtune.demo.judge import judge_many
 from sdtune.demo.metrics import prompt_targets
 from sdtune.demo.run import base_model_path, run_demo
-from sdtune.generation import generate_images
+from sdtune.models.sampling import generate_images
 
 BAR = 0.8  # issue 4: the base model draws the captioned colour and shape in ≥ 80 % of samples
 

@@ -15,8 +15,8 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
-from sdtune.config.sections import load_experiment
-from sdtune.training.loop import train_technique
+from sdtune.experiment import load_experiment
+from sdtune.training import train_technique
 from sdtune.util.distributed import DistributedSetupError, check_group
 
 # Weights after 3 AdamW steps (lr 1e-3) on 1 and 2 processes: the same samples and random draws,
@@ -28,7 +28,7 @@ STOP_RANK_1_AT_STEP_2 = """
 import os
 import signal
 
-import sdtune.training.loop as train_module
+import sdtune.runner.runs as train_module
 
 real = train_module.train_technique
 

@@ -24,11 +24,14 @@ import yaml
 from conftest import experiment_dict
 from safetensors.torch import load_file
 
-from sdtune.config.sections import ConfigError, ModelConfig, load_experiment
+from sdtune.config import ConfigError, ModelConfig
+from sdtune.experiment import load_experiment
+from sdtune.export import export_merged, export_single_file
 from sdtune.formats import community
-from sdtune.generation import export_merged, export_single_file, load_run_pipeline
+from sdtune.formats.families import export_facts
+from sdtune.generation import load_run_pipeline
 from sdtune.models import FAMILIES, detect_family_name
-from sdtune.training.loop import train_technique
+from sdtune.training import train_technique
 
 # random initial weights (peft's init_* = False); alpha ≠ rank so that a wrong alpha shows, except
 # loha-tucker, whose alpha = rank lets LyCORIS merge LoHa exactly (see _merges_exactly)
@@ -141,14 +144,14 @@ def lycoris_modules(pipe, family, weights):
     from lycoris import create_lycoris_from_weights
     from lycoris.kohya import create_network_from_weights
 
-    encoders = [getattr(pipe, name) for name in family.text_encoders if getattr(pipe, name, None) is not None]
+    encoders = [getattr(pipe, name) for name in family.text_encoder_names if getattr(pipe, name, None) is not None]
     encoders = [e if hasattr(e, "text_model") or "CLIP" not in type(e).__name__ else OriginalNesting(e) for e in encoders]
     with lycoris_kohya_network():
-        if family.name == "sd3":
+        if family.family == "sd3":
             transformer, _ = create_lycoris_from_weights(1.0, "", pipe.transformer, weights_sd=weights)
             text, _ = create_network_from_weights(1.0, "", None, encoders, torch.nn.Module(), weights_sd=weights)
             return transformer.loras + text.text_encoder_loras
-        unet = sgm_unet(pipe.unet) if family.kohya_trainer_names_unet == "sgm" else pipe.unet
+        unet = sgm_unet(pipe.unet) if export_facts(family.family).kohya_trainer_names_unet == "sgm" else pipe.unet
         network, _ = create_network_from_weights(
             1.0, "", None, encoders if len(encoders) > 1 else encoders[0], unet, weights_sd=weights
         )
@@ -159,7 +162,7 @@ def _where(pipe, family):
     """id(module) → (component, path) for every module of the base pipeline."""
     return {
         id(module): (name, path)
-        for name in (family.denoiser, *family.text_encoders) if getattr(pipe, name, None) is not None
+        for name in (family.denoiser_name, *family.text_encoder_names) if getattr(pipe, name, None) is not None
         for path, module in getattr(pipe, name).named_modules()
     }
 
@@ -189,7 +192,7 @@ def _community_file(run_dir, record):
 @pytest.mark.parametrize(("family", "kind"), MATRIX, ids=[f"{f}-{k}" for f, k in MATRIX])
 def test_community_file_loads_in_lycoris_as_the_merged_export(family, kind, trained):
     run_dir, record, merged_dir = trained(family, kind)
-    spec = FAMILIES.get(family)()
+    spec = FAMILIES.get(family)
     base_path = record["config"]["model"]["path"]
     path, part = _community_file(run_dir, record)
     assert "LyCORIS" in part["loads_in"] and part["bytes"] == path.stat().st_size
@@ -202,12 +205,12 @@ def test_community_file_loads_in_lycoris_as_the_merged_export(family, kind, trai
     base = spec.load_pipeline(base_path)
     modules = lycoris_modules(base, spec, weights)
     assert len(modules) == len({key.split(".")[0] for key in weights})
-    components = [spec.denoiser]
+    components = [spec.denoiser_name]
     if KINDS[kind].get("kind") != "partial" and "target_modules" not in KINDS[kind]:
         components += list(spec.trained_text_encoders)
-    by_length = sorted(spec.community_prefixes.values(), key=len, reverse=True)
+    by_length = sorted(export_facts(spec.family).community_prefixes.values(), key=len, reverse=True)
     used = {next(p for p in by_length if key.startswith(p)) for key in weights}
-    assert used == {spec.community_prefixes[c] for c in components}
+    assert used == {export_facts(spec.family).community_prefixes[c] for c in components}
     where = _where(base, spec)
     assert {where[id(m.org_module[0])][0] for m in modules} == set(components)
 
@@ -252,7 +255,7 @@ def test_lora_community_file_loads_in_diffusers_as_the_merged_export(family, kin
     """diffusers' own kohya converter reads the file (LoCon convs and text encoders included; SDXL's
     SGM names through its own SGM → diffusers map, ``_maybe_map_sgm_blocks_to_diffusers``)."""
     run_dir, record, merged_dir = trained(family, kind)
-    spec = FAMILIES.get(family)()
+    spec = FAMILIES.get(family)
     path, part = _community_file(run_dir, record)
     assert "diffusers load_lora_weights" in part["loads_in"]
     pipe = spec.load_pipeline(record["config"]["model"]["path"])
@@ -260,7 +263,7 @@ def test_lora_community_file_loads_in_diffusers_as_the_merged_export(family, kin
     pipe.fuse_lora()
     pipe.unload_lora_weights()
     merged = spec.pipeline_class().from_pretrained(merged_dir)
-    for component in (spec.denoiser, *spec.text_encoders):
+    for component in (spec.denoiser_name, *spec.text_encoder_names):
         ours, theirs = getattr(pipe, component).state_dict(), getattr(merged, component).state_dict()
         assert ours.keys() == theirs.keys()
         for key, value in theirs.items():
@@ -327,17 +330,17 @@ def test_sdxl_community_file_on_the_sgm_checkpoint_is_the_merged_single_file(fam
     from sdtune.formats.single_file import clip_to_original, original_state_dict
 
     run_dir, record, merged_dir = trained(family, kind)
-    spec = FAMILIES.get(family)()
+    spec = FAMILIES.get(family)
     path, part = _community_file(run_dir, record)
     assert ("LyCORIS" if kind == "dora" else "kohya sd-scripts") in part["loads_in"]  # (see community.TOOLS)
     base = spec.load_pipeline(record["config"]["model"]["path"])
-    open_clip = spec.single_file_layout["text_encoder_2"][0]  # CLIP-G, compared in the HF layout instead
+    open_clip = export_facts(spec.family).single_file_layout["text_encoder_2"][0]  # CLIP-G, compared in the HF layout instead
 
     def checkpoint(single_file, text_encoder_2):
         kept = {key: value for key, value in single_file.items() if not key.startswith(open_clip)}
         return {**kept, **{f"te2.{key}": value for key, value in clip_to_original(text_encoder_2).items()}}
 
-    before = checkpoint(original_state_dict(base.components, spec.single_file_layout), base.text_encoder_2)
+    before = checkpoint(original_state_dict(base.components, export_facts(spec.family).single_file_layout), base.text_encoder_2)
     ours = dict(before)
     key_map = comfy_key_map(ours)
     layers = {}
@@ -387,12 +390,12 @@ def test_single_file_export_reads_back_bit_for_bit(family, kind, trained, tmp_pa
     """``export --single-file`` of an adapter run (merged) → diffusers ``from_single_file`` (offline: the
     tiny model's folder as ``config``) → the same weights, bit for bit, as ``export --merged``."""
     run_dir, record, merged_dir = trained(family, kind)
-    spec = FAMILIES.get(family)()
+    spec = FAMILIES.get(family)
     out = export_single_file(run_dir, tmp_path / "model.safetensors")
     keys = load_file(out).keys()
-    prefixes = {prefix for prefix, _ in spec.single_file_layout.values()}
+    prefixes = {prefix for prefix, _ in export_facts(spec.family).single_file_layout.values()}
     assert {next(p for p in prefixes if k.startswith(p)) for k in keys} == {
-        prefix for component, (prefix, _) in spec.single_file_layout.items()
+        prefix for component, (prefix, _) in export_facts(spec.family).single_file_layout.items()
         if getattr(spec.pipeline_class().from_pretrained(merged_dir), component, None) is not None
     }
     config = record["config"]["model"]["path"]
@@ -459,26 +462,26 @@ def test_single_file_model_loads_with_the_same_weights(family, family_model, tmp
     file → sdtune → same weights)."""
     from sdtune.formats.single_file import save_single_file
 
-    spec = FAMILIES.get(family)()
+    spec = FAMILIES.get(family)
     folder = family_model(family)
     reference = spec.load_pipeline(str(folder))
-    path = save_single_file(reference.components, spec.single_file_layout, tmp_path / "model.safetensors", {})
+    path = save_single_file(reference.components, export_facts(spec.family).single_file_layout, tmp_path / "model.safetensors", {})
     config = ModelConfig(path=str(path), single_file_config=str(folder))
     assert detect_family_name(config) == family
     if family == "sd1":  # from the keys alone (diffusers' infer_diffusers_model_type); the tiny SD2/SDXL/
         assert detect_family_name(ModelConfig(path=str(path))) == "sd1"  # SD3 defeat its shape checks
-    bundle = spec.load(config)
+    model = spec.load(config)
     skip = {"text_encoder.text_projection.weight", *(f"text_encoder_2.{k}" for k in reference.text_encoder_2.state_dict())} \
         if family == "sd3" else set()  # (see test_single_file_export_reads_back_bit_for_bit)
-    _assert_same_weights(spec.build_pipeline(bundle), reference, skip)
+    _assert_same_weights(model.pipeline(), reference, skip)
 
 
 def test_training_starts_from_a_single_file_model(write_experiment, family_model, tmp_path):
     from sdtune.formats.single_file import save_single_file
 
-    spec = FAMILIES.get("sd1")()
+    spec = FAMILIES.get("sd1")
     reference = spec.load_pipeline(str(family_model("sd1")))
-    path = save_single_file(reference.components, spec.single_file_layout, tmp_path / "sd1.safetensors", {})
+    path = save_single_file(reference.components, export_facts(spec.family).single_file_layout, tmp_path / "sd1.safetensors", {})
     model = {"path": str(path), "single_file_config": str(family_model("sd1"))}
     experiment = load_experiment(write_experiment(model=model, max_train_steps=1))
     result = train_technique(experiment, "lora", progress=False)
@@ -499,14 +502,13 @@ def test_init_from_a_community_file_starts_where_it_left_off(family, kind, case,
     kohya's SGM names (what sdtune writes) and in diffusers' block names (what other trainers write)."""
     from safetensors.torch import save_file
 
-    from sdtune.models import family_for
     from sdtune.techniques import TECHNIQUES
     from sdtune.techniques.adapter import merge_adapters
 
     run_dir, record, merged_dir = trained(family, kind)
     path, _ = _community_file(run_dir, record)
     if case == "sdxl-diffusers-names":
-        unet = FAMILIES.get(family)().load_pipeline(record["config"]["model"]["path"]).unet
+        unet = FAMILIES.get(family).load_pipeline(record["config"]["model"]["path"]).unet
         renamed = {community.layer_name("lora_unet_", unet, p, sgm=True): community.layer_name("lora_unet_", unet, p)
                    for p, layer in unet.named_modules() if "weight" in layer._parameters}
         weights = {f"{renamed[key.split('.')[0]]}.{key.partition('.')[2]}": value for key, value in load_file(path).items()}
@@ -518,12 +520,12 @@ def test_init_from_a_community_file_starts_where_it_left_off(family, kind, case,
     (tmp_path / "again.yaml").write_text(yaml.safe_dump(raw))
     experiment = load_experiment(tmp_path / "again.yaml")
     spec = experiment.techniques["again"]
-    assert spec.options["init_from"] == str(path)
-    bundle = family_for(experiment.model).load(experiment.model)
-    TECHNIQUES.get(spec.kind)(spec.options).prepare(bundle)
-    merged = bundle.family.pipeline_class().from_pretrained(merged_dir)
-    for component in bundle.trainable_names():
-        module = bundle.components[component]
+    assert spec.options.init_from == str(path)
+    model = experiment.family.load(experiment.model)
+    TECHNIQUES.get(spec.kind)(spec.options).prepare(model)
+    merged = model.pipeline_class().from_pretrained(merged_dir)
+    for component in model.trainable_names():
+        module = model.components[component]
         merge_adapters(module)
         ours, theirs = module.state_dict(), getattr(merged, component).state_dict()
         for key, value in theirs.items():
@@ -551,7 +553,7 @@ def test_init_from_is_relative_to_the_experiment_file(write_experiment, tmp_path
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
     experiment = load_experiment(path)
-    assert experiment.techniques["lora"].options["init_from"] == str(tmp_path / "weights" / "start.safetensors")
+    assert experiment.techniques["lora"].options.init_from == str(tmp_path / "weights" / "start.safetensors")
     with pytest.raises(ConfigError, match=rf"^techniques.lora.init_from: '{tmp_path}/weights/missing.safetensors' is not a "
                        r".safetensors file; .* \(absolute, or relative to the experiment file\)$"):
         load_experiment(write_experiment(techniques={"lora": {"kind": "lora", "init_from": "weights/missing.safetensors"}}))
@@ -562,7 +564,6 @@ def test_init_from_errors_are_one_line_with_the_fix(write_experiment, trained, t
         load_experiment(write_experiment(techniques={"lora": {"kind": "lora", "init_from": str(tmp_path / "nowhere.safetensors")}}))
     run_dir, record, _ = trained("sd1", "loha")
     path, _ = _community_file(run_dir, record)
-    from sdtune.models import family_for
     from sdtune.techniques import TECHNIQUES
 
     cases = {  # technique → the message
@@ -572,14 +573,14 @@ def test_init_from_errors_are_one_line_with_the_fix(write_experiment, trained, t
     for kind, message in cases.items():
         options = {"kind": kind, "train_text_encoder": True, "init_from": str(path), "rank": 4 if kind == "loha" else 2}
         experiment = load_experiment(write_experiment(techniques={"t": options}))
-        bundle = family_for(experiment.model).load(experiment.model)
+        model = experiment.family.load(experiment.model)
         spec = experiment.techniques["t"]
         with pytest.raises(ConfigError, match=message):
-            TECHNIQUES.get(spec.kind)(spec.options).prepare(bundle)
+            TECHNIQUES.get(spec.kind)(spec.options).prepare(model)
     experiment = load_experiment(write_experiment(techniques={"t": {"kind": "loha", "rank": 2, "init_from": str(path)}}))
-    bundle = family_for(experiment.model).load(experiment.model)
+    model = experiment.family.load(experiment.model)
     with pytest.raises(ConfigError, match="which is no layer of unet; is it for this model family"):
-        TECHNIQUES.get("loha")(experiment.techniques["t"].options).prepare(bundle)
+        TECHNIQUES.get("loha")(experiment.techniques["t"].options).prepare(model)
 
 
 def test_weights_without_a_community_form_are_refused_not_dropped():

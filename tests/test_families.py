@@ -3,6 +3,7 @@ SD2 v-prediction, SDXL micro-conditioning and kohya files, SD3 without T5, a sep
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -10,24 +11,26 @@ import pytest
 import torch
 import yaml
 
-from sdtune.config.sections import ConfigError, load_experiment
+from sdtune.config import ConfigError
 from sdtune.data.dataset import crop_geometry
-from sdtune.generation import generate_images, load_run_pipeline
-from sdtune.models import ModelLoadError, detect_family_name, family_for
-from sdtune.training.loop import train_technique
+from sdtune.experiment import load_experiment
+from sdtune.generation import load_run_pipeline
+from sdtune.models import ModelLoadError, detect_family_name, model_class
+from sdtune.models.sampling import generate_images
+from sdtune.training import train_technique
 
 
 def _load(family_model, family, **model):
-    from sdtune.config.sections import ModelConfig
+    from sdtune.config import ModelConfig
 
     config = ModelConfig(path=str(family_model(family)), **model)
-    config.family = detect_family_name(config)
-    return family_for(config), config
+    config = dataclasses.replace(config, family=detect_family_name(config))
+    return model_class(config), config
 
 
 @pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl", "sd3"])
 def test_auto_detects_each_family(family, family_model):
-    from sdtune.config.sections import ModelConfig
+    from sdtune.config import ModelConfig
 
     assert detect_family_name(ModelConfig(path=str(family_model(family)))) == family
 
@@ -52,11 +55,11 @@ def test_conditioning_equals_the_pipelines_own(family, prompt_kwargs, family_mod
     """What the loop trains on is what the pipeline samples with."""
     model = {"text_encoder_3": False} if family == "sd3-no-t5" else {}
     spec, config = _load(family_model, family.split("-")[0] if family != "sd3-no-t5" else "sd3-no-t5", **model)
-    bundle = spec.load(config)
-    pipe = spec.build_pipeline(bundle)
+    model = spec.load(config)
+    pipe = model.pipeline()
     captions = ["a red circle", "a large blue square"]
     with torch.no_grad():
-        ours = spec.encode_prompt(bundle, captions)
+        ours = model.encode_prompt(captions)
         theirs = pipe.encode_prompt(
             captions, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=False, **prompt_kwargs
         )
@@ -114,7 +117,6 @@ def test_sd2_v_prediction_trains_saves_and_samples_v(write_experiment, family_mo
 
 def test_v_target_is_what_the_sd2_loop_regresses(write_experiment, family_model, monkeypatch):
     """The loss the loop records at step 1 is the MSE to the v target (Salimans & Ho 2022), not to ε."""
-    import sdtune.training.loop as train_module
     from sdtune import diffusion
 
     seen = {}
@@ -131,7 +133,7 @@ def test_v_target_is_what_the_sd2_loop_regresses(write_experiment, family_model,
         seen.setdefault("noise", noise.clone())
         return real_objective(self, latents, noise, timesteps)
 
-    monkeypatch.setattr(train_module.diffusion, "diffusion_loss", spy)
+    monkeypatch.setattr(diffusion, "diffusion_loss", spy)
     monkeypatch.setattr(diffusion.DDPMObjective, "target", target)
     experiment = load_experiment(write_experiment(model=family_model("sd2"), techniques={"lora": {"kind": "lora"}}))
     train_technique(experiment, "lora", progress=False)
@@ -152,9 +154,9 @@ def test_sdxl_time_ids_come_from_each_samples_real_size(write_experiment, family
     seen = []
     real = StableDiffusionXL.predict
 
-    def spy(self, bundle, noisy, timesteps, conditioning):
+    def spy(self, noisy, timesteps, conditioning):
         seen.append(conditioning["time_ids"].clone())
-        return real(self, bundle, noisy, timesteps, conditioning)
+        return real(self, noisy, timesteps, conditioning)
 
     monkeypatch.setattr(StableDiffusionXL, "predict", spy)
     experiment = load_experiment(write_experiment(model=family_model("sdxl"), data={"center_crop": False, "cache": "off"}))
@@ -218,9 +220,9 @@ def test_separate_vae_is_used(write_experiment, family_model, tmp_path):
     build_tiny_sdxl_pipeline(other, seed=7)  # same architecture, other weights: stands in for the fp16-fix VAE
     model = {"path": str(family_model("sdxl")), "vae": str(other / "vae")}
     experiment = load_experiment(write_experiment(model=model, techniques={"full": {"kind": "full"}}))
-    bundle = family_for(experiment.model).load(experiment.model)
+    model = experiment.family.load(experiment.model)
     expected = load_file(other / "vae" / "diffusion_pytorch_model.safetensors")
-    assert all(torch.equal(bundle.vae.state_dict()[k], v) for k, v in expected.items())
+    assert all(torch.equal(model.vae.state_dict()[k], v) for k, v in expected.items())
     run_dir = train_technique(experiment, "full", progress=False).run_dir
     saved = load_file(run_dir / "vae" / "diffusion_pytorch_model.safetensors")
     assert all(torch.equal(saved[k], v) for k, v in expected.items())  # the whole pipeline carries it
@@ -229,8 +231,8 @@ def test_separate_vae_is_used(write_experiment, family_model, tmp_path):
 def test_sd3_without_t5_loads_trains_and_reloads_without_it(write_experiment, family_model):
     model = {"path": str(family_model("sd3")), "text_encoder_3": False}
     experiment = load_experiment(write_experiment(model=model, techniques={"full": {"kind": "full"}}))
-    bundle = family_for(experiment.model).load(experiment.model)
-    assert "text_encoder_3" not in bundle.components and bundle.text_encoder_names() == ["text_encoder", "text_encoder_2"]
+    model = experiment.family.load(experiment.model)
+    assert "text_encoder_3" not in model.components and model.loaded_text_encoders == ["text_encoder", "text_encoder_2"]
     result = train_technique(experiment, "full", progress=False)
     assert "text_encoder_3" not in result.record["parameters"]["components"]
     pipe, _ = load_run_pipeline(result.run_dir, device=torch.device("cpu"))
@@ -244,6 +246,6 @@ def test_unknown_model_folder_is_one_clear_error(tmp_path, write_experiment):
     with pytest.raises(ConfigError, match="is a FluxPipeline, which no registered family trains"):
         load_experiment(write_experiment(model=folder))
     with pytest.raises(ModelLoadError):
-        from sdtune.config.sections import ModelConfig
+        from sdtune.config import ModelConfig
 
         detect_family_name(ModelConfig(path=str(tmp_path)))

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sdtune.config.sections import ConfigError, DataConfig, experiment_from_dict
+from sdtune.config import ConfigError, DataConfig
 from sdtune.data.dataset import DataError, prepare_training_set, shuffled_caption
 from sdtune.data.images import to_rgb
+from sdtune.experiment import experiment_from_dict
 
 
 def _image(path, size=(16, 12), colour=(200, 30, 30), mode="RGB"):

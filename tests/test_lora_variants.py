@@ -8,6 +8,7 @@ base model in diffusers (both files) and LyCORIS (the kohya file) as the trained
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import signal
@@ -18,13 +19,16 @@ import torch
 from safetensors.torch import load_file
 from test_export import lycoris_modules
 
-from sdtune.config.sections import ConfigError, load_experiment
-from sdtune.generation import export_merged, generate_images, load_run_pipeline
+from sdtune.config import ConfigError
+from sdtune.experiment import load_experiment
+from sdtune.export import export_merged
+from sdtune.generation import load_run_pipeline
 from sdtune.models import FAMILIES
+from sdtune.models.sampling import generate_images
 from sdtune.techniques import TECHNIQUES, trainable_named_parameters
 from sdtune.techniques.adapter import merge_adapters
+from sdtune.training import train_technique
 from sdtune.training.checkpoint import load_checkpoint
-from sdtune.training.loop import train_technique
 
 LORAPLUS = {"kind": "lora", "rank": 2, "loraplus_lr_ratio": 16, "lr_scheduler": "cosine"}
 
@@ -50,7 +54,7 @@ def test_resume_equals_uninterrupted_bit_for_bit(options, write_experiment, tmp_
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert [h["loss"] for h in first.record["loss_history"]] == [h["loss"] for h in resumed.record["loss_history"]]
     if options["kind"] == "oft":  # `sdtune export --merged`: the rotation folded into plain weights, same images
-        merged = FAMILIES.get("sd1")().pipeline_class().from_pretrained(export_merged(first.run_dir, tmp_path / "merged"))
+        merged = FAMILIES.get("sd1").pipeline_class().from_pretrained(export_merged(first.run_dir, tmp_path / "merged"))
         assert not any("oft_" in key for key in merged.unet.state_dict())
         unmerged, _ = load_run_pipeline(first.run_dir, fuse=False, device=torch.device("cpu"))
         assert np.abs(_image(merged) - _image(unmerged)).max() <= 2.0
@@ -67,21 +71,20 @@ def _image(pipe):
 
 
 def test_loraplus_puts_every_b_matrix_in_the_fast_group(write_experiment):
-    from sdtune.models import family_for
 
     options = {**LORAPLUS, "train_text_encoder": True}
     experiment = load_experiment(write_experiment(techniques={"t": options}))
-    bundle = family_for(experiment.model).load(experiment.model)
+    model = experiment.family.load(experiment.model)
     technique = TECHNIQUES.get("lora")(experiment.techniques["t"].options)
-    technique.prepare(bundle)
-    parameters = trainable_named_parameters(bundle)
+    technique.prepare(model)
+    parameters = trainable_named_parameters(model)
     slow, fast = technique.parameter_groups(parameters, 1e-4)
     assert slow["lr"] == 1e-4 and fast["lr"] == pytest.approx(16e-4)
     names = {id(p): n for n, p in parameters.items()}
     assert {names[id(p)] for p in fast["params"]} == {n for n in parameters if ".lora_B." in n}
     assert {names[id(p)] for p in slow["params"]} == {n for n in parameters if ".lora_A." in n}
     assert any(n.startswith("text_encoder.") for n in parameters)
-    plain = TECHNIQUES.get("lora")({**experiment.techniques["t"].options, "loraplus_lr_ratio": None})
+    plain = TECHNIQUES.get("lora")(dataclasses.replace(experiment.techniques["t"].options, loraplus_lr_ratio=None))
     assert [g["lr"] for g in plain.parameter_groups(parameters, 1e-4)] == [1e-4]
 
 
@@ -93,13 +96,13 @@ VARIANTS = {  # random (not zero) B where the init allows it, so every factor of
 }
 
 
-def _effective_weights(bundle, components):
+def _effective_weights(model, components):
     """The trained model's plain weights (adapters merged into a copy)."""
     import copy
 
     result = {}
     for name in components:
-        module = copy.deepcopy(bundle.components[name])
+        module = copy.deepcopy(model.components[name])
         merge_adapters(module)
         result[name] = module.state_dict()
     return result
@@ -117,14 +120,14 @@ def test_lora_variant_files_load_on_the_unmodified_base(variant, write_experimen
     options = VARIANTS[variant]
     experiment = load_experiment(write_experiment(techniques={variant: options}, max_train_steps=2))
     result = train_technique(experiment, variant, progress=False)
-    spec, run_dir = FAMILIES.get("sd1")(), result.run_dir
+    spec, run_dir = FAMILIES.get("sd1"), result.run_dir
     components = ["unet", "text_encoder"] if options.get("train_text_encoder") else ["unet"]
     base = spec.load_pipeline(str(tiny_model))
     to_q = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
-    in_memory = result.bundle.components["unet"].get_submodule(to_q).base_layer.weight
+    in_memory = result.model.components["unet"].get_submodule(to_q).base_layer.weight
     original = base.unet.get_submodule(to_q).weight
     assert torch.equal(in_memory, original) != (options["init_lora_weights"] in ("pissa", "olora"))  # mutated base
-    expected = _effective_weights(result.bundle, components)
+    expected = _effective_weights(result.model, components)
     assert not torch.allclose(expected["unet"][f"{to_q}.weight"], original, atol=1e-4)  # the adapter did something
 
     # the kohya file's alpha: every loader's alpha / rank is peft's scale (rsLoRA: alpha / √r)
@@ -150,7 +153,7 @@ def test_lora_variant_files_load_on_the_unmodified_base(variant, write_experimen
     _assert_weights(pipe, expected, "LyCORIS")
     # sdtune generate (a fresh base + the run's files): the trained model's images
     reloaded, _ = load_run_pipeline(run_dir, fuse=False, device=torch.device("cpu"))
-    trained = spec.build_pipeline(result.bundle)
+    trained = result.model.pipeline()
     assert np.abs(_image(reloaded) - _image(trained)).max() <= 1.0
 
 
@@ -172,37 +175,35 @@ def test_option_errors_are_one_line_with_the_fix(write_experiment, tmp_path):
             load_experiment(write_experiment(techniques={"t": options}))
         assert "\n" not in str(error.value)
     experiment = load_experiment(write_experiment(techniques={"t": {"kind": "oft", "rank": 4}}))
-    assert experiment.techniques["t"].options["peft"] == {"r": 4, "oft_block_size": 0}  # rank counts the blocks
+    assert experiment.techniques["t"].options.peft == {"r": 4, "oft_block_size": 0}  # rank counts the blocks
     experiment = load_experiment(write_experiment(techniques={"t": {"kind": "boft", "boft_block_num": 8}}))
-    assert experiment.techniques["t"].options["peft"] == {"boft_block_num": 8, "boft_block_size": 0}
+    assert experiment.techniques["t"].options.peft == {"boft_block_num": 8, "boft_block_size": 0}
 
 
 def test_boft_butterfly_factor_is_never_silently_dropped(write_experiment, tmp_path):
     """Without its CUDA extension peft trains BOFT with one butterfly factor whatever was asked: refused."""
-    from sdtune.models import family_for
     from sdtune.techniques.oft import _butterfly_kernel_available
 
     experiment = load_experiment(write_experiment(techniques={"t": {"kind": "boft", "boft_n_butterfly_factor": 2}}))
-    bundle = family_for(experiment.model).load(experiment.model)
+    model = experiment.family.load(experiment.model)
     technique = TECHNIQUES.get("boft")(experiment.techniques["t"].options)
     if _butterfly_kernel_available():  # (a CUDA machine with nvcc and ninja): the factor is the one asked for
-        technique.prepare(bundle)
-        layer = bundle.components["unet"].get_submodule("down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q")
+        technique.prepare(model)
+        layer = model.components["unet"].get_submodule("down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q")
         assert layer.boft_R["default"].shape[0] == 2
     else:
         with pytest.raises(ConfigError, match=r"^boft_n_butterfly_factor: 2 needs peft's fbd_cuda extension .*; "
                                               r"set boft_n_butterfly_factor: 1$"):
-            technique.prepare(bundle)
+            technique.prepare(model)
         with pytest.raises(ConfigError, match=r"BOFT with boft_n_butterfly_factor 2 loads only where peft's fbd_cuda"):
-            technique.load_into(None, tmp_path, experiment.techniques["t"].options)  # (a GPU run's files, here)
+            technique.load_into(None, tmp_path, experiment.techniques["t"].options_dict())  # (a GPU run's files, here)
 
 
 def test_pissa_on_a_conv_layer_is_refused_before_peft_fails(write_experiment):
-    from sdtune.models import family_for
 
     options = {"kind": "lora", "rank": 2, "init_lora_weights": "olora", "target_modules": ["to_q", "conv1"]}
     experiment = load_experiment(write_experiment(techniques={"t": options}))
-    bundle = family_for(experiment.model).load(experiment.model)
+    model = experiment.family.load(experiment.model)
     with pytest.raises(ConfigError, match=r"^init_lora_weights: 'olora' works on linear layers only, and target_modules "
                                           r"match the Conv2d .*conv1 of the unet; target linear layers"):
-        TECHNIQUES.get("lora")(experiment.techniques["t"].options).prepare(bundle)
+        TECHNIQUES.get("lora")(experiment.techniques["t"].options).prepare(model)

@@ -100,7 +100,7 @@ def test_imagereward_loads_a_folder_through_the_package_and_scores_each_image_wi
 
 
 def test_the_preference_metrics_are_configured_and_reported_like_pickscore(monkeypatch, tiny_clip_dir):
-    from sdtune.config.sections import EvaluationConfig
+    from sdtune.config import EvaluationConfig
     from sdtune.records import EvalRecord
     from sdtune.report.render import tables
     from sdtune.report.summary import Row

@@ -11,8 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sdtune.config.sections import ConfigError, load_experiment
-from sdtune.training.loop import train_technique
+from sdtune.config import ConfigError
+from sdtune.experiment import load_experiment
+from sdtune.training import train_technique
 from sdtune.training.prior import class_images_folder, ensure_class_images, prior_preservation_loss
 
 DREAMBOOTH = {"class_prompt": "a circle", "num_class_images": 3, "class_inference_steps": 2, "class_guidance_scale": 2.0}
@@ -61,16 +62,15 @@ def test_training_loss_follows_the_formula_and_class_images_are_made_once(write_
 
 
 def test_class_images_are_deterministic_and_missing_ones_are_filled_in(write_experiment, tiny_model, tmp_path):
-    from sdtune.models import family_for
 
     experiment = load_experiment(_write(write_experiment, {"p": {"kind": "lora", "prior_preservation": True}}))
-    bundle = family_for(experiment.model).load(experiment.model)
-    folder, generated = ensure_class_images(experiment, bundle, tmp_path / "out", torch.device("cpu"), progress=False)
+    model = experiment.family.load(experiment.model)
+    folder, generated = ensure_class_images(experiment, model, tmp_path / "out", torch.device("cpu"), progress=False)
     assert generated == 3
     first = {p.name: p.read_bytes() for p in folder.glob("*.png")}
     assert len(set(first.values())) == 3  # each from its own seed
     (folder / "00001.png").unlink()
-    assert ensure_class_images(experiment, bundle, tmp_path / "out", torch.device("cpu"), progress=False)[1] == 1
+    assert ensure_class_images(experiment, model, tmp_path / "out", torch.device("cpu"), progress=False)[1] == 1
     assert {p.name: p.read_bytes() for p in folder.glob("*.png")} == first
 
 
@@ -129,7 +129,7 @@ def test_compare_trains_a_subject_with_every_kind_of_technique_in_fresh_processe
 
     import yaml
 
-    from sdtune.compare import compare
+    from sdtune.comparison import compare
 
     techniques = {
         "lora-prior": {"kind": "lora", "rank": 2, "prior_preservation": True},

@@ -14,8 +14,8 @@ import torch
 from safetensors.torch import load_file
 from test_distributed import TOLERANCE, _max_difference, _torchrun, _weights
 
-from sdtune.config.sections import load_experiment
-from sdtune.training.loop import train_technique
+from sdtune.experiment import load_experiment
+from sdtune.training import train_technique
 from sdtune.training.sharding import Routed, ShardingError, TrainedComponents, configure, unrouted
 
 # what `accelerate launch` sets from an FSDP2 config (accelerate config → fsdp_config)
@@ -151,7 +151,7 @@ def test_sharded_setups_that_cannot_run_are_refused_in_one_line(environment, opt
 
 
 def test_components_prepared_as_one_container_are_called_through_it():
-    """FSDP2/DeepSpeed prepare one model: the bundle calls each trained component through the
+    """FSDP2/DeepSpeed prepare one model: the model calls each trained component through the
     container's forward (where FSDP2's unshard and DeepSpeed's engine run); the rest is its own."""
     calls = []
     unet, text_encoder = torch.nn.Linear(3, 2), torch.nn.Linear(3, 4)

@@ -13,8 +13,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sdtune.config.sections import ConfigError, load_experiment
-from sdtune.training.loop import train_technique
+from sdtune.config import ConfigError
+from sdtune.experiment import load_experiment
+from sdtune.training import train_technique
 
 PROMPTS = ["a <sks> circle", "a red <sks>"]
 
@@ -25,7 +26,7 @@ def _ti(num_vectors=1, **extra):
 
 
 def _images(pipe, prompts=PROMPTS):
-    from sdtune.generation import generate_images
+    from sdtune.models.sampling import generate_images
 
     result = generate_images(pipe, prompts, [0], num_inference_steps=2, guidance_scale=3.0, resolution=32, progress=False)
     return np.stack([np.asarray(image, dtype=np.float32) for image in result.images])
@@ -38,16 +39,16 @@ def _base_state(model_dir, part):
 
 
 def _assert_only_new_rows_trained(result, model_dir, num_vectors):
-    bundle = result.bundle
-    for name, module in bundle.components.items():
+    model = result.model
+    for name, module in model.components.items():
         base = _base_state(model_dir, name)
         trained = {k: v.detach() for k, v in module.named_parameters()}  # (tied tables once: T5's)
         vectors = [k for k in trained if k.endswith(".vectors")]
-        if name in bundle.text_encoder_names():
+        if name in model.loaded_text_encoders:
             (key,) = vectors  # the new rows, and nothing else, are a parameter of their own
             assert trained[key].shape[0] == num_vectors
             table = key.replace(".vectors", ".original.weight")
-            initial = base[table.replace(".original", "")][bundle.tokenizers[name.replace("text_encoder", "tokenizer")]
+            initial = base[table.replace(".original", "")][model.tokenizers[name.replace("text_encoder", "tokenizer")]
                                                            .convert_tokens_to_ids("circle")]
             assert all(not torch.equal(row, initial) for row in trained[key]), "the new rows did not move"
         for key, value in trained.items():
@@ -63,14 +64,14 @@ def test_only_the_new_rows_train_and_the_files_load_in_diffusers(family, num_vec
     result = train_technique(load_experiment(path), "ti", progress=False)
     assert result.status == "finished"
     assert result.record["parameters"]["trainable"] == num_vectors * sum(
-        result.bundle.components[n].get_input_embeddings().vectors.shape[1] for n in result.bundle.text_encoder_names())
+        result.model.components[n].get_input_embeddings().vectors.shape[1] for n in result.model.loaded_text_encoders)
     _assert_only_new_rows_trained(result, model_dir, num_vectors)
-    expected = _images(result.bundle.family.build_pipeline(result.bundle))
+    expected = _images(result.model.pipeline())
 
     run = result.run_dir
     diffusers_file = load_file(run / "learned_embeds.safetensors")
     assert list(diffusers_file) == ["<sks>"] and diffusers_file["<sks>"].shape[0] == num_vectors
-    pipeline_class = result.bundle.family.pipeline_class()
+    pipeline_class = result.model.pipeline_class()
     pipe = pipeline_class.from_pretrained(model_dir)
     community = load_file(run / "sks.safetensors")
     if family == "sd1":
@@ -114,7 +115,7 @@ def _interrupt_at(step):
 
 
 def test_resume_is_bit_exact(write_experiment, tmp_path):
-    from sdtune.generation import export_single_file
+    from sdtune.export import export_single_file
 
     # bf16: the frozen denoiser (not wrapped by accelerate) must still run under autocast
     path = write_experiment(techniques=_ti(2), data={"instance_prompt": "a <sks> toy"}, max_train_steps=4,
@@ -166,7 +167,7 @@ def test_sd3_learns_the_token_in_both_clips_and_t5_and_reloads(write_experiment,
     result = train_technique(load_experiment(path), "ti", progress=False)
     _assert_only_new_rows_trained(result, model_dir, 1)
     assert sorted(load_file(result.run_dir / "sks.safetensors")) == ["clip_g", "clip_l", "t5xxl"]
-    expected = _images(result.bundle.family.build_pipeline(result.bundle))
+    expected = _images(result.model.pipeline())
     pipe, _ = load_run_pipeline(result.run_dir, device=torch.device("cpu"))
     assert np.abs(_images(pipe) - expected).max() <= 1.0
     with pytest.raises(ConfigError, match="use num_vectors: 1 on sd3"):

@@ -13,9 +13,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sdtune.config.sections import load_experiment
-from sdtune.generation import generate_images, load_run_pipeline
-from sdtune.training.loop import RunExistsError, train_technique
+from sdtune.experiment import load_experiment
+from sdtune.generation import load_run_pipeline
+from sdtune.models.sampling import generate_images
+from sdtune.training import RunExistsError, train_technique
 
 ALL_TECHNIQUES = {
     "full": {"kind": "full", "use_ema": True, "ema_decay": 0.9},
@@ -52,14 +53,13 @@ def _images(pipe, prompts=("a red circle", "a blue square")):
 
 def _initial_trainable(experiment, name):
     """The technique's trainable tensors before the first step (adapters start from a seeded init)."""
-    from sdtune.models import family_for
     from sdtune.techniques import TECHNIQUES, trainable_named_parameters
 
-    bundle = family_for(experiment.model).load(experiment.model)
+    model = experiment.family.load(experiment.model)
     torch.manual_seed(experiment.train_config_for(name).seed)
     spec = experiment.techniques[name]
-    TECHNIQUES.get(spec.kind)(spec.options).prepare(bundle)
-    return {n: p.detach().clone() for n, p in trainable_named_parameters(bundle).items()}
+    TECHNIQUES.get(spec.kind)(spec.options).prepare(model)
+    return {n: p.detach().clone() for n, p in trainable_named_parameters(model).items()}
 
 
 @pytest.mark.parametrize(("family", "name"), MATRIX, ids=[f"{f}-{n}" for f, n in MATRIX])
@@ -75,10 +75,10 @@ def test_technique_trains_saves_and_reloads(family, name, write_experiment, fami
     assert record["parameters"]["trainable"] > 0 and record["bytes_on_disk"] > 0
     assert len(record["loss_history"]) == 3 and all(np.isfinite(h["loss"]) for h in record["loss_history"])
 
-    _assert_only_intended_tensors_changed(name, result.bundle, model_dir, initial)
+    _assert_only_intended_tensors_changed(name, result.model, model_dir, initial)
 
     # reload in a fresh process (sdtune generate) → the same images as the in-memory trained model
-    in_memory = result.bundle.family.build_pipeline(result.bundle)
+    in_memory = result.model.pipeline()
     expected = _images(in_memory)
     out = tmp_path / "fresh"
     script = (
@@ -156,54 +156,52 @@ def test_partial_trains_exactly_the_chosen_tensors(write_experiment, tiny_model)
 ADAPTER_MARKERS = ("lora_", "hada_", "lokr_", "oft_")  # (oft_R; boft_R, boft_s)
 
 
-def _intended(name, bundle):
+def _intended(name, model):
     """Which trainable tensors each technique of the matrix should have, for this model's family."""
-    family = bundle.family
-    denoiser = family.denoiser + "."
-    encoders = tuple(f"{encoder}." for encoder in family.trained_text_encoders if encoder in bundle.components)
+    denoiser = model.denoiser_name + "."
+    encoders = tuple(f"{encoder}." for encoder in model.trained_text_encoders if encoder in model.components)
     adapter = lambda n: any(m in n for m in ADAPTER_MARKERS)  # noqa: E731
     if name == "full":
         return lambda n: n.startswith(denoiser)
     if name == "full-te":
         return lambda n: n.startswith((denoiser, *encoders))
     if name == "partial":
-        patterns = next(iter(family.partial_presets.values()))
+        patterns = next(iter(model.partial_presets.values()))
         return lambda n: n.startswith(denoiser) and any(fnmatchcase(n[len(denoiser):], p) for p in patterns)
     if name in ("lora-te", "oft-te"):
         return lambda n: n.startswith((denoiser, *encoders)) and adapter(n)
     return lambda n: n.startswith(denoiser) and adapter(n)
 
 
-def _parameters_without_gradient(bundle):
+def _parameters_without_gradient(model):
     """Trainable tensors the objective cannot reach: one backward pass through the family's own
     conditioning and denoiser call. The architectures have a few (SDXL conditions on CLIP-L's
     penultimate layer, so its last layer is unused; SD3's last joint block discards the text
     stream, so its context query is unused); a technique still wraps them, and they cannot move."""
     from sdtune.techniques import trainable_named_parameters
 
-    family, parameters = bundle.family, trainable_named_parameters(bundle)
+    parameters = trainable_named_parameters(model)
     for parameter in parameters.values():
         parameter.grad = None
-    conditioning = family.encode_prompt(bundle, ["a red circle", "a blue square"])
-    conditioning.update(family.image_conditioning(torch.tensor([[40.0, 48, 0, 4, 32, 32]] * 2)))
-    channels = family.latent_channels(bundle)
-    latents = torch.randn(2, channels, 16, 16, generator=torch.Generator().manual_seed(0))
-    family.predict(bundle, latents, torch.tensor([500, 250]), conditioning).square().mean().backward()
+    conditioning = model.encode_prompt(["a red circle", "a blue square"])
+    conditioning.update(model.image_conditioning(torch.tensor([[40.0, 48, 0, 4, 32, 32]] * 2)))
+    latents = torch.randn(2, model.latent_channels, 16, 16, generator=torch.Generator().manual_seed(0))
+    model.predict(latents, torch.tensor([500, 250]), conditioning).square().mean().backward()
     dead = {name for name, p in parameters.items() if p.grad is None or not p.grad.any()}
     for parameter in parameters.values():
         parameter.grad = None
     return dead
 
 
-def _assert_only_intended_tensors_changed(name, bundle, model_dir, initial):
+def _assert_only_intended_tensors_changed(name, model, model_dir, initial):
     """Tensor by tensor: frozen ones equal the base model; the trainable ones are exactly the
     intended ones, and every one of them moved from where it started."""
-    intended = _intended(name, bundle)
-    dead = _parameters_without_gradient(bundle)
+    intended = _intended(name, model)
+    dead = _parameters_without_gradient(model)
     trained_components = set()
-    for prefix in bundle.trainable_names():
+    for prefix in model.trainable_names():
         base = _base_state(model_dir, prefix)
-        for key, parameter in bundle.components[prefix].named_parameters():
+        for key, parameter in model.components[prefix].named_parameters():
             full_name = f"{prefix}.{key}"
             if parameter.requires_grad:
                 assert intended(full_name), f"{name}: {full_name} trained but should not"
@@ -215,9 +213,9 @@ def _assert_only_intended_tensors_changed(name, bundle, model_dir, initial):
                 assert torch.equal(parameter.detach().cpu(), base[base_key]), f"{name}: frozen {full_name} changed"
     assert set(initial) == {n for n in initial if intended(n)} and initial
     assert len(dead) <= 0.2 * len(initial), f"{name}: {len(dead)} of {len(initial)} trainable tensors get no gradient"
-    expected = {bundle.family.denoiser}
+    expected = {model.denoiser_name}
     if name.endswith("-te"):  # every text encoder the family trains by default, and nothing else
-        expected |= {e for e in bundle.family.trained_text_encoders if e in bundle.components}
+        expected |= {e for e in model.trained_text_encoders if e in model.components}
     assert trained_components == expected
 
 
@@ -277,14 +275,14 @@ def test_same_data_and_noise_for_every_technique(write_experiment):
 
 @pytest.mark.parametrize("family", ["sd1", "sdxl", "sd3"])
 def test_export_merged_equals_the_unmerged_adapter(family, write_experiment, family_model, tmp_path):
-    from sdtune.generation import export_merged
+    from sdtune.export import export_merged
 
     techniques = {"loha": {**ALL_TECHNIQUES["loha"], "train_text_encoder": True}}
     experiment = load_experiment(write_experiment(techniques=techniques, model=family_model(family)))
     result = train_technique(experiment, "loha", progress=False)
     unmerged, _ = load_run_pipeline(result.run_dir, fuse=False, device=torch.device("cpu"))
     out = export_merged(result.run_dir, tmp_path / "merged")
-    merged = result.bundle.family.pipeline_class().from_pretrained(out)
+    merged = result.model.pipeline_class().from_pretrained(out)
     for name, module in merged.components.items():  # plain weights only: the adapters are folded in
         if isinstance(module, torch.nn.Module):
             assert not any("lora" in k or "hada" in k for k in module.state_dict()), name
@@ -397,7 +395,7 @@ def test_timing_record_is_split_and_synchronised(write_experiment):
 def test_each_technique_of_train_runs_in_its_own_process(write_experiment):
     """A technique trained after a memory-hungry one records its own peak, not the earlier one's
     (in one process the peak RSS can only grow; see isolate=False below)."""
-    from sdtune.training.loop import train
+    from sdtune.runner import train
 
     techniques = {"big": {"kind": "full", "batch_size": 32}, "small": {"kind": "lora", "batch_size": 1}}
     path = write_experiment(techniques=techniques, data={"resolution": 64}, max_train_steps=2)

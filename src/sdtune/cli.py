@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_libraries()
     from sdtune.errors import UserError
-    from sdtune.runner.isolate import TechniqueFailed, report_error
+    from sdtune.runner import TechniqueFailed, report_error
 
     try:
         return COMMANDS[args.command](args)
@@ -151,13 +151,12 @@ def _quiet_libraries() -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from sdtune.config.sections import load_experiment
-    from sdtune.training.loop import train
+    import sdtune
     from sdtune.util.distributed import launch_rank, launched_processes
 
-    experiment = load_experiment(args.experiment, args.set)
+    experiment = sdtune.load_experiment(args.experiment, args.set)
     _keep_freed_cpu_memory(experiment, args.technique)
-    results = train(
+    results = sdtune.train(
         experiment, args.technique, args.output, args.resume, args.overwrite, progress=not args.no_progress,
         on_result=_print_result,
     )
@@ -176,7 +175,7 @@ def _keep_freed_cpu_memory(experiment: Any, names: list[str] | None) -> None:
     the CPU memory it frees (:mod:`sdtune.util.allocator`), unless the experiment sets
     ``train.keep_freed_cpu_memory: false``. Library calls leave their caller's process alone."""
     from sdtune.util import allocator
-    from sdtune.util.distributed import on_cpu
+    from sdtune.util.device import on_cpu
 
     chosen = [name for name in names or experiment.techniques if name in experiment.techniques]
     if on_cpu() and all(experiment.train_config_for(name).keep_freed_cpu_memory for name in chosen):
@@ -198,9 +197,9 @@ def _print_result(result: Any) -> None:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from sdtune.generation import generate
+    import sdtune
 
-    result = generate(
+    result = sdtune.generate(
         args.run_dir, args.prompt, num_images=args.num_images, seed=args.seed, steps=args.steps,
         guidance=args.guidance, out_dir=args.out, fuse=not args.no_fuse, scheduler=args.scheduler,
         resolution=args.resolution, width=args.width, height=args.height,
@@ -213,14 +212,11 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from sdtune.compare import compare
-    from sdtune.config.sections import load_experiment
+    import sdtune
 
-    experiment = load_experiment(args.experiment, args.set)
+    experiment = sdtune.load_experiment(args.experiment, args.set)
     if args.plan:
-        from sdtune.compare import plan
-
-        entries = plan(experiment, args.output, args.seeds, args.only)
+        entries = sdtune.compare_plan(experiment, args.output, args.seeds, args.only)
         if args.plan == "shell":
             print("\n".join(shlex.join(entry["command"]) for entry in entries))
         elif args.plan == "json":
@@ -228,32 +224,32 @@ def _compare(args: argparse.Namespace) -> int:
         else:
             print(yaml.safe_dump(entries, sort_keys=False), end="")
         return 0
-    report = compare(experiment, args.output, args.seeds, args.only, evaluate_only=args.evaluate_only)
-    print(summary_table(report.parent))
+    report = sdtune.compare(experiment, args.output, args.seeds, args.only, evaluate_only=args.evaluate_only)
+    print(sdtune.summary_table(report.parent))
     print(f"report: {report}")
     return 0
 
 
 def _report(args: argparse.Namespace) -> int:
-    from sdtune.report.render import render_report
+    import sdtune
 
-    report = render_report(Path(args.output))
-    print(summary_table(Path(args.output)))
+    report = sdtune.render_report(Path(args.output))
+    print(sdtune.summary_table(Path(args.output)))
     print(f"report: {report}")
     return 0
 
 
 def _export(args: argparse.Namespace) -> int:
-    from sdtune.config.sections import ConfigError
-    from sdtune.generation import export_merged, export_single_file
+    import sdtune
+    from sdtune.config import ConfigError
 
     if not (args.merged or args.single_file) or bool(args.merged) != bool(args.out):
         raise ConfigError("export: give --merged --out DIR (a diffusers folder), --single-file OUT.safetensors, or both")
     if args.merged:
-        out = export_merged(args.run_dir, args.out, args.overwrite)
+        out = sdtune.export_merged(args.run_dir, args.out, args.overwrite)
         print(f"merged pipeline written to {out} (diffusers <Pipeline>.from_pretrained)")
     if args.single_file:
-        out = export_single_file(args.run_dir, args.single_file, args.overwrite, args.precision)
+        out = sdtune.export_single_file(args.run_dir, args.single_file, args.overwrite, args.precision)
         print(f"single-file checkpoint written to {out} (A1111, ComfyUI, diffusers <Pipeline>.from_single_file)")
     return 0
 
@@ -278,28 +274,11 @@ def _demo(args: argparse.Namespace) -> int:
         from sdtune.demo.run import run_demo
 
         report = run_demo(args.output or "demo-output", quick=args.quick)
-    print(summary_table(report.parent))
+    import sdtune
+
+    print(sdtune.summary_table(report.parent))
     print(f"report: {report}")
     return 0
-
-
-def summary_table(root: Path) -> str:
-    """A short plain-text table of the comparison for the terminal."""
-    from sdtune.records import load_records
-    from sdtune.report.render import tables
-    from sdtune.report.summary import build_rows
-
-    rows = build_rows(*load_records(root))
-    lines = []
-    for title, header, body, _ in tables(rows):
-        if title.startswith("Sizes"):
-            keep = [header.index(c) for c in ("Model", "Status", "Adapter/weights", "s/step", "s/image")]
-            header, body = [header[i] for i in keep], [[row[i] for i in keep] for row in body]
-        widths = [max(len(str(x)) for x in column) for column in zip(header, *body)]
-        lines.append(title)
-        lines += ["  " + "  ".join(str(c).ljust(w) for c, w in zip(line, widths)) for line in [header, *body]]
-        lines.append("")
-    return "\n".join(lines)
 
 
 COMMANDS = {"train": _train, "generate": _generate, "compare": _compare, "report": _report, "demo": _demo,

@@ -273,3 +273,61 @@ class FlowMatchingObjective:
 
     def loss_weights(self, timesteps: torch.Tensor) -> torch.Tensor | None:
         return flow_loss_weights(self.sigmas(timesteps), self.weighting)
+
+
+# ----------------------------------------------------------------------------------------------
+# Building an objective from the model's schedule and the run's settings
+
+
+@dataclass(frozen=True)
+class NoiseSchedule:
+    """A model's training schedule as its scheduler config states it (what the model knows)."""
+
+    num_train_timesteps: int
+    alphas_cumprod: torch.Tensor | None = None  # DDPM: ᾱ_t of every timestep
+    prediction_type: str | None = None  # DDPM: what the model was trained to predict
+    shift: float = 1.0  # flow: the scheduler's σ shift
+
+
+@dataclass(frozen=True)
+class ObjectiveSettings:
+    """The run's choices about its objective (keys of the experiment's ``train`` section)."""
+
+    prediction_type: str | None = None  # DDPM: None = the model's own
+    snr_gamma: float | None = None  # DDPM: min-SNR-γ weighting
+    timestep_sampling: str | None = None  # flow: uniform | logit_normal | mode
+    logit_mean: float | None = None
+    logit_std: float | None = None
+    mode_scale: float | None = None
+    flow_weighting: str | None = None  # flow: none | sigma_sqrt | cosmap
+
+
+# Settings that belong to one objective: a family of the other rejects them (sdtune.experiment).
+OBJECTIVE_KEYS = {
+    "ddpm": ("snr_gamma", "prediction_type"),
+    "flow": ("timestep_sampling", "logit_mean", "logit_std", "mode_scale", "flow_weighting"),
+}
+# Esser et al. 2024 (SD3): logit-normal(0, 1) sampling; mode scale 1.29; no weighting
+FLOW_DEFAULTS = {"timestep_sampling": "logit_normal", "logit_mean": 0.0, "logit_std": 1.0, "mode_scale": 1.29,
+                 "flow_weighting": "none"}
+
+
+def build_objective(
+    kind: str, schedule: NoiseSchedule, settings: ObjectiveSettings
+) -> DDPMObjective | FlowMatchingObjective:
+    """The objective of ``kind`` ("ddpm" or "flow") on the model's schedule with the run's settings
+    (a setting left None takes the model's value or the paper's default)."""
+    if kind == "flow":
+        flow = {key: getattr(settings, key) for key in OBJECTIVE_KEYS["flow"]}
+        flow = {key: FLOW_DEFAULTS[key] if value is None else value for key, value in flow.items()}
+        return FlowMatchingObjective(
+            num_train_timesteps=schedule.num_train_timesteps, shift=schedule.shift,
+            sampling=flow["timestep_sampling"], logit_mean=flow["logit_mean"], logit_std=flow["logit_std"],
+            mode_scale=flow["mode_scale"], weighting=flow["flow_weighting"],
+        )
+    if kind != "ddpm":
+        raise ValueError(f"unknown objective {kind!r}")
+    return DDPMObjective(
+        alphas_cumprod=schedule.alphas_cumprod, prediction_type=settings.prediction_type or schedule.prediction_type,
+        snr_gamma=settings.snr_gamma,
+    )

@@ -16,7 +16,6 @@ import platform
 import resource
 import subprocess
 import sys
-import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from importlib import metadata
 from pathlib import Path
@@ -25,6 +24,7 @@ from typing import Any
 import torch
 
 from sdtune.errors import UserError
+from sdtune.util import atomic
 
 RECORD_FILE = "record.json"
 PACKAGES = ("sdtune", "torch", "diffusers", "transformers", "peft", "accelerate", "datasets", "safetensors")
@@ -83,16 +83,6 @@ def peak_memory(device: torch.device) -> dict[str, Any]:
 
 def bytes_on_disk(root: Path, files: list[str]) -> int:
     return sum((root / f).stat().st_size for f in files if (root / f).is_file())
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON through a temporary file and a rename, so a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as handle:
-        json.dump(data, handle, indent=2, default=_default)
-        handle.write("\n")
-    os.replace(tmp, path)
 
 
 SCHEMA_VERSION = 2  # 1: records before the typed classes (no schema_version key; read as version 1)
@@ -193,7 +183,7 @@ def record_from_dict(data: dict[str, Any], where: str = "record") -> Record:
 def write_record(path: Path, record: Record | dict[str, Any]) -> Record:
     """Write a record (typed, or a mapping checked by :func:`record_from_dict`) atomically."""
     typed = record if isinstance(record, (TrainRecord, EvalRecord)) else record_from_dict(record, str(path))
-    write_json_atomic(Path(path), asdict(typed))
+    atomic.write_json(Path(path), asdict(typed), default=_default)
     return typed
 
 

@@ -1,0 +1,25 @@
+"""The experiment file: typed, frozen sections, checked when the file is read.
+
+:func:`read_experiment_file` gives an :class:`ExperimentConfig` (values checked, paths resolved);
+:func:`sdtune.experiment.resolve` joins it with the registries (families, techniques, metrics).
+"""
+
+from sdtune.config.load import apply_override, config_from_dict, read_experiment_file
+from sdtune.config.paths import looks_like_local_path, resolve_local
+from sdtune.config.schema import ConfigError, build, coerce
+from sdtune.config.sections import (
+    DataConfig,
+    DreamBoothConfig,
+    EvaluationConfig,
+    ExperimentConfig,
+    ModelConfig,
+    TechniqueEntry,
+    TrainConfig,
+)
+from sdtune.config.split import ValidationSplit, held_out_rows, parse_validation
+
+__all__ = [
+    "ConfigError", "DataConfig", "DreamBoothConfig", "EvaluationConfig", "ExperimentConfig", "ModelConfig",
+    "TechniqueEntry", "TrainConfig", "ValidationSplit", "apply_override", "build", "coerce", "config_from_dict",
+    "held_out_rows", "looks_like_local_path", "parse_validation", "read_experiment_file", "resolve_local",
+]

@@ -1,38 +1,30 @@
-"""Typed experiment configuration: each field declared once, validated when the file is loaded.
+"""The experiment file's sections: frozen dataclasses, each field declared once, checked on load.
 
-An experiment file has five sections: ``model``, ``data``, ``train`` (shared by every technique),
-``techniques`` (name → kind, technique options and per-technique overrides of ``train``) and
-``evaluation`` (used by ``sdtune compare``). Every error is one line naming the key, the value and
-what is allowed.
+An experiment file has these sections: ``model``, ``data``, ``train`` (shared by every technique),
+``techniques`` (name → kind, technique options and per-technique overrides of ``train``),
+``evaluation`` (used by ``sdtune compare``) and ``dreambooth``. The checks here need nothing but the
+values themselves; what needs the registries (the model family, a technique kind's options, metric
+names) is checked by :func:`sdtune.experiment.resolve`. Every error is one line naming the key, the
+value and what is allowed.
 """
 
 from __future__ import annotations
 
-import copy
-import dataclasses
-import re
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
-from sdtune.config.schema import ConfigError, coerce
-from sdtune.config.schema import build as _build
-from sdtune.config.schema import check_keys as _check_keys
+from sdtune.config.paths import looks_like_local_path
+from sdtune.config.schema import ConfigError
 from sdtune.config.schema import fail as _fail
 from sdtune.config.schema import positive as _positive
-from sdtune.config.split import check_validation, resolve_validation_source
-
-__all__ = ["ConfigError", "coerce"]  # re-exported: they live in the leaf module sdtune.config.schema
-
+from sdtune.config.split import parse_validation
 
 # --------------------------------------------------------------------------------------------
 # Sections
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelConfig:
     """Which base model to fine-tune."""
 
@@ -47,10 +39,6 @@ class ModelConfig:
     def validate(self) -> None:
         if not self.path:
             _fail("model", self.path, "a hub id, a local diffusers folder or a .safetensors file")
-        from sdtune.models import FAMILIES  # late import: models import this module
-
-        if self.family != "auto" and self.family not in FAMILIES:
-            _fail("model.family", self.family, "auto or one of " + ", ".join(FAMILIES.names()))
         if looks_like_local_path(self.path) and not Path(self.path).expanduser().exists():
             raise ConfigError(
                 f"model: {self.path!r} does not exist; give an existing diffusers folder, a single "
@@ -60,7 +48,7 @@ class ModelConfig:
             raise ConfigError(f"model.vae: {self.vae!r} does not exist; give a VAE folder, a hub id or a .safetensors file")
 
 
-@dataclass
+@dataclass(frozen=True)
 class DataConfig:
     """The captioned images and how they become training tensors."""
 
@@ -112,7 +100,7 @@ class DataConfig:
             )
         if self.instance_prompt is not None and not self.instance_prompt.strip():
             _fail("data.instance_prompt", self.instance_prompt, "a caption such as 'a photo of <my-toy> toy'")
-        check_validation(self.validation)
+        parse_validation(self.validation)
         if self.cache in ("memory", "disk") and not self.center_crop:
             raise ConfigError(
                 f"data.cache: {self.cache!r} needs data.center_crop: true (random crops change every "
@@ -144,7 +132,7 @@ def validate_data_extras(data: DataConfig) -> None:
         )
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     """Hyperparameters shared by every technique unless a technique overrides them."""
 
@@ -233,20 +221,16 @@ class TrainConfig:
             _fail("train.logit_std", self.logit_std, "a positive number (1.0 in the SD3 paper)")
 
 
-# Keys of `train` that belong to one objective (sdtune.diffusion); the other's families reject them.
-OBJECTIVE_KEYS = {
-    "ddpm": ("snr_gamma", "prediction_type"),
-    "flow": ("timestep_sampling", "logit_mean", "logit_std", "mode_scale", "flow_weighting"),
-}
 FLOW_DEFAULTS = {  # Esser et al. 2024 (SD3): logit-normal(0, 1) sampling; mode scale 1.29; no weighting
     "timestep_sampling": "logit_normal", "logit_mean": 0.0, "logit_std": 1.0, "mode_scale": 1.29,
     "flow_weighting": "none",
 }
 
 
-@dataclass
-class TechniqueSpec:
-    """One entry of ``techniques``: a registered kind, its options, and overrides of ``train``."""
+@dataclass(frozen=True)
+class TechniqueEntry:
+    """One entry of ``techniques`` as written: a kind, its options (checked by the kind's plug-in in
+    :func:`sdtune.experiment.resolve`), and overrides of ``train`` (checked here)."""
 
     name: str
     kind: str
@@ -254,7 +238,7 @@ class TechniqueSpec:
     train_overrides: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass
+@dataclass(frozen=True)
 class EvaluationConfig:
     """Fixed prompts × seeds for generation and quality metrics (``sdtune compare``)."""
 
@@ -295,19 +279,9 @@ class EvaluationConfig:
 
             if not hasattr(getattr(diffusers, self.scheduler, None), "from_config") or "Scheduler" not in self.scheduler:
                 _fail("evaluation.scheduler", self.scheduler, "a diffusers scheduler class, e.g. DDIMScheduler")
-        if self.metrics is not None or self.metric_plugins:
-            from sdtune.metrics import METRICS, load_plugins  # late import: metrics are heavier than configs
-
-            load_plugins(self.metric_plugins)
-
-            for name in self.metrics or []:
-                if name not in METRICS:
-                    raise ConfigError(
-                        f"evaluation.metrics: {name!r} is not a metric; choose from: {', '.join(METRICS.names())}"
-                    )
 
 
-@dataclass
+@dataclass(frozen=True)
 class DreamBoothConfig:
     """DreamBooth's class images (Ruiz et al. 2023, §3.3), shared by every technique of the experiment
     that sets ``prior_preservation: true``: generated once by the base model, cached, reused."""
@@ -327,267 +301,17 @@ class DreamBoothConfig:
             _fail("dreambooth.class_guidance_scale", self.class_guidance_scale, "0 or more (7.5 is usual)")
 
 
-@dataclass
-class Experiment:
-    """A whole experiment file, validated."""
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """A whole experiment file, its values checked; relative paths resolved against its folder."""
 
     model: ModelConfig
     data: DataConfig
     train: TrainConfig
-    techniques: dict[str, TechniqueSpec]
+    techniques: dict[str, TechniqueEntry]
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     dreambooth: DreamBoothConfig | None = None  # class images for techniques with prior_preservation
     name: str = "experiment"
     output_dir: str | None = None  # default: ./runs/<name>
     source_path: str | None = None  # the file it was loaded from
-
-    def to_dict(self) -> dict[str, Any]:
-        """The experiment as it is now (detected family, native resolution, flow defaults, a
-        compare seed filled in), as a mapping that :func:`experiment_from_dict` loads back."""
-        from sdtune.techniques import TECHNIQUES
-
-        return {
-            "name": self.name,
-            "model": dataclasses.asdict(self.model),
-            "data": dataclasses.asdict(self.data),
-            "train": dataclasses.asdict(self.train),
-            "techniques": {
-                spec.name: {"kind": spec.kind, **TECHNIQUES.get(spec.kind).file_options(spec.options), **spec.train_overrides}
-                for spec in self.techniques.values()
-            },
-            "evaluation": dataclasses.asdict(self.evaluation),
-            **({"dreambooth": dataclasses.asdict(self.dreambooth)} if self.dreambooth else {}),
-            **({"output_dir": self.output_dir} if self.output_dir else {}),
-        }
-
-    def train_config_for(self, technique: str) -> TrainConfig:
-        """The shared ``train`` section with this technique's overrides applied."""
-        spec = self.techniques[technique]
-        merged = dataclasses.replace(self.train, **spec.train_overrides)
-        merged.validate()
-        return merged
-
-
-# --------------------------------------------------------------------------------------------
-# Loading
-
-_TOP_KEYS = {"name", "model", "data", "train", "techniques", "evaluation", "dreambooth", "output_dir"}
-_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-
-
-def load_experiment(path: str | Path, overrides: list[str] | None = None) -> Experiment:
-    """Read a YAML experiment file, apply ``key.path=value`` overrides and validate everything."""
-    path = Path(path)
-    if not path.exists():
-        raise ConfigError(f"experiment file {str(path)!r} does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the experiment file must be a mapping of sections, got {type(raw).__name__}")
-    for override in overrides or []:
-        apply_override(raw, override)
-    return experiment_from_dict(raw, source_path=str(path), base_dir=path.parent)
-
-
-def apply_override(raw: dict[str, Any], override: str) -> None:
-    """Set ``a.b.c=value`` (value parsed as YAML) in a nested mapping, in place."""
-    if "=" not in override:
-        raise ConfigError(f"--set {override!r}: expected KEY=VALUE, e.g. train.max_train_steps=10")
-    key, value_text = override.split("=", 1)
-    parts = key.strip().split(".")
-    node = raw
-    for part in parts[:-1]:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"--set {override!r}: {part!r} is not a section")
-        node = child
-    node[parts[-1]] = yaml.safe_load(value_text) if value_text.strip() else None
-
-
-def experiment_from_dict(
-    raw: dict[str, Any], source_path: str | None = None, base_dir: Path | None = None
-) -> Experiment:
-    """Validate a mapping shaped like an experiment file (relative paths resolve against base_dir)."""
-    raw = copy.deepcopy(raw)
-    _check_keys("", raw, _TOP_KEYS)
-    for required in ("model", "data", "techniques"):
-        if required not in raw:
-            raise ConfigError(f"missing section {required!r}; see configs/pokemon-paper.yaml for an example")
-    base_dir = base_dir or Path.cwd()
-
-    # `model: id` and `data: source` are shorthands for their one required key
-    model = _build(ModelConfig, _expand(raw["model"], "path"), "model")
-    model.path = _resolve_local(model.path, base_dir)
-    for key in ("vae", "single_file_config"):
-        if getattr(model, key):
-            setattr(model, key, _resolve_local(getattr(model, key), base_dir))
-    model.validate()
-    family = _resolve_family(model)
-    data = _build(DataConfig, _expand(raw["data"], "source"), "data")
-    data.source = _resolve_local(data.source, base_dir)
-    data.validation = resolve_validation_source(data.validation, lambda text: _resolve_local(text, base_dir))
-    data.validate()
-    if data.resolution is None:
-        data.resolution = family.native_resolution(model)
-
-    train = _objective_keys(_build(TrainConfig, raw.get("train") or {}, "train"), family, "train")
-    evaluation = _build(EvaluationConfig, raw.get("evaluation") or {}, "evaluation")
-    if evaluation.prompts_file:
-        evaluation.prompts_file = _resolve_local(evaluation.prompts_file, base_dir)
-    evaluation.validate()
-
-    techniques = _build_techniques(raw["techniques"], train, base_dir)
-    for spec in techniques.values():
-        where = f"techniques.{spec.name}"
-        _objective_keys(dataclasses.replace(train, **spec.train_overrides), family, where, spec.train_overrides)
-        _check_technique_for_family(spec, family, where)
-    dreambooth = None
-    if raw.get("dreambooth") is not None:
-        dreambooth = _build(DreamBoothConfig, raw["dreambooth"], "dreambooth")
-        dreambooth.validate()
-    _check_prior_preservation(techniques, train, dreambooth, data)
-    name = str(raw.get("name") or (Path(source_path).stem if source_path else "experiment"))
-    output_dir = raw.get("output_dir")
-    if output_dir is not None:
-        output_dir = _resolve_local(str(output_dir), base_dir)
-    return Experiment(
-        model=model,
-        data=data,
-        train=train,
-        techniques=techniques,
-        evaluation=evaluation,
-        dreambooth=dreambooth,
-        name=name,
-        output_dir=output_dir,
-        source_path=source_path,
-    )
-
-
-def _resolve_family(model: ModelConfig) -> Any:
-    """The model's family (detected for ``auto``); ``model.family`` is set to its name, and keys
-    that only one family has are checked against it."""
-    from sdtune.models import ModelLoadError, family_for  # late import: models import this module
-
-    try:
-        family = family_for(model)
-    except ModelLoadError as error:
-        raise ConfigError(str(error)) from None
-    model.family = family.name
-    if not model.text_encoder_3 and "text_encoder_3" not in family.text_encoders:
-        raise ConfigError(f"model.text_encoder_3: only SD3-style families have a third text encoder, not {family.name}")
-    return family
-
-
-def _objective_keys(train: TrainConfig, family: Any, where: str, given: dict | None = None) -> TrainConfig:
-    """Reject keys of the other objective; fill in the flow defaults for flow-matching families."""
-    given = dataclasses.asdict(train) if given is None else given
-    for objective, keys in OBJECTIVE_KEYS.items():
-        if objective == family.objective:
-            continue
-        for key in keys:
-            if given.get(key) is not None:
-                from sdtune.models import FAMILIES
-
-                owners = [n for n in FAMILIES if FAMILIES.get(n).objective == objective]
-                raise ConfigError(
-                    f"{where}.{key}: applies to {objective} families ({', '.join(owners)}), not to {family.name} "
-                    f"({family.objective}); remove it"
-                )
-    if family.objective == "flow":
-        filled = {k: v for k, v in FLOW_DEFAULTS.items() if getattr(train, k) is None}
-        train = dataclasses.replace(train, **filled)
-    return train
-
-
-def _check_technique_for_family(spec: TechniqueSpec, family: Any, where: str) -> None:
-    """A technique's options that depend on the family (text encoders it names, presets)."""
-    from sdtune.techniques import TECHNIQUES
-
-    TECHNIQUES.get(spec.kind).check_family(spec.options, family, where)
-
-
-def _check_prior_preservation(techniques: dict[str, TechniqueSpec], train: TrainConfig, dreambooth: Any, data: Any) -> None:
-    """Techniques with prior preservation need the class images' section, and a kind it applies to."""
-    from sdtune.techniques import TECHNIQUES
-
-    for spec in techniques.values():
-        if not dataclasses.replace(train, **spec.train_overrides).prior_preservation:
-            continue
-        if dreambooth is None:
-            raise ConfigError(
-                f"techniques.{spec.name}.prior_preservation: true needs a `dreambooth:` section with the class "
-                "images' prompt, e.g. dreambooth: {class_prompt: 'a photo of a toy'}"
-            )
-        if data.buckets is not None:
-            raise ConfigError(
-                f"techniques.{spec.name}.prior_preservation: class images are square at data.resolution and cannot "
-                "join aspect-ratio buckets yet; set data.buckets: null, or prior_preservation: false"
-            )
-        reason = TECHNIQUES.get(spec.kind).prior_preservation_refused
-        if reason:
-            raise ConfigError(f"techniques.{spec.name}.prior_preservation: {reason}; set it to false for this technique")
-
-
-def _expand(value: Any, key: str) -> Any:
-    return {key: value} if isinstance(value, str) else value
-
-
-def _build_techniques(raw: Any, train: TrainConfig, base_dir: Path) -> dict[str, TechniqueSpec]:
-    from sdtune.techniques import TECHNIQUES  # late import: techniques import config
-
-    if not isinstance(raw, dict) or not raw:
-        raise ConfigError("techniques: expected a mapping name → {kind: ...}, e.g. {lora: {kind: lora}}")
-    train_hints = typing.get_type_hints(TrainConfig)
-    specs: dict[str, TechniqueSpec] = {}
-    for name, entry in raw.items():
-        name = str(name)
-        if not _NAME_PATTERN.match(name):
-            _fail(f"techniques.{name}", name, "a name of letters, digits, '-', '_' or '.' (it names a folder)")
-        if entry is not None and not isinstance(entry, dict):
-            _fail(f"techniques.{name}", entry, "a mapping such as {kind: lora, rank: 4}")
-        entry = dict(entry or {})
-        kind = entry.pop("kind", name)
-        if not isinstance(kind, str):
-            _fail(f"techniques.{name}.kind", kind, "a technique name")
-        if kind not in TECHNIQUES:
-            raise ConfigError(
-                f"techniques.{name}.kind: {kind!r} is not a technique; choose one of: "
-                f"{', '.join(TECHNIQUES.names())}"
-            )
-        overrides = {
-            key: coerce(entry.pop(key), train_hints[key], f"techniques.{name}.{key}")
-            for key in list(entry)
-            if key in train_hints
-        }
-        technique_cls = TECHNIQUES.get(kind)
-        for key in technique_cls.path_options:  # files, like model/data: relative to the experiment file
-            if isinstance(entry.get(key), str):
-                entry[key] = _resolve_local(entry[key], base_dir)
-        options = technique_cls.validate_options(entry, f"techniques.{name}")
-        spec = TechniqueSpec(name=name, kind=kind, options=options, train_overrides=overrides)
-        dataclasses.replace(train, **overrides).validate()
-        specs[name] = spec
-    return specs
-
-
-def looks_like_local_path(text: str) -> bool:
-    """True for strings that can only mean a local path (not a hub id like 'org/name')."""
-    return (
-        text.startswith(("/", "./", "../", "~"))
-        or text.endswith((".safetensors", ".ckpt", ".parquet", ".jsonl", ".json", ".csv"))
-        or text.count("/") > 1
-        or Path(text).expanduser().exists()
-    )
-
-
-def _resolve_local(text: str, base_dir: Path) -> str:
-    """Relative local paths in an experiment file are relative to the file; hub ids stay as they are."""
-    candidate = Path(text).expanduser()
-    if candidate.is_absolute():
-        return str(candidate)
-    relative_to_file = base_dir / candidate
-    if relative_to_file.exists() or (looks_like_local_path(text) and not candidate.exists()):
-        return str(relative_to_file.resolve()) if relative_to_file.exists() else str(relative_to_file)
-    return str(candidate.resolve()) if candidate.exists() else text
+    base_dir: str | None = None  # the folder relative paths were resolved against

@@ -18,22 +18,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
 from sdtune.data.images import DataError
 
 Bucket = tuple[int, int]  # (width, height) in pixels
-
-
-def pixel_stride(bundle: Any) -> int:
-    """The pixel multiple every image side must be: the VAE's downsampling × what the denoiser needs
-    of a latent side (a UNet halves it once per down block but the last; a transformer patchifies)."""
-    config = bundle.denoiser.config
-    patch = int(config.get("patch_size") or 1)
-    blocks = len(config.get("down_block_types") or ())
-    return max(patch, 2 ** max(blocks - 1, 0)) * bundle.family.vae_downsampling(bundle)
 
 
 def bucket_sizes(resolution: int, stride: int, max_aspect: float) -> list[Bucket]:

@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+
+from sdtune.util import atomic
 
 Posterior = tuple[torch.Tensor, torch.Tensor]  # (mean, std) of one sample, float32, on the CPU
 TEXT_PREFIX = "text."  # text files hold "text.<conditioning name>" tensors
@@ -50,7 +50,6 @@ class LatentCache:
     key: str
     caches_texts: bool
     folder: Path | None = None  # disk mode
-    encode_time_s: float = 0.0  # time spent encoding misses (device-synchronised)
     encoded_images: int = 0
     encoded_texts: int = 0
     _posteriors: dict[tuple[int, bool], Posterior] = field(default_factory=dict)
@@ -78,7 +77,7 @@ class LatentCache:
         if self.folder is None:
             self._posteriors[(index, flip)] = (mean, std)
         else:
-            _write_atomic(self._latent_path(index, flip), {"mean": mean, "std": std})
+            atomic.save_tensors(self._latent_path(index, flip), {"mean": mean, "std": std})
         return mean, std
 
     # -- text conditioning --------------------------------------------------------------------
@@ -95,7 +94,7 @@ class LatentCache:
             self._texts[index] = values
         else:
             path = self.folder / f"{index:08d}-text.safetensors"
-            _write_atomic(path, {TEXT_PREFIX + name: value for name, value in values.items()})
+            atomic.save_tensors(path, {TEXT_PREFIX + name: value for name, value in values.items()})
         return values
 
     def _latent_path(self, index: int, flip: bool) -> Path:
@@ -110,7 +109,7 @@ def open_cache(key: str, mode: str, root: Path, caches_texts: bool, description:
     folder.mkdir(parents=True, exist_ok=True)
     info = folder / "cache.json"
     if not info.exists():
-        _write_text_atomic(info, json.dumps(description, indent=2, sort_keys=True, default=str))
+        atomic.write_text(info, json.dumps(description, indent=2, sort_keys=True, default=str))
     return LatentCache(key=key, caches_texts=caches_texts, folder=folder)
 
 
@@ -119,17 +118,3 @@ def _read(path: Path) -> dict[str, torch.Tensor] | None:
         return load_file(path)
     except FileNotFoundError:
         return None
-
-
-def _write_atomic(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    """Write next to the target, then rename: readers never see a half-written file, and two
-    processes writing the same entry (the same bits) both succeed."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    save_file(tensors, temporary)
-    os.replace(temporary, path)
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)

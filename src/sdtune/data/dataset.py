@@ -19,11 +19,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from sdtune.config.sections import DataConfig
-from sdtune.config.split import held_out_rows, parse_validation
+from sdtune.config import DataConfig, ValidationSplit, held_out_rows
 from sdtune.data import layouts
 from sdtune.data.buckets import BucketOrder, assign_buckets, bucket_sizes, bucket_summary, check_buckets
-from sdtune.data.images import DataError, first_line, to_mask, to_rgb
+from sdtune.data.images import DataError, to_mask, to_rgb
+from sdtune.errors import first_line
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ def load_rows(config: DataConfig, cache_root: Path | None = None) -> tuple[Any, 
             )
         reader = layouts.read_kohya_folder if layouts.folder_layout(source) == "kohya" else layouts.read_captioned_folder
         if config.instance_prompt is not None and reader is layouts.read_captioned_folder:
-            reader = lambda folder: layouts._read_images(folder, 1, fallback=config.instance_prompt)  # noqa: E731  (DreamBooth: no captions)
+            reader = lambda folder: layouts.read_images(folder, 1, fallback=config.instance_prompt)  # noqa: E731  (DreamBooth: no captions)
         rows = reader(source)[: config.max_samples]
         if not rows:
             raise DataError(f"data.source: {config.source!r} holds no images ({', '.join(layouts.IMAGE_SUFFIXES)})")
@@ -381,13 +381,18 @@ def read_mask(value: Any, base_dir: Path | None) -> np.ndarray:
 
 
 def prepare_training_set(
-    config: DataConfig, progress: bool = True, stride: int = 8, cache_root: Path | None = None
+    config: DataConfig, progress: bool = True, stride: int = 8, cache_root: Path | None = None,
+    held_out: ValidationSplit | None = None,
 ) -> TrainingSet:
     """Load the dataset and check that every image decodes (bad ones: skipped or an error); read
     repeats, masks and captions; put each image in its bucket (``stride``: the model's pixel multiple,
-    :func:`sdtune.data.buckets.pixel_stride`). Streamed sets are cached under ``cache_root`` (default:
-    :func:`sdtune.data.layouts.stream_cache_root`)."""
+    :attr:`sdtune.models.Model.pixel_stride`). ``held_out``: the parsed ``data.validation``
+    (:attr:`sdtune.experiment.Experiment.validation`), whose rows never train. Streamed sets are cached
+    under ``cache_root`` (default: :func:`sdtune.data.layouts.stream_cache_root`)."""
     from tqdm.auto import tqdm
+
+    if config.validation is not None and held_out is None:  # (a caller's slip would train on held-out rows)
+        raise ValueError("prepare_training_set: data.validation is set; pass its parsed split as held_out")
 
     dataset, image_column, caption_column, base_dir = load_rows(config, cache_root)
     if config.instance_prompt is not None:  # DreamBooth: one prompt captions every image
@@ -401,9 +406,9 @@ def prepare_training_set(
             f"data.mask_column: {config.mask_column!r} is not a column; the dataset has: {', '.join(dataset.column_names)}"
         )
     indices, captions, sizes, skipped, repeats, masks, converted = [], [], [], [], [], [], {}
-    held_out = set(held_out_rows(parse_validation(config.validation), len(dataset)))  # never trained on
+    held_out_set = set(held_out_rows(held_out, len(dataset)))  # never trained on
     for row in tqdm(range(len(dataset)), desc="checking images", disable=not progress, leave=False):
-        if row in held_out:
+        if row in held_out_set:
             continue
         value = dataset[row][image_column]
         try:

@@ -15,11 +15,6 @@ class DataError(UserError, ValueError):
     """The dataset cannot be used as configured; the message says what to change."""
 
 
-def first_line(error: BaseException, limit: int = 200) -> str:
-    """An exception's first message line (or its type's name), for a one-line error."""
-    text = str(error).strip()
-    return (text.splitlines()[0] if text else type(error).__name__)[:limit]
-
 
 ALPHA_BACKGROUND = (255, 255, 255)  # transparent pixels become white (what a viewer shows on a page)
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")  # how PIL opens 16-bit grey PNG/TIFF

@@ -20,7 +20,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from sdtune.data.images import DataError, first_line
+from sdtune.data.images import DataError
+from sdtune.errors import first_line
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 CAPTION_SUFFIXES = (".txt", ".caption")  # kohya reads either; both for one image is ambiguous
@@ -43,7 +44,7 @@ def folder_layout(folder: Path) -> str:
 
 def read_captioned_folder(folder: Path, repeats: int = 1) -> list[dict[str, Any]]:
     """Images in ``folder`` with same-named ``.txt``/``.caption`` files; every image needs one."""
-    rows = _read_images(folder, repeats, fallback=None)
+    rows = read_images(folder, repeats, fallback=None)
     if not rows:
         raise DataError(f"data.source: {str(folder)!r} holds no images ({', '.join(IMAGE_SUFFIXES)})")
     if not any(row["has_caption"] for row in rows):
@@ -76,14 +77,14 @@ def read_kohya_folder(folder: Path) -> list[dict[str, Any]]:
         repeats = int(match.group(1))
         if repeats < 1:
             raise DataError(f"data.source: {child.name!r} repeats its images 0 times; name it 1_{match.group(2)} or more")
-        found = _read_images(child, repeats, fallback=match.group(2))
+        found = read_images(child, repeats, fallback=match.group(2))
         if not found:
             raise DataError(f"data.source: {str(child)!r} holds no images ({', '.join(IMAGE_SUFFIXES)})")
         rows += found
     return rows
 
 
-def _read_images(folder: Path, repeats: int, fallback: str | None) -> list[dict[str, Any]]:
+def read_images(folder: Path, repeats: int, fallback: str | None) -> list[dict[str, Any]]:
     files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
     images = {p.stem: p for p in files if p.suffix.lower() in IMAGE_SUFFIXES and not p.stem.endswith(MASK_SUFFIX)}
     masks = {p.stem[: -len(MASK_SUFFIX)]: p for p in files if p.suffix.lower() in IMAGE_SUFFIXES and p.stem.endswith(MASK_SUFFIX)}

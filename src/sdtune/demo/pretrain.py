@@ -150,10 +150,9 @@ def _vae_batch(rng: np.random.Generator, batch_size: int) -> torch.Tensor:
 
 
 def _train_unet(init_dir: Path, data_dir: Path, runs_dir: Path, steps: int, seed: int, progress: bool) -> Any:
-    from sdtune.config.sections import experiment_from_dict
-    from sdtune.training.loop import train_technique
+    import sdtune
 
-    experiment = experiment_from_dict(
+    experiment = sdtune.experiment_from_dict(
         {
             "name": "demo-pretrain",
             "model": str(init_dir),
@@ -174,6 +173,6 @@ def _train_unet(init_dir: Path, data_dir: Path, runs_dir: Path, steps: int, seed
         }
     )
     resumable = (runs_dir / "base" / "checkpoints").exists()
-    return train_technique(
+    return sdtune.train_technique(
         experiment, "base", runs_dir, resume=True if resumable else None, overwrite=not resumable, progress=progress
     )

@@ -16,9 +16,9 @@ from typing import Any
 
 import yaml
 
+from sdtune import UserError
 from sdtune.demo import world
 from sdtune.demo.metrics import JUDGE_METRICS, PLUGIN
-from sdtune.errors import UserError
 
 ASSET = "demo-base"
 
@@ -124,9 +124,8 @@ def demo_experiment(output_dir: Path, settings: DemoSettings, seed: int = 0) -> 
 
 def run_demo(output_dir: str | Path = "demo-output", quick: bool = False, progress: bool = True) -> Path:
     """Build the demo experiment and run the whole comparison; returns the report's path."""
-    from sdtune.compare import compare
-    from sdtune.config.sections import load_experiment
+    import sdtune
 
     settings = QUICK if quick else DemoSettings()
     path = demo_experiment(Path(output_dir), settings)
-    return compare(load_experiment(path), progress=progress)
+    return sdtune.compare(sdtune.load_experiment(path), progress=progress)

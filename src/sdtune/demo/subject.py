@@ -125,8 +125,7 @@ def subject_experiment(output_dir: Path, settings: SubjectSettings, seed: int = 
 
 def run_subject(output_dir: str | Path = "demo-subject-output", quick: bool = False, progress: bool = True) -> Path:
     """Build the subject round's experiment and run the whole comparison; returns the report's path."""
-    from sdtune.compare import compare
-    from sdtune.config.sections import load_experiment
+    import sdtune
 
     path = subject_experiment(Path(output_dir), QUICK if quick else SubjectSettings())
-    return compare(load_experiment(path), progress=progress)
+    return sdtune.compare(sdtune.load_experiment(path), progress=progress)

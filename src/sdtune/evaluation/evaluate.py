@@ -3,7 +3,7 @@
 :func:`evaluate_model` generates with a pipeline (the base model, or a finished run's) and
 :func:`evaluate_images` measures images already generated (those a run wrote at
 ``evaluation.every_steps`` while it trained); both write ``records/eval-….json`` through
-:mod:`sdtune.records`. :mod:`sdtune.compare` only decides what to train and what to evaluate.
+:mod:`sdtune.records`. :mod:`sdtune.comparison` only decides what to train and what to evaluate.
 """
 
 from __future__ import annotations
@@ -19,61 +19,16 @@ import torch
 from PIL import Image
 
 from sdtune import records
-from sdtune.config.sections import Experiment
-from sdtune.config.split import parse_validation
-from sdtune.generation import (
-    default_device,
-    denoiser_of,
-    generate_images,
-    image_name,
-    load_base_pipeline,
-    load_run_pipeline,
-    save_images,
-    set_scheduler,
-)
+from sdtune.data import heldout
+from sdtune.data.dataset import transform_image
+from sdtune.experiment import Experiment
+from sdtune.generation import load_base_pipeline, load_run_pipeline
+from sdtune.models.sampling import denoiser_of, generate_images, image_name, save_images, set_scheduler
+from sdtune.util.device import default_device
 
 RECORDS_DIR = "records"
 IMAGES_DIR = "images"
 BASE_LABEL = "base"
-
-# The study's prompt plus a small default set: in the dataset's domain (Pokémon-like creatures) and
-# outside it (to measure how much of the base model survives fine-tuning).
-DEFAULT_PROMPTS = (
-    "yoda", "a cute green dragon", "a blue bird with big eyes", "a fire monster",
-    "a photo of a city street at night", "a bowl of fruit on a wooden table", "a portrait of an old man",
-)
-DEFAULT_IN_DOMAIN = (True, True, True, True, False, False, False)
-
-
-@dataclass
-class EvaluationPlan:
-    """The fixed prompts × seeds every model is sampled at."""
-
-    prompts: list[str]
-    in_domain: list[bool]
-    seeds: list[int]
-
-    @classmethod
-    def from_experiment(cls, experiment: Experiment) -> EvaluationPlan:
-        evaluation = experiment.evaluation
-        prompts = list(evaluation.prompts)
-        in_domain = [True] * len(prompts)
-        if evaluation.prompts_file:
-            for line in Path(evaluation.prompts_file).read_text().splitlines():
-                line = line.strip()
-                if line and not line.startswith("#"):
-                    out_of_domain = line.startswith("!")
-                    prompts.append(line[1:].strip() if out_of_domain else line)
-                    in_domain.append(not out_of_domain)
-        for prompt in evaluation.out_of_domain_prompts:
-            prompts.append(prompt)
-            in_domain.append(False)
-        if not prompts:
-            prompts, in_domain = list(DEFAULT_PROMPTS), list(DEFAULT_IN_DOMAIN)
-        return cls(prompts, in_domain, list(range(evaluation.seeds_per_prompt)))
-
-    def pairs(self) -> list[tuple[str, int]]:
-        return [(prompt, seed) for prompt in self.prompts for seed in self.seeds]
 
 
 class Encoders:
@@ -129,51 +84,15 @@ class References:
 
 
 def reference_images(experiment: Experiment) -> References:
-    """Up to ``evaluation.max_reference_images`` real images, centre-cropped to the resolution:
-    the validation split's (never trained on) when there is one, else the training images."""
-    from sdtune.data.dataset import decode_image, transform_image
-
-    rows = validation_rows(experiment) if parse_validation(experiment.data.validation) else None
-    dataset, image_column, _, base_dir, indices = rows or _training_rows(experiment)
+    """Up to ``evaluation.max_reference_images`` real images, centre-cropped to the evaluation
+    resolution: the validation split's (never trained on) when there is one, else the training images."""
+    found, which = heldout.reference_images(experiment.data, experiment.validation, experiment.evaluation.max_reference_images)
     images = []
-    for row in indices[: experiment.evaluation.max_reference_images]:
-        try:
-            image = decode_image(dataset[row][image_column], base_dir)
-        except Exception:
-            continue  # unreadable: training skipped it too
-        pixels = transform_image(image, eval_resolution(experiment), None, False)
+    for item in found:
+        pixels = transform_image(item.image, experiment.eval_resolution, None, False)
         array = ((pixels.permute(1, 2, 0).numpy() + 1) * 127.5).round().clip(0, 255).astype("uint8")
         images.append(Image.fromarray(array))
-    return References(images, "validation" if rows else "training")
-
-
-def _training_rows(experiment: Experiment) -> tuple[Any, str, str, Path | None, list[int]]:
-    from sdtune.data.dataset import load_rows
-
-    dataset, image_column, caption_column, base_dir = load_rows(experiment.data)
-    return dataset, image_column, caption_column, base_dir, list(range(len(dataset)))
-
-
-def validation_rows(experiment: Experiment) -> tuple[Any, str, str, Path | None, list[int]]:
-    """(dataset, image column, caption column, base dir, rows) of the validation split."""
-    import dataclasses
-
-    from sdtune.config.split import held_out_rows
-    from sdtune.data.dataset import load_rows
-
-    split = parse_validation(experiment.data.validation)
-    if split.source is not None:
-        config = dataclasses.replace(
-            experiment.data, source=split.source, split=split.split, max_samples=split.max_samples, validation=None
-        )
-        dataset, image_column, caption_column, base_dir = load_rows(config)
-        return dataset, image_column, caption_column, base_dir, list(range(len(dataset)))
-    dataset, image_column, caption_column, base_dir = load_rows(experiment.data)
-    return dataset, image_column, caption_column, base_dir, held_out_rows(split, len(dataset))
-
-
-def eval_resolution(experiment: Experiment) -> int:
-    return experiment.evaluation.resolution or experiment.data.resolution
+    return References(images, which)
 
 
 @dataclass
@@ -200,7 +119,6 @@ class Evaluation:
     """Everything shared by the models of one comparison."""
 
     experiment: Experiment
-    plan: EvaluationPlan
     root: Path
     references: References
     encoders: Encoders
@@ -222,10 +140,10 @@ def evaluate_model(evaluation: Evaluation, target: Target, state: Any) -> record
         pipe, _ = load_run_pipeline(target.run["run_dir"], fuse=True, device=state.device)
     set_scheduler(pipe, settings.scheduler)
     load_time = time.perf_counter() - started
-    pairs = evaluation.plan.pairs()
+    pairs = experiment.plan.pairs()
     mine = list(range(state.process_index, len(pairs), state.num_processes))
     share = generate_images(
-        pipe, [], [], settings.num_inference_steps, settings.guidance_scale, eval_resolution(experiment),
+        pipe, [], [], settings.num_inference_steps, settings.guidance_scale, experiment.eval_resolution,
         evaluation.progress and state.is_main_process, pairs=[pairs[i] for i in mine],
     )
     save_images(share, folder, mine)
@@ -240,7 +158,7 @@ def evaluate_model(evaluation: Evaluation, target: Target, state: Any) -> record
         "num_inference_steps": settings.num_inference_steps,
         "guidance_scale": settings.guidance_scale,
         "scheduler": type(pipe.scheduler).__name__,
-        "resolution": eval_resolution(experiment),
+        "resolution": experiment.eval_resolution,
         "fused": target.run is not None,
         "processes": state.num_processes,
         "dtype": str(denoiser_of(pipe).dtype),
@@ -262,10 +180,10 @@ def evaluate_images(
     """Measure the images at ``paths`` (the plan's prompts × seeds, in order) and write the eval record."""
     from sdtune.metrics import MetricContext, compute_all, default_metric_names
 
-    experiment, settings, plan = evaluation.experiment, evaluation.experiment.evaluation, evaluation.plan
+    experiment, settings, plan = evaluation.experiment, evaluation.experiment.evaluation, evaluation.experiment.plan
     pairs = plan.pairs()
     images = [Image.open(path).convert("RGB") for path in paths]
-    in_domain = [plan.in_domain[plan.prompts.index(prompt)] for prompt, _ in pairs]
+    in_domain = plan.pair_in_domain()
     context = MetricContext(
         images=images, prompts=[p for p, _ in pairs], seeds=[s for _, s in pairs],
         training_images=evaluation.references.images, in_domain=in_domain,
@@ -310,7 +228,7 @@ def evaluate_training_steps(evaluation: Evaluation, run: dict[str, Any]) -> list
         if not entry.get("images"):
             continue
         folder = Path(run["run_dir"]) / entry["images"]
-        paths = [folder / image_name(i, p, s) for i, (p, s) in enumerate(evaluation.plan.pairs())]
+        paths = [folder / image_name(i, p, s) for i, (p, s) in enumerate(evaluation.experiment.plan.pairs())]
         if not all(path.exists() for path in paths):
             continue  # generated for other prompts × seeds (the experiment changed since)
         target = Target(run["technique"]["name"], run, run["seeds"]["train"], entry["step"], final=False)
@@ -355,6 +273,6 @@ def pipeline_parameters(pipe: Any) -> dict[str, int]:
 
 
 __all__ = [
-    "BASE_LABEL", "Encoders", "Evaluation", "EvaluationPlan", "References", "Target",
+    "BASE_LABEL", "Encoders", "Evaluation", "References", "Target",
     "evaluate_images", "evaluate_model", "evaluate_training_steps", "reference_images",
 ]

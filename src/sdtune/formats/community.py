@@ -44,7 +44,9 @@ from typing import Any
 import torch
 
 from sdtune.config.schema import ConfigError
+from sdtune.formats.families import export_facts
 from sdtune.formats.single_file import UnknownKeyError, unet_original_key
+from sdtune.util import atomic
 
 Tensors = dict[str, torch.Tensor]
 COMMUNITY_FILE = "community_weights.safetensors"
@@ -75,11 +77,6 @@ def sgm_path(unet: torch.nn.Module, path: str) -> str:
         return unet_original_key(f"{path}.weight", dict(unet.config)).removesuffix(".weight")
     except UnknownKeyError as error:  # a layer the SGM checkpoint does not have: no community name
         raise CommunityFormatError(str(error)) from None
-
-
-def sgm_components(family: Any) -> tuple[str, ...]:
-    """The family's components whose community names are SGM paths (SDXL's UNet)."""
-    return (family.denoiser,) if family.kohya_trainer_names_unet == "sgm" else ()
 
 
 def layer_name(prefix: str, module: torch.nn.Module, path: str, sgm: bool = False) -> str:
@@ -198,8 +195,9 @@ def differences_to_community(
 
 
 # -- metadata ----------------------------------------------------------------------------------------
-def metadata(kind: str, family: Any, title: str, network: dict[str, Any]) -> dict[str, str]:
+def metadata(kind: str, family: str, title: str, network: dict[str, Any]) -> dict[str, str]:
     """The keys kohya sd-scripts writes and A1111/Forge show (``ss_*``), and Stability's ModelSpec."""
+    facts = export_facts(family)
     lycoris = kind not in ("lora", "dora")
     algo = {"lora": "lora", "dora": "lora", "loha": "loha", "lokr": "lokr", "partial": "full"}[kind]
     args = {"algo": algo, **({"dora_wd": "True", "wd_on_output": "True"} if kind == "dora" else {})}
@@ -210,11 +208,11 @@ def metadata(kind: str, family: Any, title: str, network: dict[str, Any]) -> dic
         "ss_network_args": json.dumps(args),
         "ss_network_dim": str(network.get("rank", "")),
         "ss_network_alpha": str(network.get("alpha", "")),
-        "ss_base_model_version": family.kohya_base_model_version,
-        "ss_v2": str(family.name == "sd2"),
+        "ss_base_model_version": facts.kohya_base_model_version,
+        "ss_v2": str(family == "sd2"),
         "ss_output_name": title,
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": f"{family.modelspec_architecture}/{adapter}",
+        "modelspec.architecture": f"{facts.modelspec_architecture}/{adapter}",
         "modelspec.implementation": "https://github.com/KohakuBlueleaf/LyCORIS" if adapter == "lycoris"
         else "https://github.com/kohya-ss/sd-scripts",
         "modelspec.title": title,
@@ -223,10 +221,7 @@ def metadata(kind: str, family: Any, title: str, network: dict[str, Any]) -> dic
 
 
 def save(tensors: Tensors, path: Path, meta: dict[str, str]) -> Path:
-    from safetensors.torch import save_file
-
-    save_file(tensors, str(path), metadata=meta)
-    return path
+    return atomic.save_tensors(path, tensors, meta)
 
 
 # -- community → peft (init_from) -------------------------------------------------------------------
@@ -361,10 +356,10 @@ TOOLS = {  # technique kind → the tools that load its community file with the 
 }
 
 
-def tools_reading(kind: str, family: Any) -> list[str]:
+def tools_reading(kind: str, family: str) -> list[str]:
     """The tools that read a technique's community file for this family (the README says which the
     tests run: LyCORIS for every kind and family, diffusers for LoRA)."""
     tools = list(TOOLS[kind])
-    if family.kohya_trainer_names_unet == "none":  # SD3: SimpleTuner's lycoris_ names (ComfyUI, LyCORIS)
+    if export_facts(family).kohya_trainer_names_unet == "none":  # SD3: SimpleTuner's lycoris_ names (ComfyUI, LyCORIS)
         return [tool for tool in tools if tool in ("ComfyUI", "LyCORIS")]
     return tools

@@ -28,6 +28,8 @@ from typing import Any
 
 import torch
 
+from sdtune.util import atomic
+
 Tensors = dict[str, torch.Tensor]
 
 RESNET_NAMES = {  # diffusers ResnetBlock2D → LDM ResBlock
@@ -294,8 +296,6 @@ def save_single_file(
     dtype: torch.dtype | None = None,
 ) -> Path:
     """Write the checkpoint (``dtype`` None keeps each weight's own precision, so the file is exact)."""
-    from safetensors.torch import save_file
-
     tensors = original_state_dict(components, layout)
     seen: set[int] = set()
     for key, value in tensors.items():
@@ -303,6 +303,4 @@ def save_single_file(
         pointer = value.untyped_storage().data_ptr()
         tensors[key] = value.clone() if pointer in seen else value.contiguous()  # tied weights (T5) become copies
         seen.add(pointer)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata={"format": "pt", **metadata})
-    return path
+    return atomic.save_tensors(path, tensors, {"format": "pt", **metadata})

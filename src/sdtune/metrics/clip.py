@@ -15,8 +15,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from sdtune.errors import one_line
 from sdtune.metrics import maths
-from sdtune.metrics.errors import MetricUnavailable, one_line
+from sdtune.metrics.errors import MetricUnavailable
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -25,6 +26,11 @@ OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 def _batches(items: Sequence, size: int) -> Iterator[Sequence]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
+
+
+def _features(output: Any) -> torch.Tensor:
+    """CLIP's projected features: transformers 4 returns the tensor, 5 an output whose pooler_output it is."""
+    return output if isinstance(output, torch.Tensor) else output.pooler_output
 
 
 def _unit_rows(x: torch.Tensor) -> np.ndarray:
@@ -113,8 +119,7 @@ class ClipScorer:
             raise ValueError("image_embeddings: no images")
         chunks = []
         for batch in _batches(list(images), self.batch_size):
-            pooled = self.model.vision_model(pixel_values=self.preprocess(batch)).pooler_output
-            chunks.append(_unit_rows(self.model.visual_projection(pooled)))
+            chunks.append(_unit_rows(_features(self.model.get_image_features(pixel_values=self.preprocess(batch)))))
         return np.concatenate(chunks)
 
     @torch.no_grad()
@@ -130,10 +135,8 @@ class ClipScorer:
             tokens = self.tokenizer(
                 list(batch), padding=True, truncation=True, max_length=max_length, return_tensors="pt"
             ).to(self.device)
-            pooled = self.model.text_model(
-                input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]
-            ).pooler_output
-            chunks.append(_unit_rows(self.model.text_projection(pooled)))
+            features = self.model.get_text_features(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
+            chunks.append(_unit_rows(_features(features)))
         return np.concatenate(chunks)
 
     @property

@@ -15,7 +15,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from sdtune.metrics.errors import MetricUnavailable, one_line
+from sdtune.errors import one_line
+from sdtune.metrics.errors import MetricUnavailable
 
 
 class DinoEncoder:

@@ -10,8 +10,3 @@ class MetricUnavailable(Exception):
     :func:`sdtune.metrics.compute_all` reports it as the metric's ``skipped`` reason.
     """
 
-
-def one_line(error: BaseException) -> str:
-    """An exception as one short line: its type and the first 200 characters of its message."""
-    text = " ".join(str(error).split())
-    return f"{type(error).__name__}: {text[:200]}{'…' if len(text) > 200 else ''}"

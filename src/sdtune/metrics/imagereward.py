@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from sdtune.metrics.errors import MetricUnavailable, one_line
+from sdtune.errors import one_line
+from sdtune.metrics.errors import MetricUnavailable
 
 EXTRA = "imagereward"  # the pyproject extra that installs the package
 CHECKPOINT = "ImageReward.pt"  # the file names in the THUDM/ImageReward hub repository

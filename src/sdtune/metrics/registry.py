@@ -27,6 +27,7 @@ from sdtune.metrics.clip import ClipScorer
 from sdtune.metrics.dino import DinoEncoder
 from sdtune.metrics.errors import MetricUnavailable
 from sdtune.metrics.imagereward import ImageRewardScorer
+from sdtune.util.device import default_device
 from sdtune.util.registry import Registry
 
 logger = logging.getLogger(__name__)
@@ -132,11 +133,6 @@ def load_plugins(modules: Sequence[str]) -> None:
             ) from None
 
 
-def _default_device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
 
 @dataclass
 class MetricContext:
@@ -215,7 +211,7 @@ class MetricContext:
         if name not in ENCODERS:
             raise ValueError(f"unknown encoder {name!r}; known: {', '.join(sorted(ENCODERS))}")
         model = getattr(self, f"{name}_model", None)
-        device = self.device or _default_device()
+        device = self.device or str(default_device())
         return lambda: ENCODERS[name](model, device, self.batch_size)
 
     def require(self, need: str | None) -> Any:

@@ -7,11 +7,12 @@ the objective reads. ``sd2`` is a separate name so records and ``family: auto`` 
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 
-from sdtune.models.base import FAMILIES, Conditioning, ModelBundle, ModelFamily, read_model_json
+from sdtune.models.base import FAMILIES, Conditioning, Model
+from sdtune.models.files import read_model_json
 
 UNET_ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]  # the study's LoRA placement
 CLIP_ATTENTION = ["q_proj", "k_proj", "v_proj", "out_proj"]
@@ -29,56 +30,40 @@ def clip_token_ids(tokenizer: Any, captions: list[str], max_length: int | None =
 
 
 @FAMILIES.register("sd1")
-class StableDiffusion1(ModelFamily):
-    name = "sd1"
+class StableDiffusion1(Model):
+    family = "sd1"
     pipeline_class_name = "StableDiffusionPipeline"
-    denoiser = "unet"
-    text_encoders = ("text_encoder",)
+    denoiser_name = "unet"
+    text_encoder_names = ("text_encoder",)
     trained_text_encoders = ("text_encoder",)
     objective = "ddpm"
     default_resolution = 512
-    kohya_prefixes: ClassVar[dict[str, str] | None] = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
     partial_presets = UNET_PRESETS
     adapter_targets = {"unet": UNET_ATTENTION, "text_encoder": CLIP_ATTENTION}
     pipeline_extras = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False, "image_encoder": None}
     detects_pipelines = ("StableDiffusionPipeline",)
     single_file_types = ("v1",)
-    single_file_layout: ClassVar[dict[str, tuple[str, str]]] = {  # CompVis LDM
-        "unet": ("model.diffusion_model.", "unet"), "vae": ("first_stage_model.", "vae"),
-        "text_encoder": ("cond_stage_model.transformer.", "clip"),
-    }
-    community_prefixes: ClassVar[dict[str, str]] = kohya_prefixes  # kohya/LyCORIS files of every technique
-    embedding_keys: ClassVar[dict[str, str]] = {"text_encoder": "emb_params"}  # A1111's one-vector-table file
-    modelspec_architecture = "stable-diffusion-v1"
-    kohya_base_model_version = "sd_v1"
 
     @classmethod
     def matches_index(cls, model: str, revision: str | None = None) -> bool:
         return not _is_sd2(model, revision)
 
-    def encode_prompt(self, bundle: ModelBundle, captions: list[str]) -> Conditioning:
-        encoder = bundle.components["text_encoder"]
-        ids = clip_token_ids(bundle.tokenizers["tokenizer"], captions).to(encoder.device)
+    def encode_prompt(self, captions: list[str]) -> Conditioning:
+        encoder = self.components["text_encoder"]
+        ids = clip_token_ids(self.tokenizers["tokenizer"], captions).to(encoder.device)
         return {"prompt_embeds": encoder(ids, return_dict=False)[0]}
 
-    def predict(
-        self, bundle: ModelBundle, noisy_latents: torch.Tensor, timesteps: torch.Tensor, conditioning: Conditioning
-    ) -> torch.Tensor:
-        return bundle.denoiser(noisy_latents, timesteps, conditioning["prompt_embeds"], return_dict=False)[0]
+    def predict(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, conditioning: Conditioning) -> torch.Tensor:
+        return self.denoiser(noisy_latents, timesteps, conditioning["prompt_embeds"], return_dict=False)[0]
 
 
 @FAMILIES.register("sd2")
 class StableDiffusion2(StableDiffusion1):
     """SD 2.x (OpenCLIP ViT-H text encoder; the 768-px models predict v)."""
 
-    name = "sd2"
+    family = "sd2"
     default_resolution = 768
     single_file_types = ("v2",)
-    single_file_layout: ClassVar[dict[str, tuple[str, str]]] = {  # OpenCLIP-H text encoder
-        **StableDiffusion1.single_file_layout, "text_encoder": ("cond_stage_model.model.", "open_clip"),
-    }
-    modelspec_architecture = "stable-diffusion-v2"
-    kohya_base_model_version = "sd_v2"
 
     @classmethod
     def matches_index(cls, model: str, revision: str | None = None) -> bool:

@@ -8,11 +8,9 @@ top, crop left, target height, target width) of each sample.
 
 from __future__ import annotations
 
-from typing import ClassVar
-
 import torch
 
-from sdtune.models.base import FAMILIES, Conditioning, ModelBundle, ModelFamily
+from sdtune.models.base import FAMILIES, Conditioning, Model
 from sdtune.models.sd1 import CLIP_ATTENTION, UNET_ATTENTION, UNET_PRESETS, clip_token_ids
 
 
@@ -26,39 +24,26 @@ def clip_penultimate_and_pooled(
 
 
 @FAMILIES.register("sdxl")
-class StableDiffusionXL(ModelFamily):
-    name = "sdxl"
+class StableDiffusionXL(Model):
+    family = "sdxl"
     pipeline_class_name = "StableDiffusionXLPipeline"
-    denoiser = "unet"
-    text_encoders = ("text_encoder", "text_encoder_2")
+    denoiser_name = "unet"
+    text_encoder_names = ("text_encoder", "text_encoder_2")
     trained_text_encoders = ("text_encoder", "text_encoder_2")
     objective = "ddpm"
     default_resolution = 1024
-    kohya_prefixes: ClassVar[dict[str, str] | None] = {
-        "unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_",
-    }
     partial_presets = UNET_PRESETS
     adapter_targets = {"unet": UNET_ATTENTION, "text_encoder": CLIP_ATTENTION, "text_encoder_2": CLIP_ATTENTION}
     vae_in_fp32 = True  # SDXL's original VAE overflows in fp16 (hence the separately distributed fp16-fix VAE)
     pipeline_extras = {"image_encoder": None, "feature_extractor": None, "add_watermarker": False}
     detects_pipelines = ("StableDiffusionXLPipeline",)
     single_file_types = ("xl_base",)
-    single_file_layout: ClassVar[dict[str, tuple[str, str]]] = {  # Stability's SGM
-        "unet": ("model.diffusion_model.", "unet"), "vae": ("first_stage_model.", "vae"),
-        "text_encoder": ("conditioner.embedders.0.transformer.", "clip"),
-        "text_encoder_2": ("conditioner.embedders.1.model.", "open_clip"),
-    }
-    community_prefixes: ClassVar[dict[str, str]] = kohya_prefixes  # + the UNet's SGM paths (see community.py)
-    embedding_keys: ClassVar[dict[str, str]] = {"text_encoder": "clip_l", "text_encoder_2": "clip_g"}
-    modelspec_architecture = "stable-diffusion-xl-v1-base"
-    kohya_base_model_version = "sdxl_base_v1-0"
-    kohya_trainer_names_unet = "sgm"  # its own SDXL UNet: lora_unet_input_blocks_4_1_…, as sdtune writes
 
-    def encode_prompt(self, bundle: ModelBundle, captions: list[str]) -> Conditioning:
+    def encode_prompt(self, captions: list[str]) -> Conditioning:
         states = []
-        for encoder_name in self.text_encoders:
-            tokenizer = bundle.tokenizers[encoder_name.replace("text_encoder", "tokenizer")]
-            hidden, pooled = clip_penultimate_and_pooled(tokenizer, bundle.components[encoder_name], captions)
+        for encoder_name in self.text_encoder_names:
+            tokenizer = self.tokenizers[encoder_name.replace("text_encoder", "tokenizer")]
+            hidden, pooled = clip_penultimate_and_pooled(tokenizer, self.components[encoder_name], captions)
             states.append(hidden)
         # the pooled embedding is the last encoder's (text_encoder_2's projection), as in the pipeline
         return {"prompt_embeds": torch.cat(states, dim=-1), "pooled_prompt_embeds": pooled}
@@ -66,10 +51,8 @@ class StableDiffusionXL(ModelFamily):
     def image_conditioning(self, geometry: torch.Tensor) -> Conditioning:
         return {"time_ids": geometry}
 
-    def predict(
-        self, bundle: ModelBundle, noisy_latents: torch.Tensor, timesteps: torch.Tensor, conditioning: Conditioning
-    ) -> torch.Tensor:
+    def predict(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, conditioning: Conditioning) -> torch.Tensor:
         added = {"text_embeds": conditioning["pooled_prompt_embeds"], "time_ids": conditioning["time_ids"]}
-        return bundle.denoiser(
+        return self.denoiser(
             noisy_latents, timesteps, conditioning["prompt_embeds"], added_cond_kwargs=added, return_dict=False
         )[0]

@@ -21,7 +21,7 @@ from sdtune.report.summary import (
 )
 
 GRID_CELL = 128  # pixels per image in the grid (small images are upscaled without smoothing)
-QUALITY_PREFERENCE = ("judge_prompt_accuracy", "clip_score", "fidelity", "preservation")
+QUALITY_PREFERENCE = ("clip_score", "fidelity", "preservation")  # when the experiment lists no metrics
 
 
 def all_figures(rows: list[Row], root: Path, folder: Path) -> list[tuple[str, Path]]:
@@ -190,8 +190,7 @@ def metric_bars(rows: list[Row], folder: Path) -> Path | None:
 
 
 def tradeoff(rows: list[Row], folder: Path) -> Path | None:
-    numeric, _ = metric_names(rows)
-    quality = next((m for m in QUALITY_PREFERENCE if m in numeric), numeric[0] if numeric else None)
+    quality = headline_metric(rows)
     if quality is None:
         return None
     sizes = {e["model"]: e.get("adapter") or sum(e.get(p) or 0 for p in ("denoiser", "vae", "text_encoders")) for e in study_table(rows)}
@@ -209,6 +208,19 @@ def tradeoff(rows: list[Row], folder: Path) -> Path | None:
     axis.set_ylabel(quality)
     axis.grid(alpha=0.3)
     return _save(plt, figure, folder / "tradeoff.png")
+
+
+def headline_metric(rows: list[Row]) -> str | None:
+    """The quality metric the size trade-off is drawn against: the first higher-is-better metric the
+    experiment lists (``evaluation.metrics``), else the first of :data:`QUALITY_PREFERENCE` measured,
+    else the first numeric metric."""
+    numeric, _ = metric_names(rows)
+    listed = next((list((r.config.get("evaluation") or {}).get("metrics") or []) for row in rows for r in row.evals), [])
+    higher = {name for row in rows for r in row.evals for name, entry in r.metrics.items() if entry.get("direction") == "higher"}
+    for name in [*listed, *QUALITY_PREFERENCE]:
+        if name in numeric and name in higher:
+            return name
+    return numeric[0] if numeric else None
 
 
 def _save(plt, figure, path: Path) -> Path:

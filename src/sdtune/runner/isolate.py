@@ -23,7 +23,7 @@ from typing import Any
 import yaml
 
 from sdtune import records
-from sdtune.config.sections import Experiment
+from sdtune.experiment import Experiment
 from sdtune.training.run_dir import interrupt_handler
 
 ERROR_FILE_VARIABLE = "SDTUNE_ERROR_FILE"  # where a child `sdtune` writes the error that ended it

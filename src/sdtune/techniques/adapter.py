@@ -11,18 +11,16 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import torch
 
-from sdtune.config.schema import ConfigError
-from sdtune.config.schema import build as _build
+from sdtune.config import ConfigError, build
 from sdtune.formats import community
+from sdtune.formats.families import export_facts
+from sdtune.models import Model
 from sdtune.techniques import lora_variants
 from sdtune.techniques.base import TECHNIQUES, Technique, TechniqueOptions, files_under
-
-if TYPE_CHECKING:
-    from sdtune.models import ModelBundle
 
 # peft fields that describe the wrapping model, not the adapter: never set from an experiment
 _RESERVED_PEFT_FIELDS = {
@@ -61,10 +59,10 @@ class AdapterTechnique(Technique):
         return getattr(peft, cls.peft_config_name)
 
     @classmethod
-    def validate_options(cls, raw: dict[str, Any], where: str) -> dict[str, Any]:
+    def validate_options(cls, raw: dict[str, Any], where: str) -> Any:
         raw = dict(raw)
         own = {f.name for f in dataclasses.fields(cls.Options)} - {"peft"}
-        options = _build(cls.Options, {key: raw.pop(key) for key in list(raw) if key in own}, where)
+        options = build(cls.Options, {key: raw.pop(key) for key in list(raw) if key in own}, where)
         if options.init_from is not None:
             options.init_from = _existing_file(options.init_from, f"{where}.init_from")
         aliases = {"rank": "r", **({"alpha": cls.alpha_field} if cls.alpha_field else {})}
@@ -88,7 +86,7 @@ class AdapterTechnique(Technique):
             raise ConfigError(f"{where}: peft rejected the {cls.kind} options: {error}") from None
         options.peft = peft_args
         cls.check_options(options, where)
-        return dataclasses.asdict(options)
+        return options
 
     @classmethod
     def complete_peft_args(cls, peft_args: dict[str, Any], given: set[str]) -> dict[str, Any]:
@@ -101,9 +99,9 @@ class AdapterTechnique(Technique):
         """sdtune's own checks of options peft accepted (e.g. initialisations that need data)."""
 
     @classmethod
-    def file_options(cls, options: dict[str, Any]) -> dict[str, Any]:
-        own = {k: v for k, v in options.items() if k != "peft"}
-        return {**own, **options.get("peft", {})}  # peft's own field names are accepted keys
+    def file_options(cls, options: Any) -> dict[str, Any]:
+        own = {k: v for k, v in dataclasses.asdict(options).items() if k != "peft"}
+        return {**own, **options.peft}  # peft's own field names are accepted keys
 
     def peft_config(self, target_modules: list[str]) -> Any:
         return self.config_class()(**{**self.options.peft, "target_modules": target_modules}, **self.fixed)
@@ -116,71 +114,69 @@ class AdapterTechnique(Technique):
         """The peft arguments the saved files describe (the trained ones unless the technique converts)."""
         return self.options.peft
 
-    def component_targets(self, bundle: ModelBundle) -> dict[str, list[str]]:
+    def component_targets(self, model: Model) -> dict[str, list[str]]:
         """Adapted component → its target modules (the options', else the family's defaults)."""
-        family = bundle.family
-        targets = {family.denoiser: self.options.peft.get("target_modules") or family.adapter_targets[family.denoiser]}
-        for name in self.text_encoders_to_train(bundle):
-            targets[name] = self.options.text_encoder_target_modules or family.adapter_targets[name]
+        denoiser = model.denoiser_name
+        targets = {denoiser: self.options.peft.get("target_modules") or model.adapter_targets[denoiser]}
+        for name in self.text_encoders_to_train(model):
+            targets[name] = self.options.text_encoder_target_modules or model.adapter_targets[name]
         return targets
 
     # -- training ---------------------------------------------------------------------------------
-    def make_trainable(self, bundle: ModelBundle) -> None:
+    def make_trainable(self, model: Model) -> None:
         from peft import inject_adapter_in_model
 
-        targets = self.component_targets(bundle)
+        targets = self.component_targets(model)
         for name, modules in targets.items():
-            inject_adapter_in_model(self.peft_config(modules), bundle.components[name])
-            _check_injected(bundle.components[name], modules, name)
+            inject_adapter_in_model(self.peft_config(modules), model.components[name])
+            _check_injected(model.components[name], modules, name)
         if self.options.init_from:  # after injection: the file's tensors replace the fresh initialisation
-            adapted = {name: bundle.components[name] for name in targets}
-            family = bundle.family
-            community.initialise_from(
-                Path(self.options.init_from), adapted, family.community_prefixes, community.sgm_components(family)
-            )
+            adapted = {name: model.components[name] for name in targets}
+            facts = export_facts(model.family)
+            community.initialise_from(Path(self.options.init_from), adapted, facts.community_prefixes, facts.sgm_components)
 
     # -- outputs ----------------------------------------------------------------------------------
-    def save(self, bundle: ModelBundle, out_dir: Path) -> dict[str, list[str]]:
-        adapted = self._adapted_states(bundle)
-        return {"adapter": self._save_peft(adapted, out_dir), **self._save_community(bundle, adapted, out_dir)}
+    def save(self, model: Model, out_dir: Path) -> dict[str, list[str]]:
+        adapted = self._adapted_states(model)
+        return {"adapter": self._save_peft(adapted, out_dir), **self._save_community(model, adapted, out_dir)}
 
     @classmethod
-    def community_output(cls, family: Any) -> tuple[str, str]:
+    def community_output(cls, family: str) -> tuple[str, str]:
         """(record part, file name) of the kohya/LyCORIS file."""
         return "community", community.COMMUNITY_FILE
 
-    def _save_community(self, bundle: ModelBundle, adapted: list, out_dir: Path) -> dict[str, list[str]]:
+    def _save_community(self, model: Model, adapted: list, out_dir: Path) -> dict[str, list[str]]:
         """The kohya/LyCORIS file (A1111, ComfyUI, kohya sd-scripts, LyCORIS); see sdtune.formats.community."""
-        family = bundle.family
-        part, file_name = self.community_output(family)
+        part, file_name = self.community_output(model.family)
+        facts = export_facts(model.family)
         try:
             tensors = community.adapter_to_community(
-                [(name, module, state) for name, module, _, state in adapted], family.community_prefixes,
-                community.sgm_components(family),
+                [(name, module, state) for name, module, _, state in adapted], facts.community_prefixes,
+                facts.sgm_components,
             )
         except community.CommunityFormatError as error:  # an exotic peft option; the peft files still load
             print(f"no {file_name} written: {error}")
             return {}
         args = self.saved_peft_args()
         network = {"rank": args.get("r"), "alpha": args.get(self.alpha_field)}
-        meta = community.metadata(self.kind, family, out_dir.name, network)
+        meta = community.metadata(self.kind, model.family, out_dir.name, network)
         community.save(tensors, out_dir / file_name, meta)
         return {part: [file_name]}
 
-    def loads_in(self, part: str, family: Any) -> list[str]:
+    def loads_in(self, part: str, family: str) -> list[str]:
         """Which tools read the files of a record part (``outputs.<part>.loads_in`` of the record)."""
         if part == "adapter":
             return ["sdtune generate", "peft inject_adapter_in_model + set_peft_model_state_dict"]
         return community.tools_reading(self.kind, family)
 
-    def _adapted_states(self, bundle: ModelBundle) -> list[tuple[str, Any, list[str], dict[str, torch.Tensor]]]:
+    def _adapted_states(self, model: Model) -> list[tuple[str, Any, list[str], dict[str, torch.Tensor]]]:
         """(component, module, target modules, adapter tensors) of every adapted component."""
         from peft import get_peft_model_state_dict
 
         return [
-            (name, bundle.components[name], targets,
-             {k: v.detach().contiguous().cpu() for k, v in get_peft_model_state_dict(bundle.components[name]).items()})
-            for name, targets in self.component_targets(bundle).items()
+            (name, model.components[name], targets,
+             {k: v.detach().contiguous().cpu() for k, v in get_peft_model_state_dict(model.components[name]).items()})
+            for name, targets in self.component_targets(model).items()
         ]
 
     def _save_peft(self, adapted: list, out_dir: Path) -> list[str]:
@@ -302,20 +298,20 @@ class LoRA(AdapterTechnique):
             return super().parameter_groups(parameters, learning_rate)
         return lora_variants.loraplus_groups(parameters, learning_rate, self.options.loraplus_lr_ratio)
 
-    def make_trainable(self, bundle: ModelBundle) -> None:
+    def make_trainable(self, model: Model) -> None:
         mutates = lora_variants.mutates_base(self.options.peft.get("init_lora_weights", True))
-        for name, modules in self.component_targets(bundle).items() if mutates else ():
-            lora_variants.check_linear_targets(self.peft_config(modules), bundle.components[name], name)
-        super().make_trainable(bundle)
+        for name, modules in self.component_targets(model).items() if mutates else ():
+            lora_variants.check_linear_targets(self.peft_config(modules), model.components[name], name)
+        super().make_trainable(model)
         self.initial_states = None
         if mutates:
             # what PiSSA/OLoRA took out of the base weights (recomputed the same way on resume)
             self.initial_states = {  # (copies: on the CPU the state dict's tensors are the parameters)
-                name: {key: value.clone() for key, value in state.items()} for name, _, _, state in super()._adapted_states(bundle)
+                name: {key: value.clone() for key, value in state.items()} for name, _, _, state in super()._adapted_states(model)
             }
 
-    def _adapted_states(self, bundle: ModelBundle) -> list[tuple[str, Any, list[str], dict[str, torch.Tensor]]]:
-        adapted = super()._adapted_states(bundle)
+    def _adapted_states(self, model: Model) -> list[tuple[str, Any, list[str], dict[str, torch.Tensor]]]:
+        adapted = super()._adapted_states(model)
         if not self.initial_states:
             return adapted
         return [
@@ -328,8 +324,8 @@ class LoRA(AdapterTechnique):
             return lora_variants.converted_config_args(self.options.peft)
         return self.options.peft
 
-    def save(self, bundle: ModelBundle, out_dir: Path) -> dict[str, list[str]]:
-        adapted = self._adapted_states(bundle)
+    def save(self, model: Model, out_dir: Path) -> dict[str, list[str]]:
+        adapted = self._adapted_states(model)
         parts = {"adapter": self._save_peft(adapted, out_dir)}
         lora_layers: dict[str, Any] = {}  # save_lora_weights takes <component>_lora_layers for each component
         for name, _, targets, state in adapted:
@@ -338,19 +334,19 @@ class LoRA(AdapterTechnique):
             lora_layers[f"{name}_lora_layers"] = state
             # the metadata keeps alpha and targets, so load_lora_weights rebuilds the same scale
             lora_layers[f"{name}_lora_adapter_metadata"] = _jsonable(self.saved_peft_config(targets).to_dict())
-        bundle.family.pipeline_class().save_lora_weights(
+        model.pipeline_class().save_lora_weights(
             out_dir, weight_name=DIFFUSERS_LORA_FILE, safe_serialization=True, **lora_layers
         )
         parts["diffusers_lora"] = [DIFFUSERS_LORA_FILE]
-        return {**parts, **self._save_community(bundle, adapted, out_dir)}
+        return {**parts, **self._save_community(model, adapted, out_dir)}
 
     @classmethod
-    def community_output(cls, family: Any) -> tuple[str, str]:
-        if family.kohya_prefixes is not None:  # the kohya LoRA file (same name as before it had a sibling)
+    def community_output(cls, family: str) -> tuple[str, str]:
+        if export_facts(family).kohya_lora_file:  # the kohya LoRA file (same name as before it had a sibling)
             return "kohya_lora", KOHYA_LORA_FILE
         return super().community_output(family)
 
-    def loads_in(self, part: str, family: Any) -> list[str]:
+    def loads_in(self, part: str, family: str) -> list[str]:
         if part == "diffusers_lora":
             return ["diffusers load_lora_weights", "sdtune generate"]
         return super().loads_in(part, family)
@@ -370,7 +366,7 @@ class DoRA(LoRA):
     fixed = {"use_dora": True}
 
     @classmethod
-    def community_output(cls, family: Any) -> tuple[str, str]:
+    def community_output(cls, family: str) -> tuple[str, str]:
         return "community", community.COMMUNITY_FILE
 
     @classmethod

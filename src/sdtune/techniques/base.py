@@ -2,7 +2,9 @@
 
 A technique never runs its own loop. The one loop in :mod:`sdtune.training.loop` asks it to ``prepare``
 the model (freeze, inject adapters), trains whatever has ``requires_grad``, then asks it to
-``save`` the result; ``load_into`` puts a saved result onto a base pipeline for generation.
+``save`` the result; ``load_into`` puts a saved result onto a base pipeline for generation. Its
+options are a dataclass (:attr:`Technique.Options`), checked once by :meth:`Technique.validate_options`
+when the experiment is resolved.
 """
 
 from __future__ import annotations
@@ -10,16 +12,13 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import torch
 
-from sdtune.config.schema import ConfigError
-from sdtune.config.schema import build as _build
+from sdtune.config import ConfigError, build
+from sdtune.models import Model
 from sdtune.util.registry import Registry
-
-if TYPE_CHECKING:
-    from sdtune.models import ModelBundle
 
 
 @dataclass
@@ -41,44 +40,45 @@ class Technique:
     single_file_refused: ClassVar[str] = ""  # why `export --single-file` does not apply ("" = it does)
     path_options: ClassVar[tuple[str, ...]] = ()  # options that name files (resolved against the experiment file)
 
-    def __init__(self, options: dict[str, Any]) -> None:
-        self.options = self.Options(**options) if not isinstance(options, self.Options) else options
+    def __init__(self, options: Any) -> None:
+        """``options``: the checked options dataclass (or its fields as a mapping, as records keep them)."""
+        self.options = options if isinstance(options, self.Options) else self.Options(**options)
 
     # -- configuration --------------------------------------------------------------------------
     @classmethod
-    def validate_options(cls, raw: dict[str, Any], where: str) -> dict[str, Any]:
-        """Check a technique entry's own keys; return the options as a plain mapping."""
-        return dataclasses.asdict(_build(cls.Options, raw, where))
+    def validate_options(cls, raw: dict[str, Any], where: str) -> Any:
+        """Check a technique entry's own keys; return the options dataclass."""
+        return build(cls.Options, raw, where)
 
     @classmethod
-    def file_options(cls, options: dict[str, Any]) -> dict[str, Any]:
-        """Validated options written back as an experiment file's keys (the inverse of validate_options)."""
-        return dict(options)
+    def file_options(cls, options: Any) -> dict[str, Any]:
+        """Checked options written back as an experiment file's keys (the inverse of validate_options)."""
+        return dataclasses.asdict(options)
 
     @classmethod
-    def check_family(cls, options: dict[str, Any], family: Any, where: str) -> None:
-        """Options that depend on the model family, checked when the experiment loads."""
-        for name in options.get("text_encoders") or []:
-            if name not in family.text_encoders:
+    def check_family(cls, options: Any, family: type[Model], where: str) -> None:
+        """Options that depend on the model family, checked when the experiment is resolved."""
+        for name in options.text_encoders or []:
+            if name not in family.text_encoder_names:
                 raise ConfigError(
-                    f"{where}.text_encoders: {name!r} is not a text encoder of {family.name}; it has: "
-                    f"{', '.join(family.text_encoders)}"
+                    f"{where}.text_encoders: {name!r} is not a text encoder of {family.family}; it has: "
+                    f"{', '.join(family.text_encoder_names)}"
                 )
 
     # -- training ---------------------------------------------------------------------------------
-    def prepare(self, bundle: ModelBundle) -> None:
+    def prepare(self, model: Model) -> None:
         """Freeze everything, then make trainable what this technique trains."""
-        for module in bundle.components.values():
+        for module in model.components.values():
             module.requires_grad_(False)
-        self.make_trainable(bundle)
+        self.make_trainable(model)
 
-    def text_encoders_to_train(self, bundle: ModelBundle) -> list[str]:
+    def text_encoders_to_train(self, model: Model) -> list[str]:
         """The text encoders this technique trains (none unless ``train_text_encoder``)."""
         if not self.options.train_text_encoder:
             return []
-        return loaded_text_encoders(bundle, self.options.text_encoders or list(bundle.family.trained_text_encoders))
+        return loaded_text_encoders(model, self.options.text_encoders or list(model.trained_text_encoders))
 
-    def make_trainable(self, bundle: ModelBundle) -> None:
+    def make_trainable(self, model: Model) -> None:
         raise NotImplementedError
 
     def training_captions(self, captions: list[str]) -> list[str]:
@@ -92,7 +92,7 @@ class Technique:
         return [{"params": list(parameters.values()), "lr": learning_rate}] if parameters else []
 
     # -- outputs ----------------------------------------------------------------------------------
-    def save(self, bundle: ModelBundle, out_dir: Path) -> dict[str, list[str]]:
+    def save(self, model: Model, out_dir: Path) -> dict[str, list[str]]:
         """Write the trained result to ``out_dir``; return component → files written (relative)."""
         raise NotImplementedError
 
@@ -115,23 +115,23 @@ class Technique:
 TECHNIQUES: Registry[type[Technique]] = Registry("technique")
 
 
-def loaded_text_encoders(bundle: ModelBundle, names: list[str]) -> list[str]:
-    """``names`` (the ``text_encoders`` option, or a default), each checked to be loaded in ``bundle``."""
-    missing = [name for name in names if name not in bundle.text_encoder_names()]
+def loaded_text_encoders(model: Model, names: list[str]) -> list[str]:
+    """``names`` (the ``text_encoders`` option, or a default), each checked to be loaded in ``model``."""
+    missing = [name for name in names if name not in model.loaded_text_encoders]
     if missing:
         raise ConfigError(
             f"text_encoders: {missing[0]!r} is not loaded (model.text_encoder_3: false?); loaded: "
-            f"{', '.join(bundle.text_encoder_names())}"
+            f"{', '.join(model.loaded_text_encoders)}"
         )
     return names
 
 
-def trainable_named_parameters(bundle: ModelBundle) -> dict[str, torch.nn.Parameter]:
+def trainable_named_parameters(model: Model) -> dict[str, torch.nn.Parameter]:
     """Every parameter with requires_grad, named ``<component>.<parameter>`` (``unet.…``,
     ``transformer.…``, ``text_encoder_2.…``)."""
     named = {}
-    for prefix in bundle.trainable_names():
-        for name, parameter in bundle.components[prefix].named_parameters():
+    for prefix in model.trainable_names():
+        for name, parameter in model.components[prefix].named_parameters():
             if parameter.requires_grad:
                 named[f"{prefix}.{name}"] = parameter
     return named

@@ -7,12 +7,10 @@ The result is a complete diffusers pipeline folder (the study's "classic fine-tu
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from sdtune.models import FAMILIES, Model
 from sdtune.techniques.base import TECHNIQUES, Technique, files_under
-
-if TYPE_CHECKING:
-    from sdtune.models import ModelBundle
 
 
 @TECHNIQUES.register("full")
@@ -20,22 +18,22 @@ class FullFineTuning(Technique):
     kind = "full"
     saves_frozen_parts = True  # a whole pipeline folder
 
-    def make_trainable(self, bundle: ModelBundle) -> None:
-        bundle.denoiser.requires_grad_(True)
-        for name in self.text_encoders_to_train(bundle):
-            bundle.components[name].requires_grad_(True)
+    def make_trainable(self, model: Model) -> None:
+        model.denoiser.requires_grad_(True)
+        for name in self.text_encoders_to_train(model):
+            model.components[name].requires_grad_(True)
 
-    def save(self, bundle: ModelBundle, out_dir: Path) -> dict[str, list[str]]:
-        pipe = bundle.family.build_pipeline(bundle)
+    def save(self, model: Model, out_dir: Path) -> dict[str, list[str]]:
+        pipe = model.pipeline()
         pipe.save_pretrained(out_dir, safe_serialization=True)
         parts = {p.name: files_under(out_dir, [p]) for p in sorted(out_dir.iterdir()) if p.is_dir() and p.name in pipe.config}
         parts["pipeline"] = files_under(out_dir, [out_dir / "model_index.json"])
         return parts
 
-    def loads_in(self, part: str, family: Any) -> list[str]:
+    def loads_in(self, part: str, family: str) -> list[str]:
         """Which tools read the files of a record part (``outputs.<part>.loads_in`` of the record): the
         folder is a diffusers pipeline; `sdtune export RUN --single-file` writes the A1111/ComfyUI checkpoint."""
-        return [f"diffusers {family.pipeline_class_name}.from_pretrained", "sdtune generate"]
+        return [f"diffusers {FAMILIES.get(family).pipeline_class_name}.from_pretrained", "sdtune generate"]
 
     @classmethod
     def own_pipeline(cls, run_dir: Path) -> bool:

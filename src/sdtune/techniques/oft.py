@@ -21,14 +21,12 @@ import contextlib
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from sdtune.config.schema import ConfigError
+from sdtune.config import ConfigError
+from sdtune.models import Model
 from sdtune.techniques.adapter import AdapterTechnique
 from sdtune.techniques.base import TECHNIQUES
-
-if TYPE_CHECKING:
-    from sdtune.models import ModelBundle
 
 
 class OrthogonalTechnique(AdapterTechnique):
@@ -48,10 +46,10 @@ class OrthogonalTechnique(AdapterTechnique):
                 f"{where}.init_from: {cls.kind} has no kohya/LyCORIS file to start from (see the README); remove init_from"
             )
 
-    def save(self, bundle: ModelBundle, out_dir: Path) -> dict[str, list[str]]:
-        return {"adapter": self._save_peft(self._adapted_states(bundle), out_dir)}
+    def save(self, model: Model, out_dir: Path) -> dict[str, list[str]]:
+        return {"adapter": self._save_peft(self._adapted_states(model), out_dir)}
 
-    def loads_in(self, part: str, family: Any) -> list[str]:
+    def loads_in(self, part: str, family: str) -> list[str]:
         return ["sdtune generate", "peft inject_adapter_in_model + set_peft_model_state_dict"]
 
 
@@ -86,7 +84,7 @@ class BOFT(OrthogonalTechnique):
             peft_args["boft_block_size"] = 0
         return peft_args
 
-    def make_trainable(self, bundle: ModelBundle) -> None:
+    def make_trainable(self, model: Model) -> None:
         factor = self.options.peft.get("boft_n_butterfly_factor", 1)
         if factor > 1 and not _butterfly_kernel_available():
             # peft would silently train with factor 1 instead (and its files would not load elsewhere)
@@ -95,7 +93,7 @@ class BOFT(OrthogonalTechnique):
                 "ninja), which does not load here; without it peft trains factor 1; set boft_n_butterfly_factor: 1"
             )
         with _without_kernel_warnings():
-            super().make_trainable(bundle)
+            super().make_trainable(model)
 
     @classmethod
     def load_into(cls, pipe: Any, run_dir: Path, options: dict[str, Any]) -> Any:

@@ -11,14 +11,15 @@ picks any.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from sdtune.config.schema import ConfigError
+from sdtune.config import ConfigError
 from sdtune.formats import community
+from sdtune.formats.families import export_facts
+from sdtune.models import Model
 from sdtune.techniques.base import (
     TECHNIQUES,
     Technique,
@@ -26,9 +27,7 @@ from sdtune.techniques.base import (
     files_under,
     trainable_named_parameters,
 )
-
-if TYPE_CHECKING:
-    from sdtune.models import ModelBundle
+from sdtune.util import atomic
 
 WEIGHTS_FILE = "partial_weights.safetensors"
 LIST_FILE = "trained_parameters.json"
@@ -46,62 +45,58 @@ class PartialFineTuning(Technique):
     Options = PartialOptions
 
     @classmethod
-    def check_family(cls, options: dict[str, Any], family: Any, where: str) -> None:
+    def check_family(cls, options: Any, family: type[Model], where: str) -> None:
         super().check_family(options, family, where)
-        preset = options.get("preset")
+        preset = options.preset
         if preset is not None and preset not in family.partial_presets:
             raise ConfigError(
-                f"{where}.preset: {preset!r} is not a preset of {family.name}; choose one of: "
+                f"{where}.preset: {preset!r} is not a preset of {family.family}; choose one of: "
                 f"{', '.join(family.partial_presets)}, or give `modules: [patterns]`"
             )
 
-    def patterns(self, family: Any) -> list[str]:
+    def patterns(self, family: type[Model]) -> list[str]:
         preset = self.options.preset
         if preset is None and not self.options.modules:
             preset = next(iter(family.partial_presets))
         return family.partial_presets.get(preset or "", []) + list(self.options.modules)
 
-    def make_trainable(self, bundle: ModelBundle) -> None:
-        patterns = self.patterns(bundle.family)
+    def make_trainable(self, model: Model) -> None:
+        patterns = self.patterns(type(model))
         matched = 0
-        for name, parameter in bundle.denoiser.named_parameters():
+        for name, parameter in model.denoiser.named_parameters():
             if any(fnmatchcase(name, pattern) for pattern in patterns):
                 parameter.requires_grad_(True)
                 matched += 1
         if not matched:
-            raise ConfigError(f"partial: the patterns {patterns} match no {bundle.family.denoiser} parameter")
-        for name in self.text_encoders_to_train(bundle):
-            bundle.components[name].requires_grad_(True)
+            raise ConfigError(f"partial: the patterns {patterns} match no {model.denoiser_name} parameter")
+        for name in self.text_encoders_to_train(model):
+            model.components[name].requires_grad_(True)
         # the base values of what trains (a resumed run restores its tensors after this): the
         # community file holds trained − base
-        self.base_values = {n: p.detach().to("cpu", copy=True) for n, p in trainable_named_parameters(bundle).items()}
+        self.base_values = {n: p.detach().to("cpu", copy=True) for n, p in trainable_named_parameters(model).items()}
 
-    def save(self, bundle: ModelBundle, out_dir: Path) -> dict[str, list[str]]:
-        from safetensors.torch import save_file
-
-        tensors = {n: p.detach().contiguous().cpu() for n, p in trainable_named_parameters(bundle).items()}
-        save_file(tensors, out_dir / WEIGHTS_FILE, metadata={"format": "pt"})
-        listing = {"patterns": self.patterns(bundle.family), "parameters": sorted(tensors)}
-        (out_dir / LIST_FILE).write_text(json.dumps(listing, indent=2))
+    def save(self, model: Model, out_dir: Path) -> dict[str, list[str]]:
+        tensors = {n: p.detach().contiguous().cpu() for n, p in trainable_named_parameters(model).items()}
+        atomic.save_tensors(out_dir / WEIGHTS_FILE, tensors, {"format": "pt"})
+        atomic.write_json(out_dir / LIST_FILE, {"patterns": self.patterns(type(model)), "parameters": sorted(tensors)})
         parts = {"partial": files_under(out_dir, [out_dir / WEIGHTS_FILE, out_dir / LIST_FILE])}
-        return {**parts, **self._save_community(bundle, tensors, out_dir)}
+        return {**parts, **self._save_community(model, tensors, out_dir)}
 
-    def _save_community(self, bundle: ModelBundle, tensors: dict, out_dir: Path) -> dict[str, list[str]]:
+    def _save_community(self, model: Model, tensors: dict, out_dir: Path) -> dict[str, list[str]]:
         """The differences to the base model as a LyCORIS "full" file (see sdtune.formats.community)."""
-        family = bundle.family
+        facts = export_facts(model.family)
         try:
             differences = community.differences_to_community(
-                tensors, self.base_values, bundle.components, family.community_prefixes,
-                community.sgm_components(family),
+                tensors, self.base_values, model.components, facts.community_prefixes, facts.sgm_components,
             )
         except community.CommunityFormatError as error:  # e.g. text-encoder embeddings: no such layout
             print(f"no {community.COMMUNITY_FILE} written: {error}; `sdtune export --single-file` has every weight")
             return {}
-        meta = community.metadata(self.kind, family, out_dir.name, {})
+        meta = community.metadata(self.kind, model.family, out_dir.name, {})
         community.save(differences, out_dir / community.COMMUNITY_FILE, meta)
         return {"community": [community.COMMUNITY_FILE]}
 
-    def loads_in(self, part: str, family: Any) -> list[str]:
+    def loads_in(self, part: str, family: str) -> list[str]:
         """Which tools read the files of a record part (``outputs.<part>.loads_in`` of the record)."""
         if part == "partial":
             return ["sdtune generate"]

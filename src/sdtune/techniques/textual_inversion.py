@@ -23,15 +23,15 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import torch
 
-from sdtune.config.schema import ConfigError
+from sdtune.config import ConfigError
+from sdtune.formats.families import export_facts
+from sdtune.models import FAMILIES, Model
 from sdtune.techniques.base import TECHNIQUES, Technique, loaded_text_encoders
-
-if TYPE_CHECKING:
-    from sdtune.models import ModelBundle
+from sdtune.util import atomic
 
 LISTING_FILE = "textual_inversion.json"  # placeholder, tokens, and which file holds which encoder's rows
 
@@ -78,7 +78,7 @@ class TextualInversion(Technique):
     )
 
     @classmethod
-    def validate_options(cls, raw: dict[str, Any], where: str) -> dict[str, Any]:
+    def validate_options(cls, raw: dict[str, Any], where: str) -> Any:
         for key in ("train_text_encoder", "text_encoder_learning_rate"):
             if key in raw:
                 raise ConfigError(
@@ -86,22 +86,22 @@ class TextualInversion(Technique):
                     "(`learning_rate` sets their rate, `text_encoders` which encoders learn the token)"
                 )
         options = super().validate_options(raw, where)
-        token = options["placeholder_token"]
+        token = options.placeholder_token
         if not token or any(c.isspace() for c in token):
             raise ConfigError(f"{where}.placeholder_token: {token!r} is not allowed; expected one word without spaces, e.g. '<my-toy>'")
-        if options["num_vectors"] < 1:
-            raise ConfigError(f"{where}.num_vectors: {options['num_vectors']!r} is not allowed; expected 1 or more")
-        if not options["initializer_token"].strip():
+        if options.num_vectors < 1:
+            raise ConfigError(f"{where}.num_vectors: {options.num_vectors!r} is not allowed; expected 1 or more")
+        if not options.initializer_token.strip():
             raise ConfigError(f"{where}.initializer_token: empty; give a word the model knows, e.g. 'toy'")
         return options
 
     @classmethod
-    def check_family(cls, options: dict[str, Any], family: Any, where: str) -> None:
+    def check_family(cls, options: Any, family: type[Model], where: str) -> None:
         super().check_family(options, family, where)
-        if options["num_vectors"] > 1 and not expands_multi_vector_prompts(family):
+        if options.num_vectors > 1 and not expands_multi_vector_prompts(family):
             raise ConfigError(
                 f"{where}.num_vectors: {family.pipeline_class_name} does not expand a multi-vector token in "
-                f"prompts (it has no textual-inversion loader); use num_vectors: 1 on {family.name}"
+                f"prompts (it has no textual-inversion loader); use num_vectors: 1 on {family.family}"
             )
 
     # -- training ---------------------------------------------------------------------------------
@@ -109,13 +109,13 @@ class TextualInversion(Technique):
         token = self.options.placeholder_token
         return [token] + [f"{token}_{i}" for i in range(1, self.options.num_vectors)]
 
-    def encoders(self, bundle: ModelBundle) -> list[str]:
-        return loaded_text_encoders(bundle, self.options.text_encoders or bundle.text_encoder_names())
+    def encoders(self, model: Model) -> list[str]:
+        return loaded_text_encoders(model, self.options.text_encoders or model.loaded_text_encoders)
 
-    def make_trainable(self, bundle: ModelBundle) -> None:
-        for name in self.encoders(bundle):
-            tokenizer = bundle.tokenizers[tokenizer_name(name)]
-            encoder = bundle.components[name]
+    def make_trainable(self, model: Model) -> None:
+        for name in self.encoders(model):
+            tokenizer = model.tokenizers[tokenizer_name(name)]
+            encoder = model.components[name]
             initializer = single_token_id(tokenizer, self.options.initializer_token, name)
             token_ids = add_new_tokens(tokenizer, self.tokens(), name)
             original = encoder.get_input_embeddings()
@@ -135,29 +135,26 @@ class TextualInversion(Technique):
         return [caption.replace(token, spelled) for caption in captions]
 
     # -- outputs ----------------------------------------------------------------------------------
-    def save(self, bundle: ModelBundle, out_dir: Path) -> dict[str, list[str]]:
-        from safetensors.torch import save_file
-
-        token, family = self.options.placeholder_token, bundle.family
+    def save(self, model: Model, out_dir: Path) -> dict[str, list[str]]:
+        token, embedding_keys = self.options.placeholder_token, export_facts(model.family).embedding_keys
         files, community = {}, {}
-        for name in self.encoders(bundle):
-            vectors = bundle.components[name].get_input_embeddings().vectors.detach().float().cpu().contiguous()
-            index = family.text_encoders.index(name)
+        for name in self.encoders(model):
+            vectors = model.components[name].get_input_embeddings().vectors.detach().float().cpu().contiguous()
+            index = model.text_encoder_names.index(name)
             file = "learned_embeds.safetensors" if index == 0 else f"learned_embeds_{index + 1}.safetensors"
-            save_file({token: vectors}, out_dir / file)
+            atomic.save_tensors(out_dir / file, {token: vectors})
             files[name] = file
-            community[family.embedding_keys[name]] = vectors
+            community[embedding_keys[name]] = vectors
         community_file = f"{community_name(token)}.safetensors"
-        save_file(community, out_dir / community_file)
+        atomic.save_tensors(out_dir / community_file, community)
         listing = {"placeholder_token": token, "tokens": self.tokens(), "files": files, "community_file": community_file}
-        (out_dir / LISTING_FILE).write_text(json.dumps(listing, indent=2))
+        atomic.write_json(out_dir / LISTING_FILE, listing)
         return {"embeddings": [*files.values(), LISTING_FILE], "community": [community_file]}
 
-    def loads_in(self, part: str, family: Any) -> list[str]:
+    def loads_in(self, part: str, family: str) -> list[str]:
         """Which tools read the files of a record part (``outputs.<part>.loads_in`` of the record)."""
-        if part == "community":
-            return ["A1111", "ComfyUI"] + (["diffusers load_textual_inversion"] if expands_multi_vector_prompts(family) else [])
-        return (["diffusers load_textual_inversion"] if expands_multi_vector_prompts(family) else []) + ["sdtune generate"]
+        diffusers = ["diffusers load_textual_inversion"] if expands_multi_vector_prompts(FAMILIES.get(family)) else []
+        return ["A1111", "ComfyUI", *diffusers] if part == "community" else [*diffusers, "sdtune generate"]
 
     @classmethod
     def load_into(cls, pipe: Any, run_dir: Path, options: dict[str, Any]) -> Any:
@@ -173,7 +170,7 @@ class TextualInversion(Technique):
         return pipe
 
 
-def expands_multi_vector_prompts(family: Any) -> bool:
+def expands_multi_vector_prompts(family: type[Model]) -> bool:
     """Whether the family's diffusers pipeline loads textual inversions and spells a multi-vector
     token out in prompts (SD1/2, SDXL: yes; SD3: no)."""
     from diffusers.loaders import TextualInversionLoaderMixin

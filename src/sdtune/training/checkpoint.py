@@ -9,7 +9,6 @@ and the noise are pure functions of (seed, step), so nothing else is needed to r
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from pathlib import Path
@@ -19,6 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from sdtune.errors import UserError
+from sdtune.util import atomic
 
 CHECKPOINT_DIR = "checkpoints"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
@@ -45,21 +45,14 @@ def save_checkpoint(
     total_limit: int | None,
 ) -> Path:
     """Write checkpoint-<step> atomically and delete all but the newest ``total_limit``."""
-    folder = Path(run_dir) / CHECKPOINT_DIR
-    folder.mkdir(parents=True, exist_ok=True)
-    final = folder / f"checkpoint-{step:08d}"
-    temporary = folder / f".tmp-checkpoint-{step:08d}"
-    shutil.rmtree(temporary, ignore_errors=True)
-    temporary.mkdir()
-    tensors = {name: tensor.detach().contiguous().cpu() for name, tensor in trainable.items()}
-    save_file(tensors, temporary / "trainable.safetensors", metadata={"format": "pt"})
+    final = Path(run_dir) / CHECKPOINT_DIR / f"checkpoint-{step:08d}"
     structure, state_tensors = split_tensors(training_state)
-    save_file(state_tensors, temporary / "training_state.safetensors", metadata={"format": "pt"})
-    (temporary / "training_state.json").write_text(json.dumps(structure))
-    (temporary / "meta.json").write_text(json.dumps({"step": step, "tensors": len(tensors)}, indent=2))
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(temporary, final)
+    with atomic.replacing(final, folder=True) as temporary:  # the folder appears complete, or not at all
+        save_file({name: tensor.detach().contiguous().cpu() for name, tensor in trainable.items()},
+                  temporary / "trainable.safetensors", metadata={"format": "pt"})
+        save_file(state_tensors, temporary / "training_state.safetensors", metadata={"format": "pt"})
+        (temporary / "training_state.json").write_text(json.dumps(structure))
+        (temporary / "meta.json").write_text(json.dumps({"step": step, "tensors": len(trainable)}, indent=2))
     if total_limit is not None:
         for old in checkpoint_dirs(run_dir)[:-total_limit]:
             shutil.rmtree(old, ignore_errors=True)

@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 from sdtune.errors import UserError
+from sdtune.training.checkpoint import CheckpointError, restore_parameters
 
 FSDP2, DEEPSPEED = "fsdp2", "deepspeed"
 
@@ -276,15 +277,6 @@ def shard_optimizer_state(optimizer: Any, saved: dict[str, Any]) -> dict[str, An
 # The loop's few sharding-aware steps
 
 
-def backward(accelerator: Any, loss: torch.Tensor, accumulation: int, last_micro: bool) -> None:
-    """Backward of one micro-step's loss, averaged over the accumulation. DeepSpeed divides by its
-    ``gradient_accumulation_steps`` itself (set to the train section's) and reduces and steps the
-    optimizer on the micro-step marked last; everything else gets the loss divided here."""
-    if is_deepspeed(accelerator):
-        accelerator.gradient_state._set_sync_gradients(last_micro)  # what accelerator.accumulate() sets
-        accelerator.backward(loss)
-    else:
-        accelerator.backward(loss / accumulation)
 
 
 def input_dtype(accelerator: Any, weight_dtype: torch.dtype) -> torch.dtype:
@@ -294,13 +286,6 @@ def input_dtype(accelerator: Any, weight_dtype: torch.dtype) -> torch.dtype:
     return weight_dtype if is_deepspeed(accelerator) else torch.float32
 
 
-def as_dtype(value: Any, dtype: torch.dtype) -> Any:
-    """``value`` (a tensor or a dict of them) with its floating tensors in ``dtype``."""
-    if isinstance(value, dict):
-        return {key: as_dtype(item, dtype) for key, item in value.items()}
-    if isinstance(value, torch.Tensor) and value.is_floating_point():
-        return value.to(dtype)
-    return value
 
 
 def full_parameters(accelerator: Any, parameters: dict[str, torch.nn.Parameter]) -> dict[str, torch.Tensor]:
@@ -403,8 +388,6 @@ def load_training_state(
     groups: list[list[str]],
 ) -> None:
     """Put a checkpoint's whole tensors back: cut into this run's shards, or given to DeepSpeed."""
-    from sdtune.training.checkpoint import restore_parameters
-
     if not is_deepspeed(accelerator):
         restore_parameters(parameters, shard_parameters(parameters, trainable))
         optimizer.load_state_dict(shard_optimizer_state(optimizer, optimizer_state))
@@ -455,8 +438,6 @@ def _link_optimizer_state(optimizer: Any) -> None:
 
 
 def _check_names(parameters: dict[str, torch.nn.Parameter], trainable: dict[str, torch.Tensor]) -> None:
-    from sdtune.training.checkpoint import CheckpointError
-
     if set(parameters) != set(trainable):
         raise CheckpointError(
             f"checkpoint does not match this technique ({len(set(parameters) ^ set(trainable))} trainable tensors "

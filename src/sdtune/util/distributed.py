@@ -11,9 +11,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import torch
-
 from sdtune.errors import UserError
+from sdtune.util.device import on_cpu
 
 LAUNCHER_WORLD_SIZE = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
 
@@ -34,13 +33,6 @@ def launch_rank() -> int:
     """This process's rank as the launcher set it, readable before any process group exists."""
     return int(os.environ.get("RANK", os.environ.get("PMI_RANK", "0")) or 0)
 
-
-def on_cpu() -> bool:
-    """True when training runs on the CPU: no GPU here, or the user asked for the CPU."""
-    if os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"):
-        return True
-    mps = getattr(torch.backends, "mps", None)
-    return not (torch.cuda.is_available() or (mps is not None and mps.is_available()))
 
 
 def process_state() -> Any:

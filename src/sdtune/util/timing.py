@@ -16,13 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-
-def synchronize(device: torch.device) -> None:
-    """Wait until the device has finished all queued work (no-op on the CPU)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
+from sdtune.util.device import synchronize
 
 
 @dataclass
@@ -37,6 +31,7 @@ class StepClock:
     intervals: list[tuple[int, float]] = field(default_factory=list)  # (steps, seconds) between sync points
     _last: float = 0.0
     _steps_since: int = 0
+    _encoded_seen_s: float = 0.0
 
     def start(self) -> None:
         synchronize(self.device)
@@ -45,12 +40,16 @@ class StepClock:
     def step_done(self) -> None:
         self._steps_since += 1
 
-    def sync_point(self, minus_s: float = 0.0) -> None:
-        """Synchronise, and attribute the time since the last sync point to the steps in between
-        (less ``minus_s``: work in that interval that is not a training step, such as first-use encodes)."""
+    def sync_point(self, encoded_s: float | None = None) -> None:
+        """Synchronise, and attribute the time since the last sync point to the steps in between, less
+        the work in that interval that is not a training step (first-use encodes: ``encoded_s`` is
+        their running total, of which the part not yet subtracted is taken out)."""
         synchronize(self.device)
         now = time.perf_counter()
         elapsed = now - self._last
+        minus_s = 0.0 if encoded_s is None else encoded_s - self._encoded_seen_s
+        if encoded_s is not None:
+            self._encoded_seen_s = encoded_s
         self.total_s += elapsed
         self.syncs += 1
         if self._steps_since:

@@ -8,30 +8,30 @@ and evaluated step); :func:`sdtune.report.render.render_report` builds the repor
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import traceback
 from pathlib import Path
 from typing import Any
 
 from sdtune import records
-from sdtune.config.sections import ConfigError, Experiment
+from sdtune.config import ConfigError
 from sdtune.errors import UserError
-from sdtune.evaluation.evaluate import (
+from sdtune.evaluation import (
     BASE_LABEL,
     RECORDS_DIR,
     Encoders,
     Evaluation,
-    EvaluationPlan,
     References,
     Target,
     evaluate_model,
     evaluate_training_steps,
     reference_images,
 )
-from sdtune.report.render import render_report
-from sdtune.runner.isolate import TechniqueFailed, train_in_fresh_process
-from sdtune.training.loop import output_root, train_technique
+from sdtune.experiment import Experiment
+from sdtune.report import render_report
+from sdtune.runner import TechniqueFailed, train_in_fresh_process
+from sdtune.training import output_root, train_technique
+from sdtune.util import atomic
 from sdtune.util.distributed import launch_rank, launched_processes, process_state
 
 log = logging.getLogger(__name__)
@@ -62,7 +62,7 @@ def compare(
     train_seeds = seeds or [experiment.train.seed]
     runs = []
     for seed in train_seeds:
-        seeded = _with_seed(experiment, seed)
+        seeded = experiment.with_seed(seed)
         out = root if seeds is None else root / f"seed-{seed}"
         for name in names:
             runs.append(_train_or_reuse(seeded, name, out, root, seed, progress, train=not evaluate_only))
@@ -74,7 +74,7 @@ def compare(
     state = process_state()
     overrides = {"clip": clip_loader} if clip_loader else None
     evaluation = Evaluation(
-        experiment=experiment, plan=EvaluationPlan.from_experiment(experiment), root=root,
+        experiment=experiment, root=root,
         references=reference_images(experiment) if state.is_main_process else References(),
         encoders=Encoders(experiment, overrides), progress=progress,
     )
@@ -90,7 +90,7 @@ def compare(
     return render_report(root)
 
 
-def plan(
+def compare_plan(
     experiment: Experiment, output_dir: str | Path | None = None, seeds: list[int] | None = None,
     only: str | None = None,
 ) -> list[dict[str, Any]]:
@@ -103,7 +103,7 @@ def plan(
     root = output_root(experiment, output_dir).resolve()
     root.mkdir(parents=True, exist_ok=True)
     experiment_file = root / "experiment.resolved.yaml"
-    experiment_file.write_text(yaml.safe_dump(experiment.to_dict(), sort_keys=False))
+    atomic.write_text(experiment_file, yaml.safe_dump(experiment.to_dict(), sort_keys=False))
     entries = []
     for seed in seeds or [experiment.train.seed]:
         out = root if seeds is None else root / f"seed-{seed}"
@@ -113,9 +113,6 @@ def plan(
             entries.append({"technique": name, "seed": seed, "run_dir": str(out / name), "command": command})
     return entries
 
-
-def _with_seed(experiment: Experiment, seed: int) -> Experiment:
-    return dataclasses.replace(experiment, train=dataclasses.replace(experiment.train, seed=seed))
 
 
 def _train_or_reuse(

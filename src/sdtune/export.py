@@ -1,0 +1,57 @@
+"""``sdtune export``: a run with its weights folded in, as a diffusers pipeline folder (``--merged``)
+or one checkpoint in the original layout for A1111/ComfyUI (``--single-file``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from sdtune.config import ConfigError
+from sdtune.formats.families import export_facts
+from sdtune.formats.single_file import save_single_file
+from sdtune.generation import RunNotFoundError, load_run_pipeline
+from sdtune.records import read_record
+from sdtune.techniques import TECHNIQUES
+from sdtune.util import atomic
+
+PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}  # None: the weights' own (exact)
+
+
+def export_merged(run_dir: str | Path, out_dir: str | Path, overwrite: bool = False) -> Path:
+    """``sdtune export --merged``: the base model with the run's weights folded in, as a full pipeline."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise RunNotFoundError(f"{out_dir} is not empty; choose another --out or pass --overwrite")
+    pipe, _ = load_run_pipeline(run_dir, fuse=True, device=torch.device("cpu"))
+    with atomic.replacing(out_dir, folder=True) as folder:  # the old folder stays until the new one is whole
+        pipe.save_pretrained(folder, safe_serialization=True)
+    return out_dir
+
+
+def export_single_file(
+    run_dir: str | Path, out_file: str | Path, overwrite: bool = False, precision: str = "fp32"
+) -> Path:
+    """``sdtune export --single-file``: the run's model (adapters merged) as one checkpoint in the
+    original layout (CompVis LDM for SD1/2, SGM for SDXL, Stability's for SD3; see sdtune.formats.single_file),
+    which A1111, ComfyUI and diffusers' ``from_single_file`` load."""
+    out_file = Path(out_file)
+    if out_file.suffix != ".safetensors":
+        raise ConfigError(f"--single-file: {str(out_file)!r} does not end in .safetensors; name the file OUT.safetensors")
+    if out_file.exists() and not overwrite:
+        raise ConfigError(f"--single-file: {out_file} exists; choose another file or pass --overwrite")
+    if precision not in PRECISIONS:
+        raise ConfigError(f"--precision: {precision!r} is not allowed; choose one of: {', '.join(PRECISIONS)}")
+    kind = ((read_record(Path(run_dir)) or {}).get("technique") or {}).get("kind")
+    if kind in TECHNIQUES and TECHNIQUES.get(kind).single_file_refused:
+        raise ConfigError(f"--single-file: {TECHNIQUES.get(kind).single_file_refused}")
+    pipe, record = load_run_pipeline(run_dir, fuse=True, device=torch.device("cpu"))
+    facts = export_facts(record["model"]["family"])  # (from the record: SD1 and SD2 share a pipeline class)
+    metadata = {
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": facts.modelspec_architecture,
+        "modelspec.title": Path(run_dir).name,
+        "modelspec.prediction_type": str(record.get("prediction_type") or "flow"),
+        "sdtune.technique": record["technique"]["kind"],
+    }
+    return save_single_file(pipe.components, facts.single_file_layout, out_file, metadata, PRECISIONS[precision])

@@ -1,0 +1,91 @@
+"""After the loop: the run's timing, its saved outputs (EMA weights when used) and its record."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from sdtune import records
+from sdtune.models import Model
+from sdtune.techniques import trainable_named_parameters
+from sdtune.training import sharding
+from sdtune.training.checkpoint import restore_parameters
+from sdtune.training.record import train_record
+from sdtune.training.setup import TrainingRun, trains
+from sdtune.training.state import TrainState
+from sdtune.util.timing import StepClock
+
+
+def run_timing(run: TrainingRun, clock: StepClock, state: TrainState, first_step: int, setup_time_s: float) -> dict[str, Any]:
+    """Setup (model load, data, cache), loop time (device-synchronised, checkpoint writes excluded),
+    first-use encodes, and the steady-state rate once every sample the run uses is cached."""
+    steps = max(state.step - first_step, 1)
+    cache = run.inputs.cache
+    steady = clock.steady_s_per_step()
+    return {
+        **run.timing,
+        "setup_time_s": setup_time_s,
+        "train_time_s": state.train_time_s,  # every session of the run (resumed ones added up)
+        "session_train_time_s": clock.total_s,
+        "checkpoint_time_s": clock.excluded_s,
+        "encode_time_s": run.inputs.encode_time_s if cache is not None else 0.0,  # first-use encodes in the loop
+        "encoded_images": cache.encoded_images if cache is not None else None,
+        "images_per_step": run.images_per_step,
+        "s_per_step_session": clock.total_s / steps,
+        "steady_s_per_step": steady,
+        "steady_images_per_s": run.images_per_step / steady if steady else None,
+        "host_syncs": clock.syncs,
+    }
+
+
+def finish_run(run: TrainingRun, status: str, state: TrainState, timing: dict[str, Any], started: float) -> tuple[dict[str, Any], Model]:
+    """Save the technique's outputs (EMA weights when used) and write the run record; return the
+    record and the trained model (EMA weights if used)."""
+    accelerator = run.accelerator
+    saving_started = time.perf_counter()
+    if status == "finished" and run.ema is not None:
+        run.ema.copy_to(sharding.ema_tensors(accelerator, run.parameters))  # the study saves the EMA weights
+    model = _gathered_model(run) if run.sharding and status == "finished" else run.unwrapped_model()
+    outputs: dict[str, Any] = {}
+    if status == "finished" and accelerator.is_main_process:
+        for component in model.trainable_names():
+            model.components[component].eval()
+        if run.objective.name == "ddpm":  # a prediction_type override must reach the sampler too
+            model.inference_scheduler.register_to_config(prediction_type=run.objective.prediction_type)
+        saved = run.technique.save(_with_original_frozen_parts(run, model), run.run_dir)
+        outputs = {part: {"files": files, "bytes": records.bytes_on_disk(run.run_dir, files)} for part, files in saved.items()}
+    timing["save_time_s"] = time.perf_counter() - saving_started
+    timing["job_wall_time_s"] = time.perf_counter() - started  # from the call to the saved weights
+    record = train_record(run, model, status, state, timing, outputs)
+    if accelerator.is_main_process:
+        records.write_record(run.run_dir / records.RECORD_FILE, record)
+    accelerator.wait_for_everyone()  # no process leaves before the run's files are written
+    return record, model
+
+
+def _gathered_model(run: TrainingRun) -> Model:
+    """Sharded runs: on rank 0, the model with its trained tensors gathered whole into a fresh copy of
+    the base model, prepared by the technique as in training (so it saves exactly as one process)."""
+    full = sharding.full_parameters(run.accelerator, run.parameters)  # every process takes part
+    model = run.unwrapped_model()
+    if not run.accelerator.is_main_process:
+        return model
+    fresh = run.experiment.family.load(run.experiment.model)
+    run.technique.prepare(fresh)
+    restore_parameters(trainable_named_parameters(fresh), full)
+    trained = [name for name in fresh.trainable_names() if trains(fresh.components[name])]
+    return model.replace(**{name: fresh.components[name] for name in trained})
+
+
+def _with_original_frozen_parts(run: TrainingRun, model: Model) -> Model:
+    """Frozen parts were cast to the compute dtype for speed; a technique that saves them (``full``
+    writes a whole pipeline) gets the base model's own fp32 weights back instead of rounded ones."""
+    if run.weight_dtype == torch.float32 or not run.technique.saves_frozen_parts:
+        return model
+    frozen = [name for name, module in model.components.items() if not trains(module)]
+    if not frozen:
+        return model
+    original = run.experiment.family.load(run.experiment.model)
+    return model.replace(**{name: original.components[name] for name in frozen})

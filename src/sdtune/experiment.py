@@ -18,6 +18,7 @@ from typing import Any
 from sdtune.config import (
     ConfigError,
     ExperimentConfig,
+    ModelConfig,
     TechniqueEntry,
     TrainConfig,
     ValidationSplit,
@@ -29,6 +30,7 @@ from sdtune.config import (
 from sdtune.diffusion import FLOW_DEFAULTS, OBJECTIVE_KEYS, ObjectiveSettings
 from sdtune.models import FAMILIES, Model, ModelLoadError, model_class
 from sdtune.techniques import TECHNIQUES, Technique
+from sdtune.util.device import on_cpu
 
 # The study's prompt plus a small default set: in the dataset's domain (Pokémon-like creatures) and
 # outside it (to measure how much of the base model survives fine-tuning).
@@ -50,6 +52,8 @@ class ResolvedTechnique:
     train: TrainConfig  # the shared section with this technique's overrides (and the family's defaults)
     train_overrides: dict[str, Any]  # the overrides as written (for the experiment file it writes back)
     objective: ObjectiveSettings
+    model: ModelConfig  # the shared model section with this technique's `quantize:` applied
+    quantize_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)  # `quantize:` as written
 
     def build(self) -> Technique:
         """A fresh instance of the plug-in with these options."""
@@ -116,7 +120,10 @@ class Experiment:
             "data": dataclasses.asdict(config.data),
             "train": dataclasses.asdict(config.train),
             "techniques": {
-                name: {"kind": item.kind, **item.plugin.file_options(item.options), **item.train_overrides}
+                name: {
+                    "kind": item.kind, **item.plugin.file_options(item.options), **item.train_overrides,
+                    **({"quantize": item.quantize_overrides} if item.quantize_overrides else {}),
+                }
                 for name, item in self.techniques.items()
             },
             "evaluation": dataclasses.asdict(config.evaluation),
@@ -218,7 +225,34 @@ def _technique(entry: TechniqueEntry, config: ExperimentConfig, family: type[Mod
     train = _objective_defaults(train, family, where, entry.train_overrides)
     train.validate()
     objective = ObjectiveSettings(**{f.name: getattr(train, f.name) for f in dataclasses.fields(ObjectiveSettings)})
-    return ResolvedTechnique(entry.name, entry.kind, plugin, options, train, dict(entry.train_overrides), objective)
+    quantize = dataclasses.replace(config.model.quantize, **entry.quantize)
+    item = ResolvedTechnique(
+        entry.name, entry.kind, plugin, options, train, dict(entry.train_overrides), objective,
+        model=dataclasses.replace(config.model, quantize=quantize), quantize_overrides=dict(entry.quantize),
+    )
+    _check_quantized(item, family, where)
+    return item
+
+
+def _check_quantized(item: ResolvedTechnique, family: type[Model], where: str) -> None:
+    """What cannot train on a quantised component: its weights themselves (full, partial), an adapter
+    peft has no quantised layer for, and text encoders (weights or token rows) that are quantised."""
+    spec = item.model.quantize
+    keep = "set quantize: {denoiser: null} for this technique"
+    if spec.denoiser and item.plugin.quantized_denoiser_refused:
+        raise ConfigError(f"{where}: quantize.denoiser {spec.denoiser}: {item.plugin.quantized_denoiser_refused}, or {keep}")
+    if spec.denoiser == "int8" and getattr(item.plugin, "fixed", {}).get("use_dora") and on_cpu():
+        raise ConfigError(
+            f"{where}: quantize.denoiser int8 with dora does not train on the CPU (peft's DoRA re-creates the int8 "
+            f"weight without its scales there); use nf4 for dora on the CPU, or {keep}"
+        )
+    trained = item.plugin.trained_text_encoders(item.options, family)
+    if spec.text_encoders and trained:
+        raise ConfigError(
+            f"{where}: trains the text encoders {', '.join(trained)}, which quantize.text_encoders {spec.text_encoders} "
+            "loads as frozen 4/8-bit storage; set train_text_encoder: false, or quantize: {text_encoders: null} for "
+            "this technique"
+        )
 
 
 def _check_prior_preservation(config: ExperimentConfig, techniques: dict[str, ResolvedTechnique]) -> None:

@@ -21,6 +21,7 @@ from sdtune.config.sections import (
     EvaluationConfig,
     ExperimentConfig,
     ModelConfig,
+    QuantizeConfig,
     TechniqueEntry,
     TrainConfig,
 )
@@ -57,8 +58,10 @@ def apply_override(raw: dict[str, Any], override: str) -> None:
     key, value_text = override.split("=", 1)
     parts = key.strip().split(".")
     node = raw
-    for part in parts[:-1]:
+    for depth, part in enumerate(parts[:-1]):
         child = node.setdefault(part, {})
+        if depth == 0 and part in SHORTHANDS and isinstance(child, str):  # `model: ID` → {path: ID}
+            child = node[part] = {SHORTHANDS[part]: child}
         if not isinstance(child, dict):
             raise ConfigError(f"--set {override!r}: {part!r} is not a section")
         node = child
@@ -107,6 +110,9 @@ def config_from_dict(
     )
 
 
+SHORTHANDS = {"model": "path", "data": "source"}  # sections that may be written as their one required key
+
+
 def _expand(value: Any, key: str) -> Any:
     return {key: value} if isinstance(value, str) else value
 
@@ -134,5 +140,16 @@ def _techniques(raw: Any, train: TrainConfig) -> dict[str, TechniqueEntry]:
             if key in train_hints
         }
         dataclasses.replace(train, **overrides).validate()
-        entries[name] = TechniqueEntry(name=name, kind=kind, options=entry, train_overrides=overrides)
+        quantize = _quantize_override(entry.pop("quantize"), f"techniques.{name}.quantize") if "quantize" in entry else {}
+        entries[name] = TechniqueEntry(name=name, kind=kind, options=entry, train_overrides=overrides, quantize=quantize)
     return entries
+
+
+def _quantize_override(raw: Any, where: str) -> dict[str, Any]:
+    """A technique's ``quantize:``: the keys it gives replace model.quantize's for this technique
+    (``null`` for a key: that component in full precision; ``quantize: null``: nothing quantised)."""
+    if raw is None:
+        return {f.name: None for f in dataclasses.fields(QuantizeConfig)}
+    given = build(QuantizeConfig, raw, where)
+    given.validate(where)
+    return {key: getattr(given, key) for key in raw}

@@ -10,6 +10,7 @@ value and what is allowed.
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -24,6 +25,28 @@ from sdtune.config.split import parse_validation
 # Sections
 
 
+QUANTIZATION_INSTALL = "pip install 'sdtune[quantization]'"
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    """Which frozen components load quantised (QLoRA-style, bitsandbytes; see docs/memory.md): their
+    linear layers as NF4 (4-bit NormalFloat) or int8 (LLM.int8()) layers that nothing trains."""
+
+    denoiser: Literal["nf4", "int8"] | None = None  # the UNet or transformer; None = full precision
+    text_encoders: Literal["nf4", "int8"] | None = None  # every text encoder of the family; None = full precision
+
+    @property
+    def active(self) -> bool:
+        return self.denoiser is not None or self.text_encoders is not None
+
+    def validate(self, where: str = "model.quantize") -> None:
+        if not self.active:
+            return
+        if importlib.util.find_spec("bitsandbytes") is None:  # (found, not imported: its import is heavy and loud)
+            raise ConfigError(f"{where}: quantised components need bitsandbytes; {QUANTIZATION_INSTALL}, or remove {where}")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Which base model to fine-tune."""
@@ -35,8 +58,10 @@ class ModelConfig:
     single_file_config: str | None = None  # diffusers folder/hub id with the configs of a single file
     vae: str | None = None  # a separately distributed VAE (folder, hub id or file), e.g. SDXL's fp16 fix
     text_encoder_3: bool = True  # SD3: false drops T5-XXL (zeros in its place, as the pipeline does)
+    quantize: QuantizeConfig = field(default_factory=QuantizeConfig)  # frozen components loaded quantised
 
     def validate(self) -> None:
+        self.quantize.validate()
         if not self.path:
             _fail("model", self.path, "a hub id, a local diffusers folder or a .safetensors file")
         if looks_like_local_path(self.path) and not Path(self.path).expanduser().exists():
@@ -236,6 +261,8 @@ class TechniqueEntry:
     kind: str
     options: dict[str, Any] = field(default_factory=dict)
     train_overrides: dict[str, Any] = field(default_factory=dict)
+    # this technique's `quantize:` as written: keys of QuantizeConfig (checked) that replace model.quantize's
+    quantize: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -261,6 +288,7 @@ class EvaluationConfig:
     metric_plugins: list[str] = field(default_factory=list)  # modules that register more metrics
     every_steps: int | None = None  # also evaluate (images, metrics, validation loss) every N steps
     validation_timesteps: int = 4  # fixed timesteps of the validation loss
+    full_precision_base: bool = False  # runs trained on a quantised base are sampled on the full-precision one
 
     def validate(self) -> None:
         _positive("evaluation.seeds_per_prompt", self.seeds_per_prompt)

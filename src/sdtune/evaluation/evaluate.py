@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,10 +20,11 @@ import torch
 from PIL import Image
 
 from sdtune import records
+from sdtune.config import QuantizeConfig
 from sdtune.data import heldout
 from sdtune.data.dataset import transform_image
 from sdtune.experiment import Experiment
-from sdtune.generation import load_base_pipeline, load_run_pipeline
+from sdtune.generation import base_description, load_base_pipeline, load_run_pipeline, run_base_config
 from sdtune.models.sampling import denoiser_of, generate_images, image_name, save_images, set_scheduler
 from sdtune.util.device import default_device
 
@@ -134,10 +136,13 @@ def evaluate_model(evaluation: Evaluation, target: Target, state: Any) -> record
     experiment, settings = evaluation.experiment, evaluation.experiment.evaluation
     folder = evaluation.root / IMAGES_DIR / target.name
     started = time.perf_counter()
+    full_precision = settings.full_precision_base
     if target.run is None:
-        pipe = load_base_pipeline(experiment.model).to(state.device)
+        base = dataclasses.replace(experiment.model, quantize=QuantizeConfig()) if full_precision else experiment.model
+        pipe = load_base_pipeline(base, device=state.device).to(state.device)
     else:
-        pipe, _ = load_run_pipeline(target.run["run_dir"], fuse=True, device=state.device)
+        base = run_base_config(target.run, full_precision)
+        pipe, _ = load_run_pipeline(target.run["run_dir"], fuse=True, device=state.device, full_precision_base=full_precision)
     set_scheduler(pipe, settings.scheduler)
     load_time = time.perf_counter() - started
     pairs = experiment.plan.pairs()
@@ -159,7 +164,8 @@ def evaluate_model(evaluation: Evaluation, target: Target, state: Any) -> record
         "guidance_scale": settings.guidance_scale,
         "scheduler": type(pipe.scheduler).__name__,
         "resolution": experiment.eval_resolution,
-        "fused": target.run is not None,
+        "fused": target.run is not None and base_description(base) is None,
+        "base_quantization": base_description(base),  # None: the base in full precision
         "processes": state.num_processes,
         "dtype": str(denoiser_of(pipe).dtype),
         "device": records.device_description(pipe.device),

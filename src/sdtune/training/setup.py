@@ -25,6 +25,7 @@ from sdtune.data.batches import Layout
 from sdtune.data.dataset import TrainingSet, prepare_training_set
 from sdtune.experiment import Experiment
 from sdtune.models import Model
+from sdtune.models.quantize import is_quantized_parameter
 from sdtune.techniques import Technique, trainable_named_parameters
 from sdtune.training import optim, sharding
 from sdtune.training import prior as prior_lib
@@ -99,7 +100,7 @@ def setup_run(experiment: Experiment, name: str, run_dir: Path, progress: bool) 
     accelerator = _accelerator(config, run_dir)
     weight_dtype = WEIGHT_DTYPES.get(config.mixed_precision, torch.float32)
     timing, started = {}, time.perf_counter()
-    model = experiment.family.load(experiment.model)
+    model = experiment.family.load(item.model, device=accelerator.device, compute_dtype=weight_dtype)
     # DreamBooth: the class images come from the base model, before the technique changes it
     prior = prior_lib.setup(experiment, config, model, run_dir.parent, accelerator, progress, timing)
     started += timing.get("class_images_time_s", 0.0)  # (not model loading)
@@ -108,6 +109,11 @@ def setup_run(experiment: Experiment, name: str, run_dir: Path, progress: bool) 
     technique.prepare(model)
     trained = [component for component in model.trainable_names() if trains(model.components[component])]
     sharded = sharding.configure(accelerator, config)  # FSDP2 / DeepSpeed when launched with them
+    if sharded and item.model.quantize.active:
+        raise ConfigError(
+            f"techniques.{name}: a quantised base (quantize: {dataclasses.asdict(item.model.quantize)}) is not tested "
+            f"under {sharded}; launch without it (one process, or DDP), or set quantize: null for this technique"
+        )
     _place(model, accelerator.device, weight_dtype, config, trained)
     synchronize(accelerator.device)
     timing["model_load_time_s"], started = time.perf_counter() - started, time.perf_counter()
@@ -195,6 +201,8 @@ def _place(model: Model, device: torch.device, weight_dtype: torch.dtype, config
     for component, module in model.components.items():
         frozen_dtype = torch.float32 if component == "vae" and model.vae_in_fp32 else weight_dtype
         for parameter in module.parameters():
+            if is_quantized_parameter(parameter):  # packed 4/8-bit storage: moved below, never cast
+                continue
             parameter.data = parameter.data.to(device, torch.float32 if parameter.requires_grad else frozen_dtype)
         module.to(device)
     if config.channels_last:

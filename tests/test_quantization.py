@@ -1,0 +1,177 @@
+"""Quantised frozen bases (QLoRA): adapters train on an nf4/int8 denoiser, the quantised weights stay
+exactly as loaded, the record says so, the run reloads and generates on the same base, and whatever
+would train a quantised weight is refused in one line at load."""
+
+from __future__ import annotations
+
+import builtins
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from sdtune.config import ConfigError
+from sdtune.experiment import load_experiment
+from sdtune.generation import load_run_pipeline
+from sdtune.models import quantize
+from sdtune.models.sampling import generate_images
+from sdtune.training import train_technique
+
+PROMPTS = ["a red circle", "a blue square"]
+
+
+def _images(pipe):
+    result = generate_images(pipe, PROMPTS, [0], num_inference_steps=2, guidance_scale=3.0, resolution=32, progress=False)
+    return np.stack([np.asarray(image, dtype=np.float32) for image in result.images])
+
+
+def _quantized_lora(write_experiment, kind, **train):
+    techniques = {f"q{kind}": {"kind": "lora", "rank": 2, "alpha": 2, "quantize": {"denoiser": kind}}}
+    return load_experiment(write_experiment(techniques=techniques, max_train_steps=2, gradient_accumulation_steps=1, **train))
+
+
+@pytest.mark.parametrize("kind", ["nf4", pytest.param("int8", marks=pytest.mark.slow)])
+def test_lora_trains_on_a_quantized_denoiser_and_reloads_on_it(kind, write_experiment, tmp_path):
+    from sdtune.export import export_merged
+
+    experiment = _quantized_lora(write_experiment, kind)
+    item = experiment.techniques[f"q{kind}"]
+    result = train_technique(experiment, f"q{kind}", progress=False)
+    record = result.record
+    assert result.status == "finished" and all(np.isfinite(h["loss"]) for h in record["loss_history"])
+
+    # the record names the quantisation, and what it covered
+    quantization = record["quantization"]
+    assert (quantization["denoiser"], quantization["text_encoders"], quantization["backend"]) == (kind, None, "bitsandbytes")
+    unet = quantization["components"]["unet"]
+    assert unet["type"] == kind and unet["linear_layers"] > 0 and 0 < unet["quantized_share"] < 1
+    assert unet["weight_bytes"] < unet["load_dtype_weight_bytes"]
+    assert set(quantization["components"]) == {"unet"}  # the text encoder stayed in full precision
+    assert record["config"]["techniques"][f"q{kind}"]["quantize"] == {"denoiser": kind}
+
+    # only the adapter trained: every quantised tensor (packed data and statistics) is as loaded
+    fresh = experiment.family.load(item.model)
+    loaded, trained = quantize.quantized_state(fresh.denoiser), quantize.quantized_state(result.model.denoiser)
+    assert loaded and loaded.keys() == trained.keys()
+    assert all(torch.equal(loaded[key], trained[key]) for key in loaded)
+    assert record["parameters"]["trained_modules"] and all("lora_" in m for m in record["parameters"]["trained_modules"])
+
+    # the run reloads on the same quantised base (adapter unfused) and draws what the trained model draws
+    expected = _images(result.model.pipeline())
+    pipe, _ = load_run_pipeline(result.run_dir, device=torch.device("cpu"))
+    assert quantize.quantization_of(pipe.unet) == kind
+    assert np.abs(_images(pipe) - expected).max() <= 1.0
+    full_precision, _ = load_run_pipeline(result.run_dir, device=torch.device("cpu"), full_precision_base=True)
+    assert quantize.quantization_of(full_precision.unet) is None
+
+    # export folds the adapter into the dequantised weights it trained on: plain layers, same images
+    merged_dir = export_merged(result.run_dir, tmp_path / "merged")
+    merged = result.model.pipeline_class().from_pretrained(merged_dir)
+    assert not quantize.quantized_layers(merged.unet)
+    assert not any("lora" in key for key in merged.unet.state_dict())
+    assert np.abs(_images(merged) - expected).max() <= 2.0
+
+
+@pytest.mark.parametrize("technique", ["dora", "oft", "boft"])
+def test_adapters_with_a_quantized_layer_in_peft_wrap_it_and_get_gradients(technique, tiny_model):
+    from sdtune.config import ModelConfig, QuantizeConfig
+    from sdtune.models import model_class
+    from sdtune.techniques import TECHNIQUES, trainable_named_parameters
+
+    options = {"dora": {"rank": 2}, "oft": {"oft_block_size": 8}, "boft": {"boft_block_size": 4}}[technique]
+    config = ModelConfig(path=str(tiny_model), quantize=QuantizeConfig(denoiser="nf4"))
+    model = model_class(config).load(config)
+    plugin = TECHNIQUES.get(technique)
+    plugin(plugin.validate_options(options, technique)).prepare(model)
+    wrapped = [m for m in model.denoiser.modules() if hasattr(m, "base_layer")]
+    assert wrapped and all(type(m.get_base_layer()).__name__ == "Linear4bit" for m in wrapped)
+    before = quantize.quantized_state(model.denoiser)
+    latents, conditioning = torch.randn(2, 4, 16, 16), torch.randn(2, 16, 32)
+    model.denoiser(latents, torch.tensor([10, 500]), conditioning).sample.pow(2).mean().backward()
+    parameters = trainable_named_parameters(model)
+    assert parameters and all(p.grad is not None for p in parameters.values())  # (LoRA's A: zero while B is)
+    assert sum(float(p.grad.abs().sum()) for p in parameters.values()) > 0
+    after = quantize.quantized_state(model.denoiser)
+    assert all(torch.equal(before[key], after[key]) for key in before)
+
+
+def test_a_technique_override_puts_lora_and_qlora_on_the_same_data(write_experiment):
+    techniques = {
+        "lora": {"kind": "lora", "rank": 2},
+        "qlora": {"kind": "lora", "rank": 2, "quantize": {"denoiser": "nf4"}},
+        "plain": {"kind": "lora", "rank": 2, "quantize": None},
+    }
+    path = write_experiment(techniques=techniques)
+    experiment = load_experiment(path, ["model.quantize.text_encoders=int8"])
+    specs = {name: experiment.techniques[name].model.quantize for name in techniques}
+    assert (specs["lora"].denoiser, specs["lora"].text_encoders) == (None, "int8")
+    assert (specs["qlora"].denoiser, specs["qlora"].text_encoders) == ("nf4", "int8")
+    assert not specs["plain"].active
+    assert experiment.data == load_experiment(path).data and experiment.train == load_experiment(path).train
+    again = experiment.to_dict()
+    assert again["techniques"]["qlora"]["quantize"] == {"denoiser": "nf4"}
+    assert again["model"]["quantize"] == {"denoiser": None, "text_encoders": "int8"}
+
+
+@pytest.mark.parametrize(
+    ("technique", "quantize", "message"),
+    [
+        ({"kind": "full"}, {"denoiser": "nf4"}, "techniques.t: quantize.denoiser nf4: full fine-tuning trains every denoiser weight"),
+        ({"kind": "partial"}, {"denoiser": "int8"}, "techniques.t: quantize.denoiser int8: partial fine-tuning trains denoiser weights"),
+        ({"kind": "loha"}, {"denoiser": "nf4"}, "peft has no LoHa/LoKr layer for bitsandbytes-quantised layers"),
+        ({"kind": "lokr"}, {"denoiser": "int8"}, "peft has no LoHa/LoKr layer for bitsandbytes-quantised layers"),
+        ({"kind": "lora", "train_text_encoder": True}, {"text_encoders": "nf4"}, "trains the text encoders text_encoder, which quantize.text_encoders nf4"),
+        ({"kind": "textual-inversion", "placeholder_token": "<x>", "initializer_token": "red"}, {"text_encoders": "int8"}, "trains the text encoders"),
+        ({"kind": "lora"}, {"denoiser": "fp8"}, "techniques.t.quantize.denoiser: 'fp8' is not allowed; expected one of 'nf4', 'int8'"),
+        ({"kind": "lora"}, {"unet": "nf4"}, "techniques.t.quantize.unet: unknown key"),
+    ],
+)
+def test_what_would_train_a_quantized_weight_is_refused_in_one_line(technique, quantize, message, write_experiment):
+    path = write_experiment(techniques={"t": {**technique, "quantize": quantize}})
+    with pytest.raises(ConfigError) as raised:
+        load_experiment(path)
+    assert message in str(raised.value) and "\n" not in str(raised.value)
+
+
+def test_dora_on_int8_is_refused_on_the_cpu(write_experiment):
+    with pytest.raises(ConfigError, match="int8 with dora does not train on the CPU"):
+        load_experiment(write_experiment(techniques={"d": {"kind": "dora", "quantize": {"denoiser": "int8"}}}))
+
+
+def test_full_fine_tuning_of_a_quantized_denoiser_is_one_line_and_exit_2(write_experiment):
+    path = write_experiment(techniques={"full": {"kind": "full"}})
+    result = subprocess.run(
+        [sys.executable, "-m", "sdtune", "train", str(path), "--set", "model.quantize.denoiser=nf4"],
+        capture_output=True, text=True,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "sdtune: error: techniques.full: quantize.denoiser nf4: full fine-tuning trains every denoiser weight, and a "
+        "quantised denoiser's weights are frozen 4/8-bit storage; use an adapter (lora, dora, oft, boft) for a "
+        "quantised base, or set quantize: {denoiser: null} for this technique"
+    ]
+
+
+def test_quantization_without_bitsandbytes_names_the_install_command(write_experiment, monkeypatch):
+    import importlib.util
+
+    real_find_spec, real_import = importlib.util.find_spec, builtins.__import__
+    hidden = lambda name: name == "bitsandbytes" or name.startswith("bitsandbytes.")  # noqa: E731
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if hidden(name) else real_find_spec(name, *a))
+
+    def import_without_it(name, *args, **kwargs):
+        if hidden(name):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", import_without_it)
+    monkeypatch.delitem(sys.modules, "bitsandbytes", raising=False)
+    with pytest.raises(ConfigError) as raised:
+        load_experiment(write_experiment(), ["model.quantize.denoiser=nf4"])
+    assert str(raised.value) == (
+        "model.quantize: quantised components need bitsandbytes; pip install 'sdtune[quantization]', or remove model.quantize"
+    )
+    with pytest.raises(quantize.QuantizationUnavailable, match=r"pip install 'sdtune\[quantization\]'"):
+        quantize.bitsandbytes()

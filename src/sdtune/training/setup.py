@@ -131,7 +131,9 @@ def setup_run(experiment: Experiment, name: str, run_dir: Path, progress: bool) 
         order=training_set.bucket_order(config.seed, images_per_step), slot_images=training_set.slot_images(),
     )
     train_text_encoder = any(component != model.denoiser_name for component in trained)
-    cache = open_latent_cache(experiment, model, training_set, weight_dtype, train_text_encoder, run_dir.parent)
+    cache = open_latent_cache(
+        experiment, model, training_set, weight_dtype, train_text_encoder, run_dir.parent, model_config=item.model
+    )
     timing["cache_open_time_s"] = time.perf_counter() - started
     if config.compile:
         model.components[model.denoiser_name] = torch.compile(model.denoiser)

@@ -124,6 +124,7 @@ def test_a_technique_override_puts_lora_and_qlora_on_the_same_data(write_experim
         ({"kind": "lokr"}, {"denoiser": "int8"}, "peft has no LoHa/LoKr layer for bitsandbytes-quantised layers"),
         ({"kind": "lora", "train_text_encoder": True}, {"text_encoders": "nf4"}, "trains the text encoders text_encoder, which quantize.text_encoders nf4"),
         ({"kind": "textual-inversion", "placeholder_token": "<x>", "initializer_token": "red"}, {"text_encoders": "int8"}, "trains the text encoders"),
+        ({"kind": "lora", "init_lora_weights": "pissa"}, {"denoiser": "nf4"}, "init_lora_weights 'pissa' rewrites the base weights"),
         ({"kind": "lora"}, {"denoiser": "fp8"}, "techniques.t.quantize.denoiser: 'fp8' is not allowed; expected one of 'nf4', 'int8'"),
         ({"kind": "lora"}, {"unet": "nf4"}, "techniques.t.quantize.unet: unknown key"),
     ],

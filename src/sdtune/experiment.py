@@ -30,6 +30,7 @@ from sdtune.config import (
 from sdtune.diffusion import FLOW_DEFAULTS, OBJECTIVE_KEYS, ObjectiveSettings
 from sdtune.models import FAMILIES, Model, ModelLoadError, model_class
 from sdtune.techniques import TECHNIQUES, Technique
+from sdtune.techniques.lora_variants import mutates_base
 from sdtune.util.device import on_cpu
 
 # The study's prompt plus a small default set: in the dataset's domain (Pokémon-like creatures) and
@@ -241,6 +242,11 @@ def _check_quantized(item: ResolvedTechnique, family: type[Model], where: str) -
     keep = "set quantize: {denoiser: null} for this technique"
     if spec.denoiser and item.plugin.quantized_denoiser_refused:
         raise ConfigError(f"{where}: quantize.denoiser {spec.denoiser}: {item.plugin.quantized_denoiser_refused}, or {keep}")
+    if spec.denoiser and mutates_base(item.options_dict().get("peft", {}).get("init_lora_weights", True)):
+        raise ConfigError(
+            f"{where}: init_lora_weights {item.options_dict()['peft']['init_lora_weights']!r} rewrites the base weights "
+            f"into a residual, and quantize.denoiser {spec.denoiser} keeps them frozen; use init_lora_weights: true, or {keep}"
+        )
     if spec.denoiser == "int8" and getattr(item.plugin, "fixed", {}).get("use_dora") and on_cpu():
         raise ConfigError(
             f"{where}: quantize.denoiser int8 with dora does not train on the CPU (peft's DoRA re-creates the int8 "

@@ -109,10 +109,11 @@ def setup_run(experiment: Experiment, name: str, run_dir: Path, progress: bool) 
     technique.prepare(model)
     trained = [component for component in model.trainable_names() if trains(model.components[component])]
     sharded = sharding.configure(accelerator, config)  # FSDP2 / DeepSpeed when launched with them
-    if sharded and item.model.quantize.active:
+    if item.model.quantize.active and accelerator.num_processes > 1:
         raise ConfigError(
             f"techniques.{name}: a quantised base (quantize: {dataclasses.asdict(item.model.quantize)}) is not tested "
-            f"under {sharded}; launch without it (one process, or DDP), or set quantize: null for this technique"
+            f"with {accelerator.num_processes} processes ({sharded or 'DDP'}); train it in one process, or set "
+            "quantize: null for this technique"
         )
     _place(model, accelerator.device, weight_dtype, config, trained)
     synchronize(accelerator.device)

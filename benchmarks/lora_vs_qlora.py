@@ -41,6 +41,9 @@ def main() -> int:
     parser.add_argument("--output", default=None, help="the comparison's folder (default: a temp folder)")
     parser.add_argument("--out", default="benchmarks/results/lora_vs_qlora-cpu.json")
     parser.add_argument("--quick", action="store_true", help="the demo's quick settings (a smoke test of this script)")
+    parser.add_argument("--steps", type=int, help="optimizer steps (default: the demo's 100)")
+    parser.add_argument("--accumulation", type=int, help="micro-batches of 4 per step (default: the demo's 4)")
+    parser.add_argument("--seeds-per-prompt", type=int, help="evaluation seeds (default: the demo's 4)")
     args = parser.parse_args()
     import sdtune
     from sdtune.demo.run import QUICK, DemoSettings, demo_experiment
@@ -48,6 +51,9 @@ def main() -> int:
 
     output = Path(args.output or tempfile.mkdtemp(prefix="sdtune-qlora-")) / "lora-vs-qlora"
     settings = dataclasses.replace(QUICK if args.quick else DemoSettings(), techniques=TECHNIQUES, every_steps=None)
+    given = {"max_train_steps": args.steps, "gradient_accumulation_steps": args.accumulation,
+             "seeds_per_prompt": args.seeds_per_prompt}
+    settings = dataclasses.replace(settings, **{key: value for key, value in given.items() if value is not None})
     experiment = sdtune.load_experiment(demo_experiment(output, settings))
     started = time.perf_counter()
     report = sdtune.compare(experiment, progress=False)
@@ -61,7 +67,7 @@ def main() -> int:
         "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
                     "platform": platform.platform()},
         "versions": package_versions(),
-        "compare_wall_s": wall, "rows": rows, "quantized_base_drift": base_drift, "report": str(report),
+        "settings": dataclasses.asdict(settings), "compare_wall_s": wall, "rows": rows, "quantized_base_drift": base_drift, "report": str(report),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2, default=str))

@@ -74,19 +74,27 @@ def test_lora_trains_on_a_quantized_denoiser_and_reloads_on_it(kind, write_exper
     assert np.abs(_images(merged) - expected).max() <= 2.0
 
 
-@pytest.mark.parametrize("technique", ["dora", "oft", "boft"])
-def test_adapters_with_a_quantized_layer_in_peft_wrap_it_and_get_gradients(technique, tiny_model):
+@pytest.mark.parametrize(
+    ("technique", "options"),
+    [
+        ("dora", {"rank": 2}),
+        ("oft", {"oft_block_size": 8}),
+        ("boft", {"boft_block_size": 4}),
+        ("lora", {"rank": 2, "target_modules": ["to_q", "to_v", "conv1"]}),  # LoCon: convolutions stay unquantised
+    ],
+    ids=["dora", "oft", "boft", "locon"],
+)
+def test_adapters_with_a_quantized_layer_in_peft_wrap_it_and_get_gradients(technique, options, tiny_model):
     from sdtune.config import ModelConfig, QuantizeConfig
     from sdtune.models import model_class
     from sdtune.techniques import TECHNIQUES, trainable_named_parameters
 
-    options = {"dora": {"rank": 2}, "oft": {"oft_block_size": 8}, "boft": {"boft_block_size": 4}}[technique]
     config = ModelConfig(path=str(tiny_model), quantize=QuantizeConfig(denoiser="nf4"))
     model = model_class(config).load(config)
     plugin = TECHNIQUES.get(technique)
     plugin(plugin.validate_options(options, technique)).prepare(model)
-    wrapped = [m for m in model.denoiser.modules() if hasattr(m, "base_layer")]
-    assert wrapped and all(type(m.get_base_layer()).__name__ == "Linear4bit" for m in wrapped)
+    wrapped = [type(m.get_base_layer()).__name__ for m in model.denoiser.modules() if hasattr(m, "base_layer")]
+    assert "Linear4bit" in wrapped and set(wrapped) <= {"Linear4bit", "Conv2d"}
     before = quantize.quantized_state(model.denoiser)
     latents, conditioning = torch.randn(2, 4, 16, 16), torch.randn(2, 16, 32)
     model.denoiser(latents, torch.tensor([10, 500]), conditioning).sample.pow(2).mean().backward()

@@ -14,16 +14,32 @@ from typing import Any
 import yaml
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """argparse's help, wrapped without breaking a name at its hyphen (``textual-inversion``)."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        import textwrap
+
+        return textwrap.fill(" ".join(text.split()), width, initial_indent=indent, subsequent_indent=indent,
+                             break_on_hyphens=False)
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        import textwrap
+
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from sdtune.techniques import TECHNIQUES
 
     parser = argparse.ArgumentParser(
-        prog="sdtune",
+        prog="sdtune", formatter_class=_HelpFormatter,
         description="Fine-tune Stable Diffusion with several techniques under identical data and "
         "hyperparameters, and compare them.",
         epilog=f"techniques: {', '.join(TECHNIQUES.names())}",
     )
     commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser = _with_formatter(commands.add_parser)
 
     train = commands.add_parser(
         "train", help="train the techniques of an experiment file",
@@ -95,6 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
     report = commands.add_parser("report", help="re-render the report of a comparison from its records")
     report.add_argument("output", metavar="DIR", help="the comparison's output folder")
     return parser
+
+
+def _with_formatter(add_parser):
+    """Every subcommand's parser with the same help formatter."""
+    return lambda *args, **kwargs: add_parser(*args, formatter_class=_HelpFormatter, **kwargs)
 
 
 def _seed_list(text: str) -> list[int]:

@@ -6,8 +6,8 @@ the loop then hands accelerate the trained model and the optimizer together (FSD
 parameters with sharded DTensors and accelerate moves the optimizer onto them). Several trained
 components (a text encoder too) are handed over as one container model (:func:`prepare`), since
 accelerate prepares one model for FSDP2/DeepSpeed. Frozen parts (VAE, text encoders that do not
-train) stay whole on every process. Gradient accumulation keeps
-the loop's explicit ``no_sync`` (FSDP2: ``set_requires_gradient_sync(False)``, one reduce-scatter
+train) stay whole on every process. Gradient accumulation is
+accelerate's ``accumulate()`` (FSDP2: ``set_requires_gradient_sync(False)``, one reduce-scatter
 on the last micro-step). EMA is kept sharded like the parameters it follows.
 
 Checkpoints and the saved weights have the same layout as on one process: sharded tensors are

@@ -10,7 +10,7 @@ import yaml
 from sdtune.config import ConfigError
 from sdtune.experiment import load_experiment
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = sorted((ROOT / "configs").rglob("*.yaml"))
 
 
@@ -49,7 +49,7 @@ def _write(tmp_path, raw) -> Path:
         (lambda r: r["data"].update(resolution=500), "data.resolution: 500 is not allowed; expected a positive multiple of 8"),
         (lambda r: r.update(model="./no/such/model"), "does not exist"),
         (lambda r: r["data"].update(source="/no/such/folder"), "data.source: '/no/such/folder' does not exist"),
-        (lambda r: r["techniques"].update(x={"kind": "qlora"}), "'qlora' is not a technique; choose one of: boft, dora, full, loha, lokr, lora, oft, partial"),
+        (lambda r: r["techniques"].update(x={"kind": "qlora"}), "'qlora' is not a technique; choose one of: boft, dora, full, loha, lokr, lora, oft, partial, textual-inversion"),
         (lambda r: r["techniques"]["lora"].update(rnak=4), "techniques.lora.rnak: not an option of technique kind 'lora'"),
         (lambda r: r["train"].update(mixed_precision="fp8"), "expected one of 'no', 'fp16', 'bf16'"),
         (lambda r: r["train"].update(max_train_steps=None), "give max_train_steps or num_epochs"),
@@ -68,7 +68,7 @@ def _write(tmp_path, raw) -> Path:
     ],
 )
 def test_bad_values_fail_at_load_with_one_line(tmp_path, tiny_model, tiny_data, change, message):
-    from conftest import experiment_dict
+    from sdtune.testing import experiment_dict
 
     raw = experiment_dict(tiny_model, tiny_data)
     change(raw)
@@ -79,7 +79,7 @@ def test_bad_values_fail_at_load_with_one_line(tmp_path, tiny_model, tiny_data, 
 
 
 def test_overrides_and_number_strings(tmp_path, tiny_model, tiny_data):
-    from conftest import experiment_dict
+    from sdtune.testing import experiment_dict
 
     raw = experiment_dict(tiny_model, tiny_data)
     raw["train"]["learning_rate"] = "1e-5"  # YAML 1.1 reads this as a string
@@ -97,7 +97,7 @@ def test_overrides_and_number_strings(tmp_path, tiny_model, tiny_data):
 def test_relative_paths_resolve_against_the_file(tmp_path, tiny_model, tiny_data):
     import shutil
 
-    from conftest import experiment_dict
+    from sdtune.testing import experiment_dict
 
     shutil.copytree(tiny_data, tmp_path / "images")
     raw = experiment_dict(tiny_model, "images")

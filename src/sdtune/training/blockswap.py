@@ -71,9 +71,9 @@ class BlockSwap:
 
     def leave(self, index: int) -> None:
         for parameter, master in zip(self.frozen[index], self.masters[index]):
-            # the CPU master itself (nothing to copy back: frozen weights do not change), or an empty
-            # tensor on the fake device of the tests
-            parameter.data = master if master.device == self.parking else torch.empty_like(master, device=self.parking)
+            # the CPU master itself (nothing to copy back: frozen weights do not change); on the tests'
+            # fake split (parking "meta") a zero-size tensor, which no layer can compute with
+            parameter.data = master if master.device == self.parking else master.new_empty(0)
         self._in.discard(index)
 
     def _before_forward(self, index: int):

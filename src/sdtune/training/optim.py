@@ -87,18 +87,19 @@ def step_in_backward(optimizer: torch.optim.Optimizer) -> None:
     when its hook fires is why the config refuses accumulation (the step would come after the
     first micro-batch), global-norm clipping (the norm needs every gradient) and fp16 (the loss
     scale would have to come off every gradient first). The loop then skips its own clip and step."""
-    for group in optimizer.param_groups:
+    for index, group in enumerate(optimizer.param_groups):
         for parameter in group["params"]:
-            parameter.register_post_accumulate_grad_hook(partial(_step_one, optimizer, group))
+            parameter.register_post_accumulate_grad_hook(partial(_step_one, optimizer, index))
 
 
 @torch.no_grad()
-def _step_one(optimizer: torch.optim.Optimizer, owner: dict[str, Any], parameter: torch.Tensor) -> None:
+def _step_one(optimizer: torch.optim.Optimizer, owner: int, parameter: torch.Tensor) -> None:
     # the groups are cut down to this tensor for the call (the step skips tensors without gradients
-    # anyway, but would look at every one of them: O(tensors²) a step instead of O(tensors))
+    # anyway, but would look at every one of them: O(tensors²) a step instead of O(tensors)); by
+    # index: load_state_dict (accelerate's prepare, a resume) replaces the group dicts, in order
     kept = [group["params"] for group in optimizer.param_groups]
-    for group in optimizer.param_groups:
-        group["params"] = [parameter] if group is owner else []
+    for index, group in enumerate(optimizer.param_groups):
+        group["params"] = [parameter] if index == owner else []
     try:
         optimizer.step()
     finally:

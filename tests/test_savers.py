@@ -31,7 +31,7 @@ def _weights(run_dir, part):
 def test_fused_backward_gives_the_same_weights_as_the_step_after_backward(write_experiment, tmp_path):
     """Where it applies (one micro-batch a step, no clipping), stepping each tensor in its gradient
     hook is the same AdamW as stepping all of them after the backward pass: the same weights, bit for bit."""
-    settings = {"gradient_accumulation_steps": 1, "max_grad_norm": None, "max_train_steps": 3}
+    settings = {"gradient_accumulation_steps": 1, "max_grad_norm": None, "max_train_steps": 2}
     runs = {}
     for fused in (False, True):
         experiment = load_experiment(
@@ -88,7 +88,7 @@ def test_free_encoders_encodes_everything_first_then_never_touches_them(write_ex
     """Fake split: the VAE and text encoder go to the meta device after the encode-ahead; the run
     (with dropped captions, whose empty conditioning is encoded ahead too) still trains exactly as
     without the saver."""
-    settings = {"max_train_steps": 3, "caption_dropout": 0.5}
+    settings = {"max_train_steps": 2, "caption_dropout": 0.5}
     plain = load_experiment(write_experiment(techniques=LORA, data={"cache": "memory"}, **settings),
                             [f"output_dir={tmp_path / 'plain'}"])
     expected = train_technique(plain, "lora", progress=False)
@@ -102,7 +102,9 @@ def test_free_encoders_encodes_everything_first_then_never_touches_them(write_ex
     assert result.record["timing"]["encoded_images"] == expected.record["timing"]["encoded_images"]
 
 
-@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointing"])
+@pytest.mark.parametrize(
+    "checkpointing", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["plain", "checkpointing"]
+)
 def test_block_swap_trains_exactly_as_without_it(write_experiment, family_model, tmp_path, monkeypatch, checkpointing):
     """Fake split on SD3: the last transformer block's frozen weights wait on the meta device and come
     in for its forward and its backward (with gradient checkpointing: its recomputed forward too); the

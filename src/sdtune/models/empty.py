@@ -56,7 +56,7 @@ def _empty_part(source: str, name: str, library: str, class_name: str, revision:
     if library == "transformers":
         from transformers import AutoConfig
 
-        with init_empty_weights():
+        with init_empty_weights(include_buffers=True):  # (buffers too: SD3's position table)
             return cls(AutoConfig.from_pretrained(source, **options))
-    with init_empty_weights():
+    with init_empty_weights(include_buffers=True):
         return cls.from_config(cls.load_config(source, **options))

@@ -9,13 +9,20 @@ How each term is counted (docs/memory.md, "The estimate"):
   quantises it (:func:`quantized_weight_bytes`); parked encoders and swapped blocks are left out;
 - **gradients** (fp32, one per trained value), **optimizer states** (per ``train.optimizer``) and the
   **EMA** (fp32): counted from the trained tensors' sizes;
-- **activations** and the **forward + backward peak**: measured, not modelled: one micro-step (two
-  when gradients accumulate) of the run's own loss (:func:`sdtune.training.step.denoising_loss`) at
-  the batch size and resolution, on the meta device, under :class:`sdtune.util.memtrack.LiveBytes`,
-  which counts every tensor the operators create and free, in order (activations saved for
-  backward, each operator's temporaries, the gradients as backward produces them). This is why it
-  runs the denoiser rather than a per-layer formula: one measurement covers every family, technique
-  and saver (checkpointing, fused backward) without a table to keep in step with diffusers.
+- **activations** and the **forward + backward peak**: measured, not modelled: one micro-step of the
+  run's own loss (:func:`sdtune.training.step.denoising_loss`) at the batch size and resolution, on
+  the meta device, under :class:`sdtune.util.memtrack.LiveBytes`, which counts every tensor the
+  operators create and free, in order (activations saved for backward, each operator's
+  temporaries). This is why it runs the denoiser rather than a per-layer formula: one measurement
+  covers every family, technique and checkpointing choice without a table to keep in step with
+  diffusers. Autocast does not act on the meta device, so under mixed precision the measured pass
+  runs every tensor in the compute dtype (what autocast gives matmuls and convolutions; its fp32
+  norms and softmaxes are counted at half size) and the bf16/fp16 copies autocast makes of fp32
+  trained weights are added (2 bytes a value);
+- the **gradients** are added to that peak whole (all of them held at once, as they are at the
+  optimizer step and through every micro-step when they accumulate; with ``fused_backward`` or a
+  gradient-freeing offload only the largest tensor's): an upper bound by at most the smaller of
+  the two terms when nothing accumulates.
 
 The total is weights + optimizer states + EMA + the forward + backward peak (+ on a CPU the process
 itself: the interpreter and its libraries, measured in this process).
@@ -70,7 +77,7 @@ class MemoryEstimate:
     ema: int
     activations: int  # saved for backward at the end of the forward
     activations_other: int  # the same with gradient checkpointing the other way round
-    step_peak: int  # forward + backward: activations, temporaries and gradients at their peak
+    step_peak: int  # forward + backward: activations and temporaries at their peak, + gradients
     process: int  # the process itself (CPU only)
     savers: dict[str, Any]  # the run's savers
     fits_with: list[str] | None = None  # --budget: the savers that bring it under, in order ([] = as is)
@@ -156,8 +163,12 @@ class _Estimator:
         weights, elsewhere = self._weights(config)
         numel = sum(p.numel() for p in self.trained.values())
         frees_gradients = config.fused_backward or (config.optimizer_offload and config.gradient_accumulation_steps == 1)
-        activations, peak = self._step(config, config.gradient_checkpointing, frees_gradients)
-        other, _ = self._step(config, not config.gradient_checkpointing, frees_gradients)
+        activations, peak = self._step(config, config.gradient_checkpointing)
+        other, _ = self._step(config, not config.gradient_checkpointing)
+        largest = max((p.numel() for p in self.trained.values()), default=0)
+        peak += 4 * (largest if frees_gradients else numel)
+        if config.mixed_precision != "no":  # autocast's low-precision copies of the fp32 trained weights
+            peak += 2 * numel
         return MemoryEstimate(
             technique=self.name, kind=self.item.kind, device=self.device, batch_size=config.batch_size,
             resolution=self.experiment.data.resolution, mixed_precision=config.mixed_precision, weights=weights,
@@ -210,52 +221,47 @@ class _Estimator:
         return total
 
     # -- the measured step -----------------------------------------------------------------------
-    def _step(self, config: TrainConfig, checkpointing: bool, frees_gradients: bool) -> tuple[int, int]:
-        """(bytes saved for backward at the end of the forward, peak of forward + backward), measured
-        on the meta device; two micro-steps when gradients accumulate (the second runs beside them)."""
-        micro_steps = 2 if config.gradient_accumulation_steps > 1 and not frees_gradients else 1
-        key = (checkpointing, frees_gradients, micro_steps, config.batch_size, config.mixed_precision)
+    def _step(self, config: TrainConfig, checkpointing: bool) -> tuple[int, int]:
+        """(bytes saved for backward at the end of the forward, peak of forward + backward without the
+        gradients), measured on the meta device (each gradient is dropped as backward makes it)."""
+        key = (checkpointing, config.batch_size, config.mixed_precision)
         if key not in self._steps:
-            self._steps[key] = self._measure(config, checkpointing, frees_gradients, micro_steps)
+            self._steps[key] = self._measure(config, checkpointing)
         return self._steps[key]
 
-    def _measure(self, config: TrainConfig, checkpointing: bool, frees_gradients: bool, micro_steps: int) -> tuple[int, int]:
+    def _measure(self, config: TrainConfig, checkpointing: bool) -> tuple[int, int]:
         model, dtype = self.model, WEIGHT_DTYPES.get(config.mixed_precision, torch.float32)
-        _place_on_meta(model, config)
+        for module in model.components.values():  # (the compute dtype throughout: see the module docstring)
+            for parameter in module.parameters():
+                parameter.data = parameter.data.to(torch.float32 if module is model.vae and model.vae_in_fp32 else dtype)
         _set_checkpointing(model, checkpointing, self.train_text_encoder)
-        hooks = [p.register_post_accumulate_grad_hook(_drop_gradient) for p in self.trained.values()] if frees_gradients else []
+        hooks = [p.register_post_accumulate_grad_hook(_drop_gradient) for p in self.trained.values()]
         objective = diffusion.build_objective(model.objective, model.noise_schedule(), self.item.objective)
         batch = config.batch_size * (2 if config.prior_preservation else 1)
         side = self.experiment.data.resolution // model.vae_downsampling
-        autocast = torch.autocast("cpu", dtype=dtype) if dtype != torch.float32 else None
-        tracker, saved = LiveBytes(), 0
+        tracker = LiveBytes()
         try:
             with fused_attention(), tracker:
-                for _ in range(micro_steps):
-                    latents = torch.zeros(batch, model.latent_channels, side, side, device="meta")
-                    loss = self._loss(model, objective, latents, config, autocast, dtype)
-                    saved = max(saved, tracker.live)
-                    loss.backward()
-                    del loss, latents
+                latents = torch.zeros(batch, model.latent_channels, side, side, device="meta", dtype=dtype)
+                loss = self._loss(model, objective, latents, dtype)
+                saved = tracker.live
+                loss.backward()
+                del loss, latents
         finally:
             for hook in hooks:
                 hook.remove()
-            for parameter in self.trained.values():
-                parameter.grad = None
         return saved, tracker.peak
 
-    def _loss(self, model: Model, objective: Any, latents: torch.Tensor, config: TrainConfig, autocast: Any,
-              dtype: torch.dtype) -> torch.Tensor:
+    def _loss(self, model: Model, objective: Any, latents: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         captions = ["a photo"] * latents.shape[0]
         with torch.enable_grad() if self.train_text_encoder else torch.no_grad():
-            conditioning = {k: v.to(dtype) if v.is_floating_point() and not self.train_text_encoder else v
-                            for k, v in model.encode_prompt(captions).items()}
+            conditioning = model.encode_prompt(captions)
         side = latents.shape[-1] * model.vae_downsampling
         geometry = torch.tensor([[side, side, 0, 0, side, side]] * latents.shape[0], dtype=dtype, device="meta")
         conditioning.update(model.image_conditioning(geometry))
         integer = model.objective == "ddpm"
         timesteps = torch.full((latents.shape[0],), 500, device="meta", dtype=torch.long if integer else torch.float32)
-        return denoising_loss(model, objective, latents, torch.zeros_like(latents), timesteps, conditioning, autocast=autocast)
+        return denoising_loss(model, objective, latents, torch.zeros_like(latents), timesteps, conditioning, input_dtype=dtype)
 
     # -- the budget -------------------------------------------------------------------------------
     def fit(self, estimate: MemoryEstimate, limit: int) -> MemoryEstimate:
@@ -313,12 +319,6 @@ def _placed_dtype(parameter: torch.nn.Parameter, component: str, model: Model, c
     if component == "vae" and model.vae_in_fp32:
         return torch.float32
     return WEIGHT_DTYPES.get(config.mixed_precision, torch.float32)
-
-
-def _place_on_meta(model: Model, config: TrainConfig) -> None:
-    for component, module in model.components.items():
-        for parameter in module.parameters():
-            parameter.data = parameter.data.to(_placed_dtype(parameter, component, model, config))
 
 
 def _set_checkpointing(model: Model, enabled: bool, train_text_encoder: bool) -> None:

@@ -235,6 +235,13 @@ def validate_savers(train: TrainConfig) -> None:
             raise ConfigError(
                 f"train.optimizer: {train.optimizer!r} needs bitsandbytes; pip install 'sdtune[bnb]' or use adamw"
             ) from None
+    if train.optimizer_offload:
+        try:
+            import torchao.optim  # noqa: F401
+        except ImportError:
+            raise ConfigError(
+                "train.optimizer_offload: true needs torchao; pip install 'sdtune[offload]' or set it to false"
+            ) from None
     if train.block_swap < 0:
         _fail("train.block_swap", train.block_swap, "0 (off) or a number of transformer blocks")
     if train.optimizer_offload and train.optimizer.startswith("paged_"):

@@ -7,6 +7,8 @@ The public API, each one import away (the ``sdtune`` command is one call of thes
   :func:`experiment_from_dict` the same from a mapping;
 - :func:`train` (``experiment, techniques, output_dir, resume, overwrite``) → the runs' results, each
   technique in a fresh process; :func:`train_technique` one technique in this process (its model kept);
+- :func:`estimate_memory` (``experiment, techniques, budget``) → each technique's peak-memory
+  estimate before any weight is read, with its breakdown and the savers that fit a budget;
 - :func:`compare` (``experiment, output_dir, seeds, only``) → the report's path: train every technique,
   evaluate every model at the same prompts and seeds, render the report; :func:`compare_plan` the
   ``sdtune train`` commands of a comparison, for a cluster scheduler;
@@ -35,6 +37,7 @@ _EXPORTS = {  # public name → the module that defines it (imported on first us
     "experiment_from_dict": "sdtune.experiment",
     "train": "sdtune.runner",
     "train_technique": "sdtune.training",
+    "estimate_memory": "sdtune.training.estimate",
     "compare": "sdtune.comparison",
     "compare_plan": "sdtune.comparison",
     "generate": "sdtune.generation",

@@ -54,6 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--overwrite", action="store_true", help="replace an existing finished run")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key, e.g. train.max_train_steps=10")
+    train.add_argument("--estimate", action="store_true",
+                       help="train nothing: print each technique's peak-memory estimate (no weights are read)")
+    train.add_argument("--budget", metavar="SIZE", help="with --estimate: the savers that bring it under SIZE, e.g. 24GB")
+    train.add_argument("--estimate-device", choices=["cuda", "cpu"], default="cuda",
+                       help="with --estimate: a CUDA GPU's memory (default) or this CPU process's")
     train.add_argument("--no-progress", action="store_true", help=argparse.SUPPRESS)
 
     generate = commands.add_parser("generate", help="generate images with a trained technique")
@@ -176,6 +181,14 @@ def _train(args: argparse.Namespace) -> int:
     from sdtune.util.distributed import launch_rank, launched_processes
 
     experiment = sdtune.load_experiment(args.experiment, args.set)
+    if args.budget and not args.estimate:
+        from sdtune.errors import UserError
+
+        raise UserError("--budget applies to --estimate; add --estimate (training itself has no budget)")
+    if args.estimate:
+        for estimate in sdtune.estimate_memory(experiment, args.technique, args.budget, args.estimate_device):
+            print(estimate.describe(), flush=True)
+        return 0
     _keep_freed_cpu_memory(experiment, args.technique)
     results = sdtune.train(
         experiment, args.technique, args.output, args.resume, args.overwrite, progress=not args.no_progress,

@@ -217,6 +217,11 @@ def _technique(entry: TechniqueEntry, config: ExperimentConfig, family: type[Mod
     train = dataclasses.replace(config.train, **entry.train_overrides)
     train = _objective_defaults(train, family, where, entry.train_overrides)
     train.validate()
+    if train.free_encoders and (config.data.cache == "off" or not config.data.center_crop):
+        raise ConfigError(
+            f"{where if 'free_encoders' in entry.train_overrides else 'train'}.free_encoders: the encoders can leave only once every input is in the latent cache, which needs "
+            "data.center_crop: true and data.cache other than off"
+        )
     objective = ObjectiveSettings(**{f.name: getattr(train, f.name) for f in dataclasses.fields(ObjectiveSettings)})
     return ResolvedTechnique(entry.name, entry.kind, plugin, options, train, dict(entry.train_overrides), objective)
 

@@ -130,7 +130,7 @@ class _Accelerator(SimpleNamespace):
 @pytest.mark.parametrize(
     ("environment", "options", "message"),
     [
-        (ZERO2_ENV, {"use_8bit_adam": True}, "train.use_8bit_adam is not supported with DeepSpeed"),
+        (ZERO2_ENV, {"optimizer": "adamw8bit"}, "train.optimizer: 'adamw8bit' is not supported with DeepSpeed"),
         ({**FSDP2_ENV, "FSDP_VERSION": "1"}, {}, "FSDP1 is not supported"),
         (FSDP2_ENV, {"compile": True}, "train.compile: true is not supported with FSDP2"),
     ],
@@ -145,7 +145,8 @@ def test_sharded_setups_that_cannot_run_are_refused_in_one_line(environment, opt
         distributed_type=DistributedType.FSDP, num_processes=2, device=torch.device("cpu"),
         state=SimpleNamespace(fsdp_plugin=plugin),
     )
-    config = SimpleNamespace(**{"mixed_precision": "no", "compile": False, "use_8bit_adam": False, **options})
+    config = SimpleNamespace(**{"mixed_precision": "no", "compile": False, "optimizer": "adamw", "fused_backward": False,
+                                "optimizer_offload": False, "block_swap": 0, **options})
     with pytest.raises(ShardingError, match=message):
         configure(accelerator, config)
 

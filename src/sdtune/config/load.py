@@ -16,6 +16,7 @@ import yaml
 from sdtune.config.paths import resolve_local
 from sdtune.config.schema import ConfigError, build, check_keys, coerce, fail
 from sdtune.config.sections import (
+    RENAMED_TRAIN_KEYS,
     DataConfig,
     DreamBoothConfig,
     EvaluationConfig,
@@ -87,6 +88,7 @@ def config_from_dict(
     data = build(DataConfig, _expand(raw["data"], "source"), "data")
     data = dataclasses.replace(data, source=local(data.source), validation=resolve_validation_source(data.validation, local))
     data.validate()
+    _refuse_renamed("train", raw.get("train") or {})
     train = build(TrainConfig, raw.get("train") or {}, "train")
     train.validate()
     evaluation = build(EvaluationConfig, raw.get("evaluation") or {}, "evaluation")
@@ -107,6 +109,13 @@ def config_from_dict(
     )
 
 
+def _refuse_renamed(where: str, section: Any) -> None:
+    """A train key of an older sdtune fails with its new spelling (one key per setting, no aliases)."""
+    for key in section if isinstance(section, dict) else ():
+        if key in RENAMED_TRAIN_KEYS:
+            raise ConfigError(f"{where}.{key}: renamed; write {where}.{RENAMED_TRAIN_KEYS[key]}")
+
+
 def _expand(value: Any, key: str) -> Any:
     return {key: value} if isinstance(value, str) else value
 
@@ -125,6 +134,7 @@ def _techniques(raw: Any, train: TrainConfig) -> dict[str, TechniqueEntry]:
         if entry is not None and not isinstance(entry, dict):
             fail(f"techniques.{name}", entry, "a mapping such as {kind: lora, rank: 4}")
         entry = dict(entry or {})
+        _refuse_renamed(f"techniques.{name}", entry)
         kind = entry.pop("kind", name)
         if not isinstance(kind, str):
             fail(f"techniques.{name}.kind", kind, "a technique name")

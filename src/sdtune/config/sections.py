@@ -150,12 +150,12 @@ class TrainConfig:
     seed: int = 0
     checkpointing_steps: int | None = 500  # null = only the Ctrl-C checkpoint
     checkpoints_total_limit: int | None = 2  # keep the last N checkpoints; null = keep all
-    max_grad_norm: float = 1.0
+    max_grad_norm: float | None = 1.0  # clip the global gradient norm; null = no clipping
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_weight_decay: float = 1e-2
     adam_epsilon: float = 1e-8
-    use_8bit_adam: bool = False  # needs bitsandbytes (CUDA)
+    optimizer: Literal["adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit"] = "adamw"  # 8-bit, paged: bitsandbytes
     use_ema: bool = False
     ema_decay: float = 0.9999  # with diffusers' warm-up: min(decay, (1 + step) / (10 + step))
     snr_gamma: float | None = None  # min-SNR weighting (Hang et al. 2023); 5.0 is their default
@@ -169,6 +169,11 @@ class TrainConfig:
     mode_scale: float | None = None
     flow_weighting: Literal["none", "sigma_sqrt", "cosmap"] | None = None
     gradient_checkpointing: bool = False
+    # memory savers (docs/memory.md), each measured in docs/benchmarks.md
+    optimizer_offload: bool = False  # CUDA: optimizer states and step on the CPU (torchao's CPUOffloadOptimizer)
+    fused_backward: bool = False  # each tensor steps as soon as its gradient is ready (no accumulation, no clipping)
+    free_encoders: bool = False  # CUDA: encode every sample first, then the VAE and frozen text encoders leave the GPU
+    block_swap: int = 0  # CUDA: this many transformer blocks' frozen weights wait on the CPU, moved in for their use
     channels_last: bool = False  # NHWC memory format for the denoiser (UNets; see the README's measurements)
     compile: bool = False  # torch.compile the denoiser (minutes of compilation first; pays on long GPU runs)
     allow_tf32: bool = True  # TF32 matmuls on Ampere+ GPUs; no effect on CPU
@@ -191,13 +196,7 @@ class TrainConfig:
             raise ConfigError(
                 "train.lr_warmup_steps: 'constant' ignores warm-up; use lr_scheduler: constant_with_warmup"
             )
-        if self.use_8bit_adam:
-            try:
-                import bitsandbytes  # noqa: F401
-            except ImportError:
-                raise ConfigError(
-                    "train.use_8bit_adam: true needs bitsandbytes; pip install 'sdtune[bnb]' or set it to false"
-                ) from None
+        validate_savers(self)
         if self.learning_rate <= 0:
             _fail("train.learning_rate", self.learning_rate, "a positive number such as 1.0e-5")
         if self.lr_warmup_steps < 0:
@@ -205,8 +204,8 @@ class TrainConfig:
         _positive("train.checkpointing_steps", self.checkpointing_steps, allow_none=True)
         _positive("train.checkpoints_total_limit", self.checkpoints_total_limit, allow_none=True)
         _positive("train.log_every", self.log_every)
-        if self.max_grad_norm <= 0:
-            _fail("train.max_grad_norm", self.max_grad_norm, "a positive number")
+        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
+            _fail("train.max_grad_norm", self.max_grad_norm, "a positive number, or null for no clipping")
         if not 0.0 <= self.ema_decay < 1.0:
             _fail("train.ema_decay", self.ema_decay, "a number in [0, 1), e.g. 0.9999")
         if self.snr_gamma is not None and self.snr_gamma <= 0:
@@ -219,6 +218,48 @@ class TrainConfig:
             _fail("train.prior_loss_weight", self.prior_loss_weight, "a positive number (1.0 in the paper)")
         if self.logit_std is not None and self.logit_std <= 0:
             _fail("train.logit_std", self.logit_std, "a positive number (1.0 in the SD3 paper)")
+
+
+RENAMED_TRAIN_KEYS = {  # a key of an older sdtune → how to write it now (refused with this spelling)
+    "use_8bit_adam": "optimizer: adamw8bit (for true; remove the key for false)",
+}
+
+
+def validate_savers(train: TrainConfig) -> None:
+    """The memory savers' combinations that need nothing but the train section (the device-dependent
+    checks are made when a run starts: :func:`sdtune.training.savers.check_device`)."""
+    if train.optimizer != "adamw":
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise ConfigError(
+                f"train.optimizer: {train.optimizer!r} needs bitsandbytes; pip install 'sdtune[bnb]' or use adamw"
+            ) from None
+    if train.optimizer_offload:
+        try:
+            import torchao.optim  # noqa: F401
+        except ImportError:
+            raise ConfigError(
+                "train.optimizer_offload: true needs torchao; pip install 'sdtune[offload]' or set it to false"
+            ) from None
+    if train.block_swap < 0:
+        _fail("train.block_swap", train.block_swap, "0 (off) or a number of transformer blocks")
+    if train.optimizer_offload and train.optimizer.startswith("paged_"):
+        raise ConfigError(
+            f"train.optimizer_offload: the states of {train.optimizer!r} are paged to the CPU already; "
+            "use optimizer: adamw or adamw8bit with the offload"
+        )
+    if not train.fused_backward:
+        return
+    why = "train.fused_backward: each tensor steps as soon as its gradient is ready, so "
+    if train.gradient_accumulation_steps > 1:
+        raise ConfigError(why + "gradients cannot accumulate; set gradient_accumulation_steps: 1 (raise batch_size)")
+    if train.max_grad_norm is not None:
+        raise ConfigError(why + "the global gradient norm is never known; set max_grad_norm: null (no clipping)")
+    if train.mixed_precision == "fp16":
+        raise ConfigError(why + "fp16's loss scaling cannot unscale them first; use mixed_precision: bf16 or no")
+    if train.optimizer_offload:
+        raise ConfigError(why + "it cannot be combined with optimizer_offload (which steps on the CPU); choose one")
 
 
 FLOW_DEFAULTS = {  # Esser et al. 2024 (SD3): logit-normal(0, 1) sampling; mode scale 1.29; no weighting
@@ -259,6 +300,7 @@ class EvaluationConfig:
     hpsv2_model: str = "adams-story/HPSv2-hf"  # opt-in hpsv2: a transformers-format HPS v2 CLIP
     imagereward_model: str = "ImageReward-v1.0"  # opt-in imagereward: a package name, folder or .pt file
     metric_plugins: list[str] = field(default_factory=list)  # modules that register more metrics
+    cpu_offload: bool = False  # CUDA: each model of the pipeline on the GPU only for its forward (diffusers)
     every_steps: int | None = None  # also evaluate (images, metrics, validation loss) every N steps
     validation_timesteps: int = 4  # fixed timesteps of the validation loss
 

@@ -28,6 +28,7 @@ from sdtune.data.heldout import RealImage, validation_images
 from sdtune.experiment import Experiment
 from sdtune.models import Model
 from sdtune.models.sampling import generate_images, save_images, set_scheduler
+from sdtune.training.savers import modules_on
 from sdtune.training.setup import TrainingRun
 from sdtune.training.state import TrainState
 from sdtune.training.step import denoising_loss
@@ -125,8 +126,9 @@ class TrainingEvaluator:
             training = [m.training for m in modules]
             for module in modules:
                 module.eval()
+            parked = [model.components[name] for name in run.inputs.parked]  # train.free_encoders
             try:
-                with accelerator.autocast():
+                with accelerator.autocast(), modules_on(parked, accelerator.device, self.experiment.evaluation.cpu_offload):
                     entry = self._entry(step, run, model)
             finally:
                 for module, mode in zip(modules, training):

@@ -23,7 +23,7 @@ from sdtune import diffusion, records
 from sdtune.errors import UserError
 from sdtune.experiment import Experiment
 from sdtune.models import Model
-from sdtune.training import sharding
+from sdtune.training import optim, sharding
 from sdtune.training.checkpoint import resolve_resume
 from sdtune.training.evaluator import TrainingEvaluator
 from sdtune.training.finish import finish_run, run_timing
@@ -82,7 +82,7 @@ def train_technique(
         restore_checkpoint(run, checkpoint, state)
     first_step = state.step
     inputs.start(first_step, run.max_steps, config.gradient_accumulation_steps, experiment.data.num_workers,
-                 accelerator.num_processes)
+                 accelerator.num_processes, progress and accelerator.is_main_process)
     setup_time_s = time.perf_counter() - started
     evaluator = TrainingEvaluator.create(experiment, accelerator.is_main_process)  # None: nothing asked
     stop, clock, pending = StopRequest(), StepClock(accelerator.device), []  # pending: (step, loss, lr) not read back
@@ -110,9 +110,10 @@ def train_technique(
                     )
                     accelerator.backward(loss)  # (divided by the accumulation steps; DeepSpeed: by its engine)
                 step_loss += loss.detach().float() / config.gradient_accumulation_steps
-            accelerator.clip_grad_norm_(list(run.parameters.values()), config.max_grad_norm)
             lr = run.lr_scheduler.get_last_lr()[0]  # the rate this step uses
-            run.optimizer.step()
+            if not config.fused_backward:  # (fused: each tensor stepped in the backward pass, optim.py)
+                optim.clip_gradients(accelerator, run.optimizer, list(run.parameters.values()), config.max_grad_norm)
+                run.optimizer.step()
             run.lr_scheduler.step()
             run.optimizer.zero_grad(set_to_none=True)
             if run.ema is not None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sdtune.training import sharding
+from sdtune.training import optim, sharding
 from sdtune.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from sdtune.training.setup import TrainingRun
 from sdtune.training.state import TrainState
@@ -44,6 +44,7 @@ def restore_checkpoint(run: TrainingRun, checkpoint: Path, state: TrainState) ->
     accelerator = run.accelerator
     groups = [list(names) for names in run.optimizer_groups]
     sharding.load_training_state(accelerator, run.parameters, run.optimizer, trainable, saved["optimizer"], groups)
+    optim.sync_offloaded(run.optimizer)
     run.lr_scheduler.load_state_dict(saved["lr_scheduler"])
     if run.ema is not None:
         run.ema.load_state_dict(sharding.shard_ema_state(accelerator, run.parameters, saved["ema"]))

@@ -99,8 +99,11 @@ def configure(accelerator: Any, config: Any) -> str | None:
 def _check_options(config: Any, what: str) -> None:
     if config.compile:
         raise ShardingError(f"train.compile: true is not supported with {what}; set train.compile: false")
-    if config.use_8bit_adam:
-        raise ShardingError(f"train.use_8bit_adam is not supported with {what} (sharded parameters); set it to false")
+    if config.optimizer != "adamw":
+        raise ShardingError(f"train.optimizer: {config.optimizer!r} is not supported with {what} (sharded parameters); use adamw")
+    for saver in ("fused_backward", "optimizer_offload", "block_swap"):
+        if getattr(config, saver):
+            raise ShardingError(f"train.{saver} is not supported with {what} (it moves or steps whole tensors); turn it off")
 
 
 def _configure_deepspeed(accelerator: Any, config: Any) -> str:
@@ -123,7 +126,7 @@ def _configure_deepspeed(accelerator: Any, config: Any) -> str:
     wanted = {
         "train_micro_batch_size_per_gpu": (config.batch_size, "train.batch_size"),
         "gradient_accumulation_steps": (config.gradient_accumulation_steps, "train.gradient_accumulation_steps"),
-        "gradient_clipping": (config.max_grad_norm, "train.max_grad_norm"),
+        "gradient_clipping": (config.max_grad_norm or 0.0, "train.max_grad_norm"),  # (0: none)
         "train_batch_size": (config.batch_size * config.gradient_accumulation_steps * accelerator.num_processes, "the total batch"),
     }
     for key, (value, source) in wanted.items():
@@ -178,7 +181,8 @@ def _route(distributed_type: Any) -> None:
 
 
 def prepare(
-    accelerator: Any, trained: dict[str, torch.nn.Module], optimizer: Any, sharded: str | None
+    accelerator: Any, trained: dict[str, torch.nn.Module], optimizer: Any, sharded: str | None,
+    device_placement: bool = True,
 ) -> tuple[dict[str, Any], list[torch.nn.Module], Any]:
     """Prepare the trained components and their optimizer in one call (FSDP2 needs them together:
     sharding replaces the parameters the optimizer holds). Returns what the bundle calls for each
@@ -187,7 +191,8 @@ def prepare(
     FSDP2 and DeepSpeed prepare one model: several trained components (a text encoder too) are
     prepared as one :class:`TrainedComponents` container, and each is called through it."""
     if not sharded or len(trained) == 1:
-        prepared = accelerator.prepare(*trained.values(), optimizer)
+        # (device_placement False: already placed, and block swap keeps some weights on the CPU)
+        prepared = accelerator.prepare(*trained.values(), optimizer, device_placement=[device_placement] * (len(trained) + 1))
         return dict(zip(trained, prepared[:-1])), list(prepared[:-1]), prepared[-1]
     container, optimizer = accelerator.prepare(TrainedComponents(trained), optimizer)
     inner = accelerator.unwrap_model(container)

@@ -379,7 +379,7 @@ def _distinct_pairs(experiment, name, steps):
     return pairs
 
 
-def test_lazy_cache_encodes_each_used_pair_once_and_is_shared(write_experiment, tmp_path):
+def test_lazy_cache_encodes_each_used_pair_once_and_is_shared(write_experiment, tmp_path, monkeypatch):
     # 1 step of 4 samples uses half of the 8 images: only those are encoded, nothing before step 1
     short = load_experiment(write_experiment(max_train_steps=1, data={"cache": "memory"}), [f"output_dir={tmp_path / 'a'}"])
     record = train_technique(short, "lora", progress=False).record
@@ -391,9 +391,14 @@ def test_lazy_cache_encodes_each_used_pair_once_and_is_shared(write_experiment, 
     assert first["timing"]["encoded_images"] == len(used) < 20
     assert len(list((tmp_path / "b" / ".cache").glob("*/*-orig.safetensors"))) + len(
         list((tmp_path / "b" / ".cache").glob("*/*-flip.safetensors"))) == len(used)
-    # another technique of the experiment reads the same disk cache: no encode at all, same first loss
+    # another technique of the experiment reads the same disk cache: no encode, no image decoded, same first loss
+    from sdtune.data.dataset import TrainingSet
+
+    decoded = []
+    real_pixels = TrainingSet.pixels
+    monkeypatch.setattr(TrainingSet, "pixels", lambda self, *args: decoded.append(args) or real_pixels(self, *args))
     second = train_technique(long, "full", progress=False).record
-    assert second["timing"]["encoded_images"] == 0
+    assert second["timing"]["encoded_images"] == 0 and decoded == []
     assert second["loss_history"][0]["loss"] == first["loss_history"][0]["loss"]
 
 

@@ -157,8 +157,11 @@ class InputPipeline:
         else:
             posteriors = []
             for position, (index, flip) in enumerate(zip(batch.indices, batch.flips)):
-                # decoded by the loader, or (planned as cached, but another run's disk cache lacks it) here
-                pixels = decoded[position] if position in decoded else self.training_set.pixels(index, flip, None)
+                # decoded by the loader; or, only on a miss (planned as cached, but another run's disk cache
+                # lacks it), here
+                pixels = decoded[position] if position in decoded else (
+                    lambda _, index=index, flip=flip: self.training_set.pixels(index, flip, None)
+                )
                 posteriors.append(self._posterior(self.cache, index, flip, pixels))
             mean, std = (torch.stack(parts).to(device, non_blocking=True) for parts in zip(*posteriors))
         latents = diffusion.sample_latents(mean.float(), std.float(), model.latent_scale, generators, model.latent_shift)

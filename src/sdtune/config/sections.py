@@ -46,6 +46,12 @@ class ModelConfig:
             )
         if self.vae and looks_like_local_path(self.vae) and not Path(self.vae).expanduser().exists():
             raise ConfigError(f"model.vae: {self.vae!r} does not exist; give a VAE folder, a hub id or a .safetensors file")
+        config = self.single_file_config
+        if config and looks_like_local_path(config) and not Path(config).expanduser().exists():
+            raise ConfigError(
+                f"model.single_file_config: {config!r} does not exist; give the diffusers folder or hub id whose "
+                "configs describe the single file"
+            )
 
 
 @dataclass(frozen=True)
@@ -100,7 +106,13 @@ class DataConfig:
             )
         if self.instance_prompt is not None and not self.instance_prompt.strip():
             _fail("data.instance_prompt", self.instance_prompt, "a caption such as 'a photo of <my-toy> toy'")
-        parse_validation(self.validation)
+        split = parse_validation(self.validation)
+        if split is not None and split.source is not None and looks_like_local_path(split.source):
+            if not Path(split.source).expanduser().exists():
+                raise ConfigError(
+                    f"data.validation: {split.source!r} does not exist; give an imagefolder, a .parquet/.jsonl/.csv "
+                    "file or a hub dataset id of validation images, or a fraction of data.source such as 0.1"
+                )
         if self.cache in ("memory", "disk") and not self.center_crop:
             raise ConfigError(
                 f"data.cache: {self.cache!r} needs data.center_crop: true (random crops change every "
@@ -272,8 +284,10 @@ class EvaluationConfig:
             _fail("evaluation.guidance_scale", self.guidance_scale, "0 or more (7.5 is usual)")
         if self.resolution is not None and (self.resolution <= 0 or self.resolution % 8):
             _fail("evaluation.resolution", self.resolution, "a positive multiple of 8")
-        if self.prompts_file and not Path(self.prompts_file).expanduser().exists():
-            raise ConfigError(f"evaluation.prompts_file: {self.prompts_file!r} does not exist")
+        if self.prompts_file and not Path(self.prompts_file).expanduser().is_file():
+            raise ConfigError(
+                f"evaluation.prompts_file: {self.prompts_file!r} is not a file; give a text file with one prompt a line"
+            )
         if self.scheduler is not None:
             import diffusers
 

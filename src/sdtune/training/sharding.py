@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 from sdtune.errors import UserError
+from sdtune.preflight import sharded_option_problem
 from sdtune.training.checkpoint import CheckpointError, restore_parameters
 
 FSDP2, DEEPSPEED = "fsdp2", "deepspeed"
@@ -97,10 +98,9 @@ def configure(accelerator: Any, config: Any) -> str | None:
 
 
 def _check_options(config: Any, what: str) -> None:
-    if config.compile:
-        raise ShardingError(f"train.compile: true is not supported with {what}; set train.compile: false")
-    if config.use_8bit_adam:
-        raise ShardingError(f"train.use_8bit_adam is not supported with {what} (sharded parameters); set it to false")
+    problem = sharded_option_problem(config, what)
+    if problem:
+        raise ShardingError(problem)
 
 
 def _configure_deepspeed(accelerator: Any, config: Any) -> str:

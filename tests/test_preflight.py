@@ -35,7 +35,7 @@ UNWRITABLE = "/sys/sdtune-output"  # /sys refuses new files even to root (chmod 
 
 
 @pytest.fixture(scope="module")
-def template(tmp_path_factory, tiny_model, tiny_data):
+def template(tmp_path_factory, tiny_model, tiny_data, family_model):
     """A workspace: experiment.yaml (paths relative to it), a finished LoRA run in runs/lora, and
     the inputs of the cases below."""
     folder = tmp_path_factory.mktemp("workspace")
@@ -59,6 +59,16 @@ def template(tmp_path_factory, tiny_model, tiny_data):
     _edited_record(run, folder / "newer-run", lambda r: r["config"]["model"].update(quantization="int4"))
     _edited_record(run, folder / "unknown-kind-run", lambda r: r["technique"].update(kind="hyper-lora"))
     _edited_record(run, folder / "future-run", lambda r: r.update(schema_version=99))
+    _edited_record(run, folder / "ti-run", lambda r: r["technique"].update(kind="textual-inversion"))
+    save_file({"<zz>": torch.zeros(1, 7)}, folder / "ti-run" / "learned_embeds.safetensors")  # another encoder's width
+    (folder / "ti-run" / "textual_inversion.json").write_text(json.dumps(
+        {"placeholder_token": "<zz>", "tokens": ["<zz>"], "files": {"text_encoder": "learned_embeds.safetensors"}}))
+    _edited_record(run, folder / "partial-run", lambda r: r["technique"].update(kind="partial"))
+    save_file({"unet.conv_in.weight": torch.zeros(2, 2, 1, 1)}, folder / "partial-run" / "partial_weights.safetensors")
+    _edited_record(run, folder / "moved-base-run", lambda r: r["config"]["model"].update(path=str(family_model("sdxl"))))
+    _edited_record(run, folder / "full-run", lambda r: (r["technique"].update(kind="full"),
+                                                        r["config"]["model"].update(path="/no/such/base")))
+    shutil.copy(tiny_model / "model_index.json", folder / "full-run" / "model_index.json")
     shutil.copytree(run, folder / "other-run")
     shutil.copy(tiny_model / "model_index.json", folder / "other-run" / "model_index.json")
     for name, model in (("records-a", "one-model"), ("records-b", "another-model")):
@@ -149,7 +159,7 @@ CASES = [
     Case("train-more-processes-than-images", [*TRAIN, "--output", "o", "--set", "data.max_samples=2"],
          "3 processes were launched for 2 training images", {"WORLD_SIZE": "3", **LAUNCHED}),
     Case("train-fsdp-on-one-process", [*TRAIN, "--output", "o"], "asks for FSDP2 sharding but one process",
-         {"ACCELERATE_USE_FSDP": "true"}),
+         {"ACCELERATE_USE_FSDP": "true", "ACCELERATE_USE_CPU": "true"}),
     Case("train-fp16-on-cpu", [*TRAIN, "--output", "o", "--set", "train.mixed_precision=fp16"], "'fp16' needs a CUDA GPU",
          {"ACCELERATE_USE_CPU": "true"}),
     # compare, --plan, --only, --evaluate-only
@@ -167,6 +177,12 @@ CASES = [
     # generate
     Case("generate-files-of-another-model", ["generate", "mixed-run", "--prompt", "a red circle", "--num-images", "1",
                                              "--steps", "1"], "mixed-run: its weight files do not fit the base model"),
+    Case("generate-embedding-of-another-model", ["generate", "ti-run", "--prompt", "<zz>", "--num-images", "1", "--steps", "1"],
+         "ti-run: its weight files do not fit the base model"),
+    Case("generate-partial-weights-of-another-model", ["generate", "partial-run", "--prompt", "x", "--num-images", "1",
+                                                       "--steps", "1"], "partial-run: its weight files do not fit"),
+    Case("generate-base-model-now-another-family", ["generate", "moved-base-run", "--prompt", "x"],
+         "was trained on a model of family sd1, but its base model"),
     Case("generate-out-is-a-file", ["generate", "runs/lora", "--prompt", "x", "--out", "a-file"], "--out: 'a-file' is a file"),
     Case("generate-not-a-run", ["generate", "notes", "--prompt", "x"], "notes is not an sdtune run folder"),
     Case("generate-record-of-another-version", ["generate", "newer-run", "--prompt", "x"], "config.model.quantization: unknown key"),
@@ -214,6 +230,15 @@ def test_bad_input_is_one_line_and_changes_nothing(case, workspace, tiny_model, 
 def test_export_writes_nothing_when_its_second_target_is_refused(workspace, capsys):
     assert main(["export", "runs/lora", "--merged", "--out", "merged", "--single-file", "x.bin"]) == 2
     assert not (workspace / "merged").exists() and "does not end in .safetensors" in capsys.readouterr().err
+
+
+def test_a_full_run_needs_no_base_model_to_be_read(workspace):
+    """A full fine-tuning run is its own pipeline: its base model may be gone (the check is for runs
+    whose files go onto it)."""
+    from sdtune.generation import finished_run
+
+    record, model_config, technique = finished_run(workspace / "full-run")
+    assert technique.kind == "full" and model_config.path == "/no/such/base"
 
 
 # -- the pieces -----------------------------------------------------------------------------------------

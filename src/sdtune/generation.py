@@ -48,7 +48,8 @@ SHAPE_MISMATCH_WORDS = ("size mismatch", "shape mismatch", "must match the size"
 def finished_run(run_dir: str | Path) -> tuple[dict[str, Any], ModelConfig, type[Technique]]:
     """A finished run's record, its base model's config and its technique plug-in, each checked
     before anything loads: the record is sdtune's and finished, its kind is a technique of this
-    sdtune, its base model is still where it was and still of the family the run was trained on."""
+    sdtune, and the base model its files go onto (not a full run's: that folder is its own
+    pipeline) is still where it was and still of the family the run was trained on."""
     run_dir = Path(run_dir)
     record = read_record(run_dir) if run_dir.is_dir() else None
     if record is None or record.get("kind") != "train":
@@ -61,13 +62,17 @@ def finished_run(run_dir: str | Path) -> tuple[dict[str, Any], ModelConfig, type
             f"{run_dir}: technique kind {kind!r} of its record is not one this sdtune knows ({', '.join(TECHNIQUES.names())}); "
             "use the sdtune version that trained it (record.json: versions.sdtune)"
         )
-    return record, recorded_model(record, run_dir), TECHNIQUES.get(kind)
+    technique = TECHNIQUES.get(kind)
+    return record, recorded_model(record, run_dir, needed=not technique.own_pipeline(run_dir)), technique
 
 
-def recorded_model(record: dict[str, Any], run_dir: Path) -> ModelConfig:
-    """The base model a run was trained on, checked to be there and of the family the record names."""
+def recorded_model(record: dict[str, Any], run_dir: Path, needed: bool = True) -> ModelConfig:
+    """The base model a run was trained on; when the run ``needed`` it (its files go onto it), checked
+    to be there and of the family the record names."""
     where = f"{run_dir / 'record.json'}: config.model"
     model_config = build(ModelConfig, dict((record.get("config") or {}).get("model") or {}), where)
+    if not needed:
+        return model_config
     try:
         model_config.validate()
     except ConfigError as error:

@@ -108,10 +108,14 @@ def reuse_mismatch(record: dict[str, Any], experiment: Experiment, name: str) ->
     ``name`` (``"train.learning_rate: 0.001 there, 0.0005 here"``), or None when it is the same run.
     Keys that change nothing the run learns are left out (:data:`RUN_NEUTRAL_TRAIN_KEYS`)."""
     there, here = record.get("config") or {}, experiment.to_dict()
+    prior = experiment.train_config_for(name).prior_preservation or (record.get("train") or {}).get("prior_preservation")
     sections = {
         "model": ((there.get("model") or {}), here["model"], ()),
-        "data": ((there.get("data") or {}), here["data"], RUN_NEUTRAL_DATA_KEYS),
+        "data": (_held_out(there.get("data") or {}), _held_out(here["data"]), RUN_NEUTRAL_DATA_KEYS),
         "train": (record.get("train") or {}, dataclasses.asdict(experiment.train_config_for(name)), RUN_NEUTRAL_TRAIN_KEYS),
+        "dreambooth": (  # (the class images shape only the runs with prior preservation)
+            there.get("dreambooth") or {} if prior else {}, here.get("dreambooth") or {} if prior else {}, (),
+        ),
         f"techniques.{name}": (
             _without((there.get("techniques") or {}).get(name) or {}, TrainConfig),
             _without(here["techniques"][name], TrainConfig), (),
@@ -122,6 +126,14 @@ def reuse_mismatch(record: dict[str, Any], experiment: Experiment, name: str) ->
             if key not in neutral and old.get(key) != new.get(key):
                 return f"{section}.{key}: {old.get(key)!r} there, {new.get(key)!r} here"
     return None
+
+
+def _held_out(data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` with ``validation`` only where it takes rows out of training (a fraction); a separate
+    validation source changes what is measured, not what trains."""
+    validation = data.get("validation")
+    fraction = isinstance(validation, (int, float)) or (isinstance(validation, dict) and "fraction" in validation)
+    return data if fraction else {key: value for key, value in data.items() if key != "validation"}
 
 
 def _without(entry: dict[str, Any], config: type) -> dict[str, Any]:

@@ -220,6 +220,8 @@ def check_one_base_model(loaded: list[tuple[Path, Record]]) -> None:
     for path, record in loaded:
         model = (record.config or {}).get("model") or {}
         base = (model.get("path"), model.get("family"))
+        if base == (None, None):  # (a record that does not say: nothing to compare)
+            continue
         if first is None:
             first = (path, base)
         elif base != first[1]:

@@ -55,7 +55,7 @@ def check_output_file(path: str | Path, key: str, overwrite: bool) -> Path:
     if path.is_dir():
         raise OutputPathError(f"{key}: {str(path)!r} is a folder; give a file name")
     if path.exists() and not overwrite:
-        raise OutputPathError(f"{key}: {str(path)!r} exists; choose another file or pass --overwrite")
+        raise OutputPathError(f"{key}: {path} exists; choose another file or pass --overwrite")
     check_writable_folder(path.parent, key)
     return path
 

@@ -104,7 +104,7 @@ def workspace(template, tmp_path, monkeypatch):
     shutil.copytree(template, folder)
     monkeypatch.chdir(folder)
     monkeypatch.setattr("sdtune.util.allocator.keep_freed_memory", lambda: None)
-    for name in ("WORLD_SIZE", "RANK", "MASTER_ADDR", "ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"):
+    for name in ("WORLD_SIZE", "RANK", "MASTER_ADDR", "ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED", "FSDP_VERSION"):
         monkeypatch.delenv(name, raising=False)
     return folder
 
@@ -160,6 +160,10 @@ CASES = [
          "3 processes were launched for 2 training images", {"WORLD_SIZE": "3", **LAUNCHED}),
     Case("train-fsdp-on-one-process", [*TRAIN, "--output", "o"], "asks for FSDP2 sharding but one process",
          {"ACCELERATE_USE_FSDP": "true", "ACCELERATE_USE_CPU": "true"}),
+    Case("train-fsdp1", [*TRAIN, "--output", "o"], "FSDP1 is not supported", {"WORLD_SIZE": "2", **LAUNCHED,
+                                                                                "ACCELERATE_USE_FSDP": "true"}),
+    Case("train-compile-with-deepspeed", [*TRAIN, "--output", "o", "--set", "train.compile=true"],
+         "train.compile: true is not supported with DeepSpeed", {"WORLD_SIZE": "2", **LAUNCHED, "ACCELERATE_USE_DEEPSPEED": "1"}),
     Case("train-fp16-on-cpu", [*TRAIN, "--output", "o", "--set", "train.mixed_precision=fp16"], "'fp16' needs a CUDA GPU",
          {"ACCELERATE_USE_CPU": "true"}),
     # compare, --plan, --only, --evaluate-only
@@ -303,3 +307,17 @@ def test_as_a_user_runs_it_the_whole_stderr_is_one_line(argv, env, message, work
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and message in lines[0], result.stderr
     assert tree_state(workspace) == before
+
+
+def test_an_unreadable_latent_cache_entry_is_encoded_again_not_a_crash(tmp_path, caplog):
+    from sdtune.data.cache import open_cache
+
+    cache = open_cache("k", "disk", tmp_path, caches_texts=False, description={})
+    mean, std = torch.ones(4, 2, 2), torch.full((4, 2, 2), 0.5)
+    cache.put_posterior(3, False, mean, std)
+    entry = tmp_path / "k" / "00000003-orig.safetensors"
+    entry.write_bytes(entry.read_bytes()[:40])  # cut short
+    assert cache.has_posterior(3, False) and cache.posterior(3, False) is None  # → the loop encodes it again
+    assert "unreadable" in caplog.text
+    cache.put_posterior(3, False, mean, std)  # (replaced whole, atomically)
+    assert all(torch.equal(a, b) for a, b in zip(cache.posterior(3, False), (mean, std)))

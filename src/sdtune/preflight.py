@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import os
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
@@ -182,6 +183,11 @@ def check_launch(experiment: Experiment, names: list[str], items: int | None, wh
             f"{variable} asks for {SHARDING_NAMES[sharding]} sharding but one process was launched, which has "
             f"nothing to share its weights with; launch several (`{launch_command('N', launcher)}`), or unset "
             f"{variable} to train in one process"
+        )
+    if sharding == "fsdp" and processes > 1 and os.environ.get("FSDP_VERSION", "1") != "2":  # (accelerate's default: 1)
+        raise DistributedSetupError(
+            "FSDP1 is not supported (its flat parameters break saving the trained tensors by name); set fsdp_version: 2 "
+            "in the accelerate config (or FSDP_VERSION=2)"
         )
     if sharding and processes > 1:
         for name in names:

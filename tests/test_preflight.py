@@ -66,6 +66,7 @@ def template(tmp_path_factory, tiny_model, tiny_data, family_model):
     _edited_record(run, folder / "partial-run", lambda r: r["technique"].update(kind="partial"))
     save_file({"unet.conv_in.weight": torch.zeros(2, 2, 1, 1)}, folder / "partial-run" / "partial_weights.safetensors")
     _edited_record(run, folder / "moved-base-run", lambda r: r["config"]["model"].update(path=str(family_model("sdxl"))))
+    _edited_record(run, folder / "gone-base-run", lambda r: r["config"]["model"].update(path="/no/such/base"))
     _edited_record(run, folder / "full-run", lambda r: (r["technique"].update(kind="full"),
                                                         r["config"]["model"].update(path="/no/such/base")))
     shutil.copy(tiny_model / "model_index.json", folder / "full-run" / "model_index.json")
@@ -185,6 +186,8 @@ CASES = [
          "ti-run: its weight files do not fit the base model"),
     Case("generate-partial-weights-of-another-model", ["generate", "partial-run", "--prompt", "x", "--num-images", "1",
                                                        "--steps", "1"], "partial-run: its weight files do not fit"),
+    Case("generate-base-model-gone", ["generate", "gone-base-run", "--prompt", "x"],
+         "its base model '/no/such/base' (record.json: config.model.path) is not there any more"),
     Case("generate-base-model-now-another-family", ["generate", "moved-base-run", "--prompt", "x"],
          "was trained on a model of family sd1, but its base model"),
     Case("generate-out-is-a-file", ["generate", "runs/lora", "--prompt", "x", "--out", "a-file"], "--out: 'a-file' is a file"),

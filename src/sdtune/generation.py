@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from sdtune.config import ConfigError, ModelConfig, build
+from sdtune.config import ConfigError, ModelConfig, build, looks_like_local_path
 from sdtune.errors import UserError, first_line
 from sdtune.models import ModelLoadError, detect_family_name, model_class
 from sdtune.models.sampling import (
@@ -73,13 +73,11 @@ def recorded_model(record: dict[str, Any], run_dir: Path, needed: bool = True) -
     model_config = build(ModelConfig, dict((record.get("config") or {}).get("model") or {}), where)
     if not needed:
         return model_config
-    try:
-        model_config.validate()
-    except ConfigError as error:
+    if looks_like_local_path(model_config.path) and not Path(model_config.path).expanduser().exists():
         raise RunMismatchError(
-            f"{run_dir}: its base model is gone ({error}); put the model back at {model_config.path!r}, or load "
-            "the run where it is"
-        ) from None
+            f"{run_dir}: its base model {model_config.path!r} (record.json: config.model.path) is not there any more; "
+            "put the model back at that path, or use the run where its base model is"
+        )
     trained_on = (record.get("model") or {}).get("family") or model_config.family
     try:
         now = detect_family_name(model_config)

@@ -17,7 +17,10 @@ The public API, each one import away (the ``sdtune`` command is one call of thes
 - :func:`render_report` (``output_dir``) → the report re-rendered from the records alone;
   :func:`summary_table` the terminal table;
 - :func:`export_merged` and :func:`export_single_file`: a run as a diffusers folder with its weights
-  folded in, or one original-layout checkpoint for A1111/ComfyUI;
+  folded in, or one original-layout checkpoint for A1111/ComfyUI; :func:`check_export_targets` checks
+  both targets before either is written;
+- :func:`check_training` and :func:`check_comparison`: the preflight of every command that trains
+  (names, output, data listing, launch), run by :func:`train`/:func:`compare` before any work;
 - :class:`UserError`: the base of every error whose message names the bad input and the fix.
 
 Plug-in points: :mod:`sdtune.techniques` (``TECHNIQUES``), :mod:`sdtune.models` (``FAMILIES``) and
@@ -46,6 +49,9 @@ _EXPORTS = {  # public name → the module that defines it (imported on first us
     "summary_table": "sdtune.report",
     "export_merged": "sdtune.export",
     "export_single_file": "sdtune.export",
+    "check_export_targets": "sdtune.export",
+    "check_training": "sdtune.preflight",
+    "check_comparison": "sdtune.preflight",
     "UserError": "sdtune.errors",
 }
 __all__ = sorted(_EXPORTS)

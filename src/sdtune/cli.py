@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("experiment", help="the experiment YAML file")
     compare.add_argument("--output", metavar="DIR", help="output folder (default: output_dir of the file or runs/<name>)")
     compare.add_argument("--seeds", type=_seed_list, metavar="0,1,2", help="repeat each training once per seed")
-    compare.add_argument("--only", metavar="NAME", help="run only this technique")
+    compare.add_argument("--only", metavar="NAME[,NAME]", help="run only these techniques (comma-separated)")
     compare.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key of the file")
     compare.add_argument("--plan", choices=["yaml", "json", "shell"], nargs="?", const="yaml",
                          help="print one `sdtune train` command per technique × seed (for a cluster scheduler) and exit")
@@ -279,6 +279,9 @@ def _export(args: argparse.Namespace) -> int:
 
     if not (args.merged or args.single_file) or bool(args.merged) != bool(args.out):
         raise ConfigError("export: give --merged --out DIR (a diffusers folder), --single-file OUT.safetensors, or both")
+    sdtune.check_export_targets(  # both targets before either is written
+        args.run_dir, args.out if args.merged else None, args.single_file, args.overwrite, args.precision
+    )
     if args.merged:
         out = sdtune.export_merged(args.run_dir, args.out, args.overwrite)
         print(f"merged pipeline written to {out} (diffusers <Pipeline>.from_pretrained)")

@@ -10,6 +10,8 @@ measures that where a GPU is lent: docs/benchmarks.md).
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -76,8 +78,8 @@ def test_free_encoders_needs_every_input_cached(write_experiment):
     ],
 )
 def test_cuda_only_savers_are_refused_on_the_cpu_in_one_line(write_experiment, train, evaluation, message):
-    experiment = load_experiment(write_experiment(**train))
-    config = experiment.train_config_for("lora")
+    experiment = load_experiment(write_experiment())  # (the keys set below, past load's optional-package check)
+    config = dataclasses.replace(experiment.train_config_for("lora"), **train)
     evaluation_config = experiment.evaluation.__class__(**evaluation)
     with pytest.raises(savers.DeviceSaverError, match=message) as error:
         savers.check_device(config, evaluation_config, torch.device("cpu"))

@@ -29,6 +29,7 @@ from sdtune.config.split import resolve_validation_source
 
 TOP_KEYS = {"name", "model", "data", "train", "techniques", "evaluation", "dreambooth", "output_dir"}
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+SHORTHANDS = {"model": "path", "data": "source"}  # `model: id` means `model: {path: id}`
 
 
 def read_experiment_file(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
@@ -58,7 +59,9 @@ def apply_override(raw: dict[str, Any], override: str) -> None:
     key, value_text = override.split("=", 1)
     parts = key.strip().split(".")
     node = raw
-    for part in parts[:-1]:
+    for depth, part in enumerate(parts[:-1]):
+        if depth == 0 and part in SHORTHANDS and isinstance(node.get(part), str):
+            node[part] = _expand(node[part], SHORTHANDS[part])  # `--set model.family=sdxl` on `model: PATH`
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
             raise ConfigError(f"--set {override!r}: {part!r} is not a section")
@@ -75,17 +78,17 @@ def config_from_dict(
     for required in ("model", "data", "techniques"):
         if required not in raw:
             raise ConfigError(f"missing section {required!r}; see configs/pokemon-paper.yaml for an example")
-    base_dir = base_dir or Path.cwd()
+    base_dir = Path(base_dir).resolve() if base_dir else Path.cwd()  # (absolute: "./x" stays a path)
     local = lambda text: resolve_local(text, base_dir)  # noqa: E731
 
     # `model: id` and `data: source` are shorthands for their one required key
-    model = build(ModelConfig, _expand(raw["model"], "path"), "model")
+    model = build(ModelConfig, _expand(raw["model"], SHORTHANDS["model"]), "model")
     model = dataclasses.replace(
         model, path=local(model.path), vae=model.vae and local(model.vae),
         single_file_config=model.single_file_config and local(model.single_file_config),
     )
     model.validate()
-    data = build(DataConfig, _expand(raw["data"], "source"), "data")
+    data = build(DataConfig, _expand(raw["data"], SHORTHANDS["data"]), "data")
     data = dataclasses.replace(data, source=local(data.source), validation=resolve_validation_source(data.validation, local))
     data.validate()
     _refuse_renamed("train", raw.get("train") or {})
@@ -104,7 +107,8 @@ def config_from_dict(
     output_dir = raw.get("output_dir")
     return ExperimentConfig(
         model=model, data=data, train=train, techniques=techniques, evaluation=evaluation, dreambooth=dreambooth,
-        name=name, output_dir=None if output_dir is None else local(str(output_dir)), source_path=source_path,
+        name=name, output_dir=None if output_dir is None else str((base_dir / Path(str(output_dir)).expanduser()).resolve()),
+        source_path=source_path,
         base_dir=str(base_dir),
     )
 

@@ -46,6 +46,12 @@ class ModelConfig:
             )
         if self.vae and looks_like_local_path(self.vae) and not Path(self.vae).expanduser().exists():
             raise ConfigError(f"model.vae: {self.vae!r} does not exist; give a VAE folder, a hub id or a .safetensors file")
+        config = self.single_file_config
+        if config and looks_like_local_path(config) and not Path(config).expanduser().exists():
+            raise ConfigError(
+                f"model.single_file_config: {config!r} does not exist; give the diffusers folder or hub id whose "
+                "configs describe the single file"
+            )
 
 
 @dataclass(frozen=True)
@@ -100,7 +106,13 @@ class DataConfig:
             )
         if self.instance_prompt is not None and not self.instance_prompt.strip():
             _fail("data.instance_prompt", self.instance_prompt, "a caption such as 'a photo of <my-toy> toy'")
-        parse_validation(self.validation)
+        split = parse_validation(self.validation)
+        if split is not None and split.source is not None and looks_like_local_path(split.source):
+            if not Path(split.source).expanduser().exists():
+                raise ConfigError(
+                    f"data.validation: {split.source!r} does not exist; give an imagefolder, a .parquet/.jsonl/.csv "
+                    "file or a hub dataset id of validation images, or a fraction of data.source such as 0.1"
+                )
         if self.cache in ("memory", "disk") and not self.center_crop:
             raise ConfigError(
                 f"data.cache: {self.cache!r} needs data.center_crop: true (random crops change every "
@@ -228,20 +240,6 @@ RENAMED_TRAIN_KEYS = {  # a key of an older sdtune → how to write it now (refu
 def validate_savers(train: TrainConfig) -> None:
     """The memory savers' combinations that need nothing but the train section (the device-dependent
     checks are made when a run starts: :func:`sdtune.training.savers.check_device`)."""
-    if train.optimizer != "adamw":
-        try:
-            import bitsandbytes  # noqa: F401
-        except ImportError:
-            raise ConfigError(
-                f"train.optimizer: {train.optimizer!r} needs bitsandbytes; pip install 'sdtune[bnb]' or use adamw"
-            ) from None
-    if train.optimizer_offload:
-        try:
-            import torchao.optim  # noqa: F401
-        except ImportError:
-            raise ConfigError(
-                "train.optimizer_offload: true needs torchao; pip install 'sdtune[offload]' or set it to false"
-            ) from None
     if train.block_swap < 0:
         _fail("train.block_swap", train.block_swap, "0 (off) or a number of transformer blocks")
     if train.optimizer_offload and train.optimizer.startswith("paged_"):
@@ -249,8 +247,11 @@ def validate_savers(train: TrainConfig) -> None:
             f"train.optimizer_offload: the states of {train.optimizer!r} are paged to the CPU already; "
             "use optimizer: adamw or adamw8bit with the offload"
         )
-    if not train.fused_backward:
-        return
+    if train.fused_backward:
+        _check_fused_backward(train)
+
+
+def _check_fused_backward(train: TrainConfig) -> None:
     why = "train.fused_backward: each tensor steps as soon as its gradient is ready, so "
     if train.gradient_accumulation_steps > 1:
         raise ConfigError(why + "gradients cannot accumulate; set gradient_accumulation_steps: 1 (raise batch_size)")
@@ -262,10 +263,6 @@ def validate_savers(train: TrainConfig) -> None:
         raise ConfigError(why + "it cannot be combined with optimizer_offload (which steps on the CPU); choose one")
 
 
-FLOW_DEFAULTS = {  # Esser et al. 2024 (SD3): logit-normal(0, 1) sampling; mode scale 1.29; no weighting
-    "timestep_sampling": "logit_normal", "logit_mean": 0.0, "logit_std": 1.0, "mode_scale": 1.29,
-    "flow_weighting": "none",
-}
 
 
 @dataclass(frozen=True)
@@ -314,8 +311,10 @@ class EvaluationConfig:
             _fail("evaluation.guidance_scale", self.guidance_scale, "0 or more (7.5 is usual)")
         if self.resolution is not None and (self.resolution <= 0 or self.resolution % 8):
             _fail("evaluation.resolution", self.resolution, "a positive multiple of 8")
-        if self.prompts_file and not Path(self.prompts_file).expanduser().exists():
-            raise ConfigError(f"evaluation.prompts_file: {self.prompts_file!r} does not exist")
+        if self.prompts_file and not Path(self.prompts_file).expanduser().is_file():
+            raise ConfigError(
+                f"evaluation.prompts_file: {self.prompts_file!r} is not a file; give a text file with one prompt a line"
+            )
         if self.scheduler is not None:
             import diffusers
 

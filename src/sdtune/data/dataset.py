@@ -121,6 +121,16 @@ def _pick_column(dataset: Any, wanted: str | None, names: tuple[str, ...], what:
     )
 
 
+def caption_values(config: DataConfig, dataset: Any, caption_column: str | None) -> list[Any]:
+    """Every row's caption as stored (:func:`caption_text` reads one); DreamBooth's instance prompt
+    captions every image."""
+    if config.instance_prompt is not None:
+        return [config.instance_prompt] * len(dataset)
+    if isinstance(dataset, list):
+        return [row[caption_column] for row in dataset]
+    return list(dataset[caption_column])
+
+
 def decode_image(value: Any, base_dir: Path | None, converted: dict[str, int] | None = None) -> Image.Image:
     """An RGB PIL image from a datasets Image value, a path, bytes, or a PIL image (other modes
     converted by :func:`sdtune.data.images.to_rgb`, counted per mode in ``converted``, or refused)."""
@@ -395,12 +405,7 @@ def prepare_training_set(
         raise ValueError("prepare_training_set: data.validation is set; pass its parsed split as held_out")
 
     dataset, image_column, caption_column, base_dir = load_rows(config, cache_root)
-    if config.instance_prompt is not None:  # DreamBooth: one prompt captions every image
-        captions_column = [config.instance_prompt] * len(dataset)
-    elif isinstance(dataset, list):
-        captions_column = [row[caption_column] for row in dataset]
-    else:
-        captions_column = dataset[caption_column]
+    captions_column = caption_values(config, dataset, caption_column)
     if config.mask_column is not None and not isinstance(dataset, list) and config.mask_column not in dataset.column_names:
         raise DataError(
             f"data.mask_column: {config.mask_column!r} is not a column; the dataset has: {', '.join(dataset.column_names)}"

@@ -24,7 +24,10 @@ import numpy as np
 import torch
 
 from sdtune.demo import world
+from sdtune.errors import UserError
 from sdtune.testing.tiny import TinySizes, build_tiny_pipeline
+from sdtune.util import atomic
+from sdtune.util.paths import check_writable_folder
 
 DEMO_SIZES = TinySizes(
     unet_channels=(32, 64, 64),  # 1.49 M parameters
@@ -53,6 +56,7 @@ def pretrain(
 ) -> dict[str, Any]:
     """Build, pretrain and write the demo base model to ``out_dir``; returns a summary."""
     out_dir = Path(out_dir)
+    check_base_folder(out_dir)
     work = Path(work_dir) if work_dir else out_dir.parent / f".{out_dir.name}-work"
     work.mkdir(parents=True, exist_ok=True)
     init_dir = work / "init"
@@ -69,12 +73,6 @@ def pretrain(
         world.write_imagefolder(data_dir, world.sample_scenes(num_images, seed + 1, "base"), RESOLUTION)
     started = time.perf_counter()
     run = _train_unet(init_dir, data_dir, work / "runs", unet_steps, seed, progress)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for part in PIPELINE_PARTS:
-        source, target = run.run_dir / part, out_dir / part
-        if target.exists():
-            shutil.rmtree(target) if target.is_dir() else target.unlink()
-        shutil.copytree(source, target) if source.is_dir() else shutil.copy2(source, target)
     summary = {
         "vae": vae_report,
         "unet_steps": unet_steps,
@@ -83,8 +81,23 @@ def pretrain(
         "parameters": run.record["parameters"],
         "seed": seed,
     }
-    (out_dir / "pretrain.json").write_text(json.dumps(summary, indent=2, default=str))
+    with atomic.replacing(out_dir, folder=True) as folder:  # the old model stays until the new one is whole
+        for part in PIPELINE_PARTS:
+            source, target = run.run_dir / part, folder / part
+            shutil.copytree(source, target) if source.is_dir() else shutil.copy2(source, target)
+        (folder / "pretrain.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary
+
+
+def check_base_folder(out_dir: Path) -> None:
+    """``--out`` before the hour of pretraining: a folder this process can write, empty or an earlier
+    demo base model (which the new one replaces whole once it is written)."""
+    check_writable_folder(out_dir, "--out")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / "model_index.json").is_file():
+        raise UserError(
+            f"--out: {str(out_dir)!r} holds files that are not a demo base model; `demo pretrain` replaces the whole "
+            "folder: choose an empty or new one"
+        )
 
 
 def train_vae(

@@ -19,6 +19,7 @@ import yaml
 from sdtune import UserError
 from sdtune.demo import world
 from sdtune.demo.metrics import JUDGE_METRICS, PLUGIN
+from sdtune.util.paths import check_writable_folder
 
 ASSET = "demo-base"
 
@@ -127,5 +128,6 @@ def run_demo(output_dir: str | Path = "demo-output", quick: bool = False, progre
     import sdtune
 
     settings = QUICK if quick else DemoSettings()
+    check_writable_folder(output_dir, "--output")  # (before the demo's data is written there)
     path = demo_experiment(Path(output_dir), settings)
     return sdtune.compare(sdtune.load_experiment(path), progress=progress)

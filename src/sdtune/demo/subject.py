@@ -23,6 +23,7 @@ import yaml
 from sdtune.demo import world
 from sdtune.demo.metrics import PLUGIN, SUBJECT_METRICS
 from sdtune.demo.run import base_model_path
+from sdtune.util.paths import check_writable_folder
 
 # The made-up word. Textual inversion adds it as a new token; the other techniques read it as
 # DreamBooth's rare identifier: here four single-character tokens the base model never saw in a
@@ -127,5 +128,6 @@ def run_subject(output_dir: str | Path = "demo-subject-output", quick: bool = Fa
     """Build the subject round's experiment and run the whole comparison; returns the report's path."""
     import sdtune
 
+    check_writable_folder(output_dir, "--output")  # (before the round's images are written there)
     path = subject_experiment(Path(output_dir), QUICK if quick else SubjectSettings())
     return sdtune.compare(sdtune.load_experiment(path), progress=progress)

@@ -26,6 +26,7 @@ from sdtune.report.summary import (
     share_summary,
     study_table,
 )
+from sdtune.util.paths import check_writable_folder
 
 FILES_DIR = "report_files"
 MB = 1e6
@@ -119,6 +120,7 @@ def render_report(root: str | Path) -> Path:
     """Render ``report.md`` and ``report.html`` in ``root`` from its records; return the HTML path."""
     root = Path(root)
     train, evals = load_records(root)
+    check_writable_folder(root, "report")  # (before the figures are drawn)
     rows = build_rows(train, evals)
     figures_dir = root / FILES_DIR
     figures_dir.mkdir(exist_ok=True)

@@ -16,11 +16,12 @@ from typing import Any, ClassVar
 import torch
 
 from sdtune.config import ConfigError, build
+from sdtune.errors import first_line
 from sdtune.formats import community
-from sdtune.formats.families import export_facts
+from sdtune.formats.families import export_facts, family_of_metadata
 from sdtune.models import Model
 from sdtune.techniques import lora_variants
-from sdtune.techniques.base import TECHNIQUES, Technique, TechniqueOptions, files_under
+from sdtune.techniques.base import TECHNIQUES, Technique, TechniqueOptions, WeightsDoNotFit, files_under
 
 # peft fields that describe the wrapping model, not the adapter: never set from an experiment
 _RESERVED_PEFT_FIELDS = {
@@ -87,6 +88,12 @@ class AdapterTechnique(Technique):
         options.peft = peft_args
         cls.check_options(options, where)
         return options
+
+    @classmethod
+    def check_family(cls, options: Any, family: type[Model], where: str) -> None:
+        super().check_family(options, family, where)
+        if options.init_from is not None:
+            check_file_family(Path(options.init_from), family.family, f"{where}.init_from")
 
     @classmethod
     def complete_peft_args(cls, peft_args: dict[str, Any], given: set[str]) -> dict[str, Any]:
@@ -211,7 +218,7 @@ class AdapterTechnique(Technique):
             unexpected = getattr(result, "unexpected_keys", [])
             missing = [k for k in getattr(result, "missing_keys", []) if any(m in k for m in ADAPTER_MARKERS)]
             if unexpected or missing:
-                raise RuntimeError(
+                raise WeightsDoNotFit(
                     f"{weights}: {len(unexpected)} adapter tensors did not fit the model and {len(missing)} "
                     "adapter tensors were missing; is this the run's base model?"
                 )
@@ -249,6 +256,24 @@ def _existing_file(value: str, where: str) -> str:
             "(absolute, or relative to the experiment file)"
         )
     return str(path.resolve())
+
+
+def check_file_family(path: Path, family: str, where: str) -> None:
+    """A community file whose metadata names another family than the model's is refused before the
+    model loads (its layers would not fit; a file that does not say is checked layer by layer later)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as file:
+            metadata = file.metadata()
+    except Exception as error:  # safetensors raises its own error types for a damaged header
+        raise ConfigError(f"{where}: {str(path)!r} is not a readable .safetensors file ({first_line(error)})") from None
+    trained_on = family_of_metadata(metadata)
+    if trained_on is not None and trained_on != family:
+        raise ConfigError(
+            f"{where}: {path.name} was trained on a model of family {trained_on} (its metadata says so) but this "
+            f"experiment's model is {family}; give a file trained on a {family} model, or remove init_from"
+        )
 
 
 def _check_injected(module: torch.nn.Module, targets: list[str], what: str) -> None:

@@ -17,8 +17,13 @@ from typing import Any, ClassVar
 import torch
 
 from sdtune.config import ConfigError, build
+from sdtune.errors import UserError
 from sdtune.models import Model
 from sdtune.util.registry import Registry
+
+
+class WeightsDoNotFit(UserError, RuntimeError):
+    """A run's saved weights do not fit the pipeline they are loaded into (another base model)."""
 
 
 @dataclass

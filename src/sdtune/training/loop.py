@@ -21,14 +21,15 @@ import torch
 
 from sdtune import diffusion, records
 from sdtune.errors import UserError
-from sdtune.experiment import Experiment
+from sdtune.experiment import Experiment, output_root
 from sdtune.models import Model
+from sdtune.preflight import check_training
 from sdtune.training import optim, sharding
 from sdtune.training.checkpoint import resolve_resume
 from sdtune.training.evaluator import TrainingEvaluator
 from sdtune.training.finish import finish_run, run_timing
 from sdtune.training.resume import restore_checkpoint, write_checkpoint
-from sdtune.training.run_dir import StopRequest, claim_run_dir
+from sdtune.training.run_dir import StopRequest, claim_run_dir, drop_replaced, release_run_dir
 from sdtune.training.setup import TrainingRun, setup_run
 from sdtune.training.state import TrainState
 from sdtune.training.step import denoising_loss
@@ -54,11 +55,6 @@ def check_finite_loss(loss: float, step: int) -> None:
         raise NonFiniteLossError(f"loss became {loss} at step {step}; lower train.learning_rate, or use bf16 instead of fp16")
 
 
-def output_root(experiment: Experiment, output_dir: str | Path | None) -> Path:
-    """Where an experiment's runs go: ``output_dir`` given, the file's ``output_dir``, or runs/<name>."""
-    return Path(output_dir or experiment.output_dir or Path("runs") / experiment.name)
-
-
 def train_technique(
     experiment: Experiment,
     name: str,
@@ -70,11 +66,33 @@ def train_technique(
 ) -> TrainResult:
     """Train one technique of the experiment into ``OUTPUT/<name>/`` and write its record.
 
-    The result keeps the trained model (``model``, EMA weights if used) for the caller.
+    The result keeps the trained model (``model``, EMA weights if used) for the caller. Everything
+    that can be checked first is (:func:`sdtune.preflight.check_training`); a run that ``overwrite``
+    replaces is set aside until this one finishes, and comes back if it fails.
     """
     started = time.perf_counter()
     run_dir = output_root(experiment, output_dir) / name
-    checkpoint = _claim(run_dir, resume, overwrite)
+    check_training(experiment, [name], output_dir, resume, overwrite)
+    checkpoint, new = _claim(run_dir, resume, overwrite)
+    main = process_state().is_main_process
+    try:
+        result = _train_claimed(experiment, name, run_dir, checkpoint, progress, after_step, started)
+    except BaseException:
+        if main:
+            release_run_dir(run_dir, new)
+        raise
+    if main and result.status == "finished":
+        drop_replaced(run_dir)
+    elif main:  # interrupted: resumable from its checkpoint
+        release_run_dir(run_dir, new)
+    return result
+
+
+def _train_claimed(
+    experiment: Experiment, name: str, run_dir: Path, checkpoint: Path | None, progress: bool,
+    after_step: Callable[[int], None] | None, started: float,
+) -> TrainResult:
+    """The run itself, in its claimed folder: set up, resume, the loop, the outputs and the record."""
     run = setup_run(experiment, name, run_dir, progress)
     config, accelerator, inputs = run.config, run.accelerator, run.inputs
     state = run.new_state()
@@ -149,13 +167,13 @@ def train_technique(
     return TrainResult(run_dir=run_dir, status=status, record=record, model=model)
 
 
-def _claim(run_dir: Path, resume: str | bool | None, overwrite: bool) -> Path | None:
-    """Claim the run folder on the main process only, then agree on the checkpoint everywhere."""
+def _claim(run_dir: Path, resume: str | bool | None, overwrite: bool) -> tuple[Path | None, bool]:
+    """Claim the run folder on the main process only, then agree on the checkpoint everywhere;
+    (the checkpoint to resume, whether the main process made the folder new)."""
     process = process_state()  # joins the launched processes into one group (gloo on CPUs)
-    if process.is_main_process:
-        claim_run_dir(run_dir, resume, overwrite)
+    new = claim_run_dir(run_dir, resume, overwrite) if process.is_main_process else False
     process.wait_for_everyone()
-    return resolve_resume(run_dir, resume)
+    return resolve_resume(run_dir, resume), new
 
 
 def _sync_point(

@@ -3,26 +3,26 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import signal
 from pathlib import Path
 from typing import Any
 
 from sdtune import records
-from sdtune.errors import UserError
-from sdtune.training.checkpoint import resolve_resume
+from sdtune.preflight import RunExistsError
+from sdtune.training.checkpoint import checkpoint_dirs, resolve_resume
 
 
-class RunExistsError(UserError, RuntimeError):
-    """The run folder holds a finished (or resumable) run; the message says how to proceed."""
-
-
-def claim_run_dir(run_dir: Path, resume: str | bool | None, overwrite: bool) -> None:
-    """Refuse to clobber a finished or resumable run; clear what may be cleared; create the folder."""
+def claim_run_dir(run_dir: Path, resume: str | bool | None, overwrite: bool) -> bool:
+    """Refuse to clobber a finished or resumable run; clear what may be cleared; create the folder.
+    Return whether the folder is new (nothing in it is the user's: :func:`release_run_dir` may remove
+    it). With ``overwrite`` the old run is moved aside (:func:`set_aside`), not deleted."""
     record = records.read_record(run_dir)
-    if overwrite and run_dir.exists():
-        shutil.rmtree(run_dir)
-        record = None
+    new = not run_dir.exists() or not any(run_dir.iterdir())
+    if overwrite and not new:
+        set_aside(run_dir)
+        record, new = None, True
     if record is not None and record.get("status") == "finished":
         raise RunExistsError(
             f"{run_dir} holds a finished run; pass --overwrite to replace it or --output to write elsewhere"
@@ -37,6 +37,48 @@ def claim_run_dir(run_dir: Path, resume: str | bool | None, overwrite: bool) -> 
             "start over"
         )
     run_dir.mkdir(parents=True, exist_ok=True)
+    return new
+
+
+def replaced_path(run_dir: Path) -> Path:
+    """Where ``--overwrite`` keeps the run it replaces until the new one has finished."""
+    return run_dir.with_name(f".{run_dir.name}.replaced")
+
+
+def set_aside(run_dir: Path) -> None:
+    """Move the run that ``--overwrite`` replaces beside it (:func:`replaced_path`). One already there
+    is the last finished run of an earlier replacement that did not finish; it stays, and the
+    unfinished replacement is what goes."""
+    aside = replaced_path(run_dir)
+    if aside.exists():
+        if (records.read_record(run_dir) or {}).get("status") != "finished":
+            shutil.rmtree(run_dir)
+            return
+        shutil.rmtree(aside)
+    os.replace(run_dir, aside)
+
+
+def release_run_dir(run_dir: Path, new: bool) -> None:
+    """After a run that did not finish: a new folder without a checkpoint goes (so that the same
+    command can run again), and the run an ``--overwrite`` set aside comes back — unless the new run
+    has a checkpoint to resume from, when both stay and the message says where the old one is."""
+    aside = replaced_path(run_dir)
+    if checkpoint_dirs(run_dir):
+        if aside.exists():
+            print(f"the finished run that --overwrite replaces is kept in {aside} until this one finishes "
+                  "(--resume); it is removed then")
+        return
+    if new and run_dir.exists():
+        shutil.rmtree(run_dir)
+    if aside.exists():
+        os.replace(aside, run_dir)
+
+
+def drop_replaced(run_dir: Path) -> None:
+    """The new run finished: the run it replaced is removed."""
+    aside = replaced_path(run_dir)
+    if aside.exists():
+        shutil.rmtree(aside)
 
 
 class StopRequest:

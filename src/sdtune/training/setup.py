@@ -25,6 +25,7 @@ from sdtune.data.batches import Layout
 from sdtune.data.dataset import TrainingSet, prepare_training_set
 from sdtune.experiment import Experiment
 from sdtune.models import Model
+from sdtune.preflight import check_device_options
 from sdtune.techniques import Technique, trainable_named_parameters
 from sdtune.training import blockswap, optim, savers, sharding
 from sdtune.training import prior as prior_lib
@@ -177,8 +178,7 @@ def _accelerator(config: TrainConfig, run_dir: Path) -> Accelerator:
     from accelerate.state import AcceleratorState
     from accelerate.utils import ProjectConfiguration
 
-    if config.mixed_precision == "fp16" and not torch.cuda.is_available():
-        raise ConfigError("train.mixed_precision: 'fp16' needs a CUDA GPU; use 'bf16' or 'no' here")
+    check_device_options(config)  # (checked before the run folder was claimed; again for direct callers)
     gc.collect()  # the previous technique's model, if the caller dropped it
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 from sdtune.errors import UserError
+from sdtune.preflight import sharded_option_problem
 from sdtune.training.checkpoint import CheckpointError, restore_parameters
 
 FSDP2, DEEPSPEED = "fsdp2", "deepspeed"
@@ -97,13 +98,9 @@ def configure(accelerator: Any, config: Any) -> str | None:
 
 
 def _check_options(config: Any, what: str) -> None:
-    if config.compile:
-        raise ShardingError(f"train.compile: true is not supported with {what}; set train.compile: false")
-    if config.optimizer != "adamw":
-        raise ShardingError(f"train.optimizer: {config.optimizer!r} is not supported with {what} (sharded parameters); use adamw")
-    for saver in ("fused_backward", "optimizer_offload", "block_swap"):
-        if getattr(config, saver):
-            raise ShardingError(f"train.{saver} is not supported with {what} (it moves or steps whole tensors); turn it off")
+    problem = sharded_option_problem(config, what)
+    if problem:
+        raise ShardingError(problem)
 
 
 def _configure_deepspeed(accelerator: Any, config: Any) -> str:

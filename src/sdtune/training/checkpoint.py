@@ -130,8 +130,8 @@ def join_tensors(structure: Any, tensors: dict[str, torch.Tensor]) -> Any:
     return structure
 
 
-def restore_parameters(parameters: dict[str, torch.nn.Parameter], saved: dict[str, torch.Tensor]) -> None:
-    """Copy saved tensors into the live parameters, checking the names match exactly."""
+def check_trainable_names(parameters: dict[str, torch.nn.Parameter], saved: dict[str, torch.Tensor]) -> None:
+    """A checkpoint's trained tensors must be exactly this run's, by name."""
     missing = sorted(set(parameters) - set(saved))
     extra = sorted(set(saved) - set(parameters))
     if missing or extra:
@@ -140,6 +140,11 @@ def restore_parameters(parameters: dict[str, torch.nn.Parameter], saved: dict[st
             f"checkpoint does not match this technique: {len(missing)} trainable tensors missing and "
             f"{len(extra)} unexpected (e.g. {example}); resume with the same experiment and technique"
         )
+
+
+def restore_parameters(parameters: dict[str, torch.nn.Parameter], saved: dict[str, torch.Tensor]) -> None:
+    """Copy saved tensors into the live parameters, checking the names match exactly."""
+    check_trainable_names(parameters, saved)
     with torch.no_grad():
         for name, parameter in parameters.items():
             parameter.copy_(saved[name].to(parameter.device, parameter.dtype))

@@ -68,8 +68,8 @@ def finish_run(run: TrainingRun, status: str, state: TrainState, timing: dict[st
 def _gathered_model(run: TrainingRun) -> Model:
     """Sharded runs: on rank 0, the model with its trained tensors gathered whole into a fresh copy of
     the base model, prepared by the technique as in training (so it saves exactly as one process)."""
-    full = sharding.full_parameters(run.accelerator, run.parameters)  # every process takes part
     model = run.unwrapped_model()
+    full = sharding.full_parameters(run.accelerator, model.components, run.parameters)  # every process takes part
     if not run.accelerator.is_main_process:
         return model
     fresh = run.experiment.family.load(run.experiment.model)

@@ -16,16 +16,16 @@ def write_checkpoint(run: TrainingRun, state: TrainState) -> None:
     part; the main one writes the same files one process would)."""
     accelerator = run.accelerator
     if accelerator.is_main_process or run.sharding:
-        groups = [list(names) for names in run.optimizer_groups]
+        components, groups = run.unwrapped_model().components, [list(names) for names in run.optimizer_groups]
         scaler = getattr(accelerator, "scaler", None)
         training_state = {
-            "optimizer": sharding.full_optimizer_state(accelerator, run.parameters, run.optimizer, groups),
+            "optimizer": sharding.full_optimizer_state(accelerator, components, run.parameters, run.optimizer, groups),
             "lr_scheduler": run.lr_scheduler.state_dict(),
             "ema": sharding.full_ema_state(accelerator, run.parameters, run.ema),
             "scaler": scaler.state_dict() if scaler is not None else None,
             "state": state.state_dict(),
         }
-        trainable, training_state = sharding.full_parameters(accelerator, run.parameters), sharding.gathered(training_state)
+        trainable = sharding.full_parameters(accelerator, components, run.parameters)
     if accelerator.is_main_process:
         save_checkpoint(run.run_dir, state.step, trainable, training_state, run.config.checkpoints_total_limit)
     accelerator.wait_for_everyone()
@@ -42,8 +42,10 @@ def restore_checkpoint(run: TrainingRun, checkpoint: Path, state: TrainState) ->
             "processes) and steps it was started with (the data order depends on them)"
         )
     accelerator = run.accelerator
-    groups = [list(names) for names in run.optimizer_groups]
-    sharding.load_training_state(accelerator, run.parameters, run.optimizer, trainable, saved["optimizer"], groups)
+    components, groups = run.unwrapped_model().components, [list(names) for names in run.optimizer_groups]
+    sharding.load_training_state(
+        accelerator, components, run.parameters, run.optimizer, trainable, saved["optimizer"], groups
+    )
     optim.sync_offloaded(run.optimizer)
     run.lr_scheduler.load_state_dict(saved["lr_scheduler"])
     if run.ema is not None:

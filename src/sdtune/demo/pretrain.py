@@ -25,6 +25,7 @@ import torch
 
 from sdtune.demo import world
 from sdtune.testing.tiny import TinySizes, build_tiny_pipeline
+from sdtune.util import atomic
 
 DEMO_SIZES = TinySizes(
     unet_channels=(32, 64, 64),  # 1.49 M parameters
@@ -62,19 +63,17 @@ def pretrain(
         started = time.perf_counter()
         vae_report = train_vae(init_dir, vae_steps, seed=seed, progress=progress)
         vae_report["time_s"] = time.perf_counter() - started
-        (work / "vae.done").write_text(json.dumps(vae_report, indent=2))
+        atomic.write_json(work / "vae.done", vae_report)
     vae_report = json.loads((work / "vae.done").read_text())
     data_dir = work / "base-data"
     if not (data_dir / "metadata.jsonl").exists():
         world.write_imagefolder(data_dir, world.sample_scenes(num_images, seed + 1, "base"), RESOLUTION)
     started = time.perf_counter()
     run = _train_unet(init_dir, data_dir, work / "runs", unet_steps, seed, progress)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for part in PIPELINE_PARTS:
-        source, target = run.run_dir / part, out_dir / part
-        if target.exists():
-            shutil.rmtree(target) if target.is_dir() else target.unlink()
-        shutil.copytree(source, target) if source.is_dir() else shutil.copy2(source, target)
+    with atomic.filling(out_dir) as staging:  # every part replaced at once, when all are copied
+        for part in PIPELINE_PARTS:
+            source = run.run_dir / part
+            shutil.copytree(source, staging / part) if source.is_dir() else shutil.copy2(source, staging / part)
     summary = {
         "vae": vae_report,
         "unet_steps": unet_steps,
@@ -83,7 +82,7 @@ def pretrain(
         "parameters": run.record["parameters"],
         "seed": seed,
     }
-    (out_dir / "pretrain.json").write_text(json.dumps(summary, indent=2, default=str))
+    atomic.write_json(out_dir / "pretrain.json", summary, default=str)
     return summary
 
 
@@ -134,7 +133,8 @@ def train_vae(
         mse = torch.nn.functional.mse_loss(reconstruction.clamp(-1, 1), pixels).item()
         scaling = 1.0 / posterior.mean.std().item()
     vae.register_to_config(scaling_factor=scaling)
-    vae.save_pretrained(pipeline_dir / "vae", safe_serialization=True)
+    with atomic.replacing(pipeline_dir / "vae", folder=True) as folder:
+        vae.save_pretrained(folder, safe_serialization=True)
     psnr = 10 * math.log10(4.0 / max(mse, 1e-12))  # pixel range [-1, 1]: peak-to-peak 2
     return {"steps": steps, "psnr_db": psnr, "scaling_factor": scaling}
 

@@ -24,10 +24,10 @@ from sdtune.errors import UserError
 from sdtune.experiment import Experiment
 from sdtune.models import Model
 from sdtune.training import sharding
-from sdtune.training.checkpoint import resolve_resume
+from sdtune.training.checkpoint import checkpoint_path, resolve_resume
 from sdtune.training.evaluator import TrainingEvaluator
 from sdtune.training.finish import finish_run, run_timing
-from sdtune.training.resume import restore_checkpoint, write_checkpoint
+from sdtune.training.resume import check_resume_settings, restore_checkpoint, write_checkpoint
 from sdtune.training.run_dir import StopRequest, claim_run_dir
 from sdtune.training.setup import TrainingRun, setup_run
 from sdtune.training.state import TrainState
@@ -75,6 +75,8 @@ def train_technique(
     started = time.perf_counter()
     run_dir = output_root(experiment, output_dir) / name
     checkpoint = _claim(run_dir, resume, overwrite)
+    if checkpoint is not None:  # what the file says, before anything loads (the rest: restore_checkpoint)
+        check_resume_settings(experiment, name, checkpoint)
     run = setup_run(experiment, name, run_dir, progress)
     config, accelerator, inputs = run.config, run.accelerator, run.inputs
     state = run.new_state()
@@ -140,7 +142,10 @@ def train_technique(
                 break
     bar.close()
     accelerator.wait_for_everyone()
-    state.train_time_s += clock.total_s
+    state.train_time_s += clock.total_s  # (the last step ended at a sync point)
+    if status == "finished" and not checkpoint_path(run_dir, state.step).is_dir():
+        with clock.excluded():  # the final state on disk before any output is written (docs/resume.md)
+            write_checkpoint(run, state, rotate=False)
     record, model = finish_run(run, status, state, run_timing(run, clock, state, first_step, setup_time_s), started)
     for tracker in accelerator.trackers:  # (not end_training(): it would end the process group, which
         tracker.finish()  # the next technique or compare's evaluation in these processes still needs)

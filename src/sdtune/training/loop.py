@@ -82,6 +82,7 @@ def train_technique(
     state = run.new_state()
     if checkpoint is not None:
         restore_checkpoint(run, checkpoint, state)
+    run.start_trackers()
     first_step = state.step
     inputs.start(first_step, run.max_steps, config.gradient_accumulation_steps, experiment.data.num_workers,
                  accelerator.num_processes)

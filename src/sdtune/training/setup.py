@@ -66,6 +66,11 @@ class TrainingRun:
     inputs: InputPipeline
     timing: Mapping[str, float]  # setup split: model load, class images, data, cache
 
+    def start_trackers(self) -> None:
+        """Open the run's TensorBoard log (after a resume was accepted: a refused one writes nothing)."""
+        if self.accelerator.is_main_process:
+            self.accelerator.init_trackers("sdtune", config=flat_scalars(dataclasses.asdict(self.config)))
+
     def unwrapped_model(self) -> Model:
         """The model without accelerate's (DDP, FSDP2 container) and torch.compile's wrappers."""
         return unwrapped(self.model, self.accelerator)
@@ -155,8 +160,6 @@ def setup_run(experiment: Experiment, name: str, run_dir: Path, progress: bool) 
         model, training_set, layout, cache, prior, accelerator.device, weight_dtype, train_text_encoder, config.seed,
         accelerator.process_index,
     )
-    if accelerator.is_main_process:
-        accelerator.init_trackers("sdtune", config=flat_scalars(dataclasses.asdict(config)))
     return TrainingRun(
         experiment=experiment, name=name, run_dir=run_dir, config=config, technique=technique, accelerator=accelerator,
         model=model, models=tuple(models), parameters=parameters, optimizer_groups=groups, optimizer=optimizer,

@@ -79,7 +79,10 @@ def report_error(error: BaseException, user_error: bool) -> bool:
     if not path:
         return False
     details = None if user_error else "".join(traceback.format_exception(error))
-    atomic.write_json(path, {"message": str(error), "traceback": details, "user_error": user_error})
+    try:
+        atomic.write_json(path, {"message": str(error), "traceback": details, "user_error": user_error})
+    except OSError:  # (a full disk: the error is reported here instead, on this process's stderr)
+        return False
     return True
 
 

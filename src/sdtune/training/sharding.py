@@ -106,6 +106,32 @@ def configure(accelerator: Any, config: Any) -> str | None:
     return FSDP2
 
 
+def check_evaluation_during_training(accelerator: Any, sharded: str | None, use_ema: bool, evaluates: bool) -> None:
+    """Evaluation during training (validation loss, images) runs the live model on the main process
+    alone while the others wait: refused where that process does not hold the whole weights it
+    would evaluate (before anything loads)."""
+    if not evaluates or sharded is None:
+        return
+    if sharded == FSDP2:
+        reason = "FSDP2 shards the trained weights over the processes"
+    elif _zero_stage(accelerator) == 3:
+        reason = "DeepSpeed ZeRO-3 partitions the trained weights over the processes"
+    elif use_ema:
+        reason = "under DeepSpeed each process keeps only its fragment of the EMA weights (train.use_ema)"
+    else:
+        return  # ZeRO-1/2 without EMA: every process holds the whole weights
+    raise ShardingError(
+        f"evaluation during training (evaluation.every_steps, data.validation) runs on the main process alone, but "
+        f"{reason}; for this launch remove both (`sdtune compare` evaluates the finished model), or launch without sharding"
+    )
+
+
+def _zero_stage(accelerator: Any) -> int | None:
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    stage = None if plugin is None else (plugin.deepspeed_config.get("zero_optimization") or {}).get("stage", plugin.zero_stage)
+    return int(stage) if isinstance(stage, (int, str)) and str(stage).isdigit() else None
+
+
 def _check_options(config: Any, what: str) -> None:
     problem = sharded_option_problem(config, what)
     if problem:

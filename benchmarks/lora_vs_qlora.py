@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import platform
 import statistics
 import sys
@@ -31,6 +30,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+
+from sdtune.util import atomic
 
 TECHNIQUES = ("lora", "qlora", "lora-int8")
 QUANTIZATION = {"lora": None, "qlora": "nf4", "lora-int8": "int8"}
@@ -70,7 +71,7 @@ def main() -> int:
         "settings": dataclasses.asdict(settings), "compare_wall_s": wall, "rows": rows, "quantized_base_drift": base_drift, "report": str(report),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2, default=str))
+    atomic.write_json(args.out, result, default=str)
     print(_table(rows, base_drift))
     print(f"compare: {wall:.0f} s wall; report: {report}; numbers: {args.out}")
     return 0

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from sdtune import records
-from sdtune.config import QuantizeConfig
+from sdtune.config import ConfigError, QuantizeConfig
 from sdtune.data import heldout
 from sdtune.data.dataset import transform_image
 from sdtune.experiment import Experiment
@@ -136,13 +136,7 @@ def evaluate_model(evaluation: Evaluation, target: Target, state: Any) -> record
     experiment, settings = evaluation.experiment, evaluation.experiment.evaluation
     folder = evaluation.root / IMAGES_DIR / target.name
     started = time.perf_counter()
-    full_precision = settings.full_precision_base
-    if target.run is None:
-        base = dataclasses.replace(experiment.model, quantize=QuantizeConfig()) if full_precision else experiment.model
-        pipe = load_base_pipeline(base, device=state.device).to(state.device)
-    else:
-        base = run_base_config(target.run, full_precision)
-        pipe, _ = load_run_pipeline(target.run["run_dir"], fuse=True, device=state.device, full_precision_base=full_precision)
+    pipe, base = _pipeline(experiment, target, state.device)
     set_scheduler(pipe, settings.scheduler)
     load_time = time.perf_counter() - started
     pairs = experiment.plan.pairs()
@@ -168,7 +162,8 @@ def evaluate_model(evaluation: Evaluation, target: Target, state: Any) -> record
         "base_quantization": base_description(base),  # None: the base in full precision
         "processes": state.num_processes,
         "dtype": str(denoiser_of(pipe).dtype),
-        "device": records.device_description(pipe.device),
+        "device": records.device_description(state.device),
+        "cpu_offload": settings.cpu_offload,
     }
     base = target.run is None
     sizes = {
@@ -177,6 +172,30 @@ def evaluate_model(evaluation: Evaluation, target: Target, state: Any) -> record
     }
     del pipe
     return evaluate_images(evaluation, target, paths, generation, **sizes)
+
+
+def _pipeline(experiment: Experiment, target: Target, device: torch.device) -> tuple[Any, Any]:
+    """The target's pipeline on ``device`` and the base config it was loaded from (quantised as the
+    run trained, or in full precision with ``evaluation.full_precision_base``); with
+    ``evaluation.cpu_offload`` on the CPU, each model moved to the GPU only for its forward
+    (diffusers' ``enable_model_cpu_offload``)."""
+    offload = experiment.evaluation.cpu_offload
+    if offload and device.type != "cuda":
+        raise ConfigError(
+            f"evaluation.cpu_offload: true needs a CUDA GPU (it moves each model to the GPU only for its forward); "
+            f"remove it on this {device.type} machine"
+        )
+    where = torch.device("cpu") if offload else device
+    full_precision = experiment.evaluation.full_precision_base
+    if target.run is None:
+        base = dataclasses.replace(experiment.model, quantize=QuantizeConfig()) if full_precision else experiment.model
+        pipe = load_base_pipeline(base, device=where).to(where)
+    else:
+        base = run_base_config(target.run, full_precision)
+        pipe, _ = load_run_pipeline(target.run["run_dir"], fuse=True, device=where, full_precision_base=full_precision)
+    if offload:
+        pipe.enable_model_cpu_offload(device=device)
+    return pipe, base
 
 
 def evaluate_images(

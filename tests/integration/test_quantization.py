@@ -5,12 +5,15 @@ would train a quantised weight is refused in one line at load."""
 from __future__ import annotations
 
 import builtins
+import os
+import signal
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from sdtune.config import ConfigError
 from sdtune.experiment import load_experiment
@@ -18,6 +21,7 @@ from sdtune.generation import load_run_pipeline
 from sdtune.models import quantize
 from sdtune.models.sampling import generate_images
 from sdtune.training import train_technique
+from sdtune.training.resume import ResumeMismatchError
 
 PROMPTS = ["a red circle", "a blue square"]
 
@@ -79,7 +83,7 @@ def test_lora_trains_on_a_quantized_denoiser_and_reloads_on_it(kind, write_exper
     [
         ("dora", {"rank": 2}),
         ("oft", {"oft_block_size": 8}),
-        ("boft", {"boft_block_size": 4}),
+        pytest.param("boft", {"boft_block_size": 4}, marks=pytest.mark.slow),  # (~19 s: peft's BOFT setup)
         ("lora", {"rank": 2, "target_modules": ["to_q", "to_v", "conv1"]}),  # LoCon: convolutions stay unquantised
     ],
     ids=["dora", "oft", "boft", "locon"],
@@ -164,7 +168,11 @@ def test_full_fine_tuning_of_a_quantized_denoiser_is_one_line_and_exit_2(write_e
 
 
 def test_quantization_without_bitsandbytes_names_the_install_command(write_experiment, monkeypatch):
+    """Checked at the start of a run (preflight), like the savers' optional packages: the file still
+    loads (``--plan`` and ``--estimate`` need no bitsandbytes), training names the install command."""
     import importlib.util
+
+    from sdtune.preflight import check_training
 
     real_find_spec, real_import = importlib.util.find_spec, builtins.__import__
     hidden = lambda name: name == "bitsandbytes" or name.startswith("bitsandbytes.")  # noqa: E731
@@ -177,10 +185,74 @@ def test_quantization_without_bitsandbytes_names_the_install_command(write_exper
 
     monkeypatch.setattr(builtins, "__import__", import_without_it)
     monkeypatch.delitem(sys.modules, "bitsandbytes", raising=False)
+    path = write_experiment(techniques={"lora": {"kind": "lora"}, "q": {"kind": "lora", "quantize": {"denoiser": "nf4"}}})
     with pytest.raises(ConfigError) as raised:
-        load_experiment(write_experiment(), ["model.quantize.denoiser=nf4"])
+        check_training(load_experiment(path, ["model.quantize.text_encoders=int8"]), "lora")
     assert str(raised.value) == (
         "model.quantize: quantised components need bitsandbytes; pip install 'sdtune[quantization]', or remove model.quantize"
     )
+    with pytest.raises(ConfigError, match=r"^techniques\.q\.quantize: quantised components need bitsandbytes"):
+        check_training(load_experiment(path), "q")
+    check_training(load_experiment(path), "lora")  # (nothing quantised: nothing needed)
     with pytest.raises(quantize.QuantizationUnavailable, match=r"pip install 'sdtune\[quantization\]'"):
         quantize.bitsandbytes()
+
+
+def test_block_swap_on_a_quantized_denoiser_is_refused_in_one_line(write_experiment):
+    path = write_experiment(techniques={"q": {"kind": "lora", "block_swap": 1, "quantize": {"denoiser": "nf4"}}})
+    with pytest.raises(ConfigError) as raised:
+        load_experiment(path)
+    assert str(raised.value).startswith("techniques.q: train.block_swap moves frozen weights as plain tensors")
+    assert "\n" not in str(raised.value)
+
+
+def _stop_at(step):
+    def hook(done):
+        if done == step:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    return hook
+
+
+def test_the_run_fingerprint_holds_each_techniques_quantization(write_experiment):
+    """``model.quantize`` with the technique's override applied shapes the run: part of what a
+    checkpoint is compared with on resume (a change is refused, not listed as safe)."""
+    from sdtune.training.fingerprint import (
+        SAFE_AT_THE_SAME_TOTAL_BATCH,
+        SAFE_ON_RESUME,
+        RunFingerprint,
+        compare,
+    )
+
+    techniques = {"lora": {"kind": "lora"}, "q": {"kind": "lora", "quantize": {"denoiser": "nf4"}}}
+    experiment = load_experiment(write_experiment(techniques=techniques), ["model.quantize.text_encoders=int8"])
+    lora, q = (RunFingerprint.of_config(experiment, name).flat() for name in ("lora", "q"))
+    assert lora["model.quantize"] == {"denoiser": None, "text_encoders": "int8"}
+    assert q["model.quantize"] == {"denoiser": "nf4", "text_encoders": "int8"}
+    assert "model.quantize" not in {**SAFE_ON_RESUME, **SAFE_AT_THE_SAME_TOTAL_BATCH}
+    refused, accepted = compare(q, lora, steps_done=1)
+    assert [change.key for change in refused] == ["model.quantize"] and not accepted
+
+
+@pytest.mark.slow  # three tiny trainings (~20 s on 2 busy cores)
+def test_a_qlora_run_resumes_to_the_uninterrupted_run_and_refuses_another_quantization(write_experiment, tmp_path):
+    """Stopped after step 1 and resumed on the same nf4 base: the adapter and losses of an uninterrupted
+    run, bit for bit; resumed with another quantisation: refused in one line (the fingerprint's
+    ``model.quantize``), nothing in the run folder touched."""
+    techniques = {"q": {"kind": "lora", "rank": 2, "alpha": 2, "lr_scheduler": "constant", "quantize": {"denoiser": "nf4"}}}
+    path = write_experiment(techniques=techniques, max_train_steps=2, gradient_accumulation_steps=1)
+    stopped = train_technique(load_experiment(path), "q", progress=False, after_step=_stop_at(1))
+    assert stopped.status == "interrupted"
+    before = sorted((str(p), p.stat().st_mtime_ns) for p in stopped.run_dir.rglob("*"))
+    with pytest.raises(ResumeMismatchError) as raised:
+        train_technique(load_experiment(path, ["techniques.q.quantize.denoiser=int8"]), "q", resume=True, progress=False)
+    assert "model.quantize" in str(raised.value) and '"int8"' in str(raised.value) and "\n" not in str(raised.value)
+    assert sorted((str(p), p.stat().st_mtime_ns) for p in stopped.run_dir.rglob("*")) == before
+
+    resumed = train_technique(load_experiment(path), "q", resume=True, progress=False)
+    straight = train_technique(load_experiment(path, [f"output_dir={tmp_path / 'straight'}"]), "q", progress=False)
+    assert resumed.status == "finished" and resumed.record["steps"] == {"done": 2, "max": 2}
+    assert resumed.record["quantization"]["denoiser"] == "nf4"
+    a, b = (load_file(run.run_dir / "unet_adapter.safetensors") for run in (resumed, straight))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [h["loss"] for h in resumed.record["loss_history"]] == [h["loss"] for h in straight.record["loss_history"]]

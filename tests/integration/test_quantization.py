@@ -270,8 +270,12 @@ def test_the_estimate_counts_each_techniques_quantized_denoiser(write_experiment
         "nf4": {"kind": "lora", "rank": 2, "quantize": {"denoiser": "nf4"}},
         "int8": {"kind": "lora", "rank": 2, "quantize": {"denoiser": "int8"}},
     }
-    experiment = load_experiment(write_experiment(techniques=techniques))
+    path = write_experiment(techniques=techniques)
+    experiment = load_experiment(path)
     estimates = {e.technique: e.weights for e in sdtune.estimate_memory(experiment)}
+    # under bf16 the unquantised rest (convolutions, norms) counts at 2 bytes, the quantised linears below
+    bf16 = {e.technique: e.weights for e in sdtune.estimate_memory(load_experiment(path, ["train.mixed_precision=bf16"]))}
+    assert bf16["nf4"]["unet"] < bf16["int8"]["unet"] < bf16["lora"]["unet"] < estimates["lora"]["unet"]
     assert estimates["nf4"]["unet"] < estimates["lora"]["unet"] and estimates["int8"]["unet"] < estimates["lora"]["unet"]
     assert estimates["nf4"]["text_encoder"] == estimates["int8"]["text_encoder"] == estimates["lora"]["text_encoder"]
     for name in ("nf4", "int8"):

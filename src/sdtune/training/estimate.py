@@ -125,10 +125,12 @@ def parse_bytes(text: str | int) -> int:
     return int(float(match.group(1)) * 2 ** {"m": 20, "g": 30, "t": 40}[match.group(2).lower()])
 
 
-def quantized_weight_bytes(setting: QuantizeConfig, component: str, module: torch.nn.Module, model: Model) -> int | None:
+def quantized_weight_bytes(
+    setting: QuantizeConfig, component: str, module: torch.nn.Module, model: Model, config: TrainConfig
+) -> int | None:
     """The bytes of a component quantised by the technique's ``quantize`` (``model.quantize`` with its
     override: ``{denoiser: nf4|int8, text_encoders: int8|nf4}``), or None where it is not: its frozen
-    Linear weights at the quantised size, the rest as placed."""
+    Linear weights at the quantised size, the rest at the dtype the run places it in."""
     kind = (
         setting.denoiser if component == model.denoiser_name
         else setting.text_encoders if component in model.text_encoder_names else None
@@ -139,7 +141,8 @@ def quantized_weight_bytes(setting: QuantizeConfig, component: str, module: torc
     for submodule in module.modules():
         for name, parameter in submodule.named_parameters(recurse=False):
             frozen_linear = isinstance(submodule, torch.nn.Linear) and name == "weight" and not parameter.requires_grad
-            per_value = QUANTIZED_BYTES_PER_WEIGHT[kind] if frozen_linear else parameter.element_size()
+            placed = _placed_dtype(parameter, component, model, config).itemsize
+            per_value = QUANTIZED_BYTES_PER_WEIGHT[kind] if frozen_linear else placed
             total += int(parameter.numel() * per_value)
     return total
 
@@ -181,7 +184,7 @@ class _Estimator:
         model, weights, elsewhere = self.model, {}, 0
         parked = self._parked(config)
         for component, module in model.components.items():
-            size = quantized_weight_bytes(self.item.model.quantize, component, module, model)
+            size = quantized_weight_bytes(self.item.model.quantize, component, module, model, config)
             if size is None:
                 size = sum(p.numel() * _placed_dtype(p, component, model, config).itemsize for p in module.parameters())
             if component in parked:

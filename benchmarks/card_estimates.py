@@ -120,12 +120,13 @@ def main() -> int:
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     import sdtune
+    from sdtune.config.shipped import shipped_config
 
     results = {}
     for card, (architecture, budget) in CARDS.items():
         folder = write_architecture(architecture, Path(args.work) / architecture)
         experiment = sdtune.load_experiment(
-            HERE.parent / "configs" / "cards" / f"{card}.yaml", [f"model.path={folder}", f"data.source={args.data}"]
+            shipped_config(f"cards/{card}"), [f"model.path={folder}", f"data.source={args.data}"]
         )
         for estimate in sdtune.estimate_memory(experiment, budget=budget):
             print(f"$ sdtune train configs/cards/{card}.yaml --estimate --budget {budget}\n{estimate.describe()}\n", flush=True)

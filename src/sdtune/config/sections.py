@@ -29,7 +29,7 @@ QUANTIZATION_INSTALL = "pip install 'sdtune[quantization]'"
 
 @dataclass(frozen=True)
 class QuantizeConfig:
-    """Which frozen components load quantised (QLoRA-style, bitsandbytes; see docs/memory.md): their
+    """Which frozen components load quantised (QLoRA-style, bitsandbytes; see docs/quantization.md): their
     linear layers as NF4 (4-bit NormalFloat) or int8 (LLM.int8()) layers that nothing trains."""
 
     denoiser: Literal["nf4", "int8"] | None = None  # the UNet or transformer; None = full precision

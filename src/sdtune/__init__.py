@@ -16,6 +16,8 @@ The public API, each one import away (the ``sdtune`` command is one call of thes
   :func:`summary_table` the terminal table;
 - :func:`export_merged` and :func:`export_single_file`: a run as a diffusers folder with its weights
   folded in, or one original-layout checkpoint for A1111/ComfyUI;
+- :func:`weight_anatomy` (``source, base, out``) → (record, path): what a run, or a LoRA/LyCORIS file,
+  changed in the base model's weights (norms, ranks, intruder dimensions, per layer, block and in total);
 - :class:`UserError`: the base of every error whose message names the bad input and the fix.
 
 Plug-in points: :mod:`sdtune.techniques` (``TECHNIQUES``), :mod:`sdtune.models` (``FAMILIES``) and
@@ -43,6 +45,7 @@ _EXPORTS = {  # public name → the module that defines it (imported on first us
     "summary_table": "sdtune.report",
     "export_merged": "sdtune.export",
     "export_single_file": "sdtune.export",
+    "weight_anatomy": "sdtune.anatomy",
     "UserError": "sdtune.errors",
 }
 __all__ = sorted(_EXPORTS)

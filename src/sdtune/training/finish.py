@@ -1,13 +1,16 @@
-"""After the loop: the run's timing, its saved outputs (EMA weights when used) and its record."""
+"""After the loop: the run's timing, its saved outputs (EMA weights when used), the anatomy of its
+weight change and the trained-what-it-claims check, and its record."""
 
 from __future__ import annotations
 
 import time
+from dataclasses import asdict
 from typing import Any
 
 import torch
 
 from sdtune import records
+from sdtune.anatomy import base_lookup, model_anatomy
 from sdtune.models import Model
 from sdtune.techniques import trainable_named_parameters
 from sdtune.training import sharding
@@ -15,6 +18,7 @@ from sdtune.training.checkpoint import restore_parameters
 from sdtune.training.record import train_record
 from sdtune.training.setup import TrainingRun, trains
 from sdtune.training.state import TrainState
+from sdtune.training.trained_check import GradientWitness, check_trained
 from sdtune.util.timing import StepClock
 
 
@@ -40,29 +44,61 @@ def run_timing(run: TrainingRun, clock: StepClock, state: TrainState, first_step
     }
 
 
-def finish_run(run: TrainingRun, status: str, state: TrainState, timing: dict[str, Any], started: float) -> tuple[dict[str, Any], Model]:
-    """Save the technique's outputs (EMA weights when used) and write the run record; return the
-    record and the trained model (EMA weights if used)."""
+def finish_run(
+    run: TrainingRun, status: str, state: TrainState, timing: dict[str, Any], started: float, witness: GradientWitness
+) -> tuple[dict[str, Any], Model]:
+    """Save the technique's outputs (EMA weights when used), take the anatomy of the change and check
+    that the technique trained what it claims, and write the run record; return the record and the
+    trained model (EMA weights if used)."""
     accelerator = run.accelerator
     saving_started = time.perf_counter()
-    if status == "finished" and run.ema is not None:
+    finished = status == "finished"
+    gradients = witness.merged(accelerator) if finished else None  # (every process takes part)
+    ema = _ema_differs(run) if finished and run.ema is not None else None
+    if finished and run.ema is not None:
         run.ema.copy_to(sharding.ema_tensors(accelerator, run.parameters))  # the study saves the EMA weights
-    model = _gathered_model(run) if run.sharding and status == "finished" else run.unwrapped_model()
+    model = _gathered_model(run) if run.sharding and finished else run.unwrapped_model()
     outputs: dict[str, Any] = {}
-    if status == "finished" and accelerator.is_main_process:
+    anatomy, checks = None, {}
+    if finished and accelerator.is_main_process:
         for component in model.trainable_names():
             model.components[component].eval()
         if run.objective.name == "ddpm":  # a prediction_type override must reach the sampler too
             model.inference_scheduler.register_to_config(prediction_type=run.objective.prediction_type)
         saved = run.technique.save(_with_original_frozen_parts(run, model), run.run_dir)
         outputs = {part: {"files": files, "bytes": records.bytes_on_disk(run.run_dir, files)} for part, files in saved.items()}
-    timing["save_time_s"] = time.perf_counter() - saving_started
-    timing["job_wall_time_s"] = time.perf_counter() - started  # from the call to the saved weights
-    record = train_record(run, model, status, state, timing, outputs)
+        timing["save_time_s"] = time.perf_counter() - saving_started
+        anatomy = _anatomy(run, model)
+        changes = {layer["name"]: layer["frobenius"] for layer in anatomy.layers if layer["adapted"]}
+        check = check_trained(model, run.technique, state.trained_evidence, gradients, changes, ema)
+        checks = {"trained": asdict(check)}
+    timing.setdefault("save_time_s", time.perf_counter() - saving_started)
+    timing["job_wall_time_s"] = time.perf_counter() - started  # from the call to the record
+    record = train_record(run, model, status, state, timing, outputs, checks, asdict(anatomy) if anatomy else None)
     if accelerator.is_main_process:
         records.write_record(run.run_dir / records.RECORD_FILE, record)
     accelerator.wait_for_everyone()  # no process leaves before the run's files are written
     return record, model
+
+
+def _ema_differs(run: TrainingRun) -> tuple[bool, float]:
+    """(the EMA weights differ from the raw ones, the EMA's last decay), before the EMA is copied in."""
+    raw = sharding.ema_tensors(run.accelerator, run.parameters)
+    differs = any(not torch.equal(shadow.to(tensor), tensor) for shadow, tensor in zip(run.ema.shadow_params, raw))
+    return differs, float(getattr(run.ema, "cur_decay_value", None) or 0.0)
+
+
+def _anatomy(run: TrainingRun, model: Model) -> records.Anatomy:
+    """The anatomy of the saved weights against the base model (reloaded only if a plain layer trained)."""
+    experiment = run.experiment
+    components = {name: model.components[name] for name in model.trainable_names()}
+    weights = "the saved weights" + (", adapters merged through peft" if run.technique.kind != "full" else "")
+    with torch.no_grad():
+        return model_anatomy(
+            components, base_lookup(lambda: experiment.family.load(experiment.model)), type(model),
+            weights + (" (EMA weights)" if run.ema is not None else ""),
+            compare=lambda layer: layer.weight.requires_grad,
+        )
 
 
 def _gathered_model(run: TrainingRun) -> Model:

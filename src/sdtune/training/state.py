@@ -21,6 +21,9 @@ class TrainState:
     resumed_from: list[str] = field(default_factory=list)  # checkpoints this run was resumed from, in order
     layout: dict[str, int] = field(default_factory=dict)  # what the data order depends on (see loop.run_layout)
     evaluation: list[dict[str, Any]] = field(default_factory=list)  # validation loss and images per evaluated step
+    # the trained-what-it-claims check's evidence (sdtune.training.trained_check): the start's digests,
+    # the gradient flags set so far, the steps they were watched, failures found at a resume
+    trained_evidence: dict[str, Any] = field(default_factory=dict)
 
     def state_dict(self) -> dict[str, Any]:
         return copy.deepcopy(asdict(self))

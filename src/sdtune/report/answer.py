@@ -22,12 +22,18 @@ from sdtune.report.changes import (
 from sdtune.report.summary import Row, metric_summary, share_summary
 
 
-def _pct(value: float | None, digits: int = 2) -> str:
-    return "—" if value is None else f"{100 * value:.{digits}g} %"
+def _pct(value: float | None) -> str:
+    """A share or a relative change as a percentage, to two significant figures (whole above 10 %)."""
+    if value is None:
+        return "—"
+    percent = 100 * value
+    return f"{percent:.0f} %" if abs(percent) >= 10 else f"{percent:.2g} %"
 
 
 def _name(summary: dict[str, Any]) -> str:
-    return {"full": "full fine-tuning", "lora": "LoRA"}.get(summary["kind"], summary["kind"]) + f" ({summary['label']})"
+    """The technique as the study names it, with its name in the experiment when that differs."""
+    kind = {"full": "full fine-tuning", "lora": "LoRA"}.get(summary["kind"], summary["kind"])
+    return kind if summary["label"] in (summary["kind"], kind) else f"{kind} ({summary['label']})"
 
 
 def _pair(found: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any], str] | None:
@@ -47,7 +53,7 @@ def _where(summary: dict[str, Any]) -> str:
     kinds = ", ".join(f"{name} {_pct(share)}" for name, share in largest(summary["kinds"]))
     total = summary["total"]
     return (
-        f"{_name(summary)} changed {total['changed_layers']:.0f} weight matrices, by {_pct(total['relative'], 3)} of the "
+        f"{_name(summary)} changed {total['changed_layers']:.0f} weight matrices, by {_pct(total['relative'])} of the "
         f"weights' norm in all; most of its change (share of Σ‖ΔW‖²) lies in {blocks}, and by kind in {kinds}"
     )
 
@@ -93,26 +99,32 @@ def _outcomes(rows: list[Row], a: dict[str, Any], b: dict[str, Any]) -> list[str
             return f"{_name(s)} " + ", ".join(f"{label} {_pct(value)}" for label, value in found.items())
 
         sentences.append(f"The style split ({split}, share of images per class): {shares(a)}; {shares(b)}")
-    for metric, words in (("drift", "drift (lower: closer to the base model)"),
-                          ("judge_heldout_accuracy", "held-out prompt accuracy (what survives of the base model)"),
-                          ("judge_full_style", "share of images in the full style")):
+    for metric, words, shown in (("drift", "drift (lower: closer to the base model)", lambda v: f"{v:.3g}"),
+                                 ("judge_heldout_accuracy", "held-out prompt accuracy (what survives of the base model)", _pct),
+                                 ("judge_full_style", "share of images in the full style", _pct)):
         va, vb = (metric_summary(by_label[s["label"]], metric) for s in (a, b))
         if va and vb and "value" in va and "value" in vb:
-            sentences.append(f"The {words}, {metric}: {_name(a)} {va['value']:.3g}, {_name(b)} {vb['value']:.3g}")
+            sentences.append(f"The {words}, {metric}: {_name(a)} {shown(va['value'])}, {_name(b)} {shown(vb['value'])}")
         elif metric == "drift":
             sentences.append("Drift was not measured in this comparison (its eval records hold no drift metric)")
     return sentences
+
+
+def _trend(metric: str, x_name: str, rho: float | None) -> str:
+    if rho is None:
+        return f"{metric} cannot be ranked against {x_name} (no variation across the runs)"
+    direction = "rises" if rho > 0 else "falls" if rho < 0 else "does not move"
+    return f"{metric} {direction} with {x_name} (Spearman ρ = {rho:+.2f})"
 
 
 def _across(points: list[ChangePoint]) -> list[str]:
     sentences = []
     for metric in outcome_metrics(points):
         ys = [p.metrics[metric] for p in points]
-        parts = []
-        for x_name, key in (("the relative ΔW", "relative"), ("the intruder dimensions", "intruders")):
-            rho = spearman([p.total.get(key) or 0.0 for p in points], ys)
-            trend = "—" if rho is None else ("rises" if rho > 0 else "falls") if rho != 0 else "does not move"
-            parts.append(f"{metric} {trend} with {x_name} (Spearman ρ = {'undefined: no variation' if rho is None else f'{rho:+.2f}'})")
+        parts = [
+            _trend(metric, x_name, spearman([p.total.get(key) or 0.0 for p in points], ys))
+            for x_name, key in (("the relative ΔW", "relative"), ("the intruder dimensions", "intruders"))
+        ]
         sentences.append(f"Across the {len(points)} runs, " + "; ".join(parts))
     if sentences:
         sentences.append(f"With {len(points)} runs this describes this comparison; it tests nothing")
@@ -124,8 +136,9 @@ def answer(rows: list[Row], points: list[ChangePoint]) -> str:
     found = summaries(rows)
     pair = _pair(found)
     if pair is None:
-        return ". ".join(_where(s) for s in found) + ("." if found else "")
-    a, b, why = pair
-    sentences = [f"Compared here: {_name(a)} and {_name(b)} ({why})", _where(a), _where(b), _dimensions(a, b),
-                 _intruders(a, b), *_outcomes(rows, a, b), *_across(points)]
-    return ". ".join(sentences) + "."
+        sentences = [_where(s) for s in found]
+    else:
+        a, b, why = pair
+        sentences = [f"Compared here: {_name(a)} and {_name(b)} ({why})", _where(a), _where(b), _dimensions(a, b),
+                     _intruders(a, b), *_outcomes(rows, a, b), *_across(points)]
+    return " ".join(f"{sentence[0].upper()}{sentence[1:]}." for sentence in sentences)

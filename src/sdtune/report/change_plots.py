@@ -61,7 +61,7 @@ def ranks_and_intruders(found: list[dict[str, Any]], path: Path) -> Path | None:
     ranks = [s["total"]["effective_rank_median"] for s in found]
     left.bar(range(len(found)), ranks, color="#5b8def")
     for i, s in enumerate(found):
-        left.annotate(f"≤{s['total']['numerical_rank_max']:.0f}", (i, ranks[i]), ha="center", va="bottom", fontsize=7)
+        left.annotate(f"rank ≤ {s['total']['numerical_rank_max']:.0f}", (i, ranks[i]), ha="center", va="bottom", fontsize=7)
     left.set_title("median effective rank of ΔW\n(numerical rank: the largest, above)", fontsize=9)
     intruders = [s["total"]["intruders"] for s in found]
     right.bar(range(len(found)), intruders, color="#e8743b")
@@ -71,6 +71,7 @@ def ranks_and_intruders(found: list[dict[str, Any]], path: Path) -> Path | None:
     method = found[0]["method"]["intruders"]
     right.set_title(f"intruder dimensions (k={method['k']}, ε={method['epsilon']})\n(matrices with any / changed, above)",
                     fontsize=9)
+    right.set_ylim(0, max(1.0, 1.15 * max(intruders)))
     for axis in (left, right):
         axis.set_xticks(range(len(found)), labels, rotation=30, ha="right", fontsize=8)
         axis.grid(axis="y", alpha=0.3)
@@ -99,7 +100,11 @@ def change_scatter(points: list[ChangePoint], path: Path) -> tuple[Path, str] | 
                 name = f"{point.label} lr={point.learning_rate:g}" if point.kind in repeated and point.learning_rate else point.label
                 axis.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
             if key == "relative":
+                from matplotlib.ticker import LogFormatterSciNotation, NullFormatter
+
                 axis.set_xscale("log")
+                axis.xaxis.set_major_formatter(LogFormatterSciNotation())
+                axis.xaxis.set_minor_formatter(NullFormatter())
             axis.set_xlabel(label, fontsize=8)
             axis.set_ylabel(metric, fontsize=8)
             axis.grid(alpha=0.3)

@@ -138,7 +138,7 @@ def changes_section(rows: list[Row], train: list[TrainRecord], evals: list[EvalR
         f"{s['total']['intruders']:.0f} ({s['total']['layers_with_intruders']:.0f})", _number(s["time_s"]),
     ] for s in found]
     method = found[0]["method"]
-    note = (f"ΔW = W_after − W_before of every changed weight matrix ({method['delta']}). Relative ΔW: "
+    note = (f"ΔW of every changed weight matrix: {method['delta']}. Relative ΔW: "
             f"{method['relative']}. Rank: {method['rank_tolerance']}; {method['spectrum']} (\"+\": a lower bound). "
             f"Effective rank: {method['effective_rank']}. Intruder dimensions: {method['intruders']['definition']}, "
             f"k = {method['intruders']['k']}, ε = {method['intruders']['epsilon']}. Check: did the technique train what "

@@ -49,7 +49,7 @@ def measure(model: Path, technique: str) -> dict:
             for name, parameter in trained.denoiser.named_parameters():
                 if "lora_B" in name:
                     parameter.copy_(torch.randn(parameter.shape, generator=generator) * 1e-3)
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         anatomy = model_anatomy(
             {"unet": trained.denoiser}, base_lookup(lambda: family.load(config)), family, f"benchmark ({technique})",
             compare=lambda layer: technique == "full", progress=True,
@@ -57,6 +57,7 @@ def measure(model: Path, technique: str) -> dict:
     total = anatomy.total
     return {
         "technique": technique, "seconds": time.perf_counter() - started, "anatomy_time_s": anatomy.time_s,
+        "cpu_seconds": time.process_time() - cpu,  # this process's CPU time (the machine may be shared)
         "matrices": total["changed_layers"], "lowrank_layers": sum(not layer["rank_exact"] for layer in anatomy.layers),
         "intruder_tests_not_exact": sum(not layer["intruders_exact"] for layer in anatomy.layers),
         "intruders": total["intruders"], "effective_rank_median": total["effective_rank_median"],

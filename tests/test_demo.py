@@ -59,3 +59,6 @@ def test_quick_demo_end_to_end(tmp_path):
     assert [e["step"] for e in train["evaluation"]] == [0, 1, 2]
     assert all(e["validation_loss"] > 0 for e in train["evaluation"])
     assert "Quality over training steps" in markdown and "Validation loss over training" in markdown
+    # what each technique changed: both checked, and the generated answer to the study's question
+    assert "| full | passed |" in markdown and "| lora | passed |" in markdown
+    assert "Compared here: full fine-tuning and LoRA (the study's pair)." in markdown

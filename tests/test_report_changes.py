@@ -100,3 +100,23 @@ def test_the_scatter_takes_a_techniques_trials_across_learning_rates(tmp_path):
     assert [p.learning_rate for p in points] == [1e-4, 3e-4, 1e-3] and all("judge_full_style" in p.metrics for p in points)
     drawn = change_scatter(points, tmp_path / "scatter.png")
     assert drawn is not None and drawn[0].exists() and "judge_full_style" in drawn[1]
+
+
+def test_the_checks_and_anatomy_entries_are_typed(tmp_path):
+    import json
+
+    import pytest
+
+    anatomy = _anatomy({ATTENTION: torch.ones(8, 8)})
+    record = _train("lora", "lora", anatomy, _check())
+    path = tmp_path / "train.json"
+    records.write_record(path, record)
+    assert records.read_record_file(path) == record and records.trained_check(record).passed
+    data = json.loads(path.read_text())
+    for entry, change, message in [
+        ("checks", {"trained": {**data["checks"]["trained"], "verdict": "ok"}}, "checks.trained: unknown key 'verdict'"),
+        ("anatomy", {k: v for k, v in data["anatomy"].items() if k != "layers"}, "anatomy: missing key 'layers'"),
+    ]:
+        path.write_text(json.dumps({**data, entry: change}))
+        with pytest.raises(records.RecordError, match=message):
+            records.read_record_file(path)

@@ -26,6 +26,7 @@ METHOD = {
                 "(width, rows); biases and norms are not matrices and are left out",
     "spectrum": f"exact singular values when the smaller side is ≤ {maths.EXACT_MAX_SIDE}, else the top "
                 f"{maths.RANK_CAP} from torch.svd_lowrank (niter {maths.NITER}; exact for a ΔW of rank ≤ {maths.RANK_CAP})",
+    "spectrum_top": maths.RANK_CAP, "exact_max_side": maths.EXACT_MAX_SIDE,
     "rank_tolerance": "σ > max(m, n) · eps(float32) · σ_max (numpy matrix_rank's default)",
     "effective_rank": "exp(entropy of σ_i / Σσ) (Roy & Vetterli 2007)",
     "intruders": {

@@ -60,7 +60,7 @@ def _where(summary: dict[str, Any]) -> str:
 
 def _dimensions(a: dict[str, Any], b: dict[str, Any]) -> str:
     def one(s: dict[str, Any]) -> str:
-        bound = "" if s["rank_exact"] else f" or more (the top {s['method']['spectrum'].split('top ')[-1].split(' ')[0]} values)"
+        bound = "" if s["rank_exact"] else f" or more: its spectra are the top {s['method'].get('spectrum_top')} values"
         return (f"{s['total']['effective_rank_median']:.1f} for {_name(s)} (numerical rank up to "
                 f"{s['total']['numerical_rank_max']:.0f}{bound})")
 

@@ -20,7 +20,7 @@ from sdtune.report.summary import BASE, Row
 
 # outcome metrics the change is set against, in order of preference: drift (peft's image-gen
 # benchmark), CLIP preservation, the demo's held-out accuracy, and the share of images in the full style
-OUTCOMES = ("drift", "preservation", "judge_heldout_accuracy", "judge_full_style", "fidelity")
+OUTCOMES = ("drift", "preservation", "judge_heldout_accuracy", "judge_full_style")
 STYLE_SPLITS = ("judge_style_split", "style_split")
 
 

@@ -70,7 +70,9 @@ def finish_run(
         timing["save_time_s"] = time.perf_counter() - saving_started
         anatomy = _anatomy(run, model)
         changes = {layer["name"]: layer["frobenius"] for layer in anatomy.layers if layer["adapted"]}
-        check = check_trained(model, run.technique, state.trained_evidence, gradients, changes, ema)
+        untrained = [name for name, module in model.components.items() if not trains(module)]
+        check = check_trained(model, run.technique, state.trained_evidence, gradients, changes, ema,
+                              frozen_scope=untrained if run.sharding else None)
         checks = {"trained": asdict(check)}
     timing.setdefault("save_time_s", time.perf_counter() - saving_started)
     timing["job_wall_time_s"] = time.perf_counter() - started  # from the call to the record

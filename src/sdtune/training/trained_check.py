@@ -178,9 +178,11 @@ def resume_failures(session_start: dict[str, Any], run_start: dict[str, Any]) ->
 
 
 def evidence_of(model: Model, technique: Technique, evidence: dict[str, Any], gradients: dict[str, Any] | None,
-                layer_changes: dict[str, float]) -> tuple[TrainedEvidence, list[CheckFailure], int]:
+                layer_changes: dict[str, float], frozen_scope: list[str] | None = None
+                ) -> tuple[TrainedEvidence, list[CheckFailure], int]:
     """The technique's evidence from the trained ``model``, the generic failures (gradients, moves,
-    frozen tensors) and how many frozen tensors were compared."""
+    frozen tensors: of the ``frozen_scope`` components when given) and how many frozen tensors were
+    compared."""
     start, unreachable = evidence["start"], tuple(model.unreachable_parameters())
     sampled = start["mode"].startswith("sampled")
     moved, rows = {}, {}
@@ -206,7 +208,7 @@ def evidence_of(model: Model, technique: Technique, evidence: dict[str, Any], gr
             failures.append(CheckFailure("gradient", name, "never got a non-zero gradient"))
         if not moved[name]:
             failures.append(CheckFailure("moved", name, "did not move from its start"))
-    frozen = frozen_named_parameters(model, start.get("frozen_components"))
+    frozen = frozen_named_parameters(model, frozen_scope if frozen_scope is not None else start.get("frozen_components"))
     failures += [
         CheckFailure("frozen", name, "a frozen tensor changed during training")
         for name, parameter in frozen.items()
@@ -221,12 +223,13 @@ def _any(value: Any) -> bool:
 
 def check_trained(
     model: Model, technique: Technique, evidence: dict[str, Any], gradients: dict[str, Any] | None,
-    layer_changes: dict[str, float], ema: tuple[bool, float] | None,
+    layer_changes: dict[str, float], ema: tuple[bool, float] | None, frozen_scope: list[str] | None = None,
 ) -> TrainedCheck:
     """The run's ``checks.trained``: ``ema`` is (EMA weights differ from the raw ones, last decay) when
-    the run kept an EMA."""
+    the run kept an EMA; ``frozen_scope`` the components whose frozen tensors are compared (sharded
+    runs: those that do not train; default: as at the start)."""
     started = time.perf_counter()
-    seen, failures, frozen_count = evidence_of(model, technique, evidence, gradients, layer_changes)
+    seen, failures, frozen_count = evidence_of(model, technique, evidence, gradients, layer_changes, frozen_scope)
     failures += technique.trained_invariants(model, seen)
     if ema is not None and ema[1] > 0 and not ema[0]:
         failures.append(CheckFailure("ema", "ema", f"the EMA weights equal the raw weights (last decay {ema[1]:.4g})"))
@@ -243,7 +246,7 @@ def check_trained(
             "rows": sum(len(r) for r in seen.rows.values()),
         },
         unreachable=unreachable, gradient_watch_steps=evidence["watch_steps"] if gradients is not None else None,
-        digests=evidence["start"]["mode"] + ("" if evidence["start"].get("frozen_components") is None else
-                                              "; frozen: the components that do not train (sharded run)"),
+        digests=evidence["start"]["mode"] + ("" if (frozen_scope or evidence["start"].get("frozen_components")) is None
+                                              else "; frozen: the components that do not train (sharded run)"),
         time_s=time.perf_counter() - started,
     )

@@ -1,8 +1,10 @@
 """What the trained-what-it-claims check costs the training loop, on the demo model (`sdtune demo`'s
 base, data and settings, fewer steps): each technique trains with the check and with its per-step
 part switched off (`GradientWitness.observe`/`collect` as no-ops), alternately, in fresh processes;
-reported are the steady seconds per step of each (the record's `timing.steady_s_per_step`), the
-seconds spent inside the witness over the whole run (timed around its calls), the steps it watched
+reported are the steady seconds per step of each (the record's `timing.steady_s_per_step`, wall
+time: on a shared machine it moves with the load), the median CPU seconds of the process per step
+after the second (`time.process_time` between steps: what the process itself spent, whatever the
+load), the seconds spent inside the witness over the whole run (timed around its calls), the steps it watched
 (`checks.trained.gradient_watch_steps`), and the one-off costs: the digests at setup
 (`timing.check_digest_time_s`), the check itself and the anatomy at the end.
 
@@ -44,11 +46,15 @@ def child(work: Path, technique: str, witness: bool, steps: int) -> dict:
     path = demo_experiment(work, settings)
     experiment = sdtune.load_experiment(path, ["train.log_every=5"])
     out = work / f"{technique}-{'with' if witness else 'without'}"
-    result = sdtune.train_technique(experiment, technique, output_dir=out, overwrite=True, progress=False)
+    marks = []
+    result = sdtune.train_technique(experiment, technique, output_dir=out, overwrite=True, progress=False,
+                                    after_step=lambda step: marks.append(time.process_time()))
+    cpu_per_step = statistics.median(b - a for a, b in zip(marks[2:], marks[3:]))
     record = result.record
     check = record["checks"]["trained"]
     return {
         "technique": technique, "witness": witness, "steady_s_per_step": record["timing"]["steady_s_per_step"],
+        "cpu_s_per_step": cpu_per_step,
         "witness_s": spent[0], "watch_steps": check["gradient_watch_steps"], "passed": check["passed"],
         "digest_s": record["timing"]["check_digest_time_s"], "check_s": check["time_s"],
         "anatomy_s": record["anatomy"]["time_s"], "steps": record["steps"]["done"],
@@ -82,6 +88,8 @@ def main() -> None:
         summary[technique] = {
             "steady_s_per_step_with": statistics.median(r["steady_s_per_step"] for r in mine if r["witness"]),
             "steady_s_per_step_without": statistics.median(r["steady_s_per_step"] for r in mine if not r["witness"]),
+            "cpu_s_per_step_with": statistics.median(r["cpu_s_per_step"] for r in mine if r["witness"]),
+            "cpu_s_per_step_without": statistics.median(r["cpu_s_per_step"] for r in mine if not r["witness"]),
             "witness_s_per_run": statistics.median(r["witness_s"] for r in mine if r["witness"]),
             "watch_steps": max(r["watch_steps"] or 0 for r in mine if r["witness"]),
         }

@@ -29,16 +29,33 @@ def test_norms_and_the_relative_change():
     assert maths.relative_norm(delta, torch.zeros(2, 2)) is None
 
 
-@pytest.mark.parametrize(("rank", "rows", "columns"), [(1, 40, 24), (4, 64, 64), (4, 700, 660), (3, 8, 3000)])
-def test_a_rank_r_lora_update_has_numerical_rank_at_most_r(rank, rows, columns):
-    """ΔW = s·B·A with B (out × r), A (r × in): rank ≤ r, whatever the sizes (the larger ones go through
-    svd_lowrank, which is exact for a rank below its q); as float32 products, as a run computes them."""
+SVD, GRAM, LOWRANK = {}, {"exact_max_side": 64}, {"exact_max_side": 64, "gram_max_side": 100}  # the three tiers
+
+
+@pytest.mark.parametrize(("rank", "rows", "columns", "tier"), [
+    (1, 40, 24, SVD), (4, 64, 64, SVD), (4, 700, 660, GRAM), (3, 8, 3000, SVD), (4, 300, 200, GRAM),
+    (4, 300, 200, LOWRANK), (2, 150, 900, LOWRANK),
+])
+def test_a_rank_r_lora_update_has_numerical_rank_at_most_r(rank, rows, columns, tier):
+    """ΔW = s·B·A with B (out × r), A (r × in): rank ≤ r, in every tier (svd_lowrank is exact for a rank
+    below its q); as float32 products, as a run computes them."""
     generator = torch.Generator().manual_seed(rank + rows)
     down, up = torch.randn(rank, columns, generator=generator), torch.randn(rows, rank, generator=generator) * 1e-3
-    spectrum = maths.singular_values(2.0 * up @ down)
+    spectrum = maths.singular_values(2.0 * up @ down, **tier)
     assert maths.numerical_rank(spectrum) == rank
-    assert spectrum.exact == (min(rows, columns) <= max(maths.EXACT_MAX_SIDE, maths.RANK_CAP))
+    assert spectrum.exact == (tier is not LOWRANK)
     assert maths.effective_rank(spectrum) <= rank + 1e-6
+
+
+def test_the_gram_tier_gives_the_singular_values_of_an_svd():
+    matrix = torch.randn(90, 400, generator=torch.Generator().manual_seed(4))
+    exact, gram = maths.singular_values(matrix), maths.singular_values(matrix, **GRAM)
+    assert torch.allclose(gram.values, exact.values, rtol=1e-5)
+    assert maths.effective_rank(gram) == pytest.approx(maths.effective_rank(exact), rel=1e-5)
+    tall = torch.randn(300, 80, generator=torch.Generator().manual_seed(5))
+    vectors = maths.left_singular_vectors(tall, 5)
+    reference = torch.linalg.svd(tall.double(), full_matrices=False).U[:, :5]
+    assert torch.allclose((vectors.T @ reference).abs().diagonal(), torch.ones(5, dtype=torch.float64), atol=1e-6)
 
 
 def test_numerical_rank_counts_singular_values_above_the_stated_tolerance():
@@ -70,8 +87,8 @@ def _decaying(side: int) -> list[float]:
     return [10.0 * 0.85**i + 0.05 for i in range(side)]
 
 
-@pytest.mark.parametrize("side", [48, 700])  # exact SVDs, and the svd_lowrank path of larger layers
-def test_a_planted_intruder_direction_is_found(side):
+@pytest.mark.parametrize(("side", "tier"), [(48, {}), (700, {}), (300, {"gram_max_side": 100})])  # the last: svd_lowrank
+def test_a_planted_intruder_direction_is_found(side, tier):
     """W_before with a decaying spectrum; W_after adds one strong random direction, nearly orthogonal
     to every singular vector of W_before: it is an intruder (|cos| < 0.5 with every x_i)."""
     values = _decaying(side)
@@ -81,27 +98,27 @@ def test_a_planted_intruder_direction_is_found(side):
     direction /= direction.norm()
     right = torch.randn(side, generator=generator)
     after = before + 30.0 * torch.outer(direction, right / right.norm())
-    found = maths.intruder_dimensions(before, after)
+    found = maths.intruder_dimensions(before, after, **tier)
     assert found.count == 1
     assert found.max_cosines[0] < maths.INTRUDER_EPSILON  # the new top direction
     assert all(c >= maths.INTRUDER_EPSILON for c in found.max_cosines[1:])
-    assert found.exact == (side <= maths.EXACT_MAX_SIDE)
+    assert found.exact == (not tier)
 
 
-@pytest.mark.parametrize("side", [48, 700])
-def test_a_small_change_along_existing_directions_has_no_intruder(side):
+@pytest.mark.parametrize(("side", "tier"), [(48, {}), (700, {}), (300, {"gram_max_side": 100})])
+def test_a_small_change_along_existing_directions_has_no_intruder(side, tier):
     values = _decaying(side)
     before = _with_spectrum(values, side, side, seed=5)
     after = before * 1.01 + 1e-4 * torch.randn(side, side, generator=torch.Generator().manual_seed(1))
-    found = maths.intruder_dimensions(before, after)
+    found = maths.intruder_dimensions(before, after, **tier)
     assert found.count == 0 and len(found.max_cosines) == maths.INTRUDER_TOP_K
 
 
 def test_svd_lowrank_results_do_not_depend_on_the_global_random_state():
-    matrix = torch.randn(800, 700, generator=torch.Generator().manual_seed(2))
+    matrix = torch.randn(300, 200, generator=torch.Generator().manual_seed(2))
     torch.manual_seed(1)
-    first = maths.singular_values(matrix).values
+    first = maths.singular_values(matrix, **LOWRANK).values
     torch.manual_seed(99)
     state = torch.get_rng_state()
-    second = maths.singular_values(matrix).values
+    second = maths.singular_values(matrix, **LOWRANK).values
     assert torch.equal(first, second) and torch.equal(state, torch.get_rng_state())

@@ -21,12 +21,13 @@ from sdtune.records import Anatomy
 
 METHOD = {
     "delta": "W_after − W_before in float64 from the saved float32 weights (adapters merged through peft on a "
-             "float64 copy of each layer); spectra of ΔW in float32",
+             "float64 copy of each layer); singular values in float32 (float64 through the Gram matrix)",
     "matrices": "Linear and Conv weights (conv kernels flattened to (out, in·k·k)), Embedding tables transposed to "
                 "(width, rows); biases and norms are not matrices and are left out",
-    "spectrum": f"exact singular values when the smaller side is ≤ {maths.EXACT_MAX_SIDE}, else the top "
-                f"{maths.RANK_CAP} from torch.svd_lowrank (niter {maths.NITER}; exact for a ΔW of rank ≤ {maths.RANK_CAP})",
-    "spectrum_top": maths.RANK_CAP, "exact_max_side": maths.EXACT_MAX_SIDE,
+    "spectrum": f"exact: singular values when the smaller side is ≤ {maths.EXACT_MAX_SIDE}, the float64 Gram "
+                f"matrix's eigenvalues up to {maths.GRAM_MAX_SIDE}; beyond, the top {maths.RANK_CAP} from "
+                f"torch.svd_lowrank (niter {maths.NITER}; exact for a ΔW of rank ≤ {maths.RANK_CAP})",
+    "spectrum_top": maths.RANK_CAP, "exact_max_side": maths.GRAM_MAX_SIDE,
     "rank_tolerance": "σ > max(m, n) · eps(float32) · σ_max (numpy matrix_rank's default)",
     "effective_rank": "exp(entropy of σ_i / Σσ) (Roy & Vetterli 2007)",
     "intruders": {
@@ -50,8 +51,8 @@ def layer_anatomy(pair: WeightPair, family: type[Model]) -> dict[str, Any]:
     if entry["frobenius"] == 0.0:  # an adapted layer that did not change: nothing to decompose
         return {**entry, "numerical_rank": 0, "rank_exact": True, "effective_rank": 0.0, "intruders": 0,
                 "intruder_max_cosines": [], "intruders_exact": True}
-    spectrum = maths.singular_values(delta.float())
-    intruders = maths.intruder_dimensions(pair.before.float(), pair.after.float())
+    spectrum = maths.singular_values(delta)
+    intruders = maths.intruder_dimensions(pair.before, pair.after)
     return {
         **entry, "numerical_rank": maths.numerical_rank(spectrum), "rank_exact": spectrum.exact,
         "effective_rank": maths.effective_rank(spectrum), "intruders": intruders.count,

@@ -94,11 +94,12 @@ def change_scatter(points: list[ChangePoint], path: Path) -> tuple[Path, str] | 
     for row, metric in zip(axes, metrics):
         for axis, key, label in ((row[0], "relative", "relative ΔW (‖ΔW‖/‖W‖, all matrices)"),
                                  (row[1], "intruders", "intruder dimensions (all matrices)")):
-            for point in points:
+            for index, point in enumerate(points):
                 x, y = point.total.get(key) or 0.0, point.metrics[metric]
                 axis.scatter(x, y, color=colours[point.kind], s=36)
                 name = f"{point.label} lr={point.learning_rate:g}" if point.kind in repeated and point.learning_rate else point.label
-                axis.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+                # labels staggered vertically: runs at the same x (no intruders) would print over each other
+                axis.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4 - 9 * (index % 3)), fontsize=7)
             if key == "relative":
                 from matplotlib.ticker import LogFormatterSciNotation, NullFormatter
 

@@ -3,6 +3,7 @@ model, as an :class:`sdtune.records.AnatomyRecord`."""
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -12,10 +13,12 @@ import torch
 from sdtune import records
 from sdtune.anatomy.compute import anatomy_of_pairs, base_lookup, model_anatomy
 from sdtune.anatomy.files import file_pairs
-from sdtune.config import ModelConfig
-from sdtune.errors import UserError
-from sdtune.models import model_class
-from sdtune.techniques import TECHNIQUES
+from sdtune.config import ModelConfig, looks_like_local_path
+from sdtune.errors import UserError, first_line
+from sdtune.formats.families import family_of_metadata
+from sdtune.generation import finished_run, recorded_model
+from sdtune.models import ModelLoadError, detect_family_name, model_class
+from sdtune.util.paths import check_output_file
 
 ANATOMY_FILE = "anatomy.json"
 
@@ -28,34 +31,74 @@ def weight_anatomy(
     source: str | Path, base: str | None = None, out: str | Path | None = None, progress: bool = True
 ) -> tuple[records.AnatomyRecord, Path]:
     """``sdtune anatomy``: what a run (``source`` a finished run folder; base: its record's model unless
-    ``base`` names another) or a LoRA/LyCORIS ``.safetensors`` file (kohya/ComfyUI/LyCORIS or
-    diffusers naming; ``base`` required) changed in the base model's weights: per layer, per block and
-    in total (see sdtune.anatomy). Writes the record to ``out`` (default: ``RUN/anatomy.json``, or
-    ``FILE.anatomy.json`` beside the file) and returns it with its path."""
+    ``base`` names another of the same family) or a LoRA/LyCORIS ``.safetensors`` file
+    (kohya/ComfyUI/LyCORIS or diffusers naming; ``base`` required) changed in the base model's
+    weights: per layer, per block and in total (see sdtune.anatomy). Writes the record to ``out``
+    (default: ``RUN/anatomy.json``, or ``FILE.anatomy.json`` beside the file) and returns it with its
+    path. Everything that can be checked before a model loads is (:func:`check_anatomy_source`)."""
     source = Path(source)
+    path = check_anatomy_source(source, base, out)
     if source.is_dir():
-        record, default_out = _run_anatomy(source, base, progress), source / ANATOMY_FILE
-    elif source.is_file() and source.suffix == ".safetensors":
-        if not base:
-            raise AnatomySourceError(f"{source}: a weights file needs its base model; add --base MODEL (a folder, hub id or file)")
-        record, default_out = _file_anatomy(source, base, progress), source.with_name(f"{source.stem}.anatomy.json")
+        record = _run_anatomy(source, base, progress)
     else:
-        raise AnatomySourceError(
-            f"{source} is neither a run folder (OUTPUT/<technique>) nor a .safetensors LoRA/LyCORIS file"
-        )
-    path = Path(out) if out else default_out
+        record = _file_anatomy(source, str(base), progress)
     records.write_record(path, record)
     return record, path
 
 
+def check_anatomy_source(source: Path, base: str | None, out: str | Path | None) -> Path:
+    """The preflight of ``sdtune anatomy``: a finished run folder (its base model there and of its
+    family, or ``base`` of that family) or a .safetensors file with a ``base`` it was made for, and an
+    ``out`` that can be written; return the record's path."""
+    if source.is_dir():
+        record, config, _ = finished_run(source)
+        trained_on = (record.get("model") or {}).get("family") or config.family
+        if base:
+            _check_base_family(ModelConfig(path=base), trained_on, f"--base {base!r}", f"{source} was trained")
+        else:
+            recorded_model(record, source, needed=True)
+        default_out = source / ANATOMY_FILE
+    elif source.is_file() and source.suffix == ".safetensors":
+        if not base:
+            raise AnatomySourceError(f"{source}: a weights file needs its base model; add --base MODEL (a folder, hub id or file)")
+        _check_file_family(source, base)
+        default_out = source.with_name(f"{source.stem}.anatomy.json")
+    elif not source.exists():
+        raise AnatomySourceError(f"{source} does not exist; give a run folder (OUTPUT/<technique>) or a .safetensors file")
+    else:
+        raise AnatomySourceError(
+            f"{source} is neither a run folder (OUTPUT/<technique>) nor a .safetensors LoRA/LyCORIS file"
+        )
+    return check_output_file(default_out if out is None else out, "--out", overwrite=True)  # (a record we derive)
+
+
+def _check_base_family(config: ModelConfig, family: str, where: str, what: str) -> None:
+    if looks_like_local_path(config.path) and not Path(config.path).expanduser().exists():
+        raise AnatomySourceError(f"{where} does not exist; give the base model's folder, hub id or single file")
+    try:
+        now = detect_family_name(config)
+    except ModelLoadError:
+        return  # (undetectable here, e.g. a hub id offline: the load says what is wrong)
+    if family not in ("auto", now):
+        raise AnatomySourceError(f"{what} on a model of family {family}, but {where} is of family {now}; "
+                                 f"give a base model of family {family}")
+
+
+def _check_file_family(source: Path, base: str) -> None:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(source), framework="pt") as file:
+            metadata = file.metadata()
+    except Exception as error:  # safetensors raises its own error types for a damaged header
+        raise AnatomySourceError(f"{source} is not a readable .safetensors file ({first_line(error)})") from None
+    _check_base_family(ModelConfig(path=base), family_of_metadata(metadata) or "auto", f"--base {base!r}",
+                       f"{source.name} was trained (its metadata says so)")
+
+
 def _run_anatomy(run_dir: Path, base: str | None, progress: bool) -> records.AnatomyRecord:
-    record = records.read_record(run_dir)
-    if record is None or record.get("kind") != "train":
-        raise AnatomySourceError(f"{run_dir} is not an sdtune run folder (no record.json); give OUTPUT/<technique>")
-    if record.get("status") != "finished":
-        raise AnatomySourceError(f"{run_dir}: the run is {record.get('status')}; finish it with `sdtune train --resume`")
-    technique = TECHNIQUES.get(record["technique"]["kind"])
-    config = ModelConfig(**{**record["config"]["model"], **({"path": base} if base else {})})
+    record, recorded, technique = finished_run(run_dir)
+    config = dataclasses.replace(recorded, path=base) if base else recorded
     family = model_class(config)
     with torch.no_grad():
         before = family.load(config)
@@ -85,10 +128,8 @@ def _what_was_compared(kind: str, record: dict[str, Any]) -> str:
 
 
 def _record(source: Path, base: str, family: str, technique: str | None, anatomy: records.Anatomy) -> records.AnatomyRecord:
-    from dataclasses import asdict
-
     return records.AnatomyRecord(
-        source=str(source), base=str(base), family=family, technique=technique, anatomy=asdict(anatomy),
+        source=str(source), base=str(base), family=family, technique=technique, anatomy=dataclasses.asdict(anatomy),
         versions=records.package_versions(), git_commit=records.git_commit(),
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )

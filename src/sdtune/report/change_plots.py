@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from sdtune.report.changes import ChangePoint, outcome_metrics
+from sdtune.util import atomic
 
 
 def _pyplot():
@@ -22,7 +23,7 @@ def _pyplot():
 
 
 def _save(plt, figure, path: Path) -> Path:
-    figure.savefig(path, dpi=110, bbox_inches="tight")
+    atomic.save_figure(path, figure, dpi=110, bbox_inches="tight")
     plt.close(figure)
     return path
 

@@ -28,6 +28,8 @@ from sdtune.report.summary import (
     share_summary,
     study_table,
 )
+from sdtune.util import atomic
+from sdtune.util.paths import check_writable_folder
 
 FILES_DIR = "report_files"
 MB = 1e6
@@ -163,6 +165,7 @@ def render_report(root: str | Path) -> Path:
     """Render ``report.md`` and ``report.html`` in ``root`` from its records; return the HTML path."""
     root = Path(root)
     train, evals = load_records(root)
+    check_writable_folder(root, "report")  # (before the figures are drawn)
     rows = build_rows(train, evals)
     figures_dir = root / FILES_DIR
     figures_dir.mkdir(exist_ok=True)
@@ -170,9 +173,9 @@ def render_report(root: str | Path) -> Path:
     context = _context(train, evals)
     all_tables = tables(rows)
     section = changes_section(rows, train, evals, figures_dir)
-    (root / "report.md").write_text(_markdown(all_tables, figures, context, root, section))
+    atomic.write_text(root / "report.md", _markdown(all_tables, figures, context, root, section))
     html_path = root / "report.html"
-    html_path.write_text(_html(all_tables, figures, context, section))
+    atomic.write_text(html_path, _html(all_tables, figures, context, section))
     return html_path
 
 

@@ -6,8 +6,11 @@ from sdtune.techniques.base import (
     TECHNIQUES,
     Technique,
     TrainedEvidence,
+    WeightsDoNotFit,
     count_parameters,
     trainable_named_parameters,
 )
 
-__all__ = ["TECHNIQUES", "Technique", "TrainedEvidence", "count_parameters", "trainable_named_parameters"]
+__all__ = [
+    "TECHNIQUES", "Technique", "TrainedEvidence", "WeightsDoNotFit", "count_parameters", "trainable_named_parameters",
+]

@@ -26,6 +26,7 @@ from sdtune.techniques.base import (
     Technique,
     TechniqueOptions,
     TrainedEvidence,
+    WeightsDoNotFit,
     files_under,
     trainable_named_parameters,
 )
@@ -127,7 +128,7 @@ class PartialFineTuning(Technique):
             module = getattr(pipe, prefix)
             result = module.load_state_dict(part, strict=False)
             if result.unexpected_keys:
-                raise RuntimeError(
+                raise WeightsDoNotFit(
                     f"{run_dir / WEIGHTS_FILE}: {len(result.unexpected_keys)} tensors do not exist in the "
                     f"base {prefix} (first: {result.unexpected_keys[0]}); is this the same base model?"
                 )

@@ -3,8 +3,11 @@ weight change and the trained-what-it-claims check, and its record."""
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -14,11 +17,12 @@ from sdtune.anatomy import base_lookup, model_anatomy
 from sdtune.models import Model
 from sdtune.techniques import trainable_named_parameters
 from sdtune.training import sharding
-from sdtune.training.checkpoint import restore_parameters
+from sdtune.training.checkpoint import checkpoint_path, restore_parameters
 from sdtune.training.record import train_record
 from sdtune.training.setup import TrainingRun, trains
 from sdtune.training.state import TrainState
 from sdtune.training.trained_check import GradientWitness, check_trained
+from sdtune.util import atomic
 from sdtune.util.timing import StepClock
 
 
@@ -49,7 +53,12 @@ def finish_run(
 ) -> tuple[dict[str, Any], Model]:
     """Save the technique's outputs (EMA weights when used), take the anatomy of the change and check
     that the technique trained what it claims, and write the run record; return the record and the
-    trained model (EMA weights if used)."""
+    trained model (EMA weights if used).
+
+    A finished run's final state is checkpointed before this is called (:mod:`sdtune.training.loop`);
+    the outputs are written into a private folder and moved into the run folder once all of them
+    are complete, then the record; only then is the final state's checkpoint removed. A write that
+    fails leaves that checkpoint, and ``--resume`` writes the outputs from it (docs/resume.md)."""
     accelerator = run.accelerator
     saving_started = time.perf_counter()
     finished = status == "finished"
@@ -58,29 +67,55 @@ def finish_run(
     if finished and run.ema is not None:
         run.ema.copy_to(sharding.ema_tensors(accelerator, run.parameters))  # the study saves the EMA weights
     model = _gathered_model(run) if run.sharding and finished else run.unwrapped_model()
+    final_state = checkpoint_path(run.run_dir, state.step) if finished else None
     outputs: dict[str, Any] = {}
     anatomy, checks = None, {}
-    if finished and accelerator.is_main_process:
-        for component in model.trainable_names():
-            model.components[component].eval()
-        if run.objective.name == "ddpm":  # a prediction_type override must reach the sampler too
-            model.inference_scheduler.register_to_config(prediction_type=run.objective.prediction_type)
-        saved = run.technique.save(_with_original_frozen_parts(run, model), run.run_dir)
-        outputs = {part: {"files": files, "bytes": records.bytes_on_disk(run.run_dir, files)} for part, files in saved.items()}
-        timing["save_time_s"] = time.perf_counter() - saving_started
-        anatomy = _anatomy(run, model)
-        changes = {layer["name"]: layer["frobenius"] for layer in anatomy.layers if layer["adapted"]}
-        untrained = [name for name, module in model.components.items() if not trains(module)]
-        check = check_trained(model, run.technique, state.trained_evidence, gradients, changes, ema,
-                              frozen_scope=untrained if run.sharding else None)
-        checks = {"trained": asdict(check)}
-    timing.setdefault("save_time_s", time.perf_counter() - saving_started)
-    timing["job_wall_time_s"] = time.perf_counter() - started  # from the call to the record
-    record = train_record(run, model, status, state, timing, outputs, checks, asdict(anatomy) if anatomy else None)
-    if accelerator.is_main_process:
-        records.write_record(run.run_dir / records.RECORD_FILE, record)
+    with _resumable_from(final_state):
+        if finished and accelerator.is_main_process:
+            for component in model.trainable_names():
+                model.components[component].eval()
+            if run.objective.name == "ddpm":  # a prediction_type override must reach the sampler too
+                model.inference_scheduler.register_to_config(prediction_type=run.objective.prediction_type)
+            with atomic.filling(run.run_dir) as staging:  # all of the outputs, or none of them
+                saved = run.technique.save(_with_original_frozen_parts(run, model), staging)
+            outputs = {part: {"files": files, "bytes": records.bytes_on_disk(run.run_dir, files)} for part, files in saved.items()}
+            timing["save_time_s"] = time.perf_counter() - saving_started
+            anatomy, checks = _anatomy_and_check(run, model, state, gradients, ema)
+        timing.setdefault("save_time_s", time.perf_counter() - saving_started)
+        timing["job_wall_time_s"] = time.perf_counter() - started  # from the call to the record
+        record = train_record(run, model, status, state, timing, outputs, checks, asdict(anatomy) if anatomy else None)
+        if accelerator.is_main_process:
+            records.write_record(run.run_dir / records.RECORD_FILE, record)
+    if final_state is not None and accelerator.is_main_process:
+        atomic.remove(final_state)  # the outputs and the record hold it now
     accelerator.wait_for_everyone()  # no process leaves before the run's files are written
     return record, model
+
+
+@contextlib.contextmanager
+def _resumable_from(checkpoint: Path | None) -> Iterator[None]:
+    """A failed write of the outputs or the record says how to finish the run from its final state."""
+    try:
+        yield
+    except atomic.WriteError as error:
+        if checkpoint is None or not checkpoint.is_dir():
+            raise
+        raise atomic.WriteError(
+            error.path, error.code, f"the trained state is safe in {checkpoint}: fix that, then rerun with --resume "
+            "to write the outputs"
+        ) from error
+
+
+def _anatomy_and_check(
+    run: TrainingRun, model: Model, state: TrainState, gradients: Any, ema: tuple[bool, float] | None
+) -> tuple[records.Anatomy, dict[str, Any]]:
+    """The anatomy of the saved weights, and the trained-what-it-claims check (``checks`` of the record)."""
+    anatomy = _anatomy(run, model)
+    changes = {layer["name"]: layer["frobenius"] for layer in anatomy.layers if layer["adapted"]}
+    untrained = [name for name, module in model.components.items() if not trains(module)]
+    check = check_trained(model, run.technique, state.trained_evidence, gradients, changes, ema,
+                          frozen_scope=untrained if run.sharding else None)
+    return anatomy, {"trained": asdict(check)}
 
 
 def _ema_differs(run: TrainingRun) -> tuple[bool, float]:
@@ -106,8 +141,8 @@ def _anatomy(run: TrainingRun, model: Model) -> records.Anatomy:
 def _gathered_model(run: TrainingRun) -> Model:
     """Sharded runs: on rank 0, the model with its trained tensors gathered whole into a fresh copy of
     the base model, prepared by the technique as in training (so it saves exactly as one process)."""
-    full = sharding.full_parameters(run.accelerator, run.parameters)  # every process takes part
     model = run.unwrapped_model()
+    full = sharding.full_parameters(run.accelerator, model.components, run.parameters)  # every process takes part
     if not run.accelerator.is_main_process:
         return model
     fresh = run.experiment.family.load(run.experiment.model)

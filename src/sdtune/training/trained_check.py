@@ -10,7 +10,9 @@ Three kinds of evidence, gathered cheaply:
   device until the loop's own sync points (no extra host sync); on the CPU they are read at once.
   Tensors the family says no loss reaches (:meth:`sdtune.models.Model.unreachable_parameters`) are
   not watched, and named in the record. Under DeepSpeed the gradients live inside its engine and are
-  not observed (``gradient_watch_steps: null``).
+  not observed (``gradient_watch_steps: null``), nor with the memory savers that free each gradient
+  inside the backward pass (``fused_backward``; ``optimizer_offload`` without accumulation): the
+  digests (a trainable tensor moved) remain.
 - **digests** (:func:`digests`): a BLAKE2b fingerprint of every trainable and every frozen tensor,
   taken after the technique prepared the model and again after training: a trainable tensor must have
   moved, a frozen one must not. Whole tensors while the model holds at most 2²⁸ elements in all
@@ -90,6 +92,14 @@ def digests(model: Model, technique: Technique, frozen_components: list[str] | N
 def new_evidence(start: dict[str, Any]) -> dict[str, Any]:
     """The evidence a run's :class:`~sdtune.training.state.TrainState` carries from its start."""
     return {"start": start, "gradients": {}, "watch_steps": 0, "resume_failures": []}
+
+
+def gradients_observable(config: Any, deepspeed: bool) -> bool:
+    """Whether the loop sees the gradients after the backward passes: not under DeepSpeed (its engine
+    holds them), ``fused_backward`` (each gradient is freed in the backward pass once its tensor has
+    stepped) or ``optimizer_offload`` without accumulation (each is freed once copied to the CPU)."""
+    offloaded = config.optimizer_offload and config.gradient_accumulation_steps == 1
+    return not (deepspeed or config.fused_backward or offloaded)
 
 
 def _local(gradient: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,8 @@ from sdtune.techniques.adapter import LoKr, LoRA
 from sdtune.techniques.textual_inversion import TextualInversion
 from sdtune.training import train_technique
 
+QUICK = {"max_train_steps": 2, "batch_size": 1, "gradient_accumulation_steps": 1}  # (LoRA's A: a gradient from step 2)
+
 
 def _failures(result):
     check = records.trained_check(result.record)
@@ -38,7 +40,7 @@ def _break(monkeypatch, technique, breaking):
 def test_one_frozen_adapter_tensor_fails_the_check(write_experiment, monkeypatch):
     frozen = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.default.weight"
     _break(monkeypatch, LoRA, lambda model: model.denoiser.get_parameter(frozen[len("unet."):]).requires_grad_(False))
-    result = train_technique(load_experiment(write_experiment(techniques={"lora": {"kind": "lora", "rank": 4}})), "lora",
+    result = train_technique(load_experiment(write_experiment(techniques={"lora": {"kind": "lora", "rank": 4}}, **QUICK)), "lora",
                              progress=False)
     check, failed = _failures(result)
     assert not check.passed and failed == {("adapter tensor", frozen)}
@@ -57,7 +59,7 @@ def test_a_bypass_that_zeroes_adapter_gradients_fails_the_check(write_experiment
 
     _break(monkeypatch, LoKr, zero_gradients)
     techniques = {"lokr": {"kind": "lokr", "rank": 2, "alpha": 2}}
-    result = train_technique(load_experiment(write_experiment(techniques=techniques)), "lokr", progress=False)
+    result = train_technique(load_experiment(write_experiment(techniques=techniques, **QUICK)), "lokr", progress=False)
     check, failed = _failures(result)
     assert not check.passed
     assert {where for item, where in failed if item == "gradient"} == {
@@ -75,7 +77,7 @@ def test_a_dropped_textual_inversion_vector_fails_the_check(write_experiment, mo
     _break(monkeypatch, TextualInversion, drop_second_vector)
     techniques = {"ti": {"kind": "textual-inversion", "placeholder_token": "<sks>", "initializer_token": "circle",
                          "num_vectors": 2, "learning_rate": 5e-2}}
-    path = write_experiment(techniques=techniques, data={"instance_prompt": "a <sks>"})
+    path = write_experiment(techniques=techniques, data={"instance_prompt": "a <sks>"}, **QUICK)
     result = train_technique(load_experiment(path), "ti", progress=False)
     check, failed = _failures(result)
     assert not check.passed and check.checked["rows"] == 2

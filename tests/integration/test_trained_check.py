@@ -45,6 +45,8 @@ def test_one_frozen_adapter_tensor_fails_the_check(write_experiment, monkeypatch
     check, failed = _failures(result)
     assert not check.passed and failed == {("adapter tensor", frozen)}
     assert records.check_failed(records.read_record(result.run_dir))  # as written to disk
+    # the line `sdtune train` prints under the run's result
+    assert records.check_failure_line(result.record) == f"lora: did not train what it claims (adapter tensor): {frozen}"
 
 
 def test_a_bypass_that_zeroes_adapter_gradients_fails_the_check(write_experiment, monkeypatch):

@@ -140,7 +140,7 @@ def _train_or_reuse(
                 record = train_in_fresh_process(experiment, name, out, **options)
         except TechniqueFailed as error:  # one technique failing must not lose the others' results
             run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "error.log").write_text(error.details or f"{error}\n")
+            atomic.write_text(run_dir / "error.log", error.details or f"{error}\n")
             kind = "error" if error.user_error else "crash (a bug in sdtune; traceback in error.log)"
             print(f"technique {name} (seed {seed}) failed: {error} [{kind}]")
             record = {

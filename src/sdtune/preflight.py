@@ -166,7 +166,7 @@ def check_data(experiment: Experiment, names: list[str]) -> int | None:
         for row, value in enumerate(caption_values(data, dataset, caption_column)) if row not in held_out
     ]
     for name in names:
-        experiment.techniques[name].build().training_captions(captions)  # (textual inversion: its placeholder)
+        experiment.techniques[name].build().check_captions(captions)  # (textual inversion: its placeholder)
     return len(captions)
 
 

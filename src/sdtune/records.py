@@ -122,6 +122,8 @@ class TrainRecord:
     loss_history: list[dict[str, float]] = field(default_factory=list)
     evaluation: list[dict[str, Any]] = field(default_factory=list)
     resumed_from: list[str] = field(default_factory=list)
+    # settings changed on resume that are safe to change (docs/resume.md): {step, key, before, after}
+    changed_on_resume: list[dict[str, Any]] = field(default_factory=list)
     finished_at: str | None = None
     run_dir: str | None = None
     error: str | None = None  # failed/missing: the one-line reason

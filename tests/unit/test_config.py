@@ -7,11 +7,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sdtune.config import ConfigError
+from sdtune.config import ConfigError, read_experiment_file
 from sdtune.experiment import load_experiment
 
 ROOT = Path(__file__).resolve().parents[2]
-SHIPPED = sorted((ROOT / "configs").rglob("*.yaml"))
+FOLDER = ROOT / "src" / "sdtune" / "configs"  # package data: every install has them
+SHIPPED = sorted(FOLDER.rglob("*.yaml"))
 
 
 def test_every_shipped_config_loads():
@@ -22,8 +23,22 @@ def test_every_shipped_config_loads():
             experiment.train_config_for(name)
 
 
+def test_shipped_configs_are_found_by_name_from_any_folder(tmp_path, monkeypatch):
+    from sdtune.config.shipped import shipped_configs
+
+    assert shipped_configs() == SHIPPED
+    monkeypatch.chdir(tmp_path)  # no configs/ folder here
+    for given in ("pokemon-paper", "pokemon-paper.yaml", "configs/pokemon-paper.yaml"):
+        experiment = load_experiment(given)
+        assert experiment.name == "pokemon-paper" and experiment.config.source_path == str(FOLDER / "pokemon-paper.yaml")
+    for given in ("configs/cards/sdxl-lora-12gb.yaml", "cards/sdxl-lora-12gb", "sdxl-lora-12gb"):
+        assert read_experiment_file(given).source_path == str(FOLDER / "cards" / "sdxl-lora-12gb.yaml")
+    with pytest.raises(ConfigError, match="does not exist .*pokemon-paper"):
+        load_experiment("no-such-experiment.yaml")
+
+
 def test_pokemon_paper_has_the_study_parameters():
-    experiment = load_experiment(ROOT / "configs" / "pokemon-paper.yaml")
+    experiment = load_experiment(FOLDER / "pokemon-paper.yaml")
     data, train = experiment.data, experiment.train
     assert (data.resolution, data.center_crop, data.random_flip) == (512, True, True)
     assert train.batch_size * train.gradient_accumulation_steps == 16

@@ -25,6 +25,7 @@ from sdtune.config.sections import (
     TechniqueEntry,
     TrainConfig,
 )
+from sdtune.config.shipped import shipped_config, shipped_configs
 from sdtune.config.split import resolve_validation_source
 
 TOP_KEYS = {"name", "model", "data", "train", "techniques", "evaluation", "dreambooth", "output_dir"}
@@ -33,10 +34,14 @@ SHORTHANDS = {"model": "path", "data": "source"}  # `model: id` means `model: {p
 
 
 def read_experiment_file(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
-    """Read a YAML experiment file, apply ``key.path=value`` overrides and check every value."""
+    """Read a YAML experiment file, apply ``key.path=value`` overrides and check every value. A path
+    that does not exist may name a shipped experiment file (:mod:`sdtune.config.shipped`)."""
     path = Path(path)
     if not path.exists():
-        raise ConfigError(f"experiment file {str(path)!r} does not exist")
+        path = shipped_config(path) or path
+    if not path.exists():
+        names = ", ".join(p.stem for p in shipped_configs())
+        raise ConfigError(f"experiment file {str(path)!r} does not exist (nor is it a shipped one: {names})")
     if path.is_dir():
         raise ConfigError(f"experiment file {str(path)!r} is a folder; give the experiment's YAML file")
     try:
@@ -77,7 +82,7 @@ def config_from_dict(
     check_keys("", raw, TOP_KEYS)
     for required in ("model", "data", "techniques"):
         if required not in raw:
-            raise ConfigError(f"missing section {required!r}; see configs/pokemon-paper.yaml for an example")
+            raise ConfigError(f"missing section {required!r}; see the shipped configs/pokemon-paper.yaml for an example")
     base_dir = Path(base_dir).resolve() if base_dir else Path.cwd()  # (absolute: "./x" stays a path)
     local = lambda text: resolve_local(text, base_dir)  # noqa: E731
 

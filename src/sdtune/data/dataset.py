@@ -11,6 +11,7 @@ import functools
 import io
 import logging
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -324,6 +325,7 @@ class TrainingSet:
     buckets: list[tuple[int, int]] = field(default_factory=list)  # candidate (width, height); empty: square
     bucket_of: list[int] = field(default_factory=list)  # per image: its bucket
     converted: dict[str, int] = field(default_factory=dict)  # PIL mode → images converted to RGB from it
+    caption_transform: Callable[[str], str] | None = None  # the technique's (see :meth:`transform_captions`)
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -351,12 +353,22 @@ class TrainingSet:
         return torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0)[None]
 
     def caption(self, i: int, seed: int, epoch: int, slot: int) -> str:
-        """The caption the model sees for image ``i`` in this slot and epoch (shuffled if asked)."""
+        """The caption the model sees for image ``i`` in this slot and epoch (shuffled if asked, then
+        the technique's transform)."""
         config = self.config
         if not config.shuffle_captions:
             return self.captions[i]
         raw = self.raw_captions[i]
-        return config.caption_prefix + shuffled_caption(raw, config.keep_tokens, seed, epoch, slot) + config.caption_suffix
+        caption = config.caption_prefix + shuffled_caption(raw, config.keep_tokens, seed, epoch, slot) + config.caption_suffix
+        return self.caption_transform(caption) if self.caption_transform is not None else caption
+
+    def transform_captions(self, transform: Callable[[str], str]) -> None:
+        """Apply a technique's caption transform (:meth:`sdtune.techniques.Technique.transform_caption`)
+        to every caption the model sees: the fixed ones now, each shuffled one as it is built."""
+        if self.caption_transform is not None:
+            raise ValueError("a training set takes one caption transform")
+        self.caption_transform = transform
+        self.captions = [transform(caption) for caption in self.captions]
 
     # -- repeats and buckets: what the data order needs ---------------------------------------
     @property

@@ -66,7 +66,7 @@ def pretrain(
         started = time.perf_counter()
         vae_report = train_vae(init_dir, vae_steps, seed=seed, progress=progress)
         vae_report["time_s"] = time.perf_counter() - started
-        (work / "vae.done").write_text(json.dumps(vae_report, indent=2))
+        atomic.write_json(work / "vae.done", vae_report)
     vae_report = json.loads((work / "vae.done").read_text())
     data_dir = work / "base-data"
     if not (data_dir / "metadata.jsonl").exists():
@@ -147,7 +147,8 @@ def train_vae(
         mse = torch.nn.functional.mse_loss(reconstruction.clamp(-1, 1), pixels).item()
         scaling = 1.0 / posterior.mean.std().item()
     vae.register_to_config(scaling_factor=scaling)
-    vae.save_pretrained(pipeline_dir / "vae", safe_serialization=True)
+    with atomic.replacing(pipeline_dir / "vae", folder=True) as folder:
+        vae.save_pretrained(folder, safe_serialization=True)
     psnr = 10 * math.log10(4.0 / max(mse, 1e-12))  # pixel range [-1, 1]: peak-to-peak 2
     return {"steps": steps, "psnr_db": psnr, "scaling_factor": scaling}
 

@@ -19,6 +19,7 @@ import yaml
 from sdtune import UserError
 from sdtune.demo import world
 from sdtune.demo.metrics import JUDGE_METRICS, PLUGIN
+from sdtune.util import atomic
 from sdtune.util.paths import check_writable_folder
 
 ASSET = "demo-base"
@@ -119,7 +120,7 @@ def demo_experiment(output_dir: Path, settings: DemoSettings, seed: int = 0) -> 
     }
     path = output_dir / "experiment.yaml"
     header = "# Written by `sdtune demo`; rerun with `sdtune compare experiment.yaml`.\n"
-    path.write_text(header + yaml.safe_dump(experiment, sort_keys=False))
+    atomic.write_text(path, header + yaml.safe_dump(experiment, sort_keys=False))
     return path
 
 

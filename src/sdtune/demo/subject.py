@@ -23,6 +23,7 @@ import yaml
 from sdtune.demo import world
 from sdtune.demo.metrics import PLUGIN, SUBJECT_METRICS
 from sdtune.demo.run import base_model_path
+from sdtune.util import atomic
 from sdtune.util.paths import check_writable_folder
 
 # The made-up word. Textual inversion adds it as a new token; the other techniques read it as
@@ -120,7 +121,7 @@ def subject_experiment(output_dir: Path, settings: SubjectSettings, seed: int = 
     }
     path = output_dir / "experiment.yaml"
     header = "# Written by `sdtune demo --subject`; rerun with `sdtune compare experiment.yaml`.\n"
-    path.write_text(header + yaml.safe_dump(experiment, sort_keys=False))
+    atomic.write_text(path, header + yaml.safe_dump(experiment, sort_keys=False))
     return path
 
 

@@ -26,6 +26,7 @@ from sdtune.report.summary import (
     share_summary,
     study_table,
 )
+from sdtune.util import atomic
 from sdtune.util.paths import check_writable_folder
 
 FILES_DIR = "report_files"
@@ -127,9 +128,9 @@ def render_report(root: str | Path) -> Path:
     figures = plots.all_figures(rows, root, figures_dir)
     context = _context(train, evals)
     all_tables = tables(rows)
-    (root / "report.md").write_text(_markdown(all_tables, figures, context, root))
+    atomic.write_text(root / "report.md", _markdown(all_tables, figures, context, root))
     html_path = root / "report.html"
-    html_path.write_text(_html(all_tables, figures, context))
+    atomic.write_text(html_path, _html(all_tables, figures, context))
     return html_path
 
 

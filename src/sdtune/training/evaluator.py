@@ -15,6 +15,7 @@ end it records, in the run's :class:`TrainState` (and so in its train record and
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -143,8 +144,10 @@ class TrainingEvaluator:
         entry: dict[str, Any] = {"step": step, "validation_loss": None, "images": None}
         if self.batch is not None:
             timesteps = fixed_timesteps(run.objective, self.experiment.evaluation.validation_timesteps)
+            # the captions as the text encoders see them in training (textual inversion: all its vectors)
+            batch = dataclasses.replace(self.batch, captions=[run.technique.transform_caption(c) for c in self.batch.captions])
             losses = validation_loss(
-                model, run.objective, self.batch, timesteps, run.config.batch_size, seed=self.experiment.validation.seed
+                model, run.objective, batch, timesteps, run.config.batch_size, seed=self.experiment.validation.seed
             )
             entry["validation_loss"] = float(np.mean(losses))
             entry["validation_loss_per_timestep"] = {str(t): v for t, v in zip(timesteps.tolist(), losses)}

@@ -258,7 +258,10 @@ def open_latent_cache(
     output_root: Path,
 ) -> cache_lib.LatentCache | None:
     """The lazily filled cache of posteriors (and text conditioning when no text encoder trains), or
-    None on the uncached path (random crops change every epoch; ``cache: off``).
+    None on the uncached path (random crops change every epoch; ``cache: off``). Its key holds
+    everything its content depends on: the model, the data section, the rows, the dtype and, when it
+    caches text conditioning, the captions as the text encoders see them (after the technique's
+    transform, so techniques that transform captions differently never share text entries).
 
     ``auto`` shares a disk cache between the techniques of an experiment (each trains in its own
     process) and keeps a single technique's cache in memory unless it would exceed the limit."""
@@ -285,4 +288,6 @@ def open_latent_cache(
         "dtype": str(weight_dtype),
         "rows": training_set.indices,
     }
+    if caches_texts:  # the captions as encoded: the technique's transform applied (textual inversion's
+        described["captions"] = cache_lib.cache_key({"captions": training_set.captions})  # spelled-out vectors)
     return cache_lib.open_cache(cache_lib.cache_key(described), mode, output_root / ".cache", caches_texts, described)

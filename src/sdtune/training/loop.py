@@ -25,10 +25,10 @@ from sdtune.experiment import Experiment, output_root
 from sdtune.models import Model
 from sdtune.preflight import check_training
 from sdtune.training import optim, sharding
-from sdtune.training.checkpoint import resolve_resume
+from sdtune.training.checkpoint import checkpoint_path, resolve_resume
 from sdtune.training.evaluator import TrainingEvaluator
 from sdtune.training.finish import finish_run, run_timing
-from sdtune.training.resume import restore_checkpoint, write_checkpoint
+from sdtune.training.resume import check_resume_settings, restore_checkpoint, write_checkpoint
 from sdtune.training.run_dir import StopRequest, claim_run_dir, drop_replaced, release_run_dir
 from sdtune.training.setup import TrainingRun, setup_run
 from sdtune.training.state import TrainState
@@ -74,6 +74,8 @@ def train_technique(
     run_dir = output_root(experiment, output_dir) / name
     check_training(experiment, [name], output_dir, resume, overwrite)
     checkpoint, new = _claim(run_dir, resume, overwrite)
+    if checkpoint is not None:  # what the file says, before anything loads (the rest: restore_checkpoint)
+        check_resume_settings(experiment, name, checkpoint)
     main = process_state().is_main_process
     try:
         result = _train_claimed(experiment, name, run_dir, checkpoint, progress, after_step, started)
@@ -98,6 +100,7 @@ def _train_claimed(
     state = run.new_state()
     if checkpoint is not None:
         restore_checkpoint(run, checkpoint, state)
+    run.start_trackers()
     first_step = state.step
     inputs.start(first_step, run.max_steps, config.gradient_accumulation_steps, experiment.data.num_workers,
                  accelerator.num_processes, progress and accelerator.is_main_process)
@@ -159,7 +162,10 @@ def _train_claimed(
                 break
     bar.close()
     accelerator.wait_for_everyone()
-    state.train_time_s += clock.total_s
+    state.train_time_s += clock.total_s  # (the last step ended at a sync point)
+    if status == "finished" and not checkpoint_path(run_dir, state.step).is_dir():
+        with clock.excluded():  # the final state on disk before any output is written (docs/resume.md)
+            write_checkpoint(run, state, rotate=False)
     record, model = finish_run(run, status, state, run_timing(run, clock, state, first_step, setup_time_s), started)
     for tracker in accelerator.trackers:  # (not end_training(): it would end the process group, which
         tracker.finish()  # the next technique or compare's evaluation in these processes still needs)

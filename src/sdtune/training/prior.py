@@ -112,14 +112,15 @@ def readable_image(path: Path) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class PriorSamples:
-    """The class samples added to every micro-batch (encoded by :class:`sdtune.training.inputs.InputPipeline`)."""
+    """The class samples added to every micro-batch (encoded by :class:`sdtune.training.inputs.InputPipeline`).
+    Their weight in the loss, λ, is the run's ``train.prior_loss_weight``, which the loop passes to
+    the loss itself (one source: the train settings)."""
 
     folder: Path
     num_images: int
     class_prompt: str
     seed: int  # the run's seed: class order, latents, noise and timesteps follow it
     resolution: int
-    prior_loss_weight: float
 
     def plan(self, positions: list[int], device: torch.device) -> tuple[list[int], list[torch.Generator]]:
         """For each training position: its class image (a pure function of (seed, position), like the
@@ -150,5 +151,5 @@ def setup(
     timing["class_images_generated"] = generated
     return PriorSamples(
         folder=folder, num_images=dreambooth.num_class_images, class_prompt=dreambooth.class_prompt, seed=config.seed,
-        resolution=experiment.data.resolution, prior_loss_weight=config.prior_loss_weight,
+        resolution=experiment.data.resolution,
     )

@@ -110,5 +110,6 @@ def train_record(
         "loss_history": state.loss_history,
         "evaluation": state.evaluation,  # validation loss and images during training
         "resumed_from": state.resumed_from,
+        "changed_on_resume": state.changed_on_resume,
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }

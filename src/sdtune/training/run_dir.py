@@ -13,11 +13,19 @@ from sdtune import records
 from sdtune.preflight import RunExistsError
 from sdtune.training.checkpoint import checkpoint_dirs, resolve_resume
 
+# What a start that failed before its first checkpoint leaves behind (TensorBoard's event files,
+# compare's copy of the error): nothing a new start of the run would lose
+LEFTOVERS = ("logs", "error.log")
+
 
 def claim_run_dir(run_dir: Path, resume: str | bool | None, overwrite: bool) -> bool:
     """Refuse to clobber a finished or resumable run; clear what may be cleared; create the folder.
     Return whether the folder is new (nothing in it is the user's: :func:`release_run_dir` may remove
-    it). With ``overwrite`` the old run is moved aside (:func:`set_aside`), not deleted."""
+    it). With ``overwrite`` the old run is moved aside (:func:`set_aside`), not deleted.
+
+    ``--resume`` with nothing to resume says so: an empty (or missing) folder, or one holding only
+    the leftovers of a failed start, trains from step 0; a folder with anything else and no
+    checkpoint is refused. Nothing is deleted without ``overwrite``."""
     record = records.read_record(run_dir)
     new = not run_dir.exists() or not any(run_dir.iterdir())
     if overwrite and not new:
@@ -28,10 +36,15 @@ def claim_run_dir(run_dir: Path, resume: str | bool | None, overwrite: bool) -> 
             f"{run_dir} holds a finished run; pass --overwrite to replace it or --output to write elsewhere"
         )
     checkpoint = resolve_resume(run_dir, resume)
-    if resume and checkpoint is None and run_dir.exists():
-        print(f"no checkpoint in {run_dir}; starting from step 0")
-        shutil.rmtree(run_dir)  # nothing finished and nothing resumable: only logs of a failed start
-    if checkpoint is None and run_dir.exists() and any(run_dir.iterdir()):
+    kept = unfinished_work(run_dir)
+    if resume and checkpoint is None:
+        if kept:
+            raise RunExistsError(
+                f"nothing to resume in {run_dir}: it has no checkpoint but holds {', '.join(kept[:3])}; pass "
+                "--overwrite to start over (this removes them) or --output DIR to train elsewhere"
+            )
+        print(f"nothing to resume in {run_dir} (no checkpoint yet): training from step 0")
+    elif checkpoint is None and kept:
         raise RunExistsError(
             f"{run_dir} is not empty (an unfinished run?); pass --resume to continue it or --overwrite to "
             "start over"
@@ -79,6 +92,21 @@ def drop_replaced(run_dir: Path) -> None:
     aside = replaced_path(run_dir)
     if aside.exists():
         shutil.rmtree(aside)
+
+
+def unfinished_work(run_dir: Path) -> list[str]:
+    """The entries of a run folder that a start from step 0 would overwrite (leftovers of a failed
+    start and the temporary files of an interrupted write are not work)."""
+    if not run_dir.is_dir():
+        return []
+    return sorted(
+        entry.name for entry in run_dir.iterdir()
+        if entry.name not in LEFTOVERS and not entry.name.startswith(".") and not _empty_folder(entry)
+    )
+
+
+def _empty_folder(path: Path) -> bool:
+    return path.is_dir() and not any(path.iterdir())
 
 
 class StopRequest:

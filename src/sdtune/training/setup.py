@@ -30,6 +30,7 @@ from sdtune.techniques import Technique, trainable_named_parameters
 from sdtune.training import blockswap, optim, savers, sharding
 from sdtune.training import prior as prior_lib
 from sdtune.training.ema import LerpEMA
+from sdtune.training.fingerprint import RunFingerprint
 from sdtune.training.inputs import InputPipeline, open_latent_cache
 from sdtune.training.state import TrainState
 from sdtune.util.device import on_cpu, synchronize
@@ -67,20 +68,27 @@ class TrainingRun:
     inputs: InputPipeline
     timing: Mapping[str, float]  # setup split: model load, class images, data, cache
 
+    def start_trackers(self) -> None:
+        """Open the run's TensorBoard log (after a resume was accepted: a refused one writes nothing)."""
+        if self.accelerator.is_main_process:
+            self.accelerator.init_trackers("sdtune", config=flat_scalars(dataclasses.asdict(self.config)))
+
     def unwrapped_model(self) -> Model:
         """The model without accelerate's (DDP, FSDP2 container) and torch.compile's wrappers."""
         return unwrapped(self.model, self.accelerator)
 
     def new_state(self) -> TrainState:
-        """The state of a run that starts at step 0."""
-        return TrainState(layout=run_layout(self.images_per_step, self.max_steps))
+        """The state of a run that starts at step 0 (its fingerprint: what a resume must match)."""
+        return TrainState(fingerprint=self.fingerprint().flat())
 
-
-def run_layout(images_per_step: int, max_steps: int) -> dict[str, int]:
-    """What the data order and schedule depend on: a resumed run must match it. Samples and their
-    random draws follow their global position, so a run may resume on another number of processes
-    (or another split into batch × accumulation) as long as the total batch is the same."""
-    return {"total_batch": images_per_step, "max_steps": max_steps}
+    def fingerprint(self) -> RunFingerprint:
+        """The settings that shape this run (:mod:`sdtune.training.fingerprint`). Samples and their
+        random draws follow their global position, so a run may resume on another number of
+        processes (or another split into batch × accumulation) as long as the total batch is the same."""
+        return RunFingerprint.of_run(
+            self.experiment, self.name, self.training_set, self.max_steps, self.images_per_step,
+            self.accelerator.num_processes, self.sharding,
+        )
 
 
 def unwrapped(model: Model, accelerator: Accelerator) -> Model:
@@ -104,6 +112,9 @@ def setup_run(experiment: Experiment, name: str, run_dir: Path, progress: bool) 
         raise ConfigError(
             "train.fused_backward: each tensor steps before the processes average its gradient; train on one process"
         )
+    sharded = sharding.configure(accelerator, config)  # FSDP2 / DeepSpeed when launched with them
+    evaluates = experiment.evaluation.every_steps is not None or experiment.validation is not None
+    sharding.check_evaluation_during_training(accelerator, sharded, config.use_ema, evaluates)
     weight_dtype = WEIGHT_DTYPES.get(config.mixed_precision, torch.float32)
     timing, started = {}, time.perf_counter()
     model = experiment.family.load(experiment.model)
@@ -114,7 +125,6 @@ def setup_run(experiment: Experiment, name: str, run_dir: Path, progress: bool) 
     torch.manual_seed(config.seed)  # adapter initialisation is random: same seed, same start
     technique.prepare(model)
     trained = [component for component in model.trainable_names() if trains(model.components[component])]
-    sharded = sharding.configure(accelerator, config)  # FSDP2 / DeepSpeed when launched with them
     swap = blockswap.attach(  # before placing: the swapped blocks' frozen weights never go to the device whole
         model.denoiser, model.swappable_blocks, config.block_swap, model.family, accelerator.device,
         savers.parking_device(), weight_dtype,
@@ -125,7 +135,8 @@ def setup_run(experiment: Experiment, name: str, run_dir: Path, progress: bool) 
     training_set = prepare_training_set(
         experiment.data, progress and accelerator.is_main_process, model.pixel_stride, held_out=experiment.validation
     )
-    training_set.captions = technique.training_captions(training_set.captions)
+    technique.check_captions(training_set.captions)
+    training_set.transform_captions(technique.transform_caption)  # after shuffling too (TrainingSet.caption)
     images_per_step = config.batch_size * config.gradient_accumulation_steps * accelerator.num_processes
     timing["data_setup_time_s"], started = time.perf_counter() - started, time.perf_counter()
     layout = Layout(
@@ -161,8 +172,6 @@ def setup_run(experiment: Experiment, name: str, run_dir: Path, progress: bool) 
         model, training_set, layout, cache, prior, accelerator.device, weight_dtype, train_text_encoder, config.seed,
         accelerator.process_index, parking=savers.parking_device() if config.free_encoders else None,
     )
-    if accelerator.is_main_process:
-        accelerator.init_trackers("sdtune", config=flat_scalars(dataclasses.asdict(config)))
     return TrainingRun(
         experiment=experiment, name=name, run_dir=run_dir, config=config, technique=technique, accelerator=accelerator,
         model=model, models=tuple(models), parameters=parameters, optimizer_groups=groups, optimizer=optimizer,

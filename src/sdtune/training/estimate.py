@@ -67,13 +67,15 @@ EIGHT_BIT_MIN_SIZE, EIGHT_BIT_BLOCK = 4096, 256
 QUANTIZED_BYTES_PER_WEIGHT = {"nf4": 0.5 + 4 / 64, "int8": 1.0}
 GIB = 2**30
 # The bytes a CPU process's malloc holds beyond a training step's live tensors, as a share of the bytes the
-# step allocates over its course. glibc: blocks freed during a step are not all reused (the free space
-# ends up split among small live allocations), so part of each step's allocations land on the heap's top,
-# until the heap stops growing after the second step. It follows the bytes allocated better than the peak
-# (gradient checkpointing lowers the peak 3x, allocates more, and keeps as much heap), but loosely:
-# measured in steady state on a 71 M-parameter UNet (full and LoRA, 128 and 256 px, with and without
-# checkpointing, sdtune's kept malloc) the share is 0.06-0.20; 0.13 puts those runs within ±15 % of their
-# peak RSS (docs/memory.md, "Where a CPU run's memory goes"). jemalloc: within 1 % of the live tensors.
+# step allocates over its course (bytes / bytes). glibc: blocks freed during a step are not all reused (the
+# free space ends up split among small live allocations), so part of each step's allocations land on the
+# heap's top, until the heap stops growing after the second step. It follows the bytes allocated loosely, and
+# the step's peak no better (over the six runs below its share of the allocations spans 4x, of the peak 5x:
+# gradient checkpointing lowers the peak 2-3x but allocates more). Measured (peak RSS − every other term) / step_allocated, 2 steps of a 71 M-parameter UNet, batch 2,
+# sdtune's kept malloc: full 0.19 / 0.13 / 0.05 and LoRA 0.20 / 0.22 / 0.11 at 128 px / 256 px / 256 px with
+# gradient checkpointing; 0.13, the middle of that 0.05-0.22 range, puts all six within ±19 % of their peak
+# RSS (table and method: docs/memory.md, "Where a CPU run's memory goes"). jemalloc keeps none to speak of:
+# the estimate without this term was +1.3 % of a LoRA 256 px run's peak RSS under LD_PRELOAD=libjemalloc.
 HEAP_KEPT_FRACTION = {"glibc": 0.13, "jemalloc": 0.0}
 
 

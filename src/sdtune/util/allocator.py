@@ -55,10 +55,14 @@ def malloc_in_use() -> str:
     with the same environment gets the same one, which is what lets the peak-memory estimate use it
     for the run it estimates (the two differ a lot on the CPU: docs/memory.md)."""
     maps = Path("/proc/self/maps")
-    if not maps.exists():
-        return "system"
-    names = {line.rsplit("/", 1)[-1] for line in maps.read_text().splitlines() if "/" in line}
+    return malloc_mapped(maps.read_text()) if maps.exists() else "system"
+
+
+def malloc_mapped(maps: str) -> str:
+    """The malloc named by a process's memory map (the text of /proc/PID/maps): a replacement
+    library where one is mapped, else ``glibc`` where the C library is, else ``system``."""
+    names = {line.rsplit("/", 1)[-1] for line in maps.splitlines() if "/" in line}
     for prefix, name in _REPLACEMENTS.items():
         if any(mapped.startswith(prefix) for mapped in names):
             return name
-    return "glibc" if any(mapped.startswith("libc.so") or mapped.startswith("libc-") for mapped in names) else "system"
+    return "glibc" if any(mapped.startswith(("libc.so", "libc-")) for mapped in names) else "system"

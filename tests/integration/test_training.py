@@ -323,6 +323,19 @@ def test_checkpoint_state_round_trips_without_pickles():
     assert restored["state"] == state["state"] and restored["ema"] is None
 
 
+def test_checkpoint_state_with_shared_tensors_is_written_once_and_loads_shared(tmp_path):
+    """bitsandbytes' 8-bit AdamW references one quantisation map from every parameter's state."""
+    from sdtune.training.checkpoint import load_checkpoint, save_checkpoint
+
+    qmap, base = torch.linspace(-1, 1, 8), torch.arange(6.0)
+    state = {"optimizer": {"state": {0: {"qmap": qmap}, 1: {"qmap": qmap}}}, "views": [base[:3], base[3:]]}
+    saved = save_checkpoint(tmp_path, 1, {"w": torch.ones(2)}, state, total_limit=None)
+    _, restored = load_checkpoint(saved)
+    first, second = restored["optimizer"]["state"][0]["qmap"], restored["optimizer"]["state"][1]["qmap"]
+    assert torch.equal(first, qmap) and first is second
+    assert [v.tolist() for v in restored["views"]] == [[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]]
+
+
 @pytest.mark.parametrize("family", ["sd1", "sd3"])
 def test_cache_modes_give_the_same_training(family, write_experiment, family_model, tmp_path):
     losses = {}

@@ -45,6 +45,11 @@ def test_fused_backward_gives_the_same_weights_as_the_step_after_backward(write_
     assert all(torch.equal(normal[name], fused[name]) for name in normal)
     assert [e["loss"] for e in runs[True].record["loss_history"]] == [e["loss"] for e in runs[False].record["loss_history"]]
     assert runs[True].record["memory"]["savers"]["fused_backward"] is True
+    # the trained check: the gradients were freed inside the backward pass, so they go unobserved (not
+    # "never got one"); the digests show every tensor moved
+    checks = {fused: runs[fused].record["checks"]["trained"] for fused in runs}
+    assert checks[True]["passed"] and checks[True]["gradient_watch_steps"] is None, checks[True]["failures"]
+    assert checks[False]["passed"] and checks[False]["gradient_watch_steps"] == 1
 
 
 @pytest.mark.parametrize(

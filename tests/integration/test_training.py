@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from sdtune import records
 from sdtune.experiment import experiment_from_dict, load_experiment
 from sdtune.generation import load_run_pipeline
 from sdtune.models.sampling import generate_images
@@ -84,6 +85,7 @@ def test_technique_trains_saves_and_reloads(family, name, write_experiment, fami
     assert len(record["loss_history"]) == 3 and all(np.isfinite(h["loss"]) for h in record["loss_history"])
 
     _assert_only_intended_tensors_changed(name, result.model, model_dir, initial)
+    _assert_checked_and_dissected(name, record)
 
     # reload in a fresh process (sdtune generate) → the same images as the in-memory trained model
     in_memory = result.model.pipeline()
@@ -102,6 +104,22 @@ def test_technique_trains_saves_and_reloads(family, name, write_experiment, fami
     # merged (fused) adapter equals the unmerged one within float tolerance
     fused, _ = load_run_pipeline(result.run_dir, fuse=True, device=torch.device("cpu"))
     assert np.abs(_images(fused) - expected).max() <= 2.0
+
+
+def _assert_checked_and_dissected(name, record):
+    """Every run passes the trained-what-it-claims check and carries the anatomy of its change; a LoRA of
+    rank r changes every layer by a matrix of numerical rank ≤ r."""
+    check = records.trained_check(record)
+    assert check is not None and check.passed, check.failures
+    assert check.checked["moved"] >= check.checked["trained_tensors"] - len(check.unreachable)
+    anatomy = record["anatomy"]
+    assert anatomy["total"]["changed_layers"] > 0 and anatomy["total"]["relative"] > 0
+    assert anatomy["method"]["intruders"]["k"] == 10 and anatomy["method"]["intruders"]["epsilon"] == 0.5
+    assert all({"effective_rank", "numerical_rank", "intruders", "block", "kind"} <= set(layer) for layer in anatomy["layers"])
+    spec = ALL_TECHNIQUES[name]
+    if spec["kind"] == "lora":
+        assert all(layer["numerical_rank"] <= spec["rank"] for layer in anatomy["layers"])
+        assert max(layer["numerical_rank"] for layer in anatomy["layers"]) == spec["rank"]
 
 
 def test_lora_trains_only_adapters_and_writes_diffusers_and_kohya(write_experiment, tiny_model):

@@ -61,6 +61,8 @@ def test_lora_trains_on_a_quantized_denoiser_and_reloads_on_it(kind, write_exper
     assert loaded and loaded.keys() == trained.keys()
     assert all(torch.equal(loaded[key], trained[key]) for key in loaded)
     assert record["parameters"]["trained_modules"] and all("lora_" in m for m in record["parameters"]["trained_modules"])
+    trained_check = record["checks"]["trained"]  # the run's own check: adapters moved, the packed base did not
+    assert trained_check["passed"] and not trained_check["failures"], trained_check["failures"]
 
     # the run reloads on the same quantised base (adapter unfused) and draws what the trained model draws
     expected = _images(result.model.pipeline())
@@ -107,6 +109,15 @@ def test_adapters_with_a_quantized_layer_in_peft_wrap_it_and_get_gradients(techn
     assert sum(float(p.grad.abs().sum()) for p in parameters.values()) > 0
     after = quantize.quantized_state(model.denoiser)
     assert all(torch.equal(before[key], after[key]) for key in before)
+    # the anatomy (every run's finish) merges each adapter layer on a float64 copy: on a quantised
+    # base, into the dequantised weight; the layer itself stays quantised
+    from sdtune.anatomy.layers import adapter_layers, merged_pair
+
+    for path, layer in adapter_layers(model.denoiser):
+        weight_before, weight_after = merged_pair(layer)
+        assert weight_before.dtype == weight_after.dtype == torch.float64 and weight_before.shape == weight_after.shape
+        assert torch.isfinite(weight_after).all(), path
+    assert quantize.quantized_state(model.denoiser).keys() == before.keys()
 
 
 def test_a_technique_override_puts_lora_and_qlora_on_the_same_data(write_experiment):

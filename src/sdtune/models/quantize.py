@@ -192,19 +192,25 @@ def summary(module: torch.nn.Module, load_dtype: torch.dtype) -> dict[str, Any]:
     }
 
 
-def dequantize_component(module: torch.nn.Module, dtype: torch.dtype) -> None:
-    """Replace every bitsandbytes layer of ``module`` by a ``torch.nn.Linear`` holding its dequantised
-    weight in ``dtype`` (exactly the weight the layer computes with), and unmark the module."""
+def dequantized_linear(layer: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Linear:
+    """A ``torch.nn.Linear`` holding a bitsandbytes layer's dequantised weight in ``dtype`` (exactly
+    the weight the layer computes with) and its bias."""
     from peft.utils.integrations import dequantize_bnb_weight
 
+    weight = dequantize_bnb_weight(layer.weight, getattr(layer, "state", None)).to(dtype)
+    linear = torch.nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
+    linear.weight = torch.nn.Parameter(weight, requires_grad=False)
+    if layer.bias is not None:
+        linear.bias = torch.nn.Parameter(layer.bias.detach().to(dtype), requires_grad=False)
+    return linear
+
+
+def dequantize_component(module: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Replace every bitsandbytes layer of ``module`` by its :func:`dequantized_linear` in ``dtype``,
+    and unmark the module."""
     for name, layer in quantized_layers(module).items():
-        weight = dequantize_bnb_weight(layer.weight, getattr(layer, "state", None)).to(dtype)
-        linear = torch.nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
-        linear.weight = torch.nn.Parameter(weight, requires_grad=False)
-        if layer.bias is not None:
-            linear.bias = torch.nn.Parameter(layer.bias.detach().to(dtype), requires_grad=False)
         parent_name, _, attribute = name.rpartition(".")
-        setattr(module.get_submodule(parent_name) if parent_name else module, attribute, linear)
+        setattr(module.get_submodule(parent_name) if parent_name else module, attribute, dequantized_linear(layer, dtype))
     for flag in (*LOADED_FLAGS.values(), MARK):
         if hasattr(module, flag):
             delattr(module, flag)

@@ -124,6 +124,55 @@ def test_missing_clip_model_skips_clip_metrics_with_a_reason(compare_experiment,
     assert "Skipped: clip_score:" in (report.parent / "report.md").read_text()
 
 
+WATCHING_LORA = """
+import pathlib
+import shutil
+import time
+
+import sdtune.runner.runs as train_module
+
+real = train_module.train_technique
+
+
+def snapshot_live_page(output_dir):
+    # after lora's first step: wait for the parent's live page to show it, running, and keep a copy
+    page, deadline = pathlib.Path(output_dir) / "report.html", time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if "running at step 0 of 2" in page.read_text():
+            shutil.copy(page, pathlib.Path(output_dir) / "live-snapshot.html")
+            return
+        time.sleep(0.2)
+
+
+def watching(experiment, name, output_dir, *args, **kwargs):
+    if name == "lora":
+        kwargs["after_step"] = lambda done: done == 1 and snapshot_live_page(output_dir)
+    return real(experiment, name, output_dir, *args, **kwargs)
+
+
+train_module.train_technique = watching
+"""
+
+
+def test_compare_renders_the_live_report_while_a_technique_trains(compare_experiment, monkeypatch, tmp_path):
+    """While lora's process trains, the parent's background thread has rendered report.html from
+    the run folders: full finished (and its row in the partial table), lora running at the step its
+    progress.json says, a reload every few seconds; at the end the final report replaces it."""
+    experiment = compare_experiment(metrics=["clip_score"])
+    (tmp_path / "inject").mkdir()
+    (tmp_path / "inject" / "sitecustomize.py").write_text(WATCHING_LORA)
+    original = os.environ.get("PYTHONPATH")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (str(tmp_path / "inject"), original) if p))
+    report = compare(experiment, progress=False)
+    live = (report.parent / "live-snapshot.html").read_text()
+    assert "<td>full</td><td>finished</td>" in live and "<td>lora</td><td>running at step 0 of 2</td>" in live
+    assert "http-equiv='refresh'" in live and "<td>full</td><td>full</td><td>finished</td>" in live
+    final = report.read_text()
+    assert "http-equiv='refresh'" not in final and "Quality metrics" in final
+    progress = json.loads((report.parent / "lora" / "progress.json").read_text())
+    assert (progress["step"], progress["max_steps"], progress["state"]) == (2, 2, "finished")
+
+
 CHROMIUM_FLAGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
     "--disable-background-networking", "--disable-component-update", "--disable-sync",

@@ -26,6 +26,7 @@ from sdtune.report.summary import (
     share_summary,
     study_table,
 )
+from sdtune.util import atomic
 
 FILES_DIR = "report_files"
 MB = 1e6
@@ -125,10 +126,8 @@ def render_report(root: str | Path) -> Path:
     figures = plots.all_figures(rows, root, figures_dir)
     context = _context(train, evals)
     all_tables = tables(rows)
-    (root / "report.md").write_text(_markdown(all_tables, figures, context, root))
-    html_path = root / "report.html"
-    html_path.write_text(_html(all_tables, figures, context))
-    return html_path
+    atomic.write_text(root / "report.md", _markdown(all_tables, figures, context, root))
+    return atomic.write_text(root / "report.html", _html(all_tables, figures, context))  # over the live page
 
 
 def _context(train: list[TrainRecord], evals: list[EvalRecord]) -> dict[str, Any]:

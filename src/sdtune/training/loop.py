@@ -91,6 +91,7 @@ def train_technique(
     for module in run.models:
         module.train()
     status = "finished"
+    _write_progress(run, state, "running")
     if evaluator is not None and first_step == 0:  # the starting point of the validation-loss curve
         evaluator.after_step(0, run, state)
     clock.start()
@@ -142,6 +143,7 @@ def train_technique(
     accelerator.wait_for_everyone()
     state.train_time_s += clock.total_s
     record, model = finish_run(run, status, state, run_timing(run, clock, state, first_step, setup_time_s), started)
+    _write_progress(run, state, status)  # after the record: a reader never sees "finished" without it
     for tracker in accelerator.trackers:  # (not end_training(): it would end the process group, which
         tracker.finish()  # the next technique or compare's evaluation in these processes still needs)
     accelerator.free_memory()
@@ -177,7 +179,14 @@ def _sync_point(
         rate = run.images_per_step / seconds if seconds else 0.0
         bar.set_postfix(loss=f"{values[-1]:.4f}", lr=f"{pending[-1][2]:.2e}", img_s=f"{rate:.2f}")
     pending.clear()
+    _write_progress(run, state, "running")
     return any_stop
+
+
+def _write_progress(run: TrainingRun, state: TrainState, status: str) -> None:
+    """``RUN/progress.json`` for the live report; at sync points only (a small atomic write, main process)."""
+    if run.accelerator.is_main_process:
+        records.write_progress(run.run_dir, records.RunProgress(state.step, run.max_steps, status))
 
 
 def _progress_bar(total: int, initial: int, enabled: bool, name: str) -> Any:

@@ -56,7 +56,7 @@ class RunStatus:
             return f"failed: {self.error}" if self.error else "failed"
         if self.state == "running" and self.step is not None:
             return f"running at step {self.step}" + (f" of {self.max_steps}" if self.max_steps else "")
-        return self.state
+        return "running (starting)" if self.state == "running" else self.state
 
 
 def run_status(label: str, run_dir: Path) -> RunStatus:

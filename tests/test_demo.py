@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ import torch
 from sdtune.demo import world
 from sdtune.demo.judge import judge_many
 from sdtune.demo.metrics import prompt_targets
-from sdtune.demo.run import base_model_path, run_demo
+from sdtune.demo.run import DemoSettings, base_model_path, run_demo, torch_threads
 from sdtune.models.sampling import generate_images
 
 BAR = 0.8  # issue 4: the base model draws the captioned colour and shape in ≥ 80 % of samples
@@ -59,3 +60,17 @@ def test_quick_demo_end_to_end(tmp_path):
     assert [e["step"] for e in train["evaluation"]] == [0, 1, 2]
     assert all(e["validation_loss"] > 0 for e in train["evaluation"])
     assert "Quality over training steps" in markdown and "Validation loss over training" in markdown
+
+
+def test_demo_processes_use_one_torch_thread_unless_the_user_chose(monkeypatch):
+    """The demo runs itself and its training processes (which read OMP_NUM_THREADS) on one torch
+    thread, then puts both back; a user's OMP_NUM_THREADS is left as it is."""
+    assert DemoSettings().torch_threads == 1
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    torch.set_num_threads(2)
+    with torch_threads(1):
+        assert os.environ["OMP_NUM_THREADS"] == "1" and torch.get_num_threads() == 1
+    assert "OMP_NUM_THREADS" not in os.environ and torch.get_num_threads() == 2
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    with torch_threads(1):
+        assert os.environ["OMP_NUM_THREADS"] == "2" and torch.get_num_threads() == 2

@@ -22,7 +22,7 @@ import yaml
 
 from sdtune.demo import world
 from sdtune.demo.metrics import PLUGIN, SUBJECT_METRICS
-from sdtune.demo.run import base_model_path
+from sdtune.demo.run import base_model_path, torch_threads
 
 # The made-up word. Textual inversion adds it as a new token; the other techniques read it as
 # DreamBooth's rare identifier: here four single-character tokens the base model never saw in a
@@ -128,4 +128,5 @@ def run_subject(output_dir: str | Path = "demo-subject-output", quick: bool = Fa
     import sdtune
 
     path = subject_experiment(Path(output_dir), QUICK if quick else SubjectSettings())
-    return sdtune.compare(sdtune.load_experiment(path), progress=progress)
+    with torch_threads(1):  # as the demo (DemoSettings.torch_threads): a tiny model, a busy machine
+        return sdtune.compare(sdtune.load_experiment(path), progress=progress)

@@ -118,7 +118,7 @@ def _page(root: Path, statuses: list[RunStatus], done: bool, phase: str | None, 
         "<style>body{font-family:system-ui,sans-serif;margin:2em;max-width:1400px}"
         "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;"
         "text-align:right}td:first-child,th:first-child{text-align:left}th{background:#f3f3f3}"
-        ".queued{color:#777}.running{color:#0550ae}.finished{color:#1a7f37}.failed{color:#cf222e}"
+        "#runs td{text-align:left}.queued{color:#777}.running{color:#0550ae}.finished{color:#1a7f37}.failed{color:#cf222e}"
         "figure{display:inline-block;margin:4px;text-align:center;font-size:75%}"
         "figure img{width:96px;image-rendering:pixelated}.note{color:#555;font-size:90%}</style></head><body>",
     ]

@@ -124,6 +124,8 @@ class TrainRecord:
     loss_history: list[dict[str, float]] = field(default_factory=list)
     evaluation: list[dict[str, Any]] = field(default_factory=list)
     resumed_from: list[str] = field(default_factory=list)
+    # settings changed on resume that are safe to change (docs/resume.md): {step, key, before, after}
+    changed_on_resume: list[dict[str, Any]] = field(default_factory=list)
     finished_at: str | None = None
     run_dir: str | None = None
     error: str | None = None  # failed/missing: the one-line reason
@@ -209,8 +211,29 @@ def load_records(root: Path) -> tuple[list[TrainRecord], list[EvalRecord]]:
     folder = Path(root) / "records"
     if not folder.is_dir():
         raise RecordError(f"{root} has no records/ folder; give the output folder of an `sdtune compare` run")
-    loaded = [read_record_file(path) for path in sorted(folder.glob("*.json"))]
+    paths = sorted(folder.glob("*.json"))
+    loaded = [read_record_file(path) for path in paths]
+    check_one_base_model(list(zip(paths, loaded)))
     return [r for r in loaded if isinstance(r, TrainRecord)], [r for r in loaded if isinstance(r, EvalRecord)]
+
+
+def check_one_base_model(loaded: list[tuple[Path, Record]]) -> None:
+    """A comparison compares techniques on one base model: records of another model or family (copied
+    in, or left by an earlier comparison in the same folder) would mix in numbers that do not compare."""
+    first: tuple[Path, tuple[Any, Any]] | None = None
+    for path, record in loaded:
+        model = (record.config or {}).get("model") or {}
+        base = (model.get("path"), model.get("family"))
+        if base == (None, None):  # (a record that does not say: nothing to compare)
+            continue
+        if first is None:
+            first = (path, base)
+        elif base != first[1]:
+            raise RecordError(
+                f"{path.name} is of model {base[0]!r} ({base[1]}) but {first[0].name} of {first[1][0]!r} "
+                f"({first[1][1]}): a report compares one base model; move the records of the other out of "
+                f"{path.parent}"
+            )
 
 
 # ----------------------------------------------------------------------------------------------

@@ -22,6 +22,8 @@ import yaml
 from sdtune import UserError
 from sdtune.demo import world
 from sdtune.demo.metrics import JUDGE_METRICS, PLUGIN
+from sdtune.util import atomic
+from sdtune.util.paths import check_writable_folder
 
 ASSET = "demo-base"
 
@@ -130,7 +132,7 @@ def demo_experiment(output_dir: Path, settings: DemoSettings, seed: int = 0) -> 
     }
     path = output_dir / "experiment.yaml"
     header = "# Written by `sdtune demo`; rerun with `sdtune compare experiment.yaml`.\n"
-    path.write_text(header + yaml.safe_dump(experiment, sort_keys=False))
+    atomic.write_text(path, header + yaml.safe_dump(experiment, sort_keys=False))
     return path
 
 
@@ -139,6 +141,7 @@ def run_demo(output_dir: str | Path = "demo-output", quick: bool = False, progre
     import sdtune
 
     settings = QUICK if quick else DemoSettings()
+    check_writable_folder(output_dir, "--output")  # (before the demo's data is written there)
     path = demo_experiment(Path(output_dir), settings)
     with torch_threads(settings.torch_threads):
         return sdtune.compare(sdtune.load_experiment(path), progress=progress)

@@ -225,6 +225,6 @@ def headline_metric(rows: list[Row]) -> str | None:
 
 
 def _save(plt, figure, path: Path) -> Path:
-    atomic.write_with(path, lambda temporary: figure.savefig(temporary, format="png", dpi=110, bbox_inches="tight"))
+    atomic.save_figure(path, figure, dpi=110, bbox_inches="tight")
     plt.close(figure)
     return path

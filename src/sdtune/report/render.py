@@ -27,6 +27,7 @@ from sdtune.report.summary import (
     study_table,
 )
 from sdtune.util import atomic
+from sdtune.util.paths import check_writable_folder
 
 FILES_DIR = "report_files"
 MB = 1e6
@@ -120,6 +121,7 @@ def render_report(root: str | Path) -> Path:
     """Render ``report.md`` and ``report.html`` in ``root`` from its records; return the HTML path."""
     root = Path(root)
     train, evals = load_records(root)
+    check_writable_folder(root, "report")  # (before the figures are drawn)
     rows = build_rows(train, evals)
     figures_dir = root / FILES_DIR
     figures_dir.mkdir(exist_ok=True)
@@ -127,7 +129,9 @@ def render_report(root: str | Path) -> Path:
     context = _context(train, evals)
     all_tables = tables(rows)
     atomic.write_text(root / "report.md", _markdown(all_tables, figures, context, root))
-    return atomic.write_text(root / "report.html", _html(all_tables, figures, context))  # over the live page
+    html_path = root / "report.html"
+    atomic.write_text(html_path, _html(all_tables, figures, context))  # over the live page
+    return html_path
 
 
 def _context(train: list[TrainRecord], evals: list[EvalRecord]) -> dict[str, Any]:

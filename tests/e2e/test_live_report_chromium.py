@@ -1,6 +1,6 @@
-"""The live report: run statuses from run folders, the page, and the page in a real headless
-Chromium (driven over the DevTools protocol on a pipe) while a job runs: it shows a record added
-mid-run after its own reload, and stops reloading when the job ends, with no console errors."""
+"""The live report in a real headless Chromium (driven over the DevTools protocol on a pipe) while
+a job runs: it shows a record added mid-run after its own reload, and stops reloading when the job
+ends, with no console errors. (Statuses and the page alone: tests/unit/test_live_report.py.)"""
 
 from __future__ import annotations
 
@@ -13,75 +13,11 @@ import subprocess
 import time
 from pathlib import Path
 
-import pytest
 from PIL import Image
 
 from sdtune import records
-from sdtune.report.live import LiveReport, RunStatus, render_live, run_status
-
-# ----------------------------------------------------------------------------------------------
-# Run folders → statuses (unit)
-
-
-def finished_record(name: str, steps: int = 10) -> records.TrainRecord:
-    """A finished train record with every field the report's tables read (numbers made up)."""
-    return records.TrainRecord(
-        status="finished", technique={"name": name, "kind": name}, seeds={"train": 0},
-        config={"name": "live", "techniques": {"full": {}, "lora": {}}}, steps={"done": steps, "max": steps},
-        timing={"train_time_s": 12.5, "s_per_step": 1.25, "images_per_s": 3.2},
-        memory={"peak": {"bytes": 123_000_000, "kind": "cpu_peak_rss"}},
-        outputs={"adapter": {"bytes": 110_000}}, parameters={"trainable": 4096, "components": {"unet": 1_490_000}},
-    )
-
-
-def test_run_status_reads_each_stage_of_a_run_folder(tmp_path):
-    run = tmp_path / "lora"
-    assert run_status("lora", run) == RunStatus("lora", "queued")
-    run.mkdir()
-    records.write_progress(run, records.RunProgress(40, 100, "running"))
-    assert run_status("lora", run) == RunStatus("lora", "running", 40, 100)
-    assert run_status("lora", run).describe() == "running at step 40 of 100"
-    records.write_progress(run, records.RunProgress(60, 100, "interrupted"))
-    interrupted = run_status("lora", run)
-    assert interrupted.state == "failed" and "interrupted at step 60" in interrupted.error
-    # a crash leaves the parent's error.log: its first line is the reason, a bare traceback's last line
-    (run / "error.log").write_text("Traceback (most recent call last):\n  File 'x', line 1\nRuntimeError: CUDA out of memory\n")
-    assert run_status("lora", run) == RunStatus("lora", "failed", error="RuntimeError: CUDA out of memory")
-    (run / "error.log").write_text("lora: rank must be positive\n\nTraceback (most recent call last):\n  ...\n")
-    assert run_status("lora", run).describe() == "failed: lora: rank must be positive"
-    records.write_record(run / records.RECORD_FILE, finished_record("lora", 100))
-    assert run_status("lora", run) == RunStatus("lora", "finished", 100, 100)
-
-
-def test_live_page_is_self_contained_and_stops_refreshing_when_done(tmp_path):
-    statuses = [RunStatus("full", "finished", 10, 10), RunStatus("lora", "running", 4, 10),
-                RunStatus("dora", "failed", error="dora: <bad> option"), RunStatus("loha", "queued")]
-    running = render_live(tmp_path, statuses, done=False, refresh_s=2).read_text()
-    assert "<meta http-equiv='refresh' content='2'>" in running
-    assert "running at step 4 of 10" in running and "failed: dora: &lt;bad&gt; option" in running
-    assert "<script" not in running and "http://" not in running and "https://" not in running
-    finished = render_live(tmp_path, statuses, done=True).read_text()
-    assert "http-equiv='refresh'" not in finished and "The job has ended" in finished
-    assert [p.name for p in tmp_path.iterdir()] == ["report.html"]  # no temporary file left beside it
-    with pytest.raises(ValueError, match="'paused' is not one of"):
-        render_live(tmp_path, [RunStatus("x", "paused")], done=False)
-
-
-def test_live_report_thread_renders_while_the_caller_blocks_and_is_joined(tmp_path):
-    seen = []
-    with LiveReport(tmp_path, lambda: [RunStatus("lora", "running", len(seen), 10)], poll_s=0.05) as live:
-        deadline = time.monotonic() + 10
-        while len(seen) < 2 and time.monotonic() < deadline:  # the thread re-renders on its own
-            text = (tmp_path / "report.html").read_text()
-            if f"step {len(seen)} of" in text:
-                seen.append(text)
-            time.sleep(0.02)
-    assert len(seen) == 2 and not live._thread.is_alive()
-    assert "http-equiv='refresh'" not in (tmp_path / "report.html").read_text()
-
-
-# ----------------------------------------------------------------------------------------------
-# In a real browser (e2e): headless Chromium over the DevTools protocol
+from sdtune.report.live import LiveReport, RunStatus, run_status
+from sdtune.testing import finished_train_record
 
 
 class Chromium:
@@ -180,8 +116,8 @@ class Chromium:
 
 def find_chromium() -> str:
     browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
-    if browser is None:
-        pytest.skip("no Chromium on this machine (.ci/run installs Debian's chromium)")
+    # (a missing browser fails the test: .ci/run installs Debian's chromium; `apt-get install chromium`)
+    assert browser is not None, "no Chromium on this machine: `apt-get install chromium` (as .ci/run does)"
     return browser
 
 
@@ -194,7 +130,7 @@ def test_live_report_in_chromium_shows_a_record_added_mid_run(tmp_path):
     in the tables; the job ends and the page stops reloading. No console message at any point."""
     browser = find_chromium()
     root = tmp_path / "job"
-    records.write_record(root / "records" / "train-full-seed0.json", finished_record("full"))
+    records.write_record(root / "records" / "train-full-seed0.json", finished_train_record("full"))
     lora = root / "lora"
     records.write_progress(lora, records.RunProgress(4, 10, "running"))
     step = lora / "evaluation" / "step-000002"
@@ -218,8 +154,8 @@ def test_live_report_in_chromium_shows_a_record_added_mid_run(tmp_path):
             assert "Sizes, parameters, training and generation" in tables
             assert "lora" not in chromium.text("document.querySelectorAll('table')[1].innerText")
             # the record arrives; the page shows it after its own reload (no one reloads it for it)
-            records.write_record(lora / records.RECORD_FILE, finished_record("lora"))
-            records.write_record(root / "records" / "train-lora-seed0.json", finished_record("lora"))
+            records.write_record(lora / records.RECORD_FILE, finished_train_record("lora"))
+            records.write_record(root / "records" / "train-lora-seed0.json", finished_train_record("lora"))
             deadline = time.monotonic() + 20
             while "lora\tfinished" not in (chromium.text(RUNS_TEXT) or "") and time.monotonic() < deadline:
                 chromium.wait_for("Page.loadEventFired", timeout=2)

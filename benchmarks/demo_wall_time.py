@@ -43,7 +43,9 @@ def breakdown(root: Path) -> tuple[list[str], float]:
     eval_records = [r for r in records if r["kind"] == "eval"]
     train = sum(r["timing"]["setup_time_s"] + r["timing"]["train_time_s"] for r in train_records)
     in_training = sum(e["generation"]["time_s"] for r in train_records for e in r["evaluation"] if e.get("generation"))
-    final = [r for r in eval_records if r.get("step") is None]
+    # the compare process's evaluations (base and finished models) time each image; the images a
+    # training process generated at an intermediate step are its "live model" entries
+    final = [r for r in eval_records if "latencies_s" in (r.get("generation") or {})]
     generation = sum(r["generation"]["load_time_s"] + sum(r["generation"]["latencies_s"]) for r in final)
     images = sum(len(r["images"]) for r in eval_records)
     final_images = sum(len(r["images"]) for r in final)

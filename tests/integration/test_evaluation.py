@@ -125,6 +125,10 @@ def test_evaluation_during_training_changes_nothing_and_survives_a_resume(write_
     losses = [[h["loss"] for h in r.record["loss_history"]] for r in (plain, straight, resumed)]
     assert losses[0] == losses[1] == losses[2]
     assert plain.record["evaluation"] == [] and [e["step"] for e in straight.record["evaluation"]] == [0, 2, 4]
+    # the evaluations' time is their own, in neither the loop's nor the checkpoints'
+    assert plain.record["timing"]["evaluation_time_s"] == 0 < straight.record["timing"]["evaluation_time_s"]
+    generated = straight.record["evaluation"][1]["generation"]["time_s"]
+    assert straight.record["timing"]["evaluation_time_s"] > generated > 0  # (and the validation losses)
     def measured(result) -> list[dict]:  # (the generation timings differ from run to run)
         return [{k: v for k, v in e.items() if k != "generation"} for e in result.record["evaluation"]]
 

@@ -113,9 +113,10 @@ def _train_claimed(
         module.train()
     status = "finished"
     _write_progress(run, state, "running")
-    if evaluator is not None and first_step == 0:  # the starting point of the validation-loss curve
-        evaluator.after_step(0, run, state)
     clock.start()
+    if evaluator is not None and first_step == 0:  # the starting point of the validation-loss curve
+        with clock.excluded("evaluation"):
+            evaluator.after_step(0, run, state)
     with stop.installed():
         for step in range(first_step, run.max_steps):
             step_loss = torch.zeros((), device=accelerator.device)
@@ -152,7 +153,7 @@ def _train_claimed(
                 stop_requested = _sync_point(run, clock, pending, state, stop.requested, bar)
             bar.update(1)
             if evaluator is not None and evaluator.due(done, run.max_steps):  # validation loss, images
-                with clock.excluded():
+                with clock.excluded("evaluation"):
                     evaluator.after_step(done, run, state)
             interrupted = stop_requested and done < run.max_steps
             if interrupted or periodic:

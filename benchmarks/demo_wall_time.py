@@ -41,7 +41,9 @@ def breakdown(root: Path) -> tuple[list[str], float]:
     records = [json.loads(p.read_text()) for p in (root / "records").glob("*.json")]
     train_records = [r for r in records if r["kind"] == "train"]
     eval_records = [r for r in records if r["kind"] == "eval"]
-    train = sum(r["timing"]["setup_time_s"] + r["timing"]["train_time_s"] for r in train_records)
+    jobs = sum(r["timing"]["job_wall_time_s"] for r in train_records)  # each from its call to its weights
+    loops = sum(r["timing"]["train_time_s"] for r in train_records)
+    evaluating = sum(r["timing"].get("evaluation_time_s", 0.0) for r in train_records)
     in_training = sum(e["generation"]["time_s"] for r in train_records for e in r["evaluation"] if e.get("generation"))
     # the compare process's evaluations (base and finished models) time each image; the images a
     # training process generated at an intermediate step are its "live model" entries
@@ -50,12 +52,13 @@ def breakdown(root: Path) -> tuple[list[str], float]:
     images = sum(len(r["images"]) for r in eval_records)
     final_images = sum(len(r["images"]) for r in final)
     return [
-        f"  training processes (setup + loop, all techniques): {train:.0f} s, of which "
-        f"{in_training:.0f} s generating images at the intermediate steps",
+        f"  training jobs (all techniques, each from its start to its saved weights): {jobs:.0f} s, of which "
+        f"{loops:.0f} s the step loops, {evaluating:.0f} s evaluating while training (validation losses; "
+        f"{in_training:.0f} s of it the images at the intermediate steps)",
         f"  generation of the finished models (load + sampling): {generation:.0f} s",
         f"  images measured: {images} ({final_images} of {len(final)} finished models, "
         f"{images - final_images} of {len(eval_records) - len(final)} intermediate steps)",
-    ], train + generation
+    ], jobs + generation
 
 
 def main() -> int:
@@ -85,7 +88,7 @@ def main() -> int:
     print(f"  CPU time: {parent_cpu:.0f} s in this process, {children_cpu:.0f} s in the training processes")
     print(f"  load average (1, 5, 15 min) before: {load_before}, after: {load_average()}")
     print("\n".join(lines))
-    print(f"  the rest (process start-up, data, caching, metrics, report): {total - accounted:.0f} s")
+    print(f"  the rest (processes starting, imports, metrics, report): {total - accounted:.0f} s")
     print(f"report: {report}")
     return 0
 

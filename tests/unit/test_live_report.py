@@ -56,3 +56,19 @@ def test_live_report_thread_renders_while_the_caller_blocks_and_is_joined(tmp_pa
             time.sleep(0.02)
     assert len(seen) == 2 and not live._thread.is_alive()
     assert "http-equiv='refresh'" not in (tmp_path / "report.html").read_text()
+
+
+def test_a_failed_starts_progress_file_does_not_block_the_next_start(tmp_path):
+    """A start that failed before its first checkpoint in a folder it did not make (compare's retry)
+    leaves progress.json beside the logs and error.log: the next start trains from step 0."""
+    from sdtune.preflight import RunExistsError
+    from sdtune.training.run_dir import claim_run_dir
+
+    run = tmp_path / "lora"
+    records.write_progress(run, records.RunProgress(5, 100, "running"))
+    (run / "error.log").write_text("lora: out of memory\n")
+    (run / "logs").mkdir()
+    assert claim_run_dir(run, None, False) is False  # claimed: not refused, not new
+    (run / "unet_adapter.safetensors").write_bytes(b"weights")  # real work is still protected
+    with pytest.raises(RunExistsError, match="is not empty"):
+        claim_run_dir(run, None, False)

@@ -74,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--height", type=int, help="image height, e.g. a bucket's")
     generate.add_argument("--out", help="folder for the PNGs (default: RUN_DIR/samples)")
     generate.add_argument("--no-fuse", action="store_true", help="keep adapters unfused (slower sampling)")
+    generate.add_argument("--full-precision-base", action="store_true",
+                          help="a run trained on a quantised base: sample on the full-precision base instead")
     compare = commands.add_parser(
         "compare", help="train every technique, generate the same images, measure, and write the report"
     )
@@ -112,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32",
                         help="--single-file weights (default fp32: exactly the trained weights)")
     export.add_argument("--overwrite", action="store_true", help="write into a non-empty --out / over the file")
+    export.add_argument("--full-precision-base", action="store_true",
+                        help="a run trained on a quantised base: fold its adapter into the original full-precision "
+                        "weights (default: into the dequantised weights it trained on)")
 
     report = commands.add_parser("report", help="re-render the report of a comparison from its records")
     report.add_argument("output", metavar="DIR", help="the comparison's output folder")
@@ -170,7 +175,7 @@ def _quiet_libraries() -> None:
     """Keep the terminal to sdtune's own progress bars and results (library bars and notices off)."""
     import logging
 
-    for name in ("diffusers", "transformers", "datasets", "accelerate", "huggingface_hub"):
+    for name in ("diffusers", "transformers", "datasets", "accelerate", "huggingface_hub", "bitsandbytes", "kernels"):
         logging.getLogger(name).setLevel(logging.ERROR)
     try:
         import datasets
@@ -251,10 +256,13 @@ def _generate(args: argparse.Namespace) -> int:
     result = sdtune.generate(
         args.run_dir, args.prompt, num_images=args.num_images, seed=args.seed, steps=args.steps,
         guidance=args.guidance, out_dir=args.out, fuse=not args.no_fuse, scheduler=args.scheduler,
-        resolution=args.resolution, width=args.width, height=args.height,
+        resolution=args.resolution, width=args.width, height=args.height, full_precision_base=args.full_precision_base,
     )
     mean = sum(result.latencies_s) / max(len(result.latencies_s), 1)
     print(f"model load: {result.load_time_s:.2f} s; per image: {mean:.3f} s (mean of {len(result.latencies_s)})")
+    if result.base_quantization:
+        quantized = ", ".join(f"{part} {kind}" for part, kind in result.base_quantization.items() if kind)
+        print(f"base: quantised as trained ({quantized}); --full-precision-base samples on the original weights")
     for path in result.paths:
         print(path)
     return 0
@@ -298,10 +306,12 @@ def _export(args: argparse.Namespace) -> int:
         args.run_dir, args.out if args.merged else None, args.single_file, args.overwrite, args.precision
     )
     if args.merged:
-        out = sdtune.export_merged(args.run_dir, args.out, args.overwrite)
+        out = sdtune.export_merged(args.run_dir, args.out, args.overwrite, args.full_precision_base)
         print(f"merged pipeline written to {out} (diffusers <Pipeline>.from_pretrained)")
     if args.single_file:
-        out = sdtune.export_single_file(args.run_dir, args.single_file, args.overwrite, args.precision)
+        out = sdtune.export_single_file(
+            args.run_dir, args.single_file, args.overwrite, args.precision, args.full_precision_base
+        )
         print(f"single-file checkpoint written to {out} (A1111, ComfyUI, diffusers <Pipeline>.from_single_file)")
     return 0
 

@@ -30,6 +30,8 @@ from sdtune.config import (
 from sdtune.diffusion import FLOW_DEFAULTS, OBJECTIVE_KEYS, ObjectiveSettings
 from sdtune.models import FAMILIES, Model, ModelLoadError, detect_family_name, model_class
 from sdtune.techniques import TECHNIQUES, Technique
+from sdtune.techniques.lora_variants import mutates_base
+from sdtune.util.device import on_cpu
 
 # The study's prompt plus a small default set: in the dataset's domain (Pokémon-like creatures) and
 # outside it (to measure how much of the base model survives fine-tuning).
@@ -51,6 +53,8 @@ class ResolvedTechnique:
     train: TrainConfig  # the shared section with this technique's overrides (and the family's defaults)
     train_overrides: dict[str, Any]  # the overrides as written (for the experiment file it writes back)
     objective: ObjectiveSettings
+    model: ModelConfig  # the shared model section with this technique's `quantize:` applied
+    quantize_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)  # `quantize:` as written
 
     def build(self) -> Technique:
         """A fresh instance of the plug-in with these options."""
@@ -131,7 +135,10 @@ class Experiment:
             "data": dataclasses.asdict(config.data),
             "train": dataclasses.asdict(config.train),
             "techniques": {
-                name: {"kind": item.kind, **item.plugin.file_options(item.options), **item.train_overrides}
+                name: {
+                    "kind": item.kind, **item.plugin.file_options(item.options), **item.train_overrides,
+                    **({"quantize": item.quantize_overrides} if item.quantize_overrides else {}),
+                }
                 for name, item in self.techniques.items()
             },
             "evaluation": dataclasses.asdict(config.evaluation),
@@ -265,7 +272,44 @@ def _technique(entry: TechniqueEntry, config: ExperimentConfig, family: type[Mod
             "data.center_crop: true and data.cache other than off"
         )
     objective = ObjectiveSettings(**{f.name: getattr(train, f.name) for f in dataclasses.fields(ObjectiveSettings)})
-    return ResolvedTechnique(entry.name, entry.kind, plugin, options, train, dict(entry.train_overrides), objective)
+    quantize = dataclasses.replace(config.model.quantize, **entry.quantize)
+    item = ResolvedTechnique(
+        entry.name, entry.kind, plugin, options, train, dict(entry.train_overrides), objective,
+        model=dataclasses.replace(config.model, quantize=quantize), quantize_overrides=dict(entry.quantize),
+    )
+    _check_quantized(item, family, where)
+    return item
+
+
+def _check_quantized(item: ResolvedTechnique, family: type[Model], where: str) -> None:
+    """What cannot train on a quantised component: its weights themselves (full, partial), an adapter
+    peft has no quantised layer for, and text encoders (weights or token rows) that are quantised."""
+    spec = item.model.quantize
+    keep = "set quantize: {denoiser: null} for this technique"
+    if spec.denoiser and item.plugin.quantized_denoiser_refused:
+        raise ConfigError(f"{where}: quantize.denoiser {spec.denoiser}: {item.plugin.quantized_denoiser_refused}, or {keep}")
+    if spec.denoiser and mutates_base(item.options_dict().get("peft", {}).get("init_lora_weights", True)):
+        raise ConfigError(
+            f"{where}: init_lora_weights {item.options_dict()['peft']['init_lora_weights']!r} rewrites the base weights "
+            f"into a residual, and quantize.denoiser {spec.denoiser} keeps them frozen; use init_lora_weights: true, or {keep}"
+        )
+    if spec.denoiser == "int8" and getattr(item.plugin, "fixed", {}).get("use_dora") and on_cpu():
+        raise ConfigError(
+            f"{where}: quantize.denoiser int8 with dora does not train on the CPU (peft's DoRA re-creates the int8 "
+            f"weight without its scales there); use nf4 for dora on the CPU, or {keep}"
+        )
+    if spec.denoiser and item.train.block_swap:  # (it keeps CPU masters of the frozen weights at the run's dtype)
+        raise ConfigError(
+            f"{where}: train.block_swap moves frozen weights as plain tensors, and quantize.denoiser {spec.denoiser} "
+            f"stores them packed in 4/8 bits; use one or the other (the quantised denoiser is the smaller), or {keep}"
+        )
+    trained = item.plugin.trained_text_encoders(item.options, family)
+    if spec.text_encoders and trained:
+        raise ConfigError(
+            f"{where}: trains the text encoders {', '.join(trained)}, which quantize.text_encoders {spec.text_encoders} "
+            "loads as frozen 4/8-bit storage; set train_text_encoder: false, or quantize: {text_encoders: null} for "
+            "this technique"
+        )
 
 
 def _check_prior_preservation(config: ExperimentConfig, techniques: dict[str, ResolvedTechnique]) -> None:

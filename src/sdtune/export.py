@@ -68,25 +68,30 @@ def _check_single_file_target(run_dir: Path, out_file: Path, overwrite: bool, pr
     check_output_file(out_file, "--single-file", overwrite)
 
 
-def export_merged(run_dir: str | Path, out_dir: str | Path, overwrite: bool = False) -> Path:
-    """``sdtune export --merged``: the base model with the run's weights folded in, as a full pipeline."""
+def export_merged(
+    run_dir: str | Path, out_dir: str | Path, overwrite: bool = False, full_precision_base: bool = False
+) -> Path:
+    """``sdtune export --merged``: the base model with the run's weights folded in, as a full pipeline.
+    A run trained on a quantised base is folded into the dequantised weights it trained on (the
+    function it was evaluated as), or into the original weights with ``full_precision_base``."""
     out_dir = Path(out_dir)
     check_export_targets(run_dir, merged_out=out_dir, overwrite=overwrite)
-    pipe, _ = load_run_pipeline(run_dir, fuse=True, device=torch.device("cpu"))
+    pipe, _ = _merged_pipeline(run_dir, full_precision_base)
     with atomic.replacing(out_dir, folder=True) as folder:  # the old folder stays until the new one is whole
         pipe.save_pretrained(folder, safe_serialization=True)
     return out_dir
 
 
 def export_single_file(
-    run_dir: str | Path, out_file: str | Path, overwrite: bool = False, precision: str = "fp32"
+    run_dir: str | Path, out_file: str | Path, overwrite: bool = False, precision: str = "fp32",
+    full_precision_base: bool = False,
 ) -> Path:
     """``sdtune export --single-file``: the run's model (adapters merged) as one checkpoint in the
     original layout (CompVis LDM for SD1/2, SGM for SDXL, Stability's for SD3; see sdtune.formats.single_file),
     which A1111, ComfyUI and diffusers' ``from_single_file`` load."""
     out_file = Path(out_file)
     check_export_targets(run_dir, single_file=out_file, overwrite=overwrite, precision=precision)
-    pipe, record = load_run_pipeline(run_dir, fuse=True, device=torch.device("cpu"))
+    pipe, record = _merged_pipeline(run_dir, full_precision_base)
     facts = export_facts(record["model"]["family"])  # (from the record: SD1 and SD2 share a pipeline class)
     metadata = {
         "modelspec.sai_model_spec": "1.0.0",
@@ -94,5 +99,25 @@ def export_single_file(
         "modelspec.title": Path(run_dir).name,
         "modelspec.prediction_type": str(record.get("prediction_type") or "flow"),
         "sdtune.technique": record["technique"]["kind"],
+        "sdtune.base": _base_label(record, full_precision_base),
     }
     return save_single_file(pipe.components, facts.single_file_layout, out_file, metadata, PRECISIONS[precision])
+
+
+def _merged_pipeline(run_dir: str | Path, full_precision_base: bool) -> tuple:
+    """The run with its weights folded in, on the CPU (a quantised base dequantised first)."""
+    return load_run_pipeline(
+        run_dir, fuse=True, device=torch.device("cpu"), full_precision_base=full_precision_base,
+        dequantize_base=not full_precision_base,
+    )
+
+
+def _base_label(record: dict, full_precision_base: bool) -> str:
+    """What the exported weights were folded into, for the file's metadata."""
+    quantization = record.get("quantization")
+    if not quantization:
+        return "full precision"
+    if full_precision_base:
+        return "full precision (the run trained on a quantised base)"
+    parts = ", ".join(f"{part} {kind}" for part in ("denoiser", "text_encoders") if (kind := quantization.get(part)))
+    return f"dequantised {parts}, as trained"

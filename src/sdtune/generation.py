@@ -7,6 +7,7 @@ one-step warm-up run, not saved and not timed, comes first so lazy initialisatio
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import time
 import warnings
@@ -16,9 +17,10 @@ from typing import Any
 
 import torch
 
-from sdtune.config import ConfigError, ModelConfig, build, looks_like_local_path
+from sdtune.config import ConfigError, ModelConfig, QuantizeConfig, build, looks_like_local_path
 from sdtune.errors import UserError, first_line
 from sdtune.models import ModelLoadError, detect_family_name, model_class
+from sdtune.models.quantize import quantization_of
 from sdtune.models.sampling import (
     GenerationArgumentError,
     GenerationResult,
@@ -92,24 +94,55 @@ def recorded_model(record: dict[str, Any], run_dir: Path, needed: bool = True) -
 
 
 def load_run_pipeline(
-    run_dir: str | Path, fuse: bool = True, device: torch.device | None = None, dtype: torch.dtype = torch.float32
+    run_dir: str | Path, fuse: bool = True, device: torch.device | None = None, dtype: torch.dtype = torch.float32,
+    full_precision_base: bool = False, dequantize_base: bool = False,
 ) -> tuple[Any, dict[str, Any]]:
-    """The pipeline of a finished run: its own folder (full) or base model + its weights."""
+    """The pipeline of a finished run: its own folder (full) or base model + its weights.
+
+    A run trained on a quantised base loads its base quantised the same way (its adapter then stays
+    unfused: folding it into 4/8-bit weights would round it away), unless ``full_precision_base``;
+    ``dequantize_base`` turns the quantised layers into plain ones holding exactly the weights they
+    computed with before the adapter loads (``export``: the trained function, in plain weights)."""
     run_dir = Path(run_dir)
     record, model_config, technique = finished_run(run_dir)
+    model_config = quantized_as_trained(model_config, record, full_precision_base)
     family = model_class(model_config)
+    device = device or default_device()
     if technique.own_pipeline(run_dir):
         pipe = family.load_pipeline(str(run_dir), dtype)
     else:
-        pipe = load_base_pipeline(model_config, dtype)
+        pipe = load_base_pipeline(model_config, dtype, device)
+        if dequantize_base:
+            family.dequantize(pipe, dtype)
         with files_that_do_not_fit(run_dir, model_config):
             pipe = technique.load_into(pipe, run_dir, record["technique"]["options"])
-        if fuse:
+        if fuse and not any(quantization_of(m) for m in pipe.components.values() if isinstance(m, torch.nn.Module)):
             pipe = technique.merge(pipe)
     trained_for = record.get("prediction_type")
     if (record.get("objective") or {}).get("name", "ddpm") == "ddpm" and trained_for and trained_for != pipe.scheduler.config.get("prediction_type"):
         pipe.scheduler.register_to_config(prediction_type=record["prediction_type"])  # trained with an override
-    return pipe.to(device or default_device()), record
+    return pipe.to(device), record
+
+
+def run_base_config(record: dict[str, Any], full_precision_base: bool = False) -> ModelConfig:
+    """The base model of a run's record, quantised as the run trained on it (its ``quantization``)
+    unless ``full_precision_base``."""
+    model_config = build(ModelConfig, record["config"]["model"], "record config.model")
+    return quantized_as_trained(model_config, record, full_precision_base)
+
+
+def quantized_as_trained(model_config: ModelConfig, record: dict[str, Any], full_precision_base: bool) -> ModelConfig:
+    """``model_config`` quantised as the record's run trained on it, or in full precision."""
+    quantization = record.get("quantization") or {}
+    spec = QuantizeConfig(quantization.get("denoiser"), quantization.get("text_encoders"))
+    return dataclasses.replace(model_config, quantize=QuantizeConfig() if full_precision_base else spec)
+
+
+def base_description(model_config: ModelConfig) -> dict[str, Any] | None:
+    """How a base model was loaded, for the records of what sampled it: its quantisation, or None
+    for full precision."""
+    spec = model_config.quantize
+    return {"denoiser": spec.denoiser, "text_encoders": spec.text_encoders} if spec.active else None
 
 
 @contextlib.contextmanager
@@ -168,8 +201,11 @@ class _HeldLogRecords(logging.Handler):
         self.records.clear()
 
 
-def load_base_pipeline(model_config: ModelConfig, dtype: torch.dtype = torch.float32) -> Any:
-    return model_class(model_config).load_pipeline(model_config.path, dtype, model_config)
+def load_base_pipeline(
+    model_config: ModelConfig, dtype: torch.dtype = torch.float32, device: torch.device | None = None
+) -> Any:
+    """The base model as a pipeline (quantised as ``model_config.quantize`` says, on ``device``)."""
+    return model_class(model_config).load_pipeline(model_config.path, dtype, model_config, device)
 
 
 def generate(
@@ -186,9 +222,11 @@ def generate(
     progress: bool = True,
     width: int | None = None,
     height: int | None = None,
+    full_precision_base: bool = False,
 ) -> GenerationResult:
     """``sdtune generate``: load a run, write ``num_images`` PNGs per prompt (seeds seed, seed+1, …);
-    ``width``/``height`` (e.g. a bucket of the run's record) override the square ``resolution``."""
+    ``width``/``height`` (e.g. a bucket of the run's record) override the square ``resolution``; a run
+    trained on a quantised base samples on that base unless ``full_precision_base``."""
     _check_arguments(prompts, num_images, steps, guidance)
     for flag, value in (("--width", width), ("--height", height), ("--resolution", resolution)):
         if value is not None and (value <= 0 or value % 8):
@@ -198,13 +236,14 @@ def generate(
     finished_run(run_dir)  # (the run, its base model and family, before anything loads)
     out = check_writable_folder(Path(out_dir) if out_dir else Path(run_dir) / "samples", "--out")
     started = time.perf_counter()
-    pipe, record = load_run_pipeline(run_dir, fuse=fuse)
+    pipe, record = load_run_pipeline(run_dir, fuse=fuse, full_precision_base=full_precision_base)
     set_scheduler(pipe, scheduler)
     load_time = time.perf_counter() - started
     side = resolution or record["config"]["data"]["resolution"]
     size = (width or side, height or side) if width or height else side
     result = generate_images(pipe, prompts, list(range(seed, seed + num_images)), steps, guidance, size, progress)
     result.load_time_s = load_time
+    result.base_quantization = base_description(run_base_config(record, full_precision_base))
     save_images(result, out)
     return result
 

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from sdtune import records
-from sdtune.config import ConfigError, TrainConfig, held_out_rows
+from sdtune.config import QUANTIZATION_INSTALL, ConfigError, QuantizeConfig, TrainConfig, held_out_rows
 from sdtune.data import layouts
 from sdtune.data.dataset import caption_text, caption_values, load_rows
 from sdtune.errors import UserError
@@ -200,7 +200,11 @@ def check_launch(experiment: Experiment, names: list[str], items: int | None, wh
             f"nothing of their own to do; launch at most {items} (`{launch_command(items)}`)"
         )
     for name in names:
-        check_device_options(experiment.train_config_for(name), f"techniques.{name}" if len(names) > 1 else "train")
+        item = experiment.techniques[name]
+        check_device_options(
+            experiment.train_config_for(name), f"techniques.{name}" if len(names) > 1 else "train",
+            item.model.quantize, f"techniques.{name}.quantize" if item.quantize_overrides else "model.quantize",
+        )
 
 
 def sharded_option_problem(config: TrainConfig, what: str) -> str | None:
@@ -215,9 +219,16 @@ def sharded_option_problem(config: TrainConfig, what: str) -> str | None:
     return None
 
 
-def check_device_options(config: TrainConfig, where: str = "train") -> None:
+def check_device_options(
+    config: TrainConfig, where: str = "train", quantize: QuantizeConfig | None = None, quantize_key: str = "model.quantize"
+) -> None:
     """Options that need an optional package, a CUDA GPU or a compiler, refused where there is none (at
-    the start of a run, not at load: `--plan` and `--estimate` work on a machine without them)."""
+    the start of a run, not at load: `--plan` and `--estimate` work on a machine without them);
+    ``quantize``: the technique's quantised base (bitsandbytes), written at ``quantize_key``."""
+    if quantize is not None and quantize.active and importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError(
+            f"{quantize_key}: quantised components need bitsandbytes; {QUANTIZATION_INSTALL}, or remove {quantize_key}"
+        )
     if config.optimizer != "adamw" and importlib.util.find_spec("bitsandbytes") is None:
         raise ConfigError(f"{where}.optimizer: {config.optimizer!r} needs bitsandbytes; pip install 'sdtune[bnb]' or use adamw")
     if config.optimizer_offload and importlib.util.find_spec("torchao") is None:

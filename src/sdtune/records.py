@@ -33,7 +33,9 @@ from sdtune.errors import UserError
 from sdtune.util import atomic
 
 RECORD_FILE = "record.json"
-PACKAGES = ("sdtune", "torch", "diffusers", "transformers", "peft", "accelerate", "datasets", "safetensors")
+PACKAGES = (
+    "sdtune", "torch", "diffusers", "transformers", "peft", "accelerate", "datasets", "safetensors", "bitsandbytes",
+)
 
 
 def package_versions() -> dict[str, str | None]:
@@ -119,6 +121,9 @@ class TrainRecord:
     device: dict[str, Any] | None = None
     num_processes: int | None = None
     sharding: str | None = None  # fsdp2 | deepspeed | None (whole weights in each process)
+    # the frozen components loaded quantised: {denoiser, text_encoders, backend, backend_version,
+    # compute_dtype, components: {name: {type, linear_layers, quantized_share, weight_bytes, …}}}; None: none
+    quantization: dict[str, Any] | None = None
     timing: dict[str, Any] | None = None
     memory: dict[str, Any] | None = None
     parameters: dict[str, Any] | None = None

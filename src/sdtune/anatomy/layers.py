@@ -19,12 +19,14 @@ at most one layer's copies are alive at once.
 from __future__ import annotations
 
 import copy
+import importlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 
 from sdtune.anatomy.maths import as_matrix
+from sdtune.models.quantize import dequantized_linear, is_quantized_parameter
 
 WEIGHTED = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.Embedding)
 BaseWeight = Callable[[str, str], "torch.Tensor | None"]  # (component, module path) → the base model's weight
@@ -76,12 +78,29 @@ def adapter_layers(component: torch.nn.Module) -> Iterator[tuple[str, torch.nn.M
 
 def merged_pair(layer: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     """(W_before, W_after) of a peft layer: its base weight, and the weight peft merges the adapter
-    into, both computed on a float64 copy of the layer (the model is left as it is)."""
+    into, both computed on a float64 copy of the layer (the model is left as it is). On a quantised
+    base (nf4/int8) the copy's base is the dequantised weight the layer computed with, merged by
+    peft's plain-layer code (its bitsandbytes layers would quantise the float64 result again)."""
     with torch.no_grad():
-        merged = copy.deepcopy(layer).to(torch.float64)
+        quantized = is_quantized_parameter(layer.get_base_layer().weight)
+        merged = copy.deepcopy(layer)
+        if quantized:
+            merged.base_layer = dequantized_linear(merged.get_base_layer(), torch.float64)
+            if hasattr(merged, "quantization_backend"):  # (OFT, BOFT: they dequantise through it; plain now)
+                merged.quantization_backend = None
+        merged = merged.to(torch.float64)
         before = merged.get_base_layer().weight.detach().clone()
-        merged.merge()
+        _plain_merge(type(layer))(merged)
         return before, merged.get_base_layer().weight.detach()
+
+
+def _plain_merge(layer_type: type) -> Callable[[torch.nn.Module], None]:
+    """peft's merge for a layer of ``layer_type`` on a plain ``torch.nn.Linear`` base: its own, or for
+    the bitsandbytes variants (``peft.tuners.<tuner>.bnb``) the tuner's plain ``Linear``'s."""
+    module = layer_type.__module__
+    if not module.endswith(".bnb"):
+        return layer_type.merge
+    return importlib.import_module(module.removesuffix(".bnb") + ".layer").Linear.merge
 
 
 def changed_pairs(

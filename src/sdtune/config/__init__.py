@@ -8,18 +8,20 @@ from sdtune.config.load import apply_override, config_from_dict, read_experiment
 from sdtune.config.paths import looks_like_local_path, resolve_local
 from sdtune.config.schema import ConfigError, build, coerce
 from sdtune.config.sections import (
+    QUANTIZATION_INSTALL,
     DataConfig,
     DreamBoothConfig,
     EvaluationConfig,
     ExperimentConfig,
     ModelConfig,
+    QuantizeConfig,
     TechniqueEntry,
     TrainConfig,
 )
 from sdtune.config.split import ValidationSplit, held_out_rows, parse_validation
 
 __all__ = [
-    "ConfigError", "DataConfig", "DreamBoothConfig", "EvaluationConfig", "ExperimentConfig", "ModelConfig",
-    "TechniqueEntry", "TrainConfig", "ValidationSplit", "apply_override", "build", "coerce", "config_from_dict",
+    "QUANTIZATION_INSTALL", "ConfigError", "DataConfig", "DreamBoothConfig", "EvaluationConfig", "ExperimentConfig", "ModelConfig",
+    "QuantizeConfig", "TechniqueEntry", "TrainConfig", "ValidationSplit", "apply_override", "build", "coerce", "config_from_dict",
     "held_out_rows", "looks_like_local_path", "parse_validation", "read_experiment_file", "resolve_local",
 ]

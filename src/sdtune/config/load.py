@@ -22,6 +22,7 @@ from sdtune.config.sections import (
     EvaluationConfig,
     ExperimentConfig,
     ModelConfig,
+    QuantizeConfig,
     TechniqueEntry,
     TrainConfig,
 )
@@ -153,5 +154,15 @@ def _techniques(raw: Any, train: TrainConfig) -> dict[str, TechniqueEntry]:
             if key in train_hints
         }
         dataclasses.replace(train, **overrides).validate()
-        entries[name] = TechniqueEntry(name=name, kind=kind, options=entry, train_overrides=overrides)
+        quantize = _quantize_override(entry.pop("quantize"), f"techniques.{name}.quantize") if "quantize" in entry else {}
+        entries[name] = TechniqueEntry(name=name, kind=kind, options=entry, train_overrides=overrides, quantize=quantize)
     return entries
+
+
+def _quantize_override(raw: Any, where: str) -> dict[str, Any]:
+    """A technique's ``quantize:``: the keys it gives replace model.quantize's for this technique
+    (``null`` for a key: that component in full precision; ``quantize: null``: nothing quantised)."""
+    if raw is None:
+        return {f.name: None for f in dataclasses.fields(QuantizeConfig)}
+    given = build(QuantizeConfig, raw, where)  # (bitsandbytes itself: checked at the start of a run, preflight)
+    return {key: getattr(given, key) for key in raw}

@@ -80,6 +80,8 @@ def coerce(value: Any, annotation: Any, key: str) -> Any:
         return value
     if annotation is Any:
         return value
+    if dataclasses.is_dataclass(annotation):  # a nested section (model.quantize); null = its defaults
+        return annotation() if value is None else build(annotation, value, key)
     if annotation is bool:
         if not isinstance(value, bool):
             fail(key, value, "true or false")

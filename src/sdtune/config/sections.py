@@ -24,6 +24,22 @@ from sdtune.config.split import parse_validation
 # Sections
 
 
+QUANTIZATION_INSTALL = "pip install 'sdtune[quantization]'"
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    """Which frozen components load quantised (QLoRA-style, bitsandbytes; see docs/quantization.md): their
+    linear layers as NF4 (4-bit NormalFloat) or int8 (LLM.int8()) layers that nothing trains."""
+
+    denoiser: Literal["nf4", "int8"] | None = None  # the UNet or transformer; None = full precision
+    text_encoders: Literal["nf4", "int8"] | None = None  # every text encoder of the family; None = full precision
+
+    @property
+    def active(self) -> bool:
+        return self.denoiser is not None or self.text_encoders is not None
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Which base model to fine-tune."""
@@ -35,6 +51,7 @@ class ModelConfig:
     single_file_config: str | None = None  # diffusers folder/hub id with the configs of a single file
     vae: str | None = None  # a separately distributed VAE (folder, hub id or file), e.g. SDXL's fp16 fix
     text_encoder_3: bool = True  # SD3: false drops T5-XXL (zeros in its place, as the pipeline does)
+    quantize: QuantizeConfig = field(default_factory=QuantizeConfig)  # frozen components loaded quantised
 
     def validate(self) -> None:
         if not self.path:
@@ -274,6 +291,8 @@ class TechniqueEntry:
     kind: str
     options: dict[str, Any] = field(default_factory=dict)
     train_overrides: dict[str, Any] = field(default_factory=dict)
+    # this technique's `quantize:` as written: keys of QuantizeConfig (checked) that replace model.quantize's
+    quantize: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -301,6 +320,7 @@ class EvaluationConfig:
     every_steps: int | None = None  # also evaluate (images, metrics, validation loss) every N steps
     seeds_per_prompt_during_training: int | None = None  # images at every_steps: the first N seeds; None = all
     validation_timesteps: int = 4  # fixed timesteps of the validation loss
+    full_precision_base: bool = False  # runs trained on a quantised base are sampled on the full-precision one
 
     def validate(self) -> None:
         _positive("evaluation.seeds_per_prompt", self.seeds_per_prompt)

@@ -74,6 +74,11 @@ TECHNIQUES: dict[str, dict[str, Any]] = {
     "loha": {"kind": "loha", "rank": 4, "alpha": 4, "lr_scheduler": "cosine", "learning_rate": 1.0e-3},
     "lokr": {"kind": "lokr", "rank": 4, "alpha": 4, "lr_scheduler": "cosine", "learning_rate": 2.0e-3},
     "cross-attention": {"kind": "partial", "preset": "cross-attention", "lr_scheduler": "constant", "learning_rate": 5.0e-5},
+    # LoRA on a quantised frozen UNet (not in the default demo: benchmarks/lora_vs_qlora.py compares them)
+    "qlora": {"kind": "lora", "rank": 4, "alpha": 4, "lr_scheduler": "cosine", "learning_rate": 5.0e-4,
+              "quantize": {"denoiser": "nf4"}},
+    "lora-int8": {"kind": "lora", "rank": 4, "alpha": 4, "lr_scheduler": "cosine", "learning_rate": 5.0e-4,
+                  "quantize": {"denoiser": "int8"}},
 }
 
 

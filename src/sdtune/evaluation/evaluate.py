@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,11 +20,11 @@ import torch
 from PIL import Image
 
 from sdtune import records
-from sdtune.config import ConfigError
+from sdtune.config import ConfigError, QuantizeConfig
 from sdtune.data import heldout
 from sdtune.data.dataset import transform_image
 from sdtune.experiment import EvaluationPlan, Experiment
-from sdtune.generation import load_base_pipeline, load_run_pipeline
+from sdtune.generation import base_description, load_base_pipeline, load_run_pipeline, run_base_config
 from sdtune.models.sampling import denoiser_of, generate_images, image_name, save_images, set_scheduler
 from sdtune.util.device import default_device
 
@@ -135,7 +136,7 @@ def evaluate_model(evaluation: Evaluation, target: Target, state: Any) -> record
     experiment, settings = evaluation.experiment, evaluation.experiment.evaluation
     folder = evaluation.root / IMAGES_DIR / target.name
     started = time.perf_counter()
-    pipe = _pipeline(experiment, target, state.device)
+    pipe, base = _pipeline(experiment, target, state.device)
     set_scheduler(pipe, settings.scheduler)
     load_time = time.perf_counter() - started
     pairs = experiment.plan.pairs()
@@ -157,7 +158,8 @@ def evaluate_model(evaluation: Evaluation, target: Target, state: Any) -> record
         "guidance_scale": settings.guidance_scale,
         "scheduler": type(pipe.scheduler).__name__,
         "resolution": experiment.eval_resolution,
-        "fused": target.run is not None,
+        "fused": target.run is not None and base_description(base) is None,
+        "base_quantization": base_description(base),  # None: the base in full precision
         "processes": state.num_processes,
         "dtype": str(denoiser_of(pipe).dtype),
         "device": records.device_description(state.device),
@@ -172,9 +174,11 @@ def evaluate_model(evaluation: Evaluation, target: Target, state: Any) -> record
     return evaluate_images(evaluation, target, paths, generation, **sizes)
 
 
-def _pipeline(experiment: Experiment, target: Target, device: torch.device) -> Any:
-    """The target's pipeline on ``device``; with ``evaluation.cpu_offload`` on the CPU, each model
-    moved to the GPU only for its forward (diffusers' ``enable_model_cpu_offload``)."""
+def _pipeline(experiment: Experiment, target: Target, device: torch.device) -> tuple[Any, Any]:
+    """The target's pipeline on ``device`` and the base config it was loaded from (quantised as the
+    run trained, or in full precision with ``evaluation.full_precision_base``); with
+    ``evaluation.cpu_offload`` on the CPU, each model moved to the GPU only for its forward
+    (diffusers' ``enable_model_cpu_offload``)."""
     offload = experiment.evaluation.cpu_offload
     if offload and device.type != "cuda":
         raise ConfigError(
@@ -182,13 +186,16 @@ def _pipeline(experiment: Experiment, target: Target, device: torch.device) -> A
             f"remove it on this {device.type} machine"
         )
     where = torch.device("cpu") if offload else device
+    full_precision = experiment.evaluation.full_precision_base
     if target.run is None:
-        pipe = load_base_pipeline(experiment.model).to(where)
+        base = dataclasses.replace(experiment.model, quantize=QuantizeConfig()) if full_precision else experiment.model
+        pipe = load_base_pipeline(base, device=where).to(where)
     else:
-        pipe, _ = load_run_pipeline(target.run["run_dir"], fuse=True, device=where)
+        base = run_base_config(target.run, full_precision)
+        pipe, _ = load_run_pipeline(target.run["run_dir"], fuse=True, device=where, full_precision_base=full_precision)
     if offload:
         pipe.enable_model_cpu_offload(device=device)
-    return pipe
+    return pipe, base
 
 
 def evaluate_images(

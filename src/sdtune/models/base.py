@@ -17,9 +17,10 @@ from typing import Any, ClassVar
 
 import torch
 
-from sdtune.config import ModelConfig
+from sdtune.config import ModelConfig, QuantizeConfig
 from sdtune.diffusion import NoiseSchedule
 from sdtune.models.files import load_errors, load_vae, read_model_json
+from sdtune.models.quantize import dequantize_component, quantization_of, quantize_component
 from sdtune.util.registry import Registry
 
 Conditioning = dict[str, torch.Tensor]  # batch-first tensors the denoiser takes besides latents
@@ -198,8 +199,13 @@ class Model:
 
     # -- loading ---------------------------------------------------------------------------------
     @classmethod
-    def load(cls, config: ModelConfig, dtype: torch.dtype = torch.float32) -> Model:
-        return cls.from_pipeline(cls.load_pipeline(config.path, dtype, config), config.path)
+    def load(
+        cls, config: ModelConfig, dtype: torch.dtype = torch.float32, device: torch.device | None = None,
+        compute_dtype: torch.dtype | None = None,
+    ) -> Model:
+        """The model at ``config.path``; components ``config.quantize`` names are quantised on ``device``
+        (default: the CPU) and compute in ``compute_dtype`` (default: ``dtype``)."""
+        return cls.from_pipeline(cls.load_pipeline(config.path, dtype, config, device, compute_dtype), config.path)
 
     @classmethod
     def from_pipeline(cls, pipe: Any, source: str) -> Model:
@@ -215,9 +221,35 @@ class Model:
                    source, extras)
 
     @classmethod
-    def load_pipeline(cls, path: str, dtype: torch.dtype = torch.float32, config: ModelConfig | None = None) -> Any:
+    def load_pipeline(
+        cls, path: str, dtype: torch.dtype = torch.float32, config: ModelConfig | None = None,
+        device: torch.device | None = None, compute_dtype: torch.dtype | None = None,
+    ) -> Any:
         """The diffusers pipeline at ``path`` (a folder, hub id or single file), with the config's
-        revision, variant, separate VAE and dropped text encoders."""
+        revision, variant, separate VAE, dropped text encoders and quantised components."""
+        pipe = cls._load_pipeline(path, dtype, config)
+        if config is not None and config.quantize.active:
+            cls.quantize(pipe, config.quantize, compute_dtype or dtype, device or torch.device("cpu"))
+        return pipe
+
+    @classmethod
+    def quantize(cls, pipe: Any, spec: QuantizeConfig, compute_dtype: torch.dtype, device: torch.device) -> None:
+        """Quantise the pipeline's denoiser and/or text encoders as ``spec`` says (see :mod:`.quantize`)."""
+        if spec.denoiser:
+            quantize_component(getattr(pipe, cls.denoiser_name), spec.denoiser, compute_dtype, device, "diffusers")
+        for name in cls.text_encoder_names if spec.text_encoders else ():
+            if getattr(pipe, name, None) is not None:
+                quantize_component(getattr(pipe, name), spec.text_encoders, compute_dtype, device, "transformers")
+
+    @classmethod
+    def dequantize(cls, pipe: Any, dtype: torch.dtype) -> None:
+        """Turn every quantised component of ``pipe`` back into plain layers (the dequantised weights)."""
+        for module in pipe.components.values():
+            if isinstance(module, torch.nn.Module) and quantization_of(module):
+                dequantize_component(module, dtype)
+
+    @classmethod
+    def _load_pipeline(cls, path: str, dtype: torch.dtype, config: ModelConfig | None) -> Any:
         options: dict[str, Any] = {k: v for k, v in cls.pipeline_extras.items() if v is None or isinstance(v, bool)}
         if dtype != torch.float32:  # fp32 is the default
             options["dtype"] = dtype

@@ -25,7 +25,7 @@ class GenerationResult:
     paths: list[Path] = field(default_factory=list)
     load_time_s: float = 0.0
     latencies_s: list[float] = field(default_factory=list)  # per image, warm-up excluded
-
+    base_quantization: dict[str, Any] | None = None  # how the base was loaded (None: full precision)
 
 
 class GenerationArgumentError(UserError, ValueError):

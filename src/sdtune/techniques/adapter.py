@@ -38,6 +38,12 @@ _RESERVED_PEFT_FIELDS = {
     "inference_mode",
 }
 ADAPTER_MARKERS = ("lora_", "hada_", "lokr_", "oft_")  # names of peft adapter tensors (oft_R, boft_R/_s)
+# peft (0.21) has bitsandbytes layers for LoRA/DoRA and reaches them from OFT/BOFT, none for LyCORIS'
+# LoHa/LoKr: it wraps a 4-bit layer as a plain Linear and fails on its packed weight
+QUANTIZED_LYCORIS_REFUSED = (
+    "peft has no LoHa/LoKr layer for bitsandbytes-quantised layers (it has LoRA, DoRA, OFT and BOFT ones); use one "
+    "of those for a quantised base"
+)
 DIFFUSERS_LORA_FILE = "pytorch_lora_weights.safetensors"
 KOHYA_LORA_FILE = "pytorch_lora_weights_kohya.safetensors"
 
@@ -466,6 +472,7 @@ class LoHa(AdapterTechnique):
     kind = "loha"
     peft_config_name = "LoHaConfig"
     alpha_field = "alpha"
+    quantized_denoiser_refused = QUANTIZED_LYCORIS_REFUSED
 
 
 @TECHNIQUES.register("lokr")
@@ -475,3 +482,4 @@ class LoKr(AdapterTechnique):
     kind = "lokr"
     peft_config_name = "LoKrConfig"
     alpha_field = "alpha"
+    quantized_denoiser_refused = QUANTIZED_LYCORIS_REFUSED

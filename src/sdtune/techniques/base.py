@@ -25,6 +25,7 @@ import torch
 from sdtune.config import ConfigError, build
 from sdtune.errors import UserError
 from sdtune.models import Model
+from sdtune.models.quantize import logical_numel
 from sdtune.records import CheckFailure
 from sdtune.util.registry import Registry
 
@@ -71,6 +72,7 @@ class Technique:
     prior_preservation_refused: ClassVar[str] = ""  # why DreamBooth's prior loss cannot apply ("" = it can)
     single_file_refused: ClassVar[str] = ""  # why `export --single-file` does not apply ("" = it does)
     path_options: ClassVar[tuple[str, ...]] = ()  # options that name files (resolved against the experiment file)
+    quantized_denoiser_refused: ClassVar[str] = ""  # why this kind cannot train on a quantised denoiser ("" = it can)
 
     def __init__(self, options: Any) -> None:
         """``options``: the checked options dataclass (or its fields as a mapping, as records keep them)."""
@@ -96,6 +98,13 @@ class Technique:
                     f"{where}.text_encoders: {name!r} is not a text encoder of {family.family}; it has: "
                     f"{', '.join(family.text_encoder_names)}"
                 )
+
+    @classmethod
+    def trained_text_encoders(cls, options: Any, family: type[Model]) -> list[str]:
+        """The text encoders these options train (before loading: the family's names)."""
+        if not options.train_text_encoder:
+            return []
+        return list(options.text_encoders or family.trained_text_encoders)
 
     # -- training ---------------------------------------------------------------------------------
     def prepare(self, model: Model) -> None:
@@ -208,7 +217,7 @@ def trainable_named_parameters(model: Model) -> dict[str, torch.nn.Parameter]:
 
 
 def count_parameters(module: torch.nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
+    return sum(logical_numel(p) for p in module.parameters())  # a packed 4-bit tensor counts its weights
 
 
 def files_under(out_dir: Path, paths: list[Path]) -> list[str]:

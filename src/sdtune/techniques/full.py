@@ -18,6 +18,10 @@ from sdtune.techniques.base import TECHNIQUES, Technique, files_under
 class FullFineTuning(Technique):
     kind = "full"
     saves_frozen_parts = True  # a whole pipeline folder
+    quantized_denoiser_refused = (
+        "full fine-tuning trains every denoiser weight, and a quantised denoiser's weights are frozen 4/8-bit "
+        "storage; use an adapter (lora, dora, oft, boft) for a quantised base"
+    )
 
     def make_trainable(self, model: Model) -> None:
         model.denoiser.requires_grad_(True)

@@ -46,6 +46,10 @@ class PartialOptions(TechniqueOptions):
 class PartialFineTuning(Technique):
     kind = "partial"
     Options = PartialOptions
+    quantized_denoiser_refused = (
+        "partial fine-tuning trains denoiser weights themselves, and a quantised denoiser's weights are frozen "
+        "4/8-bit storage; use an adapter (lora, dora, oft, boft) for a quantised base"
+    )
 
     @classmethod
     def check_family(cls, options: Any, family: type[Model], where: str) -> None:

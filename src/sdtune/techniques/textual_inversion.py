@@ -117,6 +117,10 @@ class TextualInversion(Technique):
                 f"prompts (it has no textual-inversion loader); use num_vectors: 1 on {family.family}"
             )
 
+    @classmethod
+    def trained_text_encoders(cls, options: Any, family: type[Model]) -> list[str]:
+        return list(options.text_encoders or family.text_encoder_names)  # their new token rows
+
     # -- training ---------------------------------------------------------------------------------
     def tokens(self) -> list[str]:
         token = self.options.placeholder_token

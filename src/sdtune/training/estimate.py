@@ -6,7 +6,7 @@ How each term is counted (docs/memory.md, "The estimate"):
 - **weights**: every component built from its config on the meta device (:mod:`sdtune.models.empty`),
   the technique applied, each tensor at the dtype the run places it in (trained: fp32; frozen: the
   mixed-precision dtype; the VAE in fp32 where the family says so), quantised where the experiment
-  quantises it (:func:`quantized_weight_bytes`); parked encoders and swapped blocks are left out;
+  quantises it for the technique (:func:`quantized_weight_bytes`); parked encoders and swapped blocks are left out;
 - **gradients** (fp32, one per trained value), **optimizer states** (per ``train.optimizer``) and the
   **EMA** (fp32): counted from the trained tensors' sizes;
 - **activations** and the **forward + backward peak**: measured, not modelled: one micro-step of the
@@ -49,7 +49,7 @@ from typing import Any
 import torch
 
 from sdtune import diffusion
-from sdtune.config import ConfigError, TrainConfig
+from sdtune.config import ConfigError, QuantizeConfig, TrainConfig
 from sdtune.experiment import Experiment
 from sdtune.models import Model
 from sdtune.models.empty import load_empty
@@ -149,22 +149,24 @@ def parse_bytes(text: str | int) -> int:
     return int(float(match.group(1)) * 2 ** {"m": 20, "g": 30, "t": 40}[match.group(2).lower()])
 
 
-def quantized_weight_bytes(experiment: Experiment, component: str, module: torch.nn.Module, model: Model) -> int | None:
-    """The bytes of a component quantised by ``model.quantize`` (``{denoiser: nf4|int8, text_encoders:
-    int8|nf4}``), or None where it is not: its frozen Linear weights at the quantised size, the rest as
-    placed. The hook for the quantised bases of issue 23 §1: nothing to count while that key is absent."""
-    setting = getattr(experiment.model, "quantize", None)
-    if not setting:
-        return None
-    read = setting.get if isinstance(setting, dict) else lambda key: getattr(setting, key, None)
-    kind = read("denoiser") if component == model.denoiser_name else read("text_encoders") if component in model.text_encoder_names else None
+def quantized_weight_bytes(
+    setting: QuantizeConfig, component: str, module: torch.nn.Module, model: Model, config: TrainConfig
+) -> int | None:
+    """The bytes of a component quantised by the technique's ``quantize`` (``model.quantize`` with its
+    override: ``{denoiser: nf4|int8, text_encoders: int8|nf4}``), or None where it is not: its frozen
+    Linear weights at the quantised size, the rest at the dtype the run places it in."""
+    kind = (
+        setting.denoiser if component == model.denoiser_name
+        else setting.text_encoders if component in model.text_encoder_names else None
+    )
     if kind not in QUANTIZED_BYTES_PER_WEIGHT:
         return None
     total = 0
     for submodule in module.modules():
         for name, parameter in submodule.named_parameters(recurse=False):
             frozen_linear = isinstance(submodule, torch.nn.Linear) and name == "weight" and not parameter.requires_grad
-            per_value = QUANTIZED_BYTES_PER_WEIGHT[kind] if frozen_linear else parameter.element_size()
+            placed = _placed_dtype(parameter, component, model, config).itemsize
+            per_value = QUANTIZED_BYTES_PER_WEIGHT[kind] if frozen_linear else placed
             total += int(parameter.numel() * per_value)
     return total
 
@@ -222,7 +224,7 @@ class _Estimator:
         model, weights, elsewhere = self.model, {}, 0
         parked = self._parked(config)
         for component, module in model.components.items():
-            size = quantized_weight_bytes(self.experiment, component, module, model)
+            size = quantized_weight_bytes(self.item.model.quantize, component, module, model, config)
             if size is None:
                 size = sum(p.numel() * _placed_dtype(p, component, model, config).itemsize for p in module.parameters())
             if component in parked:

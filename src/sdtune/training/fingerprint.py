@@ -3,7 +3,7 @@ when the run is resumed, so that a resumed run is the run it claims to be.
 
 A :class:`RunFingerprint` holds the resolved technique (kind and every option, peft's included),
 its own train settings (learning rate, schedule, seed, precision, EMA, objective…), the model
-(path, detected family, revision, variant, VAE…), the data section and a digest of the training
+(path, detected family, revision, variant, VAE, the technique's quantised base…), the data section and a digest of the training
 rows as the text encoders see them (which images, their sizes and repeats, the captions after the
 technique's transform), DreamBooth's class-image settings when they apply, the run's length and
 total batch, and how it is spread over processes. :func:`compare` sorts the differences between a
@@ -58,7 +58,7 @@ class RunFingerprint:
 
     technique: dict[str, Any]  # kind and options as an experiment file writes them
     train: dict[str, Any]  # this technique's resolved train settings, its length left out (run_max_steps)
-    model: dict[str, Any]  # the model section, family detected
+    model: dict[str, Any]  # the model section, family detected, quantize as this technique loads it
     data: dict[str, Any]  # the data section
     dreambooth: dict[str, Any] | None  # the class images' settings, when this technique uses them
     data_rows: str | None = None  # digest of the training rows (see :func:`rows_digest`)
@@ -78,7 +78,7 @@ class RunFingerprint:
         return cls(
             technique={"kind": item.kind, **item.plugin.file_options(item.options)},
             train=train,
-            model=dataclasses.asdict(experiment.model),
+            model=dataclasses.asdict(item.model),  # (its quantize: the technique's override applied)
             data=dataclasses.asdict(experiment.data),
             dreambooth=dataclasses.asdict(dreambooth) if dreambooth is not None else None,
         )

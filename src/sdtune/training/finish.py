@@ -146,7 +146,7 @@ def _gathered_model(run: TrainingRun) -> Model:
     full = sharding.full_parameters(run.accelerator, model.components, run.parameters)  # every process takes part
     if not run.accelerator.is_main_process:
         return model
-    fresh = run.experiment.family.load(run.experiment.model)
+    fresh = run.experiment.family.load(run.experiment.techniques[run.name].model)
     run.technique.prepare(fresh)
     restore_parameters(trainable_named_parameters(fresh), full)
     trained = [name for name in fresh.trainable_names() if trains(fresh.components[name])]
@@ -161,5 +161,5 @@ def _with_original_frozen_parts(run: TrainingRun, model: Model) -> Model:
     frozen = [name for name, module in model.components.items() if not trains(module)]
     if not frozen:
         return model
-    original = run.experiment.family.load(run.experiment.model)
+    original = run.experiment.family.load(run.experiment.techniques[run.name].model)
     return model.replace(**{name: original.components[name] for name in frozen})

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from sdtune import diffusion
+from sdtune.config import ModelConfig
 from sdtune.data import cache as cache_lib
 from sdtune.data.batches import Layout, MicroBatch, PixelBatches, latent_masks, pixel_loader, pixel_needs
 from sdtune.data.dataset import TrainingSet, transform_image
@@ -255,7 +256,7 @@ class InputPipeline:
 
 def open_latent_cache(
     experiment: Experiment, model: Model, training_set: TrainingSet, weight_dtype: torch.dtype, train_text_encoder: bool,
-    output_root: Path,
+    output_root: Path, model_config: ModelConfig | None = None,
 ) -> cache_lib.LatentCache | None:
     """The lazily filled cache of posteriors (and text conditioning when no text encoder trains), or
     None on the uncached path (random crops change every epoch; ``cache: off``). Its key holds
@@ -281,8 +282,14 @@ def open_latent_cache(
         estimate = cache_lib.estimate_bytes(len(training_set), latent_numel, variants, text_numel)
         shared = len(experiment.techniques) > 1
         mode = "disk" if shared or estimate > data.cache_memory_limit_gb * 1e9 else "memory"
+    # the technique's model: quantised text encoders encode other conditioning (a quantised denoiser
+    # changes nothing cached, so LoRA and QLoRA share one cache)
+    model_config = model_config or experiment.model
+    described_model = {k: v for k, v in dataclasses.asdict(model_config).items() if k != "quantize"}
+    if model_config.quantize.text_encoders:
+        described_model["text_encoders_quantized"] = model_config.quantize.text_encoders
     described = {
-        "model": dataclasses.asdict(experiment.model),
+        "model": described_model,
         "data": {k: v for k, v in dataclasses.asdict(data).items() if k not in ("cache", "num_workers")},
         "texts": caches_texts,
         "dtype": str(weight_dtype),

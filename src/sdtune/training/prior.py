@@ -33,6 +33,7 @@ from sdtune.data.cache import cache_key
 from sdtune.data.dataset import stream_samples
 from sdtune.experiment import Experiment
 from sdtune.models import Model
+from sdtune.models.quantize import quantization_of
 from sdtune.util import atomic
 from sdtune.util.seeding import derive_seed
 
@@ -55,11 +56,16 @@ def prior_preservation_loss(
 
 
 
-def class_images_folder(experiment: Experiment, output_root: Path) -> Path:
-    """Where the experiment's class images live (keyed by everything that changes them)."""
+def class_images_folder(experiment: Experiment, output_root: Path, model: Model | None = None) -> Path:
+    """Where the experiment's class images live (keyed by everything that changes them: a technique
+    that loads the base quantised samples its own)."""
     settings = dataclasses.asdict(experiment.dreambooth)
     settings.pop("num_class_images")  # more images extend the same folder
-    described = {"model": dataclasses.asdict(experiment.model), "resolution": experiment.data.resolution, **settings}
+    described_model = {k: v for k, v in dataclasses.asdict(experiment.model).items() if k != "quantize"}
+    quantized = {name: kind for name, module in (model.components if model else {}).items() if (kind := quantization_of(module))}
+    if quantized:
+        described_model["quantized"] = quantized
+    described = {"model": described_model, "resolution": experiment.data.resolution, **settings}
     return output_root / CLASS_IMAGES_DIR / cache_key(described)
 
 
@@ -71,7 +77,7 @@ def ensure_class_images(
     from tqdm.auto import tqdm
 
     config = experiment.dreambooth
-    folder = class_images_folder(experiment, output_root)
+    folder = class_images_folder(experiment, output_root, model)
     folder.mkdir(parents=True, exist_ok=True)
     info = {**dataclasses.asdict(config), "model": experiment.model.path, "resolution": experiment.data.resolution}
     atomic.write_json(folder / INFO_FILE, info)
@@ -143,7 +149,7 @@ def setup(
     dreambooth: DreamBoothConfig = experiment.dreambooth
     started = time.perf_counter()
     generated = 0
-    folder = class_images_folder(experiment, output_root)
+    folder = class_images_folder(experiment, output_root, model)
     if accelerator.is_main_process:
         folder, generated = ensure_class_images(experiment, model, output_root, accelerator.device, progress)
     accelerator.wait_for_everyone()

@@ -10,6 +10,7 @@ import torch
 
 from sdtune import records
 from sdtune.models import Model
+from sdtune.models.quantize import quantization_record
 from sdtune.techniques import count_parameters
 from sdtune.training.setup import TrainingRun
 from sdtune.training.state import TrainState
@@ -80,6 +81,7 @@ def train_record(
         "device": records.device_description(accelerator.device),
         "num_processes": accelerator.num_processes,
         "sharding": run.sharding,  # fsdp2 | deepspeed | None: each process holds whole weights (DDP, one process)
+        "quantization": quantization_record(model.components, item.model.quantize, run.weight_dtype),
         "timing": {
             **timing,
             "s_per_step": timing["train_time_s"] / steps_run,

@@ -20,11 +20,12 @@ import torch
 from accelerate import Accelerator
 
 from sdtune import diffusion
-from sdtune.config import ConfigError, TrainConfig
+from sdtune.config import ConfigError, QuantizeConfig, TrainConfig
 from sdtune.data.batches import Layout
 from sdtune.data.dataset import TrainingSet, prepare_training_set
 from sdtune.experiment import Experiment
 from sdtune.models import Model
+from sdtune.models.quantize import is_quantized_parameter
 from sdtune.preflight import check_device_options
 from sdtune.techniques import Technique, trainable_named_parameters
 from sdtune.training import blockswap, optim, savers, sharding
@@ -108,18 +109,24 @@ def trains(module: torch.nn.Module) -> bool:
 def setup_run(experiment: Experiment, name: str, run_dir: Path, progress: bool) -> TrainingRun:
     """Build the run of technique ``name`` (see the module docstring)."""
     config, item = experiment.train_config_for(name), experiment.techniques[name]
-    accelerator = _accelerator(config, run_dir)
+    accelerator = _accelerator(config, run_dir, item.model.quantize)
     savers.check_device(config, experiment.evaluation, accelerator.device)
     if config.fused_backward and accelerator.num_processes > 1:
         raise ConfigError(
             "train.fused_backward: each tensor steps before the processes average its gradient; train on one process"
         )
     sharded = sharding.configure(accelerator, config)  # FSDP2 / DeepSpeed when launched with them
+    if item.model.quantize.active and accelerator.num_processes > 1:
+        raise ConfigError(
+            f"techniques.{name}: a quantised base (quantize: {dataclasses.asdict(item.model.quantize)}) is not tested "
+            f"with {accelerator.num_processes} processes ({sharded or 'DDP'}); train it in one process, or set "
+            "quantize: null for this technique"
+        )
     evaluates = experiment.evaluation.every_steps is not None or experiment.validation is not None
     sharding.check_evaluation_during_training(accelerator, sharded, config.use_ema, evaluates)
     weight_dtype = WEIGHT_DTYPES.get(config.mixed_precision, torch.float32)
     timing, started = {}, time.perf_counter()
-    model = experiment.family.load(experiment.model)
+    model = experiment.family.load(item.model, device=accelerator.device, compute_dtype=weight_dtype)
     # DreamBooth: the class images come from the base model, before the technique changes it
     prior = prior_lib.setup(experiment, config, model, run_dir.parent, accelerator, progress, timing)
     started += timing.get("class_images_time_s", 0.0)  # (not model loading)
@@ -152,7 +159,9 @@ def setup_run(experiment: Experiment, name: str, run_dir: Path, progress: bool) 
         order=training_set.bucket_order(config.seed, images_per_step), slot_images=training_set.slot_images(),
     )
     train_text_encoder = any(component != model.denoiser_name for component in trained)
-    cache = open_latent_cache(experiment, model, training_set, weight_dtype, train_text_encoder, run_dir.parent)
+    cache = open_latent_cache(
+        experiment, model, training_set, weight_dtype, train_text_encoder, run_dir.parent, model_config=item.model
+    )
     timing["cache_open_time_s"] = time.perf_counter() - started
     if config.compile:
         model.components[model.denoiser_name] = torch.compile(model.denoiser)
@@ -188,11 +197,11 @@ def setup_run(experiment: Experiment, name: str, run_dir: Path, progress: bool) 
     )
 
 
-def _accelerator(config: TrainConfig, run_dir: Path) -> Accelerator:
+def _accelerator(config: TrainConfig, run_dir: Path, quantize: QuantizeConfig) -> Accelerator:
     from accelerate.state import AcceleratorState
     from accelerate.utils import ProjectConfiguration
 
-    check_device_options(config)  # (checked before the run folder was claimed; again for direct callers)
+    check_device_options(config, quantize=quantize)  # (checked before the run folder was claimed; again for direct callers)
     gc.collect()  # the previous technique's model, if the caller dropped it
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -223,6 +232,8 @@ def _place(
     for component, module in model.components.items():
         frozen_dtype = torch.float32 if component == "vae" and model.vae_in_fp32 else weight_dtype
         for parameter in module.parameters():
+            if is_quantized_parameter(parameter):  # packed 4/8-bit storage, quantised on the device: never cast
+                continue
             if id(parameter) not in swapped:
                 parameter.data = parameter.data.to(device, torch.float32 if parameter.requires_grad else frozen_dtype)
         for name, buffer in list(module.named_buffers()):  # (not module.to: it would move the swapped weights too)

@@ -45,6 +45,7 @@ from typing import Any
 import torch
 
 from sdtune.errors import UserError
+from sdtune.models.quantize import quantization_of
 from sdtune.preflight import sharded_option_problem
 from sdtune.training.checkpoint import check_trainable_names
 
@@ -333,6 +334,10 @@ def full_parameters(
         from deepspeed.utils import safe_get_full_fp32_param
 
         return {name: safe_get_full_fp32_param(parameter) for name, parameter in parameters.items()}
+    if accelerator.num_processes == 1 and any(quantization_of(module) for module in components.values()):
+        # (a quantised base trains in one process, its tensors whole) torch's API looks up every entry of
+        # the state dict, frozen ones too, as an attribute: bitsandbytes' int8 layers' `SCB` entry is not one
+        return {name: parameter.detach().cpu() for name, parameter in parameters.items()}
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
     root = _state_root(components, parameters)

@@ -10,6 +10,10 @@ The public API, each one import away (the ``sdtune`` command is one call of thes
 - :func:`compare` (``experiment, output_dir, seeds, only``) → the report's path: train every technique,
   evaluate every model at the same prompts and seeds, render the report; :func:`compare_plan` the
   ``sdtune train`` commands of a comparison, for a cluster scheduler;
+- :func:`tune` (``experiment, output_dir, engine, address, max_concurrent, only``) → the report's path:
+  each technique's learning rate tuned on the validation split with an equal budget (``tuning:``),
+  then final runs over seeds at the chosen and at the shared rate, both evaluated, both tables;
+  :func:`tune_plan` its trials and final runs as ``sdtune train`` commands;
 - :func:`generate` (``run_dir, prompts, …``) → images of a finished run; :func:`load_run_pipeline` its
   diffusers pipeline;
 - :func:`render_report` (``output_dir``) → the report re-rendered from the records alone;
@@ -37,6 +41,8 @@ _EXPORTS = {  # public name → the module that defines it (imported on first us
     "train_technique": "sdtune.training",
     "compare": "sdtune.comparison",
     "compare_plan": "sdtune.comparison",
+    "tune": "sdtune.tuning",
+    "tune_plan": "sdtune.tuning",
     "generate": "sdtune.generation",
     "load_run_pipeline": "sdtune.generation",
     "render_report": "sdtune.report",

@@ -1,8 +1,9 @@
 """Run records: one self-describing JSON per run, written atomically, typed and versioned.
 
-Two kinds, each a dataclass with a ``schema_version``: :class:`TrainRecord` (one training run,
-``OUTPUT/<technique>/record.json`` and ``records/train-….json``) and :class:`EvalRecord` (one
-evaluated model, or one technique at one evaluated step: ``records/eval-….json``). Every record is
+Three kinds, each a dataclass with a ``schema_version``: :class:`TrainRecord` (one training run,
+``OUTPUT/<technique>/record.json`` and ``records/train-….json``), :class:`EvalRecord` (one
+evaluated model, or one technique at one evaluated step: ``records/eval-….json``) and
+:class:`TuningRecord` (the selection of ``sdtune tune``: ``OUTPUT/tuning.json``). Every record is
 written with :func:`write_record` and read with :func:`read_record` / :func:`load_records`, which
 reject unknown kinds, unknown keys and newer schema versions with one line. Reports are built only
 from these records, so they can be re-rendered without retraining.
@@ -155,8 +156,35 @@ class EvalRecord:
     schema_version: int = SCHEMA_VERSION
 
 
-RECORD_CLASSES: dict[str, type] = {"train": TrainRecord, "eval": EvalRecord}
-Record = TrainRecord | EvalRecord
+@dataclass
+class TuningRecord:
+    """The selection of ``sdtune tune``: per technique every trial (its learning rate, score, steps,
+    status and record), the chosen learning rate, whether it sits at the edge of the range, and the
+    tuning cost; the rule and the budget every technique shared; where the final runs are."""
+
+    experiment: str
+    status: str  # trials (running) | selected | finished
+    tuning: dict[str, Any]  # the tuning section as resolved: rates per technique, steps, select_by, direction, seeds
+    budget: dict[str, Any]  # trials per technique, steps and samples per trial, what is held equal, the split
+    techniques: dict[str, dict[str, Any]]  # name → {trials, chosen_learning_rate, score, at_edge, shared_learning_rate, cost}
+    fingerprint: str  # what may not change between runs into one output folder (a hash)
+    config: dict[str, Any]  # the experiment as resolved (loadable)
+    fingerprint_parts: dict[str, Any] = field(default_factory=dict)  # what the fingerprint hashes (to name a change)
+    engine: str | None = None  # local | ray
+    scheduler: str | None = None  # grid | asha
+    finals: dict[str, dict[str, Any]] = field(default_factory=dict)  # arm (shared, tuned) → {root (relative), learning_rates, evaluation}
+    asha: dict[str, Any] | None = None  # scheduler asha: rungs, reduction factor, and the steps each trial ran
+    versions: dict[str, str | None] | None = None
+    git_commit: str | None = None
+    created_at: str | None = None
+    finished_at: str | None = None
+    kind: str = "tuning"
+    schema_version: int = SCHEMA_VERSION
+
+
+RECORD_CLASSES: dict[str, type] = {"train": TrainRecord, "eval": EvalRecord, "tuning": TuningRecord}
+Record = TrainRecord | EvalRecord | TuningRecord
+TUNING_FILE = "tuning.json"
 
 
 def record_from_dict(data: dict[str, Any], where: str = "record") -> Record:
@@ -182,7 +210,7 @@ def record_from_dict(data: dict[str, Any], where: str = "record") -> Record:
 
 def write_record(path: Path, record: Record | dict[str, Any]) -> Record:
     """Write a record (typed, or a mapping checked by :func:`record_from_dict`) atomically."""
-    typed = record if isinstance(record, (TrainRecord, EvalRecord)) else record_from_dict(record, str(path))
+    typed = record if isinstance(record, (TrainRecord, EvalRecord, TuningRecord)) else record_from_dict(record, str(path))
     atomic.write_json(Path(path), asdict(typed), default=_default)
     return typed
 
@@ -203,12 +231,26 @@ def read_record_file(path: Path) -> Record:
 
 
 def load_records(root: Path) -> tuple[list[TrainRecord], list[EvalRecord]]:
-    """Every record of a comparison folder (``ROOT/records/*.json``): (train records, eval records)."""
+    """Every record of a comparison folder (``ROOT/records/*.json``): (train records, eval records).
+    A tuning folder's selection is read by :func:`load_tuning`."""
     folder = Path(root) / "records"
     if not folder.is_dir():
+        if (Path(root) / TUNING_FILE).exists():
+            raise RecordError(f"{root} is the output of `sdtune tune`: its records are read with load_tuning")
         raise RecordError(f"{root} has no records/ folder; give the output folder of an `sdtune compare` run")
     loaded = [read_record_file(path) for path in sorted(folder.glob("*.json"))]
     return [r for r in loaded if isinstance(r, TrainRecord)], [r for r in loaded if isinstance(r, EvalRecord)]
+
+
+def load_tuning(root: Path) -> TuningRecord | None:
+    """The selection record of an ``sdtune tune`` output folder (``ROOT/tuning.json``), or None."""
+    path = Path(root) / TUNING_FILE
+    if not path.exists():
+        return None
+    record = read_record_file(path)
+    if not isinstance(record, TuningRecord):
+        raise RecordError(f"{path}: a {record.kind} record, not the selection of `sdtune tune`")
+    return record
 
 
 def _default(value: Any) -> Any:

@@ -2,7 +2,8 @@
 
 An experiment file has these sections: ``model``, ``data``, ``train`` (shared by every technique),
 ``techniques`` (name → kind, technique options and per-technique overrides of ``train``),
-``evaluation`` (used by ``sdtune compare``) and ``dreambooth``. The checks here need nothing but the
+``evaluation`` (used by ``sdtune compare``), ``dreambooth`` and ``tuning`` (used by ``sdtune tune``,
+:mod:`sdtune.config.tuning`). The checks here need nothing but the
 values themselves; what needs the registries (the model family, a technique kind's options, metric
 names) is checked by :func:`sdtune.experiment.resolve`. Every error is one line naming the key, the
 value and what is allowed.
@@ -19,6 +20,7 @@ from sdtune.config.schema import ConfigError
 from sdtune.config.schema import fail as _fail
 from sdtune.config.schema import positive as _positive
 from sdtune.config.split import parse_validation
+from sdtune.config.tuning import TuningConfig
 
 # --------------------------------------------------------------------------------------------
 # Sections
@@ -236,6 +238,7 @@ class TechniqueEntry:
     kind: str
     options: dict[str, Any] = field(default_factory=dict)
     train_overrides: dict[str, Any] = field(default_factory=dict)
+    tuning: dict[str, Any] | None = None  # its own learning-rate range for `sdtune tune` (checked on load)
 
 
 @dataclass(frozen=True)
@@ -260,6 +263,7 @@ class EvaluationConfig:
     imagereward_model: str = "ImageReward-v1.0"  # opt-in imagereward: a package name, folder or .pt file
     metric_plugins: list[str] = field(default_factory=list)  # modules that register more metrics
     every_steps: int | None = None  # also evaluate (images, metrics, validation loss) every N steps
+    validation_every_steps: int | None = None  # also compute the validation loss alone (no images) every N steps
     validation_timesteps: int = 4  # fixed timesteps of the validation loss
 
     def validate(self) -> None:
@@ -267,6 +271,7 @@ class EvaluationConfig:
         _positive("evaluation.num_inference_steps", self.num_inference_steps)
         _positive("evaluation.max_reference_images", self.max_reference_images)
         _positive("evaluation.every_steps", self.every_steps, allow_none=True)
+        _positive("evaluation.validation_every_steps", self.validation_every_steps, allow_none=True)
         _positive("evaluation.validation_timesteps", self.validation_timesteps)
         if self.guidance_scale < 0:
             _fail("evaluation.guidance_scale", self.guidance_scale, "0 or more (7.5 is usual)")
@@ -311,6 +316,7 @@ class ExperimentConfig:
     techniques: dict[str, TechniqueEntry]
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     dreambooth: DreamBoothConfig | None = None  # class images for techniques with prior_preservation
+    tuning: TuningConfig | None = None  # each technique's learning rate tuned on validation (`sdtune tune`)
     name: str = "experiment"
     output_dir: str | None = None  # default: ./runs/<name>
     source_path: str | None = None  # the file it was loaded from

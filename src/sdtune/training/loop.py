@@ -24,7 +24,7 @@ from sdtune.errors import UserError
 from sdtune.experiment import Experiment
 from sdtune.models import Model
 from sdtune.training import sharding
-from sdtune.training.checkpoint import resolve_resume
+from sdtune.training.checkpoint import CheckpointError, resolve_resume
 from sdtune.training.evaluator import TrainingEvaluator
 from sdtune.training.finish import finish_run, run_timing
 from sdtune.training.resume import restore_checkpoint, write_checkpoint
@@ -67,10 +67,14 @@ def train_technique(
     overwrite: bool = False,
     progress: bool = True,
     after_step: Callable[[int], None] | None = None,
+    stop_after: int | None = None,
 ) -> TrainResult:
     """Train one technique of the experiment into ``OUTPUT/<name>/`` and write its record.
 
-    The result keeps the trained model (``model``, EMA weights if used) for the caller.
+    The result keeps the trained model (``model``, EMA weights if used) for the caller. With
+    ``stop_after`` the run stops after that optimizer step as on Ctrl-C (evaluated there, checkpointed,
+    status ``interrupted``): a scheduler such as ASHA compares trials at such steps and resumes the
+    ones it keeps; resumed, the run is the same as one never stopped.
     """
     started = time.perf_counter()
     run_dir = output_root(experiment, output_dir) / name
@@ -81,6 +85,8 @@ def train_technique(
     if checkpoint is not None:
         restore_checkpoint(run, checkpoint, state)
     first_step = state.step
+    if stop_after is not None and stop_after <= first_step:
+        raise CheckpointError(f"stop after step {stop_after}: {run_dir} is already at step {first_step}")
     inputs.start(first_step, run.max_steps, config.gradient_accumulation_steps, experiment.data.num_workers,
                  accelerator.num_processes)
     setup_time_s = time.perf_counter() - started
@@ -124,11 +130,12 @@ def train_technique(
                 after_step(done)
             # the device is synchronised only here: logging steps, checkpoints, a local Ctrl-C, the end
             periodic = bool(config.checkpointing_steps) and done % config.checkpointing_steps == 0 and done < run.max_steps
-            stop_requested = stop.requested and accelerator.num_processes == 1
+            scheduled_stop = stop_after is not None and done >= stop_after  # (the same in every process)
+            stop_requested = stop.requested and accelerator.num_processes == 1 or scheduled_stop
             if done % config.log_every == 0 or done == run.max_steps or periodic or stop_requested:
-                stop_requested = _sync_point(run, clock, pending, state, stop.requested, bar)
+                stop_requested = _sync_point(run, clock, pending, state, stop.requested, bar) or scheduled_stop
             bar.update(1)
-            if evaluator is not None and evaluator.due(done, run.max_steps):  # validation loss, images
+            if evaluator is not None and (evaluator.due(done, run.max_steps) or scheduled_stop):  # validation loss, images
                 with clock.excluded():
                     evaluator.after_step(done, run, state)
             interrupted = stop_requested and done < run.max_steps

@@ -71,6 +71,16 @@ class Final:
         return self.root / f"seed-{self.seed}"
 
 
+def middle_out(items: list[Any]) -> list[Any]:
+    """The middle item first, then its neighbours alternately outward (the order asha starts trials in:
+    under one trial at a time the first always runs to the end, so it should be the likeliest good one)."""
+    middle = (len(items) - 1) // 2
+    order = [middle]
+    for distance in range(1, len(items)):
+        order += [i for i in (middle + distance, middle - distance) if 0 <= i < len(items)]
+    return [items[i] for i in order]
+
+
 def trials(experiment: Experiment, root: Path, names: list[str]) -> list[Trial]:
     """Every trial of the named techniques, technique by technique, rates ascending."""
     assert experiment.tuning is not None

@@ -188,7 +188,7 @@ def run_trials(
         live.queued(list(jobs.values()))
         asha = {}
         for name in names:
-            mine = [job for job in jobs.values() if job.technique == name]
+            mine = plan.middle_out([job for job in jobs.values() if job.technique == name])
             asha.update(runner.asha(mine, tuning.steps, tuning.grace_steps, tuning.reduction_factor, root / "ray"))
     else:
         todo = [job for job in jobs.values() if not _trial_done(job)]
@@ -207,14 +207,11 @@ def run_trials(
 
 
 def _trial_done(job: Job) -> bool:
-    """A trial that needs no process: finished (and measured, for a metric selection), or failed on a
-    bad input such as a diverging rate (the same again on a rerun)."""
-    if not job.record_path.exists():
+    """A finished trial (measured, for a metric selection) needs no process; a failed one (a crash, a start
+    cut by Ctrl-C, a diverging rate) is tried again."""
+    if not job.record_path.exists() or records.read_record_file(job.record_path).status != "finished":
         return False
-    record = records.read_record_file(job.record_path)
-    if record.status == "failed" and record.traceback is None:
-        return True
-    return record.status == "finished" and (job.select_by == VALIDATION_LOSS or read_validation_score(job) is not None)
+    return job.select_by == VALIDATION_LOSS or read_validation_score(job) is not None
 
 
 def _selection(

@@ -41,10 +41,12 @@ def load_study(root: str | Path) -> Study:
     if selection is None:
         raise RecordError(f"{root} has no tuning.json; give the output folder of an `sdtune tune` run")
     study = Study(root, selection)
+    order = [BASE, *selection.techniques]
     for arm, entry in selection.finals.items():
         arm_root = root / entry["root"]
         if (arm_root / "records").is_dir():
-            study.arms[arm] = build_rows(*load_records(arm_root))
+            rows = build_rows(*load_records(arm_root))
+            study.arms[arm] = sorted(rows, key=lambda row: order.index(row.label) if row.label in order else len(order))
     return study
 
 

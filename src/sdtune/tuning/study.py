@@ -306,8 +306,9 @@ def run_finals(
     experiment: Experiment, root: Path, names: list[str], runner: Any, selection: records.TuningRecord,
     live: LiveStatus, progress: bool,
 ) -> None:
-    """Train every final run not finished yet (a tuned run at the shared rate is the shared run, linked),
-    evaluate each arm as a comparison, and mark the selection finished."""
+    """Train every final run not finished yet — a final identical to a run already made (its trial, or the
+    shared run at the same rate) is that run, linked —, evaluate each arm as a comparison, and mark the
+    selection finished."""
     tuning = experiment.tuning
     assert tuning is not None
     chosen = {name: selection.techniques[name]["chosen_learning_rate"] for name in names}
@@ -321,15 +322,15 @@ def run_finals(
     arms = {arm: plan.arm_experiment(experiment, names, rates[arm]) for arm in plan.ARMS}
     final_list = plan.finals(experiment, root, names, chosen)
     _check_finals(final_list, selection)
-    linked = [f for f in final_list if f.arm == "tuned" and f.learning_rate == rates["shared"][f.technique]]
-    jobs = [plan.final_job(arms[f.arm], f, runner.threads()) for f in final_list if f not in linked]
+    sources = {final: source for final in final_list if (source := _same_run(experiment, root, final, rates))}
+    jobs = [plan.final_job(arms[f.arm], f, runner.threads()) for f in final_list if f not in sources]
     todo = [job for job in jobs if (records.read_record(job.run_dir) or {}).get("status") != "finished"]
     live.queued(todo)
     done = runner.run(todo, live.event)
     if runner.interrupted or any(record["status"] == "interrupted" for record in done):
         raise TuningInterrupted("a final run was interrupted and checkpointed; run the same `sdtune tune` again to resume")
-    for final in linked:  # the same run: trained once, shown in both tables
-        _link(final.out / final.technique, root / plan.FINALS_DIR / "shared" / f"seed-{final.seed}" / final.technique)
+    for final, source in sources.items():  # the same run, trained once
+        _link(final.out / final.technique, source)
     retrained = {Path(job.root).name for job in todo}
     finals_entry = dict(selection.finals)
     for arm in plan.ARMS:
@@ -340,6 +341,25 @@ def run_finals(
             runner.call(evaluate_arm, arms[arm].to_dict(), str(arm_root), list(tuning.seeds), progress)
         finals_entry[arm] = {"root": str(arm_root.relative_to(root)), "learning_rates": rates[arm], "evaluation": evaluated}
     records.write_record(root / records.TUNING_FILE, dataclasses.replace(selection, status="finished", finals=finals_entry))
+
+
+def _same_run(experiment: Experiment, root: Path, final: plan.Final, rates: dict[str, dict[str, float]]) -> Path | None:
+    """A run already made that this final run would repeat exactly (training is deterministic and the
+    evaluation settings change nothing it computes): the finished trial at its rate when its seed is the
+    trials' and the trials are as long as the final runs; else, for a tuned rate equal to the shared one,
+    the shared run. None: it must be trained."""
+    tuning = experiment.tuning
+    assert tuning is not None and final.learning_rate is not None
+    train = experiment.train_config_for(final.technique)
+    if final.seed == experiment.train.seed and train.max_train_steps == tuning.steps and train.num_epochs is None \
+            and final.learning_rate in tuning.learning_rates[final.technique]:
+        trial = plan.Trial(final.technique, final.learning_rate, root / plan.TRIALS_DIR / final.technique
+                           / f"lr-{plan.rate_label(final.learning_rate)}")
+        if (records.read_record(trial.root / final.technique) or {}).get("status") == "finished":
+            return trial.root / final.technique
+    if final.arm == "tuned" and final.learning_rate == rates["shared"][final.technique]:
+        return root / plan.FINALS_DIR / "shared" / f"seed-{final.seed}" / final.technique
+    return None
 
 
 def _check_finals(final_list: list[plan.Final], selection: records.TuningRecord) -> None:

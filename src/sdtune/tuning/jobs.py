@@ -58,13 +58,14 @@ def threads_per_run(cpus: int, max_concurrent: int) -> int:
     return max(1, cpus // max_concurrent)
 
 
-def run_job(job: Job, progress: bool = False) -> dict[str, Any]:
+def run_job(job: Job, progress: bool = False, environment: dict[str, str] | None = None) -> dict[str, Any]:
     """Train the job's run (reused when finished, resumed when interrupted) and return its record;
-    with a quality ``select_by``, also write its eval record on the validation split."""
+    with a quality ``select_by``, also write its eval record on the validation split. ``environment``
+    adds variables to the training process's (the local engine's GPU for it)."""
     experiment = experiment_from_dict(job.experiment)
     record = train_or_reuse(
         experiment, job.technique, Path(job.out), Path(job.root), job.seed, progress, stop_after=job.stop_after,
-        environment={THREADS_VARIABLE: str(job.threads)},
+        environment={THREADS_VARIABLE: str(job.threads), **(environment or {})},
     )
     if job.select_by != VALIDATION_LOSS and record["status"] == "finished":
         evaluate_on_validation(experiment, job, record, progress)

@@ -9,6 +9,7 @@ next run); ``sdtune tune`` then says how to resume.
 from __future__ import annotations
 
 import os
+import queue
 import threading
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -21,13 +22,20 @@ Event = Callable[[Job, str, dict[str, Any] | None], None]  # (job, "running" | "
 
 
 class LocalEngine:
-    """Runs jobs in fresh processes on this machine, ``max_concurrent`` at a time."""
+    """Runs jobs in fresh processes on this machine, ``max_concurrent`` at a time; on a machine with
+    several GPUs each running job gets one of its own (``CUDA_VISIBLE_DEVICES``)."""
 
     name = "local"
 
     def __init__(self, max_concurrent: int = 1) -> None:
         self.max_concurrent = max_concurrent
         self.stop = threading.Event()  # Ctrl-C: finish (checkpoint) what runs, start nothing new
+        self.free_gpus: queue.SimpleQueue[str] | None = None
+        gpus = _gpu_count()
+        if gpus > 1 and max_concurrent > 1:
+            self.free_gpus = queue.SimpleQueue()
+            for index in range(gpus):
+                self.free_gpus.put(str(index))
 
     def run(self, jobs: list[Job], on_event: Event) -> list[dict[str, Any]]:
         """Run every job; return their records in the jobs' order (an interrupted job's is
@@ -36,7 +44,13 @@ class LocalEngine:
 
         def one(index: int, job: Job) -> None:
             on_event(job, "running", None)
-            results[index] = run_job(job, progress=self.max_concurrent == 1)
+            gpu = self.free_gpus.get() if self.free_gpus is not None else None  # (more runs than GPUs: one waits)
+            try:
+                environment = {"CUDA_VISIBLE_DEVICES": gpu} if gpu is not None else None
+                results[index] = run_job(job, progress=self.max_concurrent == 1, environment=environment)
+            finally:
+                if gpu is not None:
+                    self.free_gpus.put(gpu)
             on_event(job, "done", results[index])
             if results[index]["status"] == "interrupted":
                 self.stop.set()
@@ -70,3 +84,9 @@ class LocalEngine:
 
     def close(self) -> None:
         """Nothing to release (the training processes have ended)."""
+
+
+def _gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0

@@ -139,8 +139,8 @@ class RayEngine:
     def threads(self) -> int:
         """Each training process's thread count: ``OMP_NUM_THREADS`` when set here, else the CPUs of the
         largest node shared among the runs at a time (a task asks Ray for that many CPUs)."""
-        nodes = [node["Resources"].get("CPU", 0) for node in self.ray.nodes() if node.get("Alive")]
-        return min(threads_per_run(int(max(nodes, default=1)), self.max_concurrent), int(max(nodes, default=1)) or 1)
+        largest = int(max((node["Resources"].get("CPU", 0) for node in self.ray.nodes() if node.get("Alive")), default=1))
+        return max(1, min(threads_per_run(largest, self.max_concurrent), largest))  # (a task asking for more never runs)
 
     def call(self, function: Callable[..., Any], *args: Any) -> Any:
         """Run ``function`` as one Ray task (with a GPU where there are GPUs): the arms' evaluation."""

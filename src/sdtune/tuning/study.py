@@ -34,7 +34,7 @@ from sdtune.training import output_root
 from sdtune.tuning import plan
 from sdtune.tuning.jobs import Job, evaluate_arm, read_validation_score
 from sdtune.tuning.local import LocalEngine
-from sdtune.tuning.select import technique_summary, trial_entry
+from sdtune.tuning.select import technique_summary, trial_entry, validation_curve
 
 ENGINES = ("local", "ray")
 
@@ -429,8 +429,6 @@ def show_live(root: Path, statuses: list[dict[str, Any]], done: bool) -> None:
 
 
 def _job_line(job: Job, record: dict[str, Any]) -> str:
-    from sdtune.tuning.select import validation_curve
-
     curve = validation_curve(record)
     loss = f", validation loss {curve[-1]['validation_loss']:.4g}" if curve else ""
     wall = (record.get("timing") or {}).get("job_wall_time_s")

@@ -76,10 +76,12 @@ def pareto_metrics(study: Study) -> tuple[str, str] | None:
 
 
 def _direction(study: Study, name: str) -> str:
+    """The metric's better direction as recorded; an informational one (a share of images, "none") reads
+    as more is more."""
     for rows in study.arms.values():
         for row in rows:
             for record in row.evals:
-                if name in record.metrics and record.metrics[name].get("direction"):
+                if record.metrics.get(name, {}).get("direction") in ("higher", "lower"):
                     return record.metrics[name]["direction"]
     return "higher"
 

@@ -84,26 +84,29 @@ def tune_plan(experiment: Experiment, output_dir: str | Path | None = None, only
     """The trials and final runs of :func:`tune`, each with the ``sdtune train`` command that runs it
     elsewhere (the experiment files they name are written under the output folder). The tuned
     finals have commands once the selection exists (``sdtune tune`` on the finished trials makes it)."""
-    names = _checked(experiment, "local", None, 1, only)
+    names = _checked(experiment, None, None, 1, only)
     root = output_root(experiment, output_dir).resolve()
     existing = _existing_selection(experiment, root)
     chosen = {name: ((existing.techniques.get(name) or {}) if existing else {}).get("chosen_learning_rate") for name in names}
     return plan.plan_entries(experiment, root, names, chosen)
 
 
-def _checked(experiment: Experiment, engine: str, address: str | None, max_concurrent: int, only: list[str] | None) -> list[str]:
-    """The techniques to tune; every command-line choice checked in one line."""
+def _checked(
+    experiment: Experiment, engine: str | None, address: str | None, max_concurrent: int, only: list[str] | None
+) -> list[str]:
+    """The techniques to tune; every command-line choice checked in one line (``engine`` None: a plan,
+    which runs nothing)."""
     tuning = experiment.tuning
     if tuning is None:
         raise ConfigError(
             "the experiment has no tuning: section; add one, e.g. tuning: {learning_rate: {min: 1.0e-5, max: 1.0e-3, "
             "points: 5}} (see docs/fair-comparison.md)"
         )
-    if engine not in ENGINES:
+    if engine is not None and engine not in ENGINES:
         raise ConfigError(f"--engine {engine!r}: choose local or ray")
-    if tuning.scheduler == "asha" and engine != "ray":
+    if tuning.scheduler == "asha" and engine not in ("ray", None):
         raise ConfigError("tuning.scheduler: asha runs on Ray Tune's ASHAScheduler; add --engine ray, or use scheduler: grid")
-    if address and engine != "ray":
+    if address and engine not in ("ray", None):
         raise ConfigError(f"--address {address!r} names a Ray cluster; add --engine ray")
     if max_concurrent < 1:
         raise ConfigError(f"--max-concurrent {max_concurrent}: give 1 or more runs at a time")

@@ -235,12 +235,12 @@ def _selection(
                                 job.record_path, tuning.steps)
             ran = (asha or {}).get(trial.label)
             if ran is not None and ran["steps"] < tuning.steps:  # asha stopped it at a rung
-                entry.update(status="stopped", complete=False, stopped_at=ran["steps"], score=None)
+                entry.update(status="stopped", complete=False, stopped_at=ran["steps"], steps=ran["steps"], score=None)
             entries.append(entry)
             steps.append(ran["steps"] if ran is not None else entry.get("steps") or 0)
         techniques[name] = technique_summary(entries, tuning.direction, experiment.train.learning_rate, steps)
     return dataclasses.replace(
-        selection, status="selected", techniques=techniques, budget=_budget(experiment, jobs, trial_list),
+        selection, status="selected", techniques=techniques, budget=_budget(experiment, jobs),
         asha=None if asha is None else {"reported": asha}, finished_at=_now(),
     )
 
@@ -266,7 +266,7 @@ def _check_trial(record: dict[str, Any] | None, trial: plan.Trial, steps: int) -
         )
 
 
-def _budget(experiment: Experiment, jobs: dict[str, Job], trial_list: list[plan.Trial]) -> dict[str, Any]:
+def _budget(experiment: Experiment, jobs: dict[str, Job]) -> dict[str, Any]:
     """The budget every technique shared, measured from the trials' records where they say it."""
     tuning = experiment.tuning
     assert tuning is not None

@@ -7,6 +7,8 @@ The public API, each one import away (the ``sdtune`` command is one call of thes
   :func:`experiment_from_dict` the same from a mapping;
 - :func:`train` (``experiment, techniques, output_dir, resume, overwrite``) → the runs' results, each
   technique in a fresh process; :func:`train_technique` one technique in this process (its model kept);
+- :func:`estimate_memory` (``experiment, techniques, budget``) → each technique's peak-memory
+  estimate before any weight is read, with its breakdown and the savers that fit a budget;
 - :func:`compare` (``experiment, output_dir, seeds, only``) → the report's path: train every technique,
   evaluate every model at the same prompts and seeds, render the report; :func:`compare_plan` the
   ``sdtune train`` commands of a comparison, for a cluster scheduler;
@@ -19,7 +21,10 @@ The public API, each one import away (the ``sdtune`` command is one call of thes
 - :func:`render_report` (``output_dir``) → the report re-rendered from the records alone;
   :func:`summary_table` the terminal table;
 - :func:`export_merged` and :func:`export_single_file`: a run as a diffusers folder with its weights
-  folded in, or one original-layout checkpoint for A1111/ComfyUI;
+  folded in, or one original-layout checkpoint for A1111/ComfyUI; :func:`check_export_targets` checks
+  both targets before either is written;
+- :func:`check_training` and :func:`check_comparison`: the preflight of every command that trains
+  (names, output, data listing, launch), run by :func:`train`/:func:`compare` before any work;
 - :class:`UserError`: the base of every error whose message names the bad input and the fix.
 
 Plug-in points: :mod:`sdtune.techniques` (``TECHNIQUES``), :mod:`sdtune.models` (``FAMILIES``) and
@@ -39,6 +44,7 @@ _EXPORTS = {  # public name → the module that defines it (imported on first us
     "experiment_from_dict": "sdtune.experiment",
     "train": "sdtune.runner",
     "train_technique": "sdtune.training",
+    "estimate_memory": "sdtune.training.estimate",
     "compare": "sdtune.comparison",
     "compare_plan": "sdtune.comparison",
     "tune": "sdtune.tuning",
@@ -49,6 +55,9 @@ _EXPORTS = {  # public name → the module that defines it (imported on first us
     "summary_table": "sdtune.report",
     "export_merged": "sdtune.export",
     "export_single_file": "sdtune.export",
+    "check_export_targets": "sdtune.export",
+    "check_training": "sdtune.preflight",
+    "check_comparison": "sdtune.preflight",
     "UserError": "sdtune.errors",
 }
 __all__ = sorted(_EXPORTS)

@@ -14,16 +14,32 @@ from typing import Any
 import yaml
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """argparse's help, wrapped without breaking a name at its hyphen (``textual-inversion``)."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        import textwrap
+
+        return textwrap.fill(" ".join(text.split()), width, initial_indent=indent, subsequent_indent=indent,
+                             break_on_hyphens=False)
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        import textwrap
+
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from sdtune.techniques import TECHNIQUES
 
     parser = argparse.ArgumentParser(
-        prog="sdtune",
+        prog="sdtune", formatter_class=_HelpFormatter,
         description="Fine-tune Stable Diffusion with several techniques under identical data and "
         "hyperparameters, and compare them.",
         epilog=f"techniques: {', '.join(TECHNIQUES.names())}",
     )
     commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser = _with_formatter(commands.add_parser)
 
     train = commands.add_parser(
         "train", help="train the techniques of an experiment file",
@@ -40,6 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key, e.g. train.max_train_steps=10")
     train.add_argument("--stop-after", type=int, metavar="STEP",
                        help="stop after this optimizer step, checkpointed (--resume continues it)")
+    train.add_argument("--estimate", action="store_true",
+                       help="train nothing: print each technique's peak-memory estimate (no weights are read)")
+    train.add_argument("--budget", metavar="SIZE", help="with --estimate: the savers that bring it under SIZE, e.g. 24GB")
+    train.add_argument("--estimate-device", choices=["cuda", "cpu"], default="cuda",
+                       help="with --estimate: a CUDA GPU's memory (default) or this CPU process's")
     train.add_argument("--no-progress", action="store_true", help=argparse.SUPPRESS)
 
     generate = commands.add_parser("generate", help="generate images with a trained technique")
@@ -61,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("experiment", help="the experiment YAML file")
     compare.add_argument("--output", metavar="DIR", help="output folder (default: output_dir of the file or runs/<name>)")
     compare.add_argument("--seeds", type=_seed_list, metavar="0,1,2", help="repeat each training once per seed")
-    compare.add_argument("--only", metavar="NAME", help="run only this technique")
+    compare.add_argument("--only", metavar="NAME[,NAME]", help="run only these techniques (comma-separated)")
     compare.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key of the file")
     compare.add_argument("--plan", choices=["yaml", "json", "shell"], nargs="?", const="yaml",
                          help="print one `sdtune train` command per technique × seed (for a cluster scheduler) and exit")
@@ -115,6 +136,11 @@ def build_parser() -> argparse.ArgumentParser:
     report = commands.add_parser("report", help="re-render the report of a comparison from its records")
     report.add_argument("output", metavar="DIR", help="the comparison's output folder")
     return parser
+
+
+def _with_formatter(add_parser):
+    """Every subcommand's parser with the same help formatter."""
+    return lambda *args, **kwargs: add_parser(*args, formatter_class=_HelpFormatter, **kwargs)
 
 
 def _seed_list(text: str) -> list[int]:
@@ -182,6 +208,14 @@ def _train(args: argparse.Namespace) -> int:
     from sdtune.util.distributed import launch_rank, launched_processes
 
     experiment = sdtune.load_experiment(args.experiment, args.set)
+    if args.budget and not args.estimate:
+        from sdtune.errors import UserError
+
+        raise UserError("--budget applies to --estimate; add --estimate (training itself has no budget)")
+    if args.estimate:
+        for estimate in sdtune.estimate_memory(experiment, args.technique, args.budget, args.estimate_device):
+            print(estimate.describe(), flush=True)
+        return 0
     _keep_freed_cpu_memory(experiment, args.technique)
     results = sdtune.train(
         experiment, args.technique, args.output, args.resume, args.overwrite, progress=not args.no_progress,
@@ -293,6 +327,9 @@ def _export(args: argparse.Namespace) -> int:
 
     if not (args.merged or args.single_file) or bool(args.merged) != bool(args.out):
         raise ConfigError("export: give --merged --out DIR (a diffusers folder), --single-file OUT.safetensors, or both")
+    sdtune.check_export_targets(  # both targets before either is written
+        args.run_dir, args.out if args.merged else None, args.single_file, args.overwrite, args.precision
+    )
     if args.merged:
         out = sdtune.export_merged(args.run_dir, args.out, args.overwrite)
         print(f"merged pipeline written to {out} (diffusers <Pipeline>.from_pretrained)")

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 from sdtune import records
-from sdtune.config import ConfigError
 from sdtune.errors import UserError
 from sdtune.evaluation import (
     BASE_LABEL,
@@ -28,6 +27,7 @@ from sdtune.evaluation import (
     reference_images,
 )
 from sdtune.experiment import Experiment
+from sdtune.preflight import check_comparison
 from sdtune.report import render_report
 from sdtune.runner import TechniqueFailed, train_in_fresh_process
 from sdtune.training import output_root, train_technique
@@ -45,20 +45,20 @@ def compare(
     experiment: Experiment,
     output_dir: str | Path | None = None,
     seeds: list[int] | None = None,
-    only: str | None = None,
+    only: str | list[str] | None = None,
     progress: bool = True,
     clip_loader: Any = None,
     evaluate_only: bool = False,
 ) -> Path:
     """Train (or reuse) every technique per training seed, evaluate all models, render the report.
 
-    With ``evaluate_only`` nothing trains: the finished runs found are evaluated (those trained
-    elsewhere from :func:`plan`'s commands), and a run not found is a 'missing' row."""
+    ``only``: some techniques (a list, or names separated by commas). With ``evaluate_only``
+    nothing trains: the finished runs found are evaluated (those trained elsewhere from
+    :func:`compare_plan`'s commands), and a run not found is a 'missing' row. Everything that can be
+    checked is, before anything trains (:func:`sdtune.preflight.check_comparison`)."""
+    names = check_comparison(experiment, output_dir, seeds, only, evaluate_only)
     root = output_root(experiment, output_dir)
     (root / RECORDS_DIR).mkdir(parents=True, exist_ok=True)
-    names = [only] if only else list(experiment.techniques)
-    if only and only not in experiment.techniques:
-        raise ConfigError(f"--only {only!r} is not a technique of the experiment; it has: {', '.join(experiment.techniques)}")
     train_seeds = seeds or [experiment.train.seed]
     runs = []
     for seed in train_seeds:
@@ -92,7 +92,7 @@ def compare(
 
 def compare_plan(
     experiment: Experiment, output_dir: str | Path | None = None, seeds: list[int] | None = None,
-    only: str | None = None,
+    only: str | list[str] | None = None,
 ) -> list[dict[str, Any]]:
     """One independent ``sdtune train`` command per technique × training seed — what ``compare``
     would train — for a cluster scheduler to run anywhere; ``compare --evaluate-only`` then
@@ -100,6 +100,7 @@ def compare_plan(
     the output folder), so every machine trains exactly the same thing."""
     import yaml
 
+    names = check_comparison(experiment, output_dir, seeds, only)
     root = output_root(experiment, output_dir).resolve()
     root.mkdir(parents=True, exist_ok=True)
     experiment_file = root / "experiment.resolved.yaml"
@@ -107,7 +108,7 @@ def compare_plan(
     entries = []
     for seed in seeds or [experiment.train.seed]:
         out = root if seeds is None else root / f"seed-{seed}"
-        for name in [only] if only else list(experiment.techniques):
+        for name in names:
             command = ["sdtune", "train", str(experiment_file), "--technique", name, "--output", str(out),
                        "--set", f"train.seed={seed}", "--resume"]
             entries.append({"technique": name, "seed": seed, "run_dir": str(out / name), "command": command})
@@ -143,7 +144,7 @@ def train_or_reuse(
                 record = train_in_fresh_process(experiment, name, out, stop_after=stop_after, environment=environment, **options)
         except TechniqueFailed as error:  # one technique failing must not lose the others' results
             run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "error.log").write_text(error.details or f"{error}\n")
+            atomic.write_text(run_dir / "error.log", error.details or f"{error}\n")
             kind = "error" if error.user_error else "crash (a bug in sdtune; traceback in error.log)"
             print(f"technique {name} (seed {seed}) failed: {error} [{kind}]")
             record = {

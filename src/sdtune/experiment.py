@@ -19,6 +19,7 @@ from sdtune.config import (
     VALIDATION_LOSS,
     ConfigError,
     ExperimentConfig,
+    ModelConfig,
     TechniqueEntry,
     TrainConfig,
     ValidationSplit,
@@ -29,7 +30,7 @@ from sdtune.config import (
     technique_tuning,
 )
 from sdtune.diffusion import FLOW_DEFAULTS, OBJECTIVE_KEYS, ObjectiveSettings
-from sdtune.models import FAMILIES, Model, ModelLoadError, model_class
+from sdtune.models import FAMILIES, Model, ModelLoadError, detect_family_name, model_class
 from sdtune.techniques import TECHNIQUES, Technique
 
 # The study's prompt plus a small default set: in the dataset's domain (Pokémon-like creatures) and
@@ -186,6 +187,11 @@ class Experiment:
         return dataclasses.replace(self, config=dataclasses.replace(self.config, evaluation=evaluation))
 
 
+def output_root(experiment: Experiment, output_dir: str | Path | None = None) -> Path:
+    """Where an experiment's runs go: ``output_dir`` given, the file's ``output_dir``, or runs/<name>."""
+    return Path(output_dir or experiment.output_dir or Path("runs") / experiment.name)
+
+
 def load_experiment(path: str | Path, overrides: list[str] | None = None) -> Experiment:
     """Read an experiment YAML file, apply ``key.path=value`` overrides, check and resolve everything."""
     return resolve(read_experiment_file(path, overrides))
@@ -226,9 +232,26 @@ def _family(config: ExperimentConfig) -> type[Model]:
         family = model_class(config.model)
     except ModelLoadError as error:
         raise ConfigError(str(error)) from None
+    if config.model.family != "auto":
+        _check_named_family(config.model, family)
     if not config.model.text_encoder_3 and "text_encoder_3" not in family.text_encoder_names:
         raise ConfigError(f"model.text_encoder_3: only SD3-style families have a third text encoder, not {family.family}")
     return family
+
+
+def _check_named_family(model: ModelConfig, family: type[Model]) -> None:
+    """An explicit ``model.family`` must be the model's own: loading an SD1 folder as SDXL fails deep in
+    the pipeline (a missing second tokenizer), and a record would name the wrong family. A model
+    whose family cannot be detected (a .ckpt, a hub id offline) is taken at its word."""
+    try:
+        detected = detect_family_name(model)
+    except ModelLoadError:
+        return
+    if detected != family.family:
+        raise ConfigError(
+            f"model.family: {family.family!r}, but {model.path!r} is a {FAMILIES.get(detected).pipeline_class_name} "
+            f"({detected}); set model.family: auto (or {detected}), or give a model of family {family.family}"
+        )
 
 
 def _objective_defaults(train: TrainConfig, family: type[Model], where: str, given: dict | None = None) -> TrainConfig:
@@ -266,9 +289,19 @@ def _technique(entry: TechniqueEntry, config: ExperimentConfig, family: type[Mod
             raw[key] = resolve_local(raw[key], base_dir)
     options = plugin.validate_options(raw, where)
     plugin.check_family(options, family, where)
+    if not config.model.text_encoder_3 and "text_encoder_3" in (getattr(options, "text_encoders", None) or []):
+        raise ConfigError(
+            f"{where}.text_encoders: 'text_encoder_3' is not loaded (model.text_encoder_3: false); remove it from "
+            "text_encoders, or set model.text_encoder_3: true"
+        )
     train = dataclasses.replace(config.train, **entry.train_overrides)
     train = _objective_defaults(train, family, where, entry.train_overrides)
     train.validate()
+    if train.free_encoders and (config.data.cache == "off" or not config.data.center_crop):
+        raise ConfigError(
+            f"{where if 'free_encoders' in entry.train_overrides else 'train'}.free_encoders: the encoders can leave only once every input is in the latent cache, which needs "
+            "data.center_crop: true and data.cache other than off"
+        )
     objective = ObjectiveSettings(**{f.name: getattr(train, f.name) for f in dataclasses.fields(ObjectiveSettings)})
     return ResolvedTechnique(entry.name, entry.kind, plugin, options, train, dict(entry.train_overrides), objective)
 

@@ -123,6 +123,8 @@ class TrainRecord:
     loss_history: list[dict[str, float]] = field(default_factory=list)
     evaluation: list[dict[str, Any]] = field(default_factory=list)
     resumed_from: list[str] = field(default_factory=list)
+    # settings changed on resume that are safe to change (docs/resume.md): {step, key, before, after}
+    changed_on_resume: list[dict[str, Any]] = field(default_factory=list)
     finished_at: str | None = None
     run_dir: str | None = None
     error: str | None = None  # failed/missing: the one-line reason
@@ -238,7 +240,9 @@ def load_records(root: Path) -> tuple[list[TrainRecord], list[EvalRecord]]:
         if (Path(root) / TUNING_FILE).exists():
             raise RecordError(f"{root} is the output of `sdtune tune`: its records are read with load_tuning")
         raise RecordError(f"{root} has no records/ folder; give the output folder of an `sdtune compare` run")
-    loaded = [read_record_file(path) for path in sorted(folder.glob("*.json"))]
+    paths = sorted(folder.glob("*.json"))
+    loaded = [read_record_file(path) for path in paths]
+    check_one_base_model(list(zip(paths, loaded)))
     return [r for r in loaded if isinstance(r, TrainRecord)], [r for r in loaded if isinstance(r, EvalRecord)]
 
 
@@ -251,6 +255,25 @@ def load_tuning(root: Path) -> TuningRecord | None:
     if not isinstance(record, TuningRecord):
         raise RecordError(f"{path}: a {record.kind} record, not the selection of `sdtune tune`")
     return record
+
+
+def check_one_base_model(loaded: list[tuple[Path, Record]]) -> None:
+    """A comparison compares techniques on one base model: records of another model or family (copied
+    in, or left by an earlier comparison in the same folder) would mix in numbers that do not compare."""
+    first: tuple[Path, tuple[Any, Any]] | None = None
+    for path, record in loaded:
+        model = (record.config or {}).get("model") or {}
+        base = (model.get("path"), model.get("family"))
+        if base == (None, None):  # (a record that does not say: nothing to compare)
+            continue
+        if first is None:
+            first = (path, base)
+        elif base != first[1]:
+            raise RecordError(
+                f"{path.name} is of model {base[0]!r} ({base[1]}) but {first[0].name} of {first[1][0]!r} "
+                f"({first[1][1]}): a report compares one base model; move the records of the other out of "
+                f"{path.parent}"
+            )
 
 
 def _default(value: Any) -> Any:

@@ -16,6 +16,7 @@ import yaml
 from sdtune.config.paths import resolve_local
 from sdtune.config.schema import ConfigError, build, check_keys, coerce, fail
 from sdtune.config.sections import (
+    RENAMED_TRAIN_KEYS,
     DataConfig,
     DreamBoothConfig,
     EvaluationConfig,
@@ -24,18 +25,24 @@ from sdtune.config.sections import (
     TechniqueEntry,
     TrainConfig,
 )
+from sdtune.config.shipped import shipped_config, shipped_configs
 from sdtune.config.split import resolve_validation_source
 from sdtune.config.tuning import TuningConfig, technique_tuning
 
 TOP_KEYS = {"name", "model", "data", "train", "techniques", "evaluation", "dreambooth", "tuning", "output_dir"}
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+SHORTHANDS = {"model": "path", "data": "source"}  # `model: id` means `model: {path: id}`
 
 
 def read_experiment_file(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
-    """Read a YAML experiment file, apply ``key.path=value`` overrides and check every value."""
+    """Read a YAML experiment file, apply ``key.path=value`` overrides and check every value. A path
+    that does not exist may name a shipped experiment file (:mod:`sdtune.config.shipped`)."""
     path = Path(path)
     if not path.exists():
-        raise ConfigError(f"experiment file {str(path)!r} does not exist")
+        path = shipped_config(path) or path
+    if not path.exists():
+        names = ", ".join(p.stem for p in shipped_configs())
+        raise ConfigError(f"experiment file {str(path)!r} does not exist (nor is it a shipped one: {names})")
     if path.is_dir():
         raise ConfigError(f"experiment file {str(path)!r} is a folder; give the experiment's YAML file")
     try:
@@ -58,7 +65,9 @@ def apply_override(raw: dict[str, Any], override: str) -> None:
     key, value_text = override.split("=", 1)
     parts = key.strip().split(".")
     node = raw
-    for part in parts[:-1]:
+    for depth, part in enumerate(parts[:-1]):
+        if depth == 0 and part in SHORTHANDS and isinstance(node.get(part), str):
+            node[part] = _expand(node[part], SHORTHANDS[part])  # `--set model.family=sdxl` on `model: PATH`
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
             raise ConfigError(f"--set {override!r}: {part!r} is not a section")
@@ -74,20 +83,21 @@ def config_from_dict(
     check_keys("", raw, TOP_KEYS)
     for required in ("model", "data", "techniques"):
         if required not in raw:
-            raise ConfigError(f"missing section {required!r}; see configs/pokemon-paper.yaml for an example")
-    base_dir = base_dir or Path.cwd()
+            raise ConfigError(f"missing section {required!r}; see the shipped configs/pokemon-paper.yaml for an example")
+    base_dir = Path(base_dir).resolve() if base_dir else Path.cwd()  # (absolute: "./x" stays a path)
     local = lambda text: resolve_local(text, base_dir)  # noqa: E731
 
     # `model: id` and `data: source` are shorthands for their one required key
-    model = build(ModelConfig, _expand(raw["model"], "path"), "model")
+    model = build(ModelConfig, _expand(raw["model"], SHORTHANDS["model"]), "model")
     model = dataclasses.replace(
         model, path=local(model.path), vae=model.vae and local(model.vae),
         single_file_config=model.single_file_config and local(model.single_file_config),
     )
     model.validate()
-    data = build(DataConfig, _expand(raw["data"], "source"), "data")
+    data = build(DataConfig, _expand(raw["data"], SHORTHANDS["data"]), "data")
     data = dataclasses.replace(data, source=local(data.source), validation=resolve_validation_source(data.validation, local))
     data.validate()
+    _refuse_renamed("train", raw.get("train") or {})
     train = build(TrainConfig, raw.get("train") or {}, "train")
     train.validate()
     evaluation = build(EvaluationConfig, raw.get("evaluation") or {}, "evaluation")
@@ -112,9 +122,18 @@ def config_from_dict(
     output_dir = raw.get("output_dir")
     return ExperimentConfig(
         model=model, data=data, train=train, techniques=techniques, evaluation=evaluation, dreambooth=dreambooth,
-        tuning=tuning, name=name, output_dir=None if output_dir is None else local(str(output_dir)), source_path=source_path,
+        tuning=tuning, name=name,
+        output_dir=None if output_dir is None else str((base_dir / Path(str(output_dir)).expanduser()).resolve()),
+        source_path=source_path,
         base_dir=str(base_dir),
     )
+
+
+def _refuse_renamed(where: str, section: Any) -> None:
+    """A train key of an older sdtune fails with its new spelling (one key per setting, no aliases)."""
+    for key in section if isinstance(section, dict) else ():
+        if key in RENAMED_TRAIN_KEYS:
+            raise ConfigError(f"{where}.{key}: renamed; write {where}.{RENAMED_TRAIN_KEYS[key]}")
 
 
 def _expand(value: Any, key: str) -> Any:
@@ -136,6 +155,7 @@ def _techniques(raw: Any, train: TrainConfig, tuning: TuningConfig | None) -> di
         if entry is not None and not isinstance(entry, dict):
             fail(f"techniques.{name}", entry, "a mapping such as {kind: lora, rank: 4}")
         entry = dict(entry or {})
+        _refuse_renamed(f"techniques.{name}", entry)
         kind = entry.pop("kind", name)
         if not isinstance(kind, str):
             fail(f"techniques.{name}.kind", kind, "a technique name")

@@ -48,6 +48,12 @@ class ModelConfig:
             )
         if self.vae and looks_like_local_path(self.vae) and not Path(self.vae).expanduser().exists():
             raise ConfigError(f"model.vae: {self.vae!r} does not exist; give a VAE folder, a hub id or a .safetensors file")
+        config = self.single_file_config
+        if config and looks_like_local_path(config) and not Path(config).expanduser().exists():
+            raise ConfigError(
+                f"model.single_file_config: {config!r} does not exist; give the diffusers folder or hub id whose "
+                "configs describe the single file"
+            )
 
 
 @dataclass(frozen=True)
@@ -102,7 +108,13 @@ class DataConfig:
             )
         if self.instance_prompt is not None and not self.instance_prompt.strip():
             _fail("data.instance_prompt", self.instance_prompt, "a caption such as 'a photo of <my-toy> toy'")
-        parse_validation(self.validation)
+        split = parse_validation(self.validation)
+        if split is not None and split.source is not None and looks_like_local_path(split.source):
+            if not Path(split.source).expanduser().exists():
+                raise ConfigError(
+                    f"data.validation: {split.source!r} does not exist; give an imagefolder, a .parquet/.jsonl/.csv "
+                    "file or a hub dataset id of validation images, or a fraction of data.source such as 0.1"
+                )
         if self.cache in ("memory", "disk") and not self.center_crop:
             raise ConfigError(
                 f"data.cache: {self.cache!r} needs data.center_crop: true (random crops change every "
@@ -152,12 +164,12 @@ class TrainConfig:
     seed: int = 0
     checkpointing_steps: int | None = 500  # null = only the Ctrl-C checkpoint
     checkpoints_total_limit: int | None = 2  # keep the last N checkpoints; null = keep all
-    max_grad_norm: float = 1.0
+    max_grad_norm: float | None = 1.0  # clip the global gradient norm; null = no clipping
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_weight_decay: float = 1e-2
     adam_epsilon: float = 1e-8
-    use_8bit_adam: bool = False  # needs bitsandbytes (CUDA)
+    optimizer: Literal["adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit"] = "adamw"  # 8-bit, paged: bitsandbytes
     use_ema: bool = False
     ema_decay: float = 0.9999  # with diffusers' warm-up: min(decay, (1 + step) / (10 + step))
     snr_gamma: float | None = None  # min-SNR weighting (Hang et al. 2023); 5.0 is their default
@@ -171,6 +183,11 @@ class TrainConfig:
     mode_scale: float | None = None
     flow_weighting: Literal["none", "sigma_sqrt", "cosmap"] | None = None
     gradient_checkpointing: bool = False
+    # memory savers (docs/memory.md), each measured in docs/benchmarks.md
+    optimizer_offload: bool = False  # CUDA: optimizer states and step on the CPU (torchao's CPUOffloadOptimizer)
+    fused_backward: bool = False  # each tensor steps as soon as its gradient is ready (no accumulation, no clipping)
+    free_encoders: bool = False  # CUDA: encode every sample first, then the VAE and frozen text encoders leave the GPU
+    block_swap: int = 0  # CUDA: this many transformer blocks' frozen weights wait on the CPU, moved in for their use
     channels_last: bool = False  # NHWC memory format for the denoiser (UNets; see the README's measurements)
     compile: bool = False  # torch.compile the denoiser (minutes of compilation first; pays on long GPU runs)
     allow_tf32: bool = True  # TF32 matmuls on Ampere+ GPUs; no effect on CPU
@@ -193,13 +210,7 @@ class TrainConfig:
             raise ConfigError(
                 "train.lr_warmup_steps: 'constant' ignores warm-up; use lr_scheduler: constant_with_warmup"
             )
-        if self.use_8bit_adam:
-            try:
-                import bitsandbytes  # noqa: F401
-            except ImportError:
-                raise ConfigError(
-                    "train.use_8bit_adam: true needs bitsandbytes; pip install 'sdtune[bnb]' or set it to false"
-                ) from None
+        validate_savers(self)
         if self.learning_rate <= 0:
             _fail("train.learning_rate", self.learning_rate, "a positive number such as 1.0e-5")
         if self.lr_warmup_steps < 0:
@@ -207,8 +218,8 @@ class TrainConfig:
         _positive("train.checkpointing_steps", self.checkpointing_steps, allow_none=True)
         _positive("train.checkpoints_total_limit", self.checkpoints_total_limit, allow_none=True)
         _positive("train.log_every", self.log_every)
-        if self.max_grad_norm <= 0:
-            _fail("train.max_grad_norm", self.max_grad_norm, "a positive number")
+        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
+            _fail("train.max_grad_norm", self.max_grad_norm, "a positive number, or null for no clipping")
         if not 0.0 <= self.ema_decay < 1.0:
             _fail("train.ema_decay", self.ema_decay, "a number in [0, 1), e.g. 0.9999")
         if self.snr_gamma is not None and self.snr_gamma <= 0:
@@ -223,10 +234,37 @@ class TrainConfig:
             _fail("train.logit_std", self.logit_std, "a positive number (1.0 in the SD3 paper)")
 
 
-FLOW_DEFAULTS = {  # Esser et al. 2024 (SD3): logit-normal(0, 1) sampling; mode scale 1.29; no weighting
-    "timestep_sampling": "logit_normal", "logit_mean": 0.0, "logit_std": 1.0, "mode_scale": 1.29,
-    "flow_weighting": "none",
+RENAMED_TRAIN_KEYS = {  # a key of an older sdtune → how to write it now (refused with this spelling)
+    "use_8bit_adam": "optimizer: adamw8bit (for true; remove the key for false)",
 }
+
+
+def validate_savers(train: TrainConfig) -> None:
+    """The memory savers' combinations that need nothing but the train section (the device-dependent
+    checks are made when a run starts: :func:`sdtune.training.savers.check_device`)."""
+    if train.block_swap < 0:
+        _fail("train.block_swap", train.block_swap, "0 (off) or a number of transformer blocks")
+    if train.optimizer_offload and train.optimizer.startswith("paged_"):
+        raise ConfigError(
+            f"train.optimizer_offload: the states of {train.optimizer!r} are paged to the CPU already; "
+            "use optimizer: adamw or adamw8bit with the offload"
+        )
+    if train.fused_backward:
+        _check_fused_backward(train)
+
+
+def _check_fused_backward(train: TrainConfig) -> None:
+    why = "train.fused_backward: each tensor steps as soon as its gradient is ready, so "
+    if train.gradient_accumulation_steps > 1:
+        raise ConfigError(why + "gradients cannot accumulate; set gradient_accumulation_steps: 1 (raise batch_size)")
+    if train.max_grad_norm is not None:
+        raise ConfigError(why + "the global gradient norm is never known; set max_grad_norm: null (no clipping)")
+    if train.mixed_precision == "fp16":
+        raise ConfigError(why + "fp16's loss scaling cannot unscale them first; use mixed_precision: bf16 or no")
+    if train.optimizer_offload:
+        raise ConfigError(why + "it cannot be combined with optimizer_offload (which steps on the CPU); choose one")
+
+
 
 
 @dataclass(frozen=True)
@@ -262,6 +300,7 @@ class EvaluationConfig:
     hpsv2_model: str = "adams-story/HPSv2-hf"  # opt-in hpsv2: a transformers-format HPS v2 CLIP
     imagereward_model: str = "ImageReward-v1.0"  # opt-in imagereward: a package name, folder or .pt file
     metric_plugins: list[str] = field(default_factory=list)  # modules that register more metrics
+    cpu_offload: bool = False  # CUDA: each model of the pipeline on the GPU only for its forward (diffusers)
     every_steps: int | None = None  # also evaluate (images, metrics, validation loss) every N steps
     validation_every_steps: int | None = None  # also compute the validation loss alone (no images) every N steps
     validation_timesteps: int = 4  # fixed timesteps of the validation loss
@@ -277,8 +316,10 @@ class EvaluationConfig:
             _fail("evaluation.guidance_scale", self.guidance_scale, "0 or more (7.5 is usual)")
         if self.resolution is not None and (self.resolution <= 0 or self.resolution % 8):
             _fail("evaluation.resolution", self.resolution, "a positive multiple of 8")
-        if self.prompts_file and not Path(self.prompts_file).expanduser().exists():
-            raise ConfigError(f"evaluation.prompts_file: {self.prompts_file!r} does not exist")
+        if self.prompts_file and not Path(self.prompts_file).expanduser().is_file():
+            raise ConfigError(
+                f"evaluation.prompts_file: {self.prompts_file!r} is not a file; give a text file with one prompt a line"
+            )
         if self.scheduler is not None:
             import diffusers
 

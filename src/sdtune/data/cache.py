@@ -20,13 +20,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
+from sdtune.errors import first_line
 from sdtune.util import atomic
+
+log = logging.getLogger(__name__)
 
 Posterior = tuple[torch.Tensor, torch.Tensor]  # (mean, std) of one sample, float32, on the CPU
 TEXT_PREFIX = "text."  # text files hold "text.<conditioning name>" tensors
@@ -114,7 +118,12 @@ def open_cache(key: str, mode: str, root: Path, caches_texts: bool, description:
 
 
 def _read(path: Path) -> dict[str, torch.Tensor] | None:
+    """An entry's tensors; None when it is missing, or unreadable (written by a process that died
+    before the atomic writes, a damaged disk): it is then encoded again and replaced whole."""
     try:
         return load_file(path)
     except FileNotFoundError:
+        return None
+    except Exception as error:  # safetensors' own error type for a damaged file
+        log.warning("latent cache entry %s is unreadable (%s); encoding it again", path, first_line(error))
         return None

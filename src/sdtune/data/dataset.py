@@ -11,6 +11,7 @@ import functools
 import io
 import logging
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -119,6 +120,16 @@ def _pick_column(dataset: Any, wanted: str | None, names: tuple[str, ...], what:
     raise DataError(
         f"no {what} column found; set data.{what}_column to one of: {', '.join(columns)}"
     )
+
+
+def caption_values(config: DataConfig, dataset: Any, caption_column: str | None) -> list[Any]:
+    """Every row's caption as stored (:func:`caption_text` reads one); DreamBooth's instance prompt
+    captions every image."""
+    if config.instance_prompt is not None:
+        return [config.instance_prompt] * len(dataset)
+    if isinstance(dataset, list):
+        return [row[caption_column] for row in dataset]
+    return list(dataset[caption_column])
 
 
 def decode_image(value: Any, base_dir: Path | None, converted: dict[str, int] | None = None) -> Image.Image:
@@ -314,6 +325,7 @@ class TrainingSet:
     buckets: list[tuple[int, int]] = field(default_factory=list)  # candidate (width, height); empty: square
     bucket_of: list[int] = field(default_factory=list)  # per image: its bucket
     converted: dict[str, int] = field(default_factory=dict)  # PIL mode → images converted to RGB from it
+    caption_transform: Callable[[str], str] | None = None  # the technique's (see :meth:`transform_captions`)
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -341,12 +353,22 @@ class TrainingSet:
         return torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0)[None]
 
     def caption(self, i: int, seed: int, epoch: int, slot: int) -> str:
-        """The caption the model sees for image ``i`` in this slot and epoch (shuffled if asked)."""
+        """The caption the model sees for image ``i`` in this slot and epoch (shuffled if asked, then
+        the technique's transform)."""
         config = self.config
         if not config.shuffle_captions:
             return self.captions[i]
         raw = self.raw_captions[i]
-        return config.caption_prefix + shuffled_caption(raw, config.keep_tokens, seed, epoch, slot) + config.caption_suffix
+        caption = config.caption_prefix + shuffled_caption(raw, config.keep_tokens, seed, epoch, slot) + config.caption_suffix
+        return self.caption_transform(caption) if self.caption_transform is not None else caption
+
+    def transform_captions(self, transform: Callable[[str], str]) -> None:
+        """Apply a technique's caption transform (:meth:`sdtune.techniques.Technique.transform_caption`)
+        to every caption the model sees: the fixed ones now, each shuffled one as it is built."""
+        if self.caption_transform is not None:
+            raise ValueError("a training set takes one caption transform")
+        self.caption_transform = transform
+        self.captions = [transform(caption) for caption in self.captions]
 
     # -- repeats and buckets: what the data order needs ---------------------------------------
     @property
@@ -395,12 +417,7 @@ def prepare_training_set(
         raise ValueError("prepare_training_set: data.validation is set; pass its parsed split as held_out")
 
     dataset, image_column, caption_column, base_dir = load_rows(config, cache_root)
-    if config.instance_prompt is not None:  # DreamBooth: one prompt captions every image
-        captions_column = [config.instance_prompt] * len(dataset)
-    elif isinstance(dataset, list):
-        captions_column = [row[caption_column] for row in dataset]
-    else:
-        captions_column = dataset[caption_column]
+    captions_column = caption_values(config, dataset, caption_column)
     if config.mask_column is not None and not isinstance(dataset, list) and config.mask_column not in dataset.column_names:
         raise DataError(
             f"data.mask_column: {config.mask_column!r} is not a column; the dataset has: {', '.join(dataset.column_names)}"

@@ -15,13 +15,12 @@ import io
 import json
 import os
 import re
-import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
 from sdtune.data.images import DataError
 from sdtune.errors import first_line
+from sdtune.util import atomic
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 CAPTION_SUFFIXES = (".txt", ".caption")  # kohya reads either; both for one image is ambiguous
@@ -165,23 +164,13 @@ def materialise_stream(config: Any, cache_root: Path) -> tuple[list[dict[str, An
 
 
 def _write_stream(config: Any, folder: Path) -> None:
-    """Stream into a private folder, then rename it into place (processes may race: one rename wins)."""
+    """Stream into a private folder, then rename it into place (processes may race: the first wins)."""
     dataset = _open_stream(config)
-    temporary = folder.with_name(f".{folder.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
-    temporary.mkdir(parents=True)
-    try:
+    with atomic.replacing(folder, folder=True, first_wins=True) as temporary:
         lines = _stream_rows(config, dataset, temporary)
-    except BaseException:
-        shutil.rmtree(temporary, ignore_errors=True)
-        raise
-    if not lines:
-        shutil.rmtree(temporary)
-        raise DataError(f"data.source: the stream of {config.source!r} (split {config.split!r}) is empty")
-    (temporary / "rows.jsonl").write_text("\n".join(lines) + "\n")
-    try:
-        os.rename(temporary, folder)
-    except OSError:  # another process finished first: its copy holds the same samples
-        shutil.rmtree(temporary, ignore_errors=True)
+        if not lines:
+            raise DataError(f"data.source: the stream of {config.source!r} (split {config.split!r}) is empty")
+        atomic.write_text(temporary / "rows.jsonl", "\n".join(lines) + "\n")
 
 
 def _stream_rows(config: Any, dataset: Any, temporary: Path) -> list[str]:
@@ -254,7 +243,7 @@ def _write_image(folder: Path, stem: str, value: Any) -> str:
     else:
         raise DataError(f"cannot read an image from a streamed value of type {type(value).__name__}")
     suffix = ".png" if data[:8] == b"\x89PNG\r\n\x1a\n" else ".jpg" if data[:2] == b"\xff\xd8" else ".img"
-    (folder / f"{stem}{suffix}").write_bytes(data)
+    atomic.write_bytes(folder / f"{stem}{suffix}", data)  # (inside the stream's private folder)
     return f"{stem}{suffix}"
 
 

@@ -24,7 +24,10 @@ import numpy as np
 import torch
 
 from sdtune.demo import world
+from sdtune.errors import UserError
 from sdtune.testing.tiny import TinySizes, build_tiny_pipeline
+from sdtune.util import atomic
+from sdtune.util.paths import check_writable_folder
 
 DEMO_SIZES = TinySizes(
     unet_channels=(32, 64, 64),  # 1.49 M parameters
@@ -53,6 +56,7 @@ def pretrain(
 ) -> dict[str, Any]:
     """Build, pretrain and write the demo base model to ``out_dir``; returns a summary."""
     out_dir = Path(out_dir)
+    check_base_folder(out_dir)
     work = Path(work_dir) if work_dir else out_dir.parent / f".{out_dir.name}-work"
     work.mkdir(parents=True, exist_ok=True)
     init_dir = work / "init"
@@ -62,19 +66,13 @@ def pretrain(
         started = time.perf_counter()
         vae_report = train_vae(init_dir, vae_steps, seed=seed, progress=progress)
         vae_report["time_s"] = time.perf_counter() - started
-        (work / "vae.done").write_text(json.dumps(vae_report, indent=2))
+        atomic.write_json(work / "vae.done", vae_report)
     vae_report = json.loads((work / "vae.done").read_text())
     data_dir = work / "base-data"
     if not (data_dir / "metadata.jsonl").exists():
         world.write_imagefolder(data_dir, world.sample_scenes(num_images, seed + 1, "base"), RESOLUTION)
     started = time.perf_counter()
     run = _train_unet(init_dir, data_dir, work / "runs", unet_steps, seed, progress)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for part in PIPELINE_PARTS:
-        source, target = run.run_dir / part, out_dir / part
-        if target.exists():
-            shutil.rmtree(target) if target.is_dir() else target.unlink()
-        shutil.copytree(source, target) if source.is_dir() else shutil.copy2(source, target)
     summary = {
         "vae": vae_report,
         "unet_steps": unet_steps,
@@ -83,8 +81,23 @@ def pretrain(
         "parameters": run.record["parameters"],
         "seed": seed,
     }
-    (out_dir / "pretrain.json").write_text(json.dumps(summary, indent=2, default=str))
+    with atomic.replacing(out_dir, folder=True) as folder:  # the old model stays until the new one is whole
+        for part in PIPELINE_PARTS:
+            source, target = run.run_dir / part, folder / part
+            shutil.copytree(source, target) if source.is_dir() else shutil.copy2(source, target)
+        (folder / "pretrain.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary
+
+
+def check_base_folder(out_dir: Path) -> None:
+    """``--out`` before the hour of pretraining: a folder this process can write, empty or an earlier
+    demo base model (which the new one replaces whole once it is written)."""
+    check_writable_folder(out_dir, "--out")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / "model_index.json").is_file():
+        raise UserError(
+            f"--out: {str(out_dir)!r} holds files that are not a demo base model; `demo pretrain` replaces the whole "
+            "folder: choose an empty or new one"
+        )
 
 
 def train_vae(
@@ -134,7 +147,8 @@ def train_vae(
         mse = torch.nn.functional.mse_loss(reconstruction.clamp(-1, 1), pixels).item()
         scaling = 1.0 / posterior.mean.std().item()
     vae.register_to_config(scaling_factor=scaling)
-    vae.save_pretrained(pipeline_dir / "vae", safe_serialization=True)
+    with atomic.replacing(pipeline_dir / "vae", folder=True) as folder:
+        vae.save_pretrained(folder, safe_serialization=True)
     psnr = 10 * math.log10(4.0 / max(mse, 1e-12))  # pixel range [-1, 1]: peak-to-peak 2
     return {"steps": steps, "psnr_db": psnr, "scaling_factor": scaling}
 

@@ -19,6 +19,8 @@ import yaml
 from sdtune import UserError
 from sdtune.demo import world
 from sdtune.demo.metrics import JUDGE_METRICS, PLUGIN
+from sdtune.util import atomic
+from sdtune.util.paths import check_writable_folder
 
 ASSET = "demo-base"
 
@@ -118,7 +120,7 @@ def demo_experiment(output_dir: Path, settings: DemoSettings, seed: int = 0) -> 
     }
     path = output_dir / "experiment.yaml"
     header = "# Written by `sdtune demo`; rerun with `sdtune compare experiment.yaml`.\n"
-    path.write_text(header + yaml.safe_dump(experiment, sort_keys=False))
+    atomic.write_text(path, header + yaml.safe_dump(experiment, sort_keys=False))
     return path
 
 
@@ -127,5 +129,6 @@ def run_demo(output_dir: str | Path = "demo-output", quick: bool = False, progre
     import sdtune
 
     settings = QUICK if quick else DemoSettings()
+    check_writable_folder(output_dir, "--output")  # (before the demo's data is written there)
     path = demo_experiment(Path(output_dir), settings)
     return sdtune.compare(sdtune.load_experiment(path), progress=progress)

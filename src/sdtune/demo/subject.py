@@ -23,6 +23,8 @@ import yaml
 from sdtune.demo import world
 from sdtune.demo.metrics import PLUGIN, SUBJECT_METRICS
 from sdtune.demo.run import base_model_path
+from sdtune.util import atomic
+from sdtune.util.paths import check_writable_folder
 
 # The made-up word. Textual inversion adds it as a new token; the other techniques read it as
 # DreamBooth's rare identifier: here four single-character tokens the base model never saw in a
@@ -119,7 +121,7 @@ def subject_experiment(output_dir: Path, settings: SubjectSettings, seed: int = 
     }
     path = output_dir / "experiment.yaml"
     header = "# Written by `sdtune demo --subject`; rerun with `sdtune compare experiment.yaml`.\n"
-    path.write_text(header + yaml.safe_dump(experiment, sort_keys=False))
+    atomic.write_text(path, header + yaml.safe_dump(experiment, sort_keys=False))
     return path
 
 
@@ -127,5 +129,6 @@ def run_subject(output_dir: str | Path = "demo-subject-output", quick: bool = Fa
     """Build the subject round's experiment and run the whole comparison; returns the report's path."""
     import sdtune
 
+    check_writable_folder(output_dir, "--output")  # (before the round's images are written there)
     path = subject_experiment(Path(output_dir), QUICK if quick else SubjectSettings())
     return sdtune.compare(sdtune.load_experiment(path), progress=progress)

@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from sdtune.util import atomic
+
 # Hues far apart (about 0, 55, 130, 225 and 295 degrees), so even a washed-out or blurry sample
 # keeps its colour class; every colour has a max channel >= 170, so none is mistaken for outline.
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -254,12 +256,12 @@ def write_imagefolder(out_dir: str | Path, scenes: Iterable[Scene], resolution: 
     meta_lines, scene_lines = [], []
     for i, scene in enumerate(scenes):
         name = f"{i:05d}.png"
-        render(scene, resolution).save(out / name, format="PNG", optimize=False)
+        atomic.write_with(out / name, lambda temporary, scene=scene: render(scene, resolution).save(temporary, format="PNG", optimize=False))
         text = caption(scene)
         meta_lines.append(json.dumps({"file_name": name, "text": text}))
         scene_lines.append(json.dumps({"file_name": name, "text": text, **asdict(scene)}))
-    (out / "metadata.jsonl").write_text("".join(line + "\n" for line in meta_lines), encoding="utf-8")
-    (out / "scenes.jsonl").write_text("".join(line + "\n" for line in scene_lines), encoding="utf-8")
+    atomic.write_text(out / "scenes.jsonl", "".join(line + "\n" for line in scene_lines))
+    atomic.write_text(out / "metadata.jsonl", "".join(line + "\n" for line in meta_lines))  # last: marks it complete
     return out
 
 

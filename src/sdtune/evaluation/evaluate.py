@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 from sdtune import records
+from sdtune.config import ConfigError
 from sdtune.data import heldout
 from sdtune.data.dataset import transform_image
 from sdtune.experiment import Experiment
@@ -134,10 +135,7 @@ def evaluate_model(evaluation: Evaluation, target: Target, state: Any) -> record
     experiment, settings = evaluation.experiment, evaluation.experiment.evaluation
     folder = evaluation.root / IMAGES_DIR / target.name
     started = time.perf_counter()
-    if target.run is None:
-        pipe = load_base_pipeline(experiment.model).to(state.device)
-    else:
-        pipe, _ = load_run_pipeline(target.run["run_dir"], fuse=True, device=state.device)
+    pipe = _pipeline(experiment, target, state.device)
     set_scheduler(pipe, settings.scheduler)
     load_time = time.perf_counter() - started
     pairs = experiment.plan.pairs()
@@ -162,7 +160,8 @@ def evaluate_model(evaluation: Evaluation, target: Target, state: Any) -> record
         "fused": target.run is not None,
         "processes": state.num_processes,
         "dtype": str(denoiser_of(pipe).dtype),
-        "device": records.device_description(pipe.device),
+        "device": records.device_description(state.device),
+        "cpu_offload": settings.cpu_offload,
     }
     base = target.run is None
     sizes = {
@@ -171,6 +170,25 @@ def evaluate_model(evaluation: Evaluation, target: Target, state: Any) -> record
     }
     del pipe
     return evaluate_images(evaluation, target, paths, generation, **sizes)
+
+
+def _pipeline(experiment: Experiment, target: Target, device: torch.device) -> Any:
+    """The target's pipeline on ``device``; with ``evaluation.cpu_offload`` on the CPU, each model
+    moved to the GPU only for its forward (diffusers' ``enable_model_cpu_offload``)."""
+    offload = experiment.evaluation.cpu_offload
+    if offload and device.type != "cuda":
+        raise ConfigError(
+            f"evaluation.cpu_offload: true needs a CUDA GPU (it moves each model to the GPU only for its forward); "
+            f"remove it on this {device.type} machine"
+        )
+    where = torch.device("cpu") if offload else device
+    if target.run is None:
+        pipe = load_base_pipeline(experiment.model).to(where)
+    else:
+        pipe, _ = load_run_pipeline(target.run["run_dir"], fuse=True, device=where)
+    if offload:
+        pipe.enable_model_cpu_offload(device=device)
+    return pipe
 
 
 def evaluate_images(

@@ -26,17 +26,21 @@ full rank  ``diff``/``diff_b`` (linear, conv), ``w_norm``/``b_norm``  trained �
            (norm layers)
 =========  ======================================================  ==============================
 
-plus ``alpha`` per adapted layer, so that every loader's scale alpha / rank (rank = the
-``lora_down``/``hada_w1_b`` rows, LoKr's ``w1_b``/``w2_b`` rows) equals peft's scaling for that
-layer (rsLoRA, ``rank_pattern`` and ``alpha_pattern`` included). A LoKr layer with no factorised
-side has no rank in the file and every loader uses scale 1, so peft's scaling is folded into
-``lokr_w1``. Text encoders are named as in the original checkpoints (``text_model.encoder…``),
+plus ``alpha`` for every adapted layer, so that every loader's scale alpha / rank (rank = the
+``lora_down``/``hada_w1_b`` rows, LoKr's ``w1_b``/``w2_b`` rows) gives peft's scaling for that
+layer (rsLoRA, ``rank_pattern`` and ``alpha_pattern`` included). LoRA and DoRA layers all carry
+the file's one network alpha (``ss_network_alpha``), each layer's own scale folded into its
+``lora_up`` where it differs: diffusers reads a kohya file's alphas as one value plus a per-layer
+pattern whose keys it misnames, so a file with mixed alphas would lose the differing ones there
+(mixed ranks alone are fine). A LoKr layer with no factorised side has no rank in the file and
+every loader uses scale 1, so peft's scaling is folded into ``lokr_w1``. Text encoders are named as in the original checkpoints (``text_model.encoder…``),
 whichever nesting transformers gives ``CLIPTextModel``.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -111,11 +115,13 @@ def adapter_layers(module: torch.nn.Module) -> Iterator[tuple[str, Any]]:
 
 # -- peft → community -----------------------------------------------------------------------------
 def adapter_to_community(
-    adapted: list[tuple[str, torch.nn.Module, Tensors]], prefixes: dict[str, str], sgm: tuple[str, ...] = ()
+    adapted: list[tuple[str, torch.nn.Module, Tensors]], prefixes: dict[str, str], sgm: tuple[str, ...] = (),
+    network_alpha: float | None = None,
 ) -> Tensors:
     """The community tensors of peft adapters: ``adapted`` is (component, module, peft state dict
     as ``get_peft_model_state_dict`` gives it) per adapted component; ``sgm``: the components named
-    by their SGM paths (:func:`sgm_components`)."""
+    by their SGM paths (:func:`sgm_components`); ``network_alpha``: the alpha every LoRA/DoRA layer
+    carries (None: each its own, scale × rank)."""
     result: Tensors = {}
     for component, module, state in adapted:
         if component not in prefixes:
@@ -123,12 +129,12 @@ def adapter_to_community(
         for path, layer in adapter_layers(module):
             tensors = {key[len(path) + 1:]: value for key, value in state.items() if key.startswith(path + ".")}
             name = layer_name(prefixes[component], module, path, sgm=component in sgm)
-            for suffix, value in _layer_to_community(layer, tensors, f"{component}.{path}").items():
+            for suffix, value in _layer_to_community(layer, tensors, f"{component}.{path}", network_alpha).items():
                 result[f"{name}.{suffix}"] = value.detach().to("cpu").contiguous()
     return result
 
 
-def _layer_to_community(layer: Any, tensors: Tensors, where: str) -> Tensors:
+def _layer_to_community(layer: Any, tensors: Tensors, where: str, network_alpha: float | None = None) -> Tensors:
     from peft.tuners.loha import LoHaLayer
     from peft.tuners.lokr import LoKrLayer
     from peft.tuners.lora import LoraLayer
@@ -144,7 +150,12 @@ def _layer_to_community(layer: Any, tensors: Tensors, where: str) -> Tensors:
         if "lora_magnitude_vector" in tensors:  # DoRA: peft's (out,) or (1, out, 1, 1) → (out, 1[, 1, 1])
             weight_dims = layer.get_base_layer().weight.dim()
             out["dora_scale"] = tensors["lora_magnitude_vector"].reshape(-1, *[1] * (weight_dims - 1))
-        out["alpha"] = torch.tensor(scaling * out["lora_down.weight"].shape[0])
+        own_alpha = scaling * out["lora_down.weight"].shape[0]  # the alpha that gives this layer's scale
+        alpha = own_alpha if network_alpha is None else float(network_alpha)
+        if not math.isclose(own_alpha, alpha, rel_tol=1e-6):  # the layer's scale folded into lora_up
+            up = out["lora_up.weight"]
+            out["lora_up.weight"] = (up.float() * (own_alpha / alpha)).to(up.dtype)
+        out["alpha"] = torch.tensor(alpha)
         return out
     if isinstance(layer, LoHaLayer):
         out = {key: tensors[key] for key in LOHA_NAMES if key in tensors}

@@ -91,3 +91,15 @@ def export_facts(family: str) -> ExportFacts:
             "load in diffusers and `sdtune generate`, but no kohya or single-file file is written"
         )
     return EXPORT_FACTS[family]
+
+
+def family_of_metadata(metadata: dict[str, str] | None) -> str | None:
+    """The family a community file says it was trained on (ModelSpec's ``modelspec.architecture``, or
+    kohya's ``ss_base_model_version``), or None when its metadata does not say or names no family here."""
+    metadata = metadata or {}
+    architecture = metadata.get("modelspec.architecture", "").split("/")[0]
+    version = metadata.get("ss_base_model_version", "")
+    for family, facts in EXPORT_FACTS.items():
+        if architecture == facts.modelspec_architecture or (not architecture and version == facts.kohya_base_model_version):
+            return family
+    return None

@@ -43,6 +43,7 @@ class Model:
     detects_pipelines: ClassVar[tuple[str, ...]] = ()  # model_index.json class names this family loads
     single_file_types: ClassVar[tuple[str, ...]] = ()  # diffusers' inferred single-file model types
     generation_kwargs: ClassVar[dict[str, Any]] = {}  # pipeline call arguments that match training (SD3: T5 length)
+    swappable_blocks: ClassVar[str | None] = None  # the denoiser's ModuleList that train.block_swap may swap
 
     def __init__(
         self,

@@ -48,6 +48,7 @@ class StableDiffusion3(Model):
     detects_pipelines = ("StableDiffusion3Pipeline",)
     single_file_types = ("sd3", "sd35_medium", "sd35_large")
     generation_kwargs: ClassVar[dict[str, Any]] = {"max_sequence_length": T5_TOKENS}
+    swappable_blocks = "transformer_blocks"  # the joint blocks (38 in SD 3.5 Large, 24 in Medium)
 
     @classmethod
     def text_encoder_kwargs(cls, path: str, config: ModelConfig | None) -> dict[str, Any]:

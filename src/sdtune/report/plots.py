@@ -19,6 +19,7 @@ from sdtune.report.summary import (
     study_table,
     validation_curve,
 )
+from sdtune.util import atomic
 
 GRID_CELL = 128  # pixels per image in the grid (small images are upscaled without smoothing)
 QUALITY_PREFERENCE = ("clip_score", "fidelity", "preservation")  # when the experiment lists no metrics
@@ -76,7 +77,7 @@ def image_grid(rows: list[Row], root: Path, path: Path) -> Path | None:
             image = Image.open(root / match["path"]).convert("RGB")
             resample = Image.NEAREST if image.width < GRID_CELL else Image.LANCZOS
             grid.paste(image.resize((GRID_CELL, GRID_CELL), resample), (label_width + c * GRID_CELL, header + r * GRID_CELL))
-    grid.save(path)
+    atomic.save_image(path, grid)
     return path
 
 
@@ -224,6 +225,6 @@ def headline_metric(rows: list[Row]) -> str | None:
 
 
 def _save(plt, figure, path: Path) -> Path:
-    figure.savefig(path, dpi=110, bbox_inches="tight")
+    atomic.save_figure(path, figure, dpi=110, bbox_inches="tight")
     plt.close(figure)
     return path

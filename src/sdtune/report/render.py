@@ -28,6 +28,8 @@ from sdtune.report.summary import (
     study_table,
 )
 from sdtune.report.tuning import render_tuning_report
+from sdtune.util import atomic
+from sdtune.util.paths import check_writable_folder
 
 FILES_DIR = "report_files"
 
@@ -92,15 +94,16 @@ def render_report(root: str | Path) -> Path:
     if (root / TUNING_FILE).exists():
         return render_tuning_report(root)
     train, evals = load_records(root)
+    check_writable_folder(root, "report")  # (before the figures are drawn)
     rows = build_rows(train, evals)
     figures_dir = root / FILES_DIR
     figures_dir.mkdir(exist_ok=True)
     figures = plots.all_figures(rows, root, figures_dir)
     context = _context(train, evals)
     all_tables = tables(rows)
-    (root / "report.md").write_text(_markdown(all_tables, figures, context, root))
+    atomic.write_text(root / "report.md", _markdown(all_tables, figures, context, root))
     html_path = root / "report.html"
-    html_path.write_text(_html(all_tables, figures, context))
+    atomic.write_text(html_path, _html(all_tables, figures, context))
     return html_path
 
 

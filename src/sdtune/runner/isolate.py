@@ -25,6 +25,7 @@ import yaml
 from sdtune import records
 from sdtune.experiment import Experiment
 from sdtune.training.run_dir import interrupt_handler
+from sdtune.util import atomic
 
 ERROR_FILE_VARIABLE = "SDTUNE_ERROR_FILE"  # where a child `sdtune` writes the error that ended it
 
@@ -53,7 +54,7 @@ def train_in_fresh_process(
     ``environment`` adds variables to the child's (e.g. its thread count, ``OMP_NUM_THREADS``)."""
     with tempfile.TemporaryDirectory(prefix="sdtune-") as folder:
         experiment_file = Path(folder) / "experiment.yaml"
-        experiment_file.write_text(yaml.safe_dump(experiment.to_dict(), sort_keys=False))
+        atomic.write_text(experiment_file, yaml.safe_dump(experiment.to_dict(), sort_keys=False))
         error_file = Path(folder) / "error.json"
         command = [sys.executable, "-m", "sdtune.cli", "train", str(experiment_file), "--technique", name,
                    "--output", str(output_root)]
@@ -84,7 +85,10 @@ def report_error(error: BaseException, user_error: bool) -> bool:
     if not path:
         return False
     details = None if user_error else "".join(traceback.format_exception(error))
-    Path(path).write_text(json.dumps({"message": str(error), "traceback": details, "user_error": user_error}))
+    try:
+        atomic.write_json(path, {"message": str(error), "traceback": details, "user_error": user_error})
+    except OSError:  # (a full disk: the error is reported here instead, on this process's stderr)
+        return False
     return True
 
 

@@ -6,8 +6,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from sdtune import records
-from sdtune.config import ConfigError
 from sdtune.experiment import Experiment
+from sdtune.preflight import check_training
 from sdtune.runner.isolate import train_in_fresh_process
 from sdtune.training import CheckpointError, TrainResult, output_root, train_technique
 from sdtune.util.distributed import launched_processes
@@ -33,14 +33,10 @@ def train(
     ``resume``, techniques that already finished are skipped; a checkpoint path needs exactly one
     technique. The returned results do not keep the models (see :func:`sdtune.training.train_technique`);
     ``on_result`` sees each one as soon as its technique ends. ``stop_after`` stops each run after
-    that optimizer step, checkpointed (``--resume`` continues it).
+    that optimizer step, checkpointed (``--resume`` continues it). Every technique is checked before
+    the first one trains (:func:`sdtune.preflight.check_training`).
     """
-    names = techniques or list(experiment.techniques)
-    for name in names:
-        if name not in experiment.techniques:
-            raise ConfigError(
-                f"--technique {name!r} is not in the experiment; it has: {', '.join(experiment.techniques)}"
-            )
+    names = check_training(experiment, techniques, output_dir, resume, overwrite)  # before any technique trains
     if resume not in (None, False, True, "latest") and len(names) != 1:
         raise CheckpointError("--resume PATH names one run's checkpoint: add --technique NAME")
     results = []

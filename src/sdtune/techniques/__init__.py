@@ -2,6 +2,12 @@
 registers a :class:`Technique` subclass in :data:`TECHNIQUES`."""
 
 from sdtune.techniques import adapter, full, oft, partial, textual_inversion  # noqa: F401,E402  (register the techniques)
-from sdtune.techniques.base import TECHNIQUES, Technique, count_parameters, trainable_named_parameters
+from sdtune.techniques.base import (
+    TECHNIQUES,
+    Technique,
+    WeightsDoNotFit,
+    count_parameters,
+    trainable_named_parameters,
+)
 
-__all__ = ["TECHNIQUES", "Technique", "count_parameters", "trainable_named_parameters"]
+__all__ = ["TECHNIQUES", "Technique", "WeightsDoNotFit", "count_parameters", "trainable_named_parameters"]

@@ -16,11 +16,13 @@ from typing import Any, ClassVar
 import torch
 
 from sdtune.config import ConfigError, build
+from sdtune.errors import first_line
 from sdtune.formats import community
-from sdtune.formats.families import export_facts
+from sdtune.formats.families import export_facts, family_of_metadata
 from sdtune.models import Model
 from sdtune.techniques import lora_variants
-from sdtune.techniques.base import TECHNIQUES, Technique, TechniqueOptions, files_under
+from sdtune.techniques.base import TECHNIQUES, Technique, TechniqueOptions, WeightsDoNotFit, files_under
+from sdtune.util import atomic
 
 # peft fields that describe the wrapping model, not the adapter: never set from an experiment
 _RESERVED_PEFT_FIELDS = {
@@ -89,6 +91,12 @@ class AdapterTechnique(Technique):
         return options
 
     @classmethod
+    def check_family(cls, options: Any, family: type[Model], where: str) -> None:
+        super().check_family(options, family, where)
+        if options.init_from is not None:
+            check_file_family(Path(options.init_from), family.family, f"{where}.init_from")
+
+    @classmethod
     def complete_peft_args(cls, peft_args: dict[str, Any], given: set[str]) -> dict[str, Any]:
         """The peft arguments with this kind's defaults filled in (``given``: the keys the file set)."""
         peft_args.setdefault(cls.alpha_field, peft_args["r"])  # alpha = rank: scale 1, the usual default
@@ -149,16 +157,16 @@ class AdapterTechnique(Technique):
         """The kohya/LyCORIS file (A1111, ComfyUI, kohya sd-scripts, LyCORIS); see sdtune.formats.community."""
         part, file_name = self.community_output(model.family)
         facts = export_facts(model.family)
+        args = self.saved_peft_args()
+        network = {"rank": args.get("r"), "alpha": args.get(self.alpha_field)}
         try:
             tensors = community.adapter_to_community(
                 [(name, module, state) for name, module, _, state in adapted], facts.community_prefixes,
-                facts.sgm_components,
+                facts.sgm_components, network_alpha=network["alpha"] if self.alpha_field == "lora_alpha" else None,
             )
         except community.CommunityFormatError as error:  # an exotic peft option; the peft files still load
             print(f"no {file_name} written: {error}")
             return {}
-        args = self.saved_peft_args()
-        network = {"rank": args.get("r"), "alpha": args.get(self.alpha_field)}
         meta = community.metadata(self.kind, model.family, out_dir.name, network)
         community.save(tensors, out_dir / file_name, meta)
         return {part: [file_name]}
@@ -181,13 +189,11 @@ class AdapterTechnique(Technique):
 
     def _save_peft(self, adapted: list, out_dir: Path) -> list[str]:
         """peft's own format: ``<component>_adapter.safetensors`` + ``<component>_adapter_config.json``."""
-        from safetensors.torch import save_file
-
         written = []
         for name, _, targets, state in adapted:
-            save_file(state, out_dir / f"{name}_adapter.safetensors", metadata={"format": "pt"})
+            atomic.save_tensors(out_dir / f"{name}_adapter.safetensors", state, {"format": "pt"})
             config = self.saved_peft_config(targets).to_dict()
-            (out_dir / f"{name}_adapter_config.json").write_text(json.dumps(_jsonable(config), indent=2))
+            atomic.write_json(out_dir / f"{name}_adapter_config.json", _jsonable(config))
             written += [out_dir / f"{name}_adapter.safetensors", out_dir / f"{name}_adapter_config.json"]
         return files_under(out_dir, written)
 
@@ -211,7 +217,7 @@ class AdapterTechnique(Technique):
             unexpected = getattr(result, "unexpected_keys", [])
             missing = [k for k in getattr(result, "missing_keys", []) if any(m in k for m in ADAPTER_MARKERS)]
             if unexpected or missing:
-                raise RuntimeError(
+                raise WeightsDoNotFit(
                     f"{weights}: {len(unexpected)} adapter tensors did not fit the model and {len(missing)} "
                     "adapter tensors were missing; is this the run's base model?"
                 )
@@ -223,6 +229,21 @@ class AdapterTechnique(Technique):
             if isinstance(module, torch.nn.Module):
                 merge_adapters(module)
         return pipe
+
+
+def scale_folded(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A LoRA state dict (peft's keys) with each layer's scale (alpha / rank, rsLoRA's alpha / √rank,
+    ``rank_pattern``/``alpha_pattern`` included) folded into its B matrix, so that the file means the
+    same at scale 1 in every layer: in diffusers with or without its metadata (a mixed-rank file
+    without alpha information loads at scale 1 per layer since diffusers #14409), and in any loader
+    that follows the peft/diffusers convention alpha = rank."""
+    folded = dict(state)
+    for path, layer in community.adapter_layers(module):
+        scaling = float(layer.scaling[community.ADAPTER])
+        for key in (f"{path}.lora_B.weight", f"{path}.lora_B.bias"):
+            if key in folded:
+                folded[key] = (folded[key].float() * scaling).to(folded[key].dtype)
+    return folded
 
 
 def merge_adapters(model: torch.nn.Module) -> None:
@@ -249,6 +270,24 @@ def _existing_file(value: str, where: str) -> str:
             "(absolute, or relative to the experiment file)"
         )
     return str(path.resolve())
+
+
+def check_file_family(path: Path, family: str, where: str) -> None:
+    """A community file whose metadata names another family than the model's is refused before the
+    model loads (its layers would not fit; a file that does not say is checked layer by layer later)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as file:
+            metadata = file.metadata()
+    except Exception as error:  # safetensors raises its own error types for a damaged header
+        raise ConfigError(f"{where}: {str(path)!r} is not a readable .safetensors file ({first_line(error)})") from None
+    trained_on = family_of_metadata(metadata)
+    if trained_on is not None and trained_on != family:
+        raise ConfigError(
+            f"{where}: {path.name} was trained on a model of family {trained_on} (its metadata says so) but this "
+            f"experiment's model is {family}; give a file trained on a {family} model, or remove init_from"
+        )
 
 
 def _check_injected(module: torch.nn.Module, targets: list[str], what: str) -> None:
@@ -328,17 +367,24 @@ class LoRA(AdapterTechnique):
         adapted = self._adapted_states(model)
         parts = {"adapter": self._save_peft(adapted, out_dir)}
         lora_layers: dict[str, Any] = {}  # save_lora_weights takes <component>_lora_layers for each component
-        for name, _, targets, state in adapted:
+        for name, module, targets, state in adapted:
             # peft's keys, as diffusers writes them itself: its older converted spelling renames only
             # attention layers, and a file mixing both spellings (LoCon) loads without the attention ones
-            lora_layers[f"{name}_lora_layers"] = state
-            # the metadata keeps alpha and targets, so load_lora_weights rebuilds the same scale
-            lora_layers[f"{name}_lora_adapter_metadata"] = _jsonable(self.saved_peft_config(targets).to_dict())
+            lora_layers[f"{name}_lora_layers"] = scale_folded(module, state)
+            lora_layers[f"{name}_lora_adapter_metadata"] = _jsonable(self.unit_scale_config(targets).to_dict())
         model.pipeline_class().save_lora_weights(
             out_dir, weight_name=DIFFUSERS_LORA_FILE, safe_serialization=True, **lora_layers
         )
         parts["diffusers_lora"] = [DIFFUSERS_LORA_FILE]
         return {**parts, **self._save_community(model, adapted, out_dir)}
+
+    def unit_scale_config(self, targets: list[str]) -> Any:
+        """The saved peft config with every layer's alpha equal to its rank (scale 1), for a file
+        whose scales are folded into its B matrices (:func:`scale_folded`)."""
+        config = self.saved_peft_config(targets)
+        config.lora_alpha, config.use_rslora = config.r, False
+        config.alpha_pattern = dict(config.rank_pattern or {})
+        return config
 
     @classmethod
     def community_output(cls, family: str) -> tuple[str, str]:

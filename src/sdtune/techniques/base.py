@@ -17,8 +17,13 @@ from typing import Any, ClassVar
 import torch
 
 from sdtune.config import ConfigError, build
+from sdtune.errors import UserError
 from sdtune.models import Model
 from sdtune.util.registry import Registry
+
+
+class WeightsDoNotFit(UserError, RuntimeError):
+    """A run's saved weights do not fit the pipeline they are loaded into (another base model)."""
 
 
 @dataclass
@@ -81,10 +86,15 @@ class Technique:
     def make_trainable(self, model: Model) -> None:
         raise NotImplementedError
 
-    def training_captions(self, captions: list[str]) -> list[str]:
-        """The captions as the text encoders see them in training (textual inversion spells out its
-        placeholder's vectors); unchanged for most techniques."""
-        return captions
+    def check_captions(self, captions: list[str]) -> None:
+        """Refuse a training set this technique cannot learn from (textual inversion: no caption names
+        its placeholder); ``captions`` as written, prefix and suffix included."""
+
+    def transform_caption(self, caption: str) -> str:
+        """A caption as the text encoders see it in training (textual inversion spells out its
+        placeholder's vectors); unchanged for most techniques. Applied to the caption as it is
+        finally built (after ``data.shuffle_captions``, prefix and suffix), and to validation captions."""
+        return caption
 
     def parameter_groups(self, parameters: dict[str, torch.nn.Parameter], learning_rate: float) -> list[dict[str, Any]]:
         """Optimizer parameter groups of ``parameters`` (named ``<component>.<parameter>``), all at

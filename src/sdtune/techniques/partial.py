@@ -24,6 +24,7 @@ from sdtune.techniques.base import (
     TECHNIQUES,
     Technique,
     TechniqueOptions,
+    WeightsDoNotFit,
     files_under,
     trainable_named_parameters,
 )
@@ -112,7 +113,7 @@ class PartialFineTuning(Technique):
             module = getattr(pipe, prefix)
             result = module.load_state_dict(part, strict=False)
             if result.unexpected_keys:
-                raise RuntimeError(
+                raise WeightsDoNotFit(
                     f"{run_dir / WEIGHTS_FILE}: {len(result.unexpected_keys)} tensors do not exist in the "
                     f"base {prefix} (first: {result.unexpected_keys[0]}); is this the same base model?"
                 )

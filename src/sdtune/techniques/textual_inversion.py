@@ -122,17 +122,19 @@ class TextualInversion(Technique):
             start = original.weight[initializer].detach()[None].repeat(len(token_ids), 1)
             encoder.set_input_embeddings(NewTokenEmbedding(original, token_ids, start))
 
-    def training_captions(self, captions: list[str]) -> list[str]:
-        """Captions spell the placeholder once; the text encoders see all its vectors (as prompts do
-        in diffusers' pipelines). A training set that never names it could not learn it."""
+    def check_captions(self, captions: list[str]) -> None:
+        """A training set that never names the placeholder could not learn it."""
         token = self.options.placeholder_token
         if not any(token in caption for caption in captions):
             raise ConfigError(
                 f"textual-inversion: no caption contains the placeholder {token!r}; write it into the captions "
                 f"or set data.instance_prompt, e.g. 'a photo of {token}'"
             )
-        spelled = " ".join(self.tokens())
-        return [caption.replace(token, spelled) for caption in captions]
+
+    def transform_caption(self, caption: str) -> str:
+        """Captions spell the placeholder once; the text encoders see all its vectors (as prompts do
+        in diffusers' pipelines). A caption that names it twice spells all vectors twice."""
+        return caption.replace(self.options.placeholder_token, " ".join(self.tokens()))
 
     # -- outputs ----------------------------------------------------------------------------------
     def save(self, model: Model, out_dir: Path) -> dict[str, list[str]]:

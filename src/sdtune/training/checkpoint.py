@@ -44,8 +44,9 @@ def save_checkpoint(
     training_state: dict[str, Any],
     total_limit: int | None,
 ) -> Path:
-    """Write checkpoint-<step> atomically and delete all but the newest ``total_limit``."""
-    final = Path(run_dir) / CHECKPOINT_DIR / f"checkpoint-{step:08d}"
+    """Write checkpoint-<step> atomically; once it exists, delete all but the newest ``total_limit``
+    (None: delete nothing). A failed write leaves every earlier checkpoint as it was."""
+    final = checkpoint_path(run_dir, step)
     structure, state_tensors = split_tensors(training_state)
     with atomic.replacing(final, folder=True) as temporary:  # the folder appears complete, or not at all
         save_file({name: tensor.detach().contiguous().cpu() for name, tensor in trainable.items()},
@@ -59,6 +60,11 @@ def save_checkpoint(
     return final
 
 
+def checkpoint_path(run_dir: Path, step: int) -> Path:
+    """The folder of the checkpoint after ``step``."""
+    return Path(run_dir) / CHECKPOINT_DIR / f"checkpoint-{step:08d}"
+
+
 def resolve_resume(run_dir: Path, resume: str | bool | None) -> Path | None:
     """``True``/"latest" → the newest checkpoint of the run (None if there is none); a path → it."""
     if not resume:
@@ -70,6 +76,15 @@ def resolve_resume(run_dir: Path, resume: str | bool | None) -> Path | None:
     if not (path / "trainable.safetensors").exists():
         raise CheckpointError(f"--resume {str(path)!r}: not a checkpoint folder (no trainable.safetensors)")
     return path
+
+
+def read_saved_state(path: Path) -> dict[str, Any]:
+    """A checkpoint's loop state (:class:`sdtune.training.state.TrainState`'s ``state_dict``: plain
+    JSON), without reading its tensors."""
+    try:
+        return json.loads((Path(path) / "training_state.json").read_text())["state"]
+    except (OSError, ValueError, KeyError) as error:
+        raise CheckpointError(f"{path}: not a readable checkpoint ({error}); resume from another one with --resume PATH") from None
 
 
 def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -130,8 +145,8 @@ def join_tensors(structure: Any, tensors: dict[str, torch.Tensor]) -> Any:
     return structure
 
 
-def restore_parameters(parameters: dict[str, torch.nn.Parameter], saved: dict[str, torch.Tensor]) -> None:
-    """Copy saved tensors into the live parameters, checking the names match exactly."""
+def check_trainable_names(parameters: dict[str, torch.nn.Parameter], saved: dict[str, torch.Tensor]) -> None:
+    """A checkpoint's trained tensors must be exactly this run's, by name."""
     missing = sorted(set(parameters) - set(saved))
     extra = sorted(set(saved) - set(parameters))
     if missing or extra:
@@ -140,6 +155,11 @@ def restore_parameters(parameters: dict[str, torch.nn.Parameter], saved: dict[st
             f"checkpoint does not match this technique: {len(missing)} trainable tensors missing and "
             f"{len(extra)} unexpected (e.g. {example}); resume with the same experiment and technique"
         )
+
+
+def restore_parameters(parameters: dict[str, torch.nn.Parameter], saved: dict[str, torch.Tensor]) -> None:
+    """Copy saved tensors into the live parameters, checking the names match exactly."""
+    check_trainable_names(parameters, saved)
     with torch.no_grad():
         for name, parameter in parameters.items():
             parameter.copy_(saved[name].to(parameter.device, parameter.dtype))

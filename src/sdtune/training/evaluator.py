@@ -16,6 +16,7 @@ scheduler compares trials there) and at the end it records, in the run's :class:
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +30,7 @@ from sdtune.data.heldout import RealImage, validation_images
 from sdtune.experiment import Experiment
 from sdtune.models import Model
 from sdtune.models.sampling import generate_images, save_images, set_scheduler
+from sdtune.training.savers import modules_on
 from sdtune.training.setup import TrainingRun
 from sdtune.training.state import TrainState
 from sdtune.training.step import denoising_loss
@@ -130,8 +132,9 @@ class TrainingEvaluator:
             training = [m.training for m in modules]
             for module in modules:
                 module.eval()
+            parked = [model.components[name] for name in run.inputs.parked]  # train.free_encoders
             try:
-                with accelerator.autocast():
+                with accelerator.autocast(), modules_on(parked, accelerator.device, self.experiment.evaluation.cpu_offload):
                     entry = self._entry(step, run, model)
             finally:
                 for module, mode in zip(modules, training):
@@ -146,8 +149,10 @@ class TrainingEvaluator:
         entry: dict[str, Any] = {"step": step, "validation_loss": None, "images": None}
         if self.batch is not None:
             timesteps = fixed_timesteps(run.objective, self.experiment.evaluation.validation_timesteps)
+            # the captions as the text encoders see them in training (textual inversion: all its vectors)
+            batch = dataclasses.replace(self.batch, captions=[run.technique.transform_caption(c) for c in self.batch.captions])
             losses = validation_loss(
-                model, run.objective, self.batch, timesteps, run.config.batch_size, seed=self.experiment.validation.seed
+                model, run.objective, batch, timesteps, run.config.batch_size, seed=self.experiment.validation.seed
             )
             entry["validation_loss"] = float(np.mean(losses))
             entry["validation_images"] = len(self.batch.captions)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -11,10 +14,11 @@ from sdtune import records
 from sdtune.models import Model
 from sdtune.techniques import trainable_named_parameters
 from sdtune.training import sharding
-from sdtune.training.checkpoint import restore_parameters
+from sdtune.training.checkpoint import checkpoint_path, restore_parameters
 from sdtune.training.record import train_record
 from sdtune.training.setup import TrainingRun, trains
 from sdtune.training.state import TrainState
+from sdtune.util import atomic
 from sdtune.util.timing import StepClock
 
 
@@ -42,34 +46,58 @@ def run_timing(run: TrainingRun, clock: StepClock, state: TrainState, first_step
 
 def finish_run(run: TrainingRun, status: str, state: TrainState, timing: dict[str, Any], started: float) -> tuple[dict[str, Any], Model]:
     """Save the technique's outputs (EMA weights when used) and write the run record; return the
-    record and the trained model (EMA weights if used)."""
+    record and the trained model (EMA weights if used).
+
+    A finished run's final state is checkpointed before this is called (:mod:`sdtune.training.loop`);
+    the outputs are written into a private folder and moved into the run folder once all of them
+    are complete, then the record; only then is the final state's checkpoint removed. A write that
+    fails leaves that checkpoint, and ``--resume`` writes the outputs from it (docs/resume.md)."""
     accelerator = run.accelerator
     saving_started = time.perf_counter()
     if status == "finished" and run.ema is not None:
         run.ema.copy_to(sharding.ema_tensors(accelerator, run.parameters))  # the study saves the EMA weights
     model = _gathered_model(run) if run.sharding and status == "finished" else run.unwrapped_model()
+    final_state = checkpoint_path(run.run_dir, state.step) if status == "finished" else None
     outputs: dict[str, Any] = {}
-    if status == "finished" and accelerator.is_main_process:
-        for component in model.trainable_names():
-            model.components[component].eval()
-        if run.objective.name == "ddpm":  # a prediction_type override must reach the sampler too
-            model.inference_scheduler.register_to_config(prediction_type=run.objective.prediction_type)
-        saved = run.technique.save(_with_original_frozen_parts(run, model), run.run_dir)
-        outputs = {part: {"files": files, "bytes": records.bytes_on_disk(run.run_dir, files)} for part, files in saved.items()}
-    timing["save_time_s"] = time.perf_counter() - saving_started
-    timing["job_wall_time_s"] = time.perf_counter() - started  # from the call to the saved weights
-    record = train_record(run, model, status, state, timing, outputs)
-    if accelerator.is_main_process:
-        records.write_record(run.run_dir / records.RECORD_FILE, record)
+    with _resumable_from(final_state):
+        if status == "finished" and accelerator.is_main_process:
+            for component in model.trainable_names():
+                model.components[component].eval()
+            if run.objective.name == "ddpm":  # a prediction_type override must reach the sampler too
+                model.inference_scheduler.register_to_config(prediction_type=run.objective.prediction_type)
+            with atomic.filling(run.run_dir) as staging:  # all of the outputs, or none of them
+                saved = run.technique.save(_with_original_frozen_parts(run, model), staging)
+            outputs = {part: {"files": files, "bytes": records.bytes_on_disk(run.run_dir, files)} for part, files in saved.items()}
+        timing["save_time_s"] = time.perf_counter() - saving_started
+        timing["job_wall_time_s"] = time.perf_counter() - started  # from the call to the saved weights
+        record = train_record(run, model, status, state, timing, outputs)
+        if accelerator.is_main_process:
+            records.write_record(run.run_dir / records.RECORD_FILE, record)
+    if final_state is not None and accelerator.is_main_process:
+        atomic.remove(final_state)  # the outputs and the record hold it now
     accelerator.wait_for_everyone()  # no process leaves before the run's files are written
     return record, model
+
+
+@contextlib.contextmanager
+def _resumable_from(checkpoint: Path | None) -> Iterator[None]:
+    """A failed write of the outputs or the record says how to finish the run from its final state."""
+    try:
+        yield
+    except atomic.WriteError as error:
+        if checkpoint is None or not checkpoint.is_dir():
+            raise
+        raise atomic.WriteError(
+            error.path, error.code, f"the trained state is safe in {checkpoint}: fix that, then rerun with --resume "
+            "to write the outputs"
+        ) from error
 
 
 def _gathered_model(run: TrainingRun) -> Model:
     """Sharded runs: on rank 0, the model with its trained tensors gathered whole into a fresh copy of
     the base model, prepared by the technique as in training (so it saves exactly as one process)."""
-    full = sharding.full_parameters(run.accelerator, run.parameters)  # every process takes part
     model = run.unwrapped_model()
+    full = sharding.full_parameters(run.accelerator, model.components, run.parameters)  # every process takes part
     if not run.accelerator.is_main_process:
         return model
     fresh = run.experiment.family.load(run.experiment.model)

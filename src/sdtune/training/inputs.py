@@ -51,7 +51,7 @@ class InputPipeline:
     def __init__(
         self, model: Model, training_set: TrainingSet, layout: Layout, cache: cache_lib.LatentCache | None,
         prior: PriorSamples | None, device: torch.device, weight_dtype: torch.dtype, train_text_encoder: bool,
-        seed: int, process_index: int,
+        seed: int, process_index: int, parking: torch.device | None = None,
     ) -> None:
         self.model, self.training_set, self.layout, self.cache, self.prior = model, training_set, layout, cache, prior
         self.device, self.weight_dtype, self.train_text_encoder = device, weight_dtype, train_text_encoder
@@ -61,12 +61,25 @@ class InputPipeline:
         self.encoded_images = 0
         self._fixed_captions: dict[str, Conditioning] = {}  # caption → its frozen encoders' conditioning
         self._pixels: Iterator[dict[str, Any]] | None = None
+        self.parking = parking  # train.free_encoders: where the encoders go once every input is encoded
+        self.parked: list[str] = []  # the components parked there
 
     # -- the loader ----------------------------------------------------------------------------------
-    def start(self, first_step: int, max_steps: int, accumulation: int, num_workers: int | None, num_processes: int) -> None:
+    def start(
+        self, first_step: int, max_steps: int, accumulation: int, num_workers: int | None, num_processes: int,
+        progress: bool = False,
+    ) -> None:
         """Decode the micro-batches' images from ``first_step`` on, ahead of the step (workers: None =
-        auto, decoding beside training pays only with cores to spare)."""
+        auto, decoding beside training pays only with cores to spare). With ``parking`` every input is
+        encoded first and the encoders no step needs leave the device (:meth:`encode_ahead`)."""
         start, count = first_step * accumulation, (max_steps - first_step) * accumulation
+        if self.parking is not None:  # (its time counts as setup: the step clock starts after)
+            self.encode_ahead(start, count, progress)
+            self.parked = self.leaving_encoders()
+            for name in self.parked:
+                self.model.components[name].to(self.parking)
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()  # (the caching allocator would keep their blocks otherwise)
         needs = pixel_needs(self.layout, start, count, None if self.cache is None else self.cache.has_posterior)
         if num_workers is None:
             per_process = (os.cpu_count() or 1) // num_processes
@@ -75,6 +88,38 @@ class InputPipeline:
             num_workers = 0  # everything is cached already
         dataset = PixelBatches(self.training_set, self.layout, start, needs)
         self._pixels = iter(pixel_loader(dataset, num_workers, pin_memory=self.device.type == "cuda"))
+
+    # -- train.free_encoders: every input encoded first, then the encoders leave the device -----------
+    def encode_ahead(self, first_micro: int, count: int, progress: bool) -> None:
+        """Encode now, in the order the run would, everything micro-steps [first_micro, first_micro +
+        count) of this process use: each (image, flip) pair's posterior, each caption's conditioning
+        (when captions are cached), the empty caption of dropped ones, DreamBooth's class images and
+        class prompt. The loop then finds every input in the cache and never calls an encoder."""
+        from tqdm.auto import tqdm
+
+        pairs, indices = {}, {}  # (dicts: first-use order, no repeats)
+        for global_micro in range(first_micro, first_micro + count):
+            batch = self.layout.plan(global_micro)
+            pairs.update(dict.fromkeys(zip(batch.indices, batch.flips)))
+            indices.update(dict.fromkeys(batch.indices))
+        for index, flip in tqdm(pairs, desc="encode ahead", unit="image", disable=not progress):
+            self._posterior(self.cache, index, flip, lambda i, flip=flip: self.training_set.pixels(i, flip, None))
+        if self.cache.caches_texts:
+            for index in indices:
+                self._cached_text(index)
+            self.fixed_caption("")
+        if self.prior is not None:
+            for index in range(self.prior.num_images):
+                self._posterior(self.class_cache, index, False, self._class_pixels)
+            if not self.train_text_encoder:
+                self.fixed_caption(self.prior.class_prompt)
+
+    def leaving_encoders(self) -> list[str]:
+        """The encoders no step needs once :meth:`encode_ahead` ran: the VAE, and the frozen text
+        encoders when captions are cached (not with a trained text encoder, whose conditioning is
+        computed every step through all of them, nor with shuffled captions, new every epoch)."""
+        texts = list(self.model.loaded_text_encoders) if self.cache.caches_texts else []
+        return ["vae", *texts]
 
     # -- one micro-batch -------------------------------------------------------------------------
     def micro_batch(self, global_micro: int) -> MicroInputs:
@@ -112,8 +157,11 @@ class InputPipeline:
         else:
             posteriors = []
             for position, (index, flip) in enumerate(zip(batch.indices, batch.flips)):
-                # decoded by the loader, or (planned as cached, but another run's disk cache lacks it) here
-                pixels = decoded[position] if position in decoded else self.training_set.pixels(index, flip, None)
+                # decoded by the loader; or, only on a miss (planned as cached, but another run's disk cache
+                # lacks it), here
+                pixels = decoded[position] if position in decoded else (
+                    lambda _, index=index, flip=flip: self.training_set.pixels(index, flip, None)
+                )
                 posteriors.append(self._posterior(self.cache, index, flip, pixels))
             mean, std = (torch.stack(parts).to(device, non_blocking=True) for parts in zip(*posteriors))
         latents = diffusion.sample_latents(mean.float(), std.float(), model.latent_scale, generators, model.latent_shift)
@@ -210,7 +258,10 @@ def open_latent_cache(
     output_root: Path,
 ) -> cache_lib.LatentCache | None:
     """The lazily filled cache of posteriors (and text conditioning when no text encoder trains), or
-    None on the uncached path (random crops change every epoch; ``cache: off``).
+    None on the uncached path (random crops change every epoch; ``cache: off``). Its key holds
+    everything its content depends on: the model, the data section, the rows, the dtype and, when it
+    caches text conditioning, the captions as the text encoders see them (after the technique's
+    transform, so techniques that transform captions differently never share text entries).
 
     ``auto`` shares a disk cache between the techniques of an experiment (each trains in its own
     process) and keeps a single technique's cache in memory unless it would exceed the limit."""
@@ -237,4 +288,6 @@ def open_latent_cache(
         "dtype": str(weight_dtype),
         "rows": training_set.indices,
     }
+    if caches_texts:  # the captions as encoded: the technique's transform applied (textual inversion's
+        described["captions"] = cache_lib.cache_key({"captions": training_set.captions})  # spelled-out vectors)
     return cache_lib.open_cache(cache_lib.cache_key(described), mode, output_root / ".cache", caches_texts, described)

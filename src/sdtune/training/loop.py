@@ -21,14 +21,15 @@ import torch
 
 from sdtune import diffusion, records
 from sdtune.errors import UserError
-from sdtune.experiment import Experiment
+from sdtune.experiment import Experiment, output_root
 from sdtune.models import Model
-from sdtune.training import sharding
-from sdtune.training.checkpoint import CheckpointError, resolve_resume
+from sdtune.preflight import check_training
+from sdtune.training import optim, sharding
+from sdtune.training.checkpoint import CheckpointError, checkpoint_path, resolve_resume
 from sdtune.training.evaluator import TrainingEvaluator
 from sdtune.training.finish import finish_run, run_timing
-from sdtune.training.resume import restore_checkpoint, write_checkpoint
-from sdtune.training.run_dir import StopRequest, claim_run_dir
+from sdtune.training.resume import check_resume_settings, restore_checkpoint, write_checkpoint
+from sdtune.training.run_dir import StopRequest, claim_run_dir, drop_replaced, release_run_dir
 from sdtune.training.setup import TrainingRun, setup_run
 from sdtune.training.state import TrainState
 from sdtune.training.step import denoising_loss
@@ -54,11 +55,6 @@ def check_finite_loss(loss: float, step: int) -> None:
         raise NonFiniteLossError(f"loss became {loss} at step {step}; lower train.learning_rate, or use bf16 instead of fp16")
 
 
-def output_root(experiment: Experiment, output_dir: str | Path | None) -> Path:
-    """Where an experiment's runs go: ``output_dir`` given, the file's ``output_dir``, or runs/<name>."""
-    return Path(output_dir or experiment.output_dir or Path("runs") / experiment.name)
-
-
 def train_technique(
     experiment: Experiment,
     name: str,
@@ -71,24 +67,49 @@ def train_technique(
 ) -> TrainResult:
     """Train one technique of the experiment into ``OUTPUT/<name>/`` and write its record.
 
-    The result keeps the trained model (``model``, EMA weights if used) for the caller. With
-    ``stop_after`` the run stops after that optimizer step as on Ctrl-C (evaluated there, checkpointed,
-    status ``interrupted``): a scheduler such as ASHA compares trials at such steps and resumes the
-    ones it keeps; resumed, the run is the same as one never stopped.
+    The result keeps the trained model (``model``, EMA weights if used) for the caller. Everything
+    that can be checked first is (:func:`sdtune.preflight.check_training`); a run that ``overwrite``
+    replaces is set aside until this one finishes, and comes back if it fails. With ``stop_after``
+    the run stops after that optimizer step as on Ctrl-C (evaluated there, checkpointed, status
+    ``interrupted``): a scheduler such as ASHA compares trials at such steps and resumes the ones it
+    keeps; resumed, the run is the same as one never stopped.
     """
     started = time.perf_counter()
     run_dir = output_root(experiment, output_dir) / name
-    checkpoint = _claim(run_dir, resume, overwrite)
+    check_training(experiment, [name], output_dir, resume, overwrite)
+    checkpoint, new = _claim(run_dir, resume, overwrite)
+    if checkpoint is not None:  # what the file says, before anything loads (the rest: restore_checkpoint)
+        check_resume_settings(experiment, name, checkpoint)
+    main = process_state().is_main_process
+    try:
+        result = _train_claimed(experiment, name, run_dir, checkpoint, progress, after_step, started, stop_after)
+    except BaseException:
+        if main:
+            release_run_dir(run_dir, new)
+        raise
+    if main and result.status == "finished":
+        drop_replaced(run_dir)
+    elif main:  # interrupted: resumable from its checkpoint
+        release_run_dir(run_dir, new)
+    return result
+
+
+def _train_claimed(
+    experiment: Experiment, name: str, run_dir: Path, checkpoint: Path | None, progress: bool,
+    after_step: Callable[[int], None] | None, started: float, stop_after: int | None = None,
+) -> TrainResult:
+    """The run itself, in its claimed folder: set up, resume, the loop, the outputs and the record."""
     run = setup_run(experiment, name, run_dir, progress)
     config, accelerator, inputs = run.config, run.accelerator, run.inputs
     state = run.new_state()
     if checkpoint is not None:
         restore_checkpoint(run, checkpoint, state)
+    run.start_trackers()
     first_step = state.step
     if stop_after is not None and stop_after <= first_step:
         raise CheckpointError(f"stop after step {stop_after}: {run_dir} is already at step {first_step}")
     inputs.start(first_step, run.max_steps, config.gradient_accumulation_steps, experiment.data.num_workers,
-                 accelerator.num_processes)
+                 accelerator.num_processes, progress and accelerator.is_main_process)
     setup_time_s = time.perf_counter() - started
     evaluator = TrainingEvaluator.create(experiment, accelerator.is_main_process)  # None: nothing asked
     stop, clock, pending = StopRequest(), StepClock(accelerator.device), []  # pending: (step, loss, lr) not read back
@@ -116,9 +137,10 @@ def train_technique(
                     )
                     accelerator.backward(loss)  # (divided by the accumulation steps; DeepSpeed: by its engine)
                 step_loss += loss.detach().float() / config.gradient_accumulation_steps
-            accelerator.clip_grad_norm_(list(run.parameters.values()), config.max_grad_norm)
             lr = run.lr_scheduler.get_last_lr()[0]  # the rate this step uses
-            run.optimizer.step()
+            if not config.fused_backward:  # (fused: each tensor stepped in the backward pass, optim.py)
+                optim.clip_gradients(accelerator, run.optimizer, list(run.parameters.values()), config.max_grad_norm)
+                run.optimizer.step()
             run.lr_scheduler.step()
             run.optimizer.zero_grad(set_to_none=True)
             if run.ema is not None:
@@ -147,7 +169,10 @@ def train_technique(
                 break
     bar.close()
     accelerator.wait_for_everyone()
-    state.train_time_s += clock.total_s
+    state.train_time_s += clock.total_s  # (the last step ended at a sync point)
+    if status == "finished" and not checkpoint_path(run_dir, state.step).is_dir():
+        with clock.excluded():  # the final state on disk before any output is written (docs/resume.md)
+            write_checkpoint(run, state, rotate=False)
     record, model = finish_run(run, status, state, run_timing(run, clock, state, first_step, setup_time_s), started)
     for tracker in accelerator.trackers:  # (not end_training(): it would end the process group, which
         tracker.finish()  # the next technique or compare's evaluation in these processes still needs)
@@ -155,13 +180,13 @@ def train_technique(
     return TrainResult(run_dir=run_dir, status=status, record=record, model=model)
 
 
-def _claim(run_dir: Path, resume: str | bool | None, overwrite: bool) -> Path | None:
-    """Claim the run folder on the main process only, then agree on the checkpoint everywhere."""
+def _claim(run_dir: Path, resume: str | bool | None, overwrite: bool) -> tuple[Path | None, bool]:
+    """Claim the run folder on the main process only, then agree on the checkpoint everywhere;
+    (the checkpoint to resume, whether the main process made the folder new)."""
     process = process_state()  # joins the launched processes into one group (gloo on CPUs)
-    if process.is_main_process:
-        claim_run_dir(run_dir, resume, overwrite)
+    new = claim_run_dir(run_dir, resume, overwrite) if process.is_main_process else False
     process.wait_for_everyone()
-    return resolve_resume(run_dir, resume)
+    return resolve_resume(run_dir, resume), new
 
 
 def _sync_point(

@@ -1,8 +1,11 @@
-"""The optimizer (AdamW: torch's fused kernel, or bitsandbytes' 8-bit), the learning-rate schedule
-(diffusers') and the EMA of the trained weights, built from the run's settings."""
+"""The optimizer (AdamW: torch's fused kernel, or bitsandbytes' 8-bit and paged ones; optionally
+offloaded to the CPU, or stepped inside the backward pass), the learning-rate schedule (diffusers')
+and the EMA of the trained weights, built from the run's settings. The memory each choice saves:
+docs/memory.md."""
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import torch
@@ -34,21 +37,103 @@ def parameter_groups(
     ]
 
 
-def build_optimizer(groups: list[dict[str, Any]], config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW over ``groups`` with the train section's betas, weight decay and epsilon."""
-    optimizer_class, kernel = torch.optim.AdamW, {}
-    if config.use_8bit_adam:  # the config check made sure bitsandbytes imports
-        import bitsandbytes
+def optimizer_class(kind: str) -> type[torch.optim.Optimizer]:
+    """The AdamW of ``train.optimizer``: torch's, or bitsandbytes' 8-bit (moments as 8-bit blockwise
+    codes, 2 bytes per weight instead of 8) and paged ones (moments in CUDA unified memory, which
+    the driver pages out to the CPU when the GPU runs short) (the config check made sure
+    bitsandbytes imports)."""
+    if kind == "adamw":
+        return torch.optim.AdamW
+    import bitsandbytes
 
-        optimizer_class = bitsandbytes.optim.AdamW8bit
-    elif has_fused_adamw(device):
+    return {
+        "adamw8bit": bitsandbytes.optim.AdamW8bit, "paged_adamw": bitsandbytes.optim.PagedAdamW,
+        "paged_adamw8bit": bitsandbytes.optim.PagedAdamW8bit,
+    }[kind]
+
+
+def build_optimizer(groups: list[dict[str, Any]], config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    """``train.optimizer`` over ``groups`` with the train section's betas, weight decay and epsilon;
+    offloaded to the CPU with ``optimizer_offload``, stepped in the backward pass with ``fused_backward``."""
+    kind = optimizer_class(config.optimizer)
+    hyper = {"betas": (config.adam_beta1, config.adam_beta2), "weight_decay": config.adam_weight_decay, "eps": config.adam_epsilon}
+    if config.optimizer_offload:
+        from torchao.optim import CPUOffloadOptimizer
+
+        # the moments and an fp32 copy of each trained tensor on the CPU; each gradient is copied
+        # there as soon as it is complete, and the step runs there (torch's fused CPU AdamW); the
+        # GPU gradient is freed after the copy when there is nothing to accumulate into
+        return CPUOffloadOptimizer(
+            groups, optimizer_class=kind, offload_gradients=config.gradient_accumulation_steps == 1, **hyper
+        )
+    kernel = {}
+    if kind is torch.optim.AdamW and has_fused_adamw(device):
         # one pass over each tensor (torch's default on the CPU is a per-tensor loop of ~10 ops: on SD
         # 1.5's 860 M UNet weights 3.76 s per step instead of 0.77 s on this project's CPU machines)
         kernel = {"fused": True}
-    return optimizer_class(
-        groups, betas=(config.adam_beta1, config.adam_beta2), weight_decay=config.adam_weight_decay,
-        eps=config.adam_epsilon, **kernel,
-    )
+    optimizer = kind(groups, **hyper, **kernel)
+    if config.fused_backward:
+        step_in_backward(optimizer)
+    return optimizer
+
+
+def step_in_backward(optimizer: torch.optim.Optimizer) -> None:
+    """Step each trained tensor as soon as its gradient is complete, then free that gradient, so the
+    gradients are never all held at once (PyTorch's recipe "How to save memory by fusing the
+    optimizer step into the backward pass": ``register_post_accumulate_grad_hook``).
+
+    The one optimizer keeps its state, param groups and LR schedule (checkpoints are the same as
+    without the saver); each hook steps it over that one tensor. A tensor's gradient being final
+    when its hook fires is why the config refuses accumulation (the step would come after the
+    first micro-batch), global-norm clipping (the norm needs every gradient) and fp16 (the loss
+    scale would have to come off every gradient first). The loop then skips its own clip and step."""
+    for index, group in enumerate(optimizer.param_groups):
+        for parameter in group["params"]:
+            parameter.register_post_accumulate_grad_hook(partial(_step_one, optimizer, index))
+
+
+@torch.no_grad()
+def _step_one(optimizer: torch.optim.Optimizer, owner: int, parameter: torch.Tensor) -> None:
+    # the groups are cut down to this tensor for the call (the step skips tensors without gradients
+    # anyway, but would look at every one of them: O(tensors²) a step instead of O(tensors)); by
+    # index: load_state_dict (accelerate's prepare, a resume) replaces the group dicts, in order
+    kept = [group["params"] for group in optimizer.param_groups]
+    for index, group in enumerate(optimizer.param_groups):
+        group["params"] = [parameter] if index == owner else []
+    try:
+        optimizer.step()
+    finally:
+        for group, params in zip(optimizer.param_groups, kept):
+            group["params"] = params
+    parameter.grad = None
+
+
+def clip_gradients(accelerator: Any, optimizer: Any, parameters: list[torch.nn.Parameter], max_norm: float | None) -> None:
+    """Clip the global gradient norm to ``max_norm`` (None: no clipping). With the optimizer offloaded
+    the gradients it steps with are its CPU copies (taken as each gradient completed), so those are
+    clipped, together with the small tensors it keeps on the GPU."""
+    if max_norm is None:
+        return
+    offloaded = getattr(_unwrapped_optimizer(optimizer), "param_d2h_map", None)  # torchao's CPUOffloadOptimizer
+    if not offloaded:
+        accelerator.clip_grad_norm_(parameters, max_norm)
+        return
+    inner = _unwrapped_optimizer(optimizer)
+    for event in inner.queue.values():  # the copies to the CPU have landed
+        event.synchronize()
+    kept_on_device = [p for group in inner.d_param_groups for p in group["params"]]
+    torch.nn.utils.clip_grad_norm_([*offloaded.values(), *kept_on_device], max_norm)
+
+
+def sync_offloaded(optimizer: Any) -> None:
+    """After trained tensors were set from a checkpoint: the offloaded optimizer's CPU copies of them
+    (which its steps update and copy back) take the restored values."""
+    for on_device, on_cpu in (getattr(_unwrapped_optimizer(optimizer), "param_d2h_map", None) or {}).items():
+        on_cpu.copy_(on_device.detach())
+
+
+def _unwrapped_optimizer(optimizer: Any) -> Any:
+    return getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps it
 
 
 def build_lr_schedule(optimizer: torch.optim.Optimizer, config: TrainConfig, max_steps: int) -> Any:

@@ -13,7 +13,7 @@ The class images are generated once per experiment, deterministically — image 
 and written as PNGs under ``OUTPUT/.class-images/<key>/`` (key: the base model and the sampling
 settings), one file at a time, atomically. Every technique, resumed run and process of the
 experiment reads the same files; a run asking for more images than the folder holds generates only
-the missing ones. Which class image goes with which training position is a pure function of
+the missing ones (or the unreadable ones, each drawn again and replaced whole). Which class image goes with which training position is a pure function of
 (seed, position), like the instance order, and so are its latent and noise draws: a resumed run
 is bit-exact.
 """
@@ -75,7 +75,8 @@ def ensure_class_images(
     folder.mkdir(parents=True, exist_ok=True)
     info = {**dataclasses.asdict(config), "model": experiment.model.path, "resolution": experiment.data.resolution}
     atomic.write_json(folder / INFO_FILE, info)
-    missing = [i for i in range(config.num_class_images) if not class_image_path(folder, i).exists()]
+    # missing, or unreadable (a disk that failed under an earlier run): drawn again, each replaced whole
+    missing = [i for i in range(config.num_class_images) if not readable_image(class_image_path(folder, i))]
     if not missing:
         return folder, 0
     pipe = model.pipeline().to(device)
@@ -96,17 +97,30 @@ def class_image_path(folder: Path, index: int) -> Path:
     return folder / f"{index:05d}.png"
 
 
+def readable_image(path: Path) -> bool:
+    """Whether ``path`` is an image file PIL can read through (its checksums verified)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            image.verify()
+    except Exception:  # missing, or damaged: PIL raises many types
+        return False
+    return True
+
+
 
 @dataclasses.dataclass(frozen=True)
 class PriorSamples:
-    """The class samples added to every micro-batch (encoded by :class:`sdtune.training.inputs.InputPipeline`)."""
+    """The class samples added to every micro-batch (encoded by :class:`sdtune.training.inputs.InputPipeline`).
+    Their weight in the loss, λ, is the run's ``train.prior_loss_weight``, which the loop passes to
+    the loss itself (one source: the train settings)."""
 
     folder: Path
     num_images: int
     class_prompt: str
     seed: int  # the run's seed: class order, latents, noise and timesteps follow it
     resolution: int
-    prior_loss_weight: float
 
     def plan(self, positions: list[int], device: torch.device) -> tuple[list[int], list[torch.Generator]]:
         """For each training position: its class image (a pure function of (seed, position), like the
@@ -137,5 +151,5 @@ def setup(
     timing["class_images_generated"] = generated
     return PriorSamples(
         folder=folder, num_images=dreambooth.num_class_images, class_prompt=dreambooth.class_prompt, seed=config.seed,
-        resolution=experiment.data.resolution, prior_loss_weight=config.prior_loss_weight,
+        resolution=experiment.data.resolution,
     )

@@ -37,6 +37,22 @@ def objective_settings(objective: Any) -> dict[str, Any]:
     return {"name": objective.name, **values}
 
 
+def savers_used(run: TrainingRun) -> dict[str, Any]:
+    """The memory savers the run used (docs/memory.md), with what block swap and parked encoders did."""
+    config, swap = run.config, run.block_swap
+    return {
+        "optimizer": config.optimizer,
+        "optimizer_offload": config.optimizer_offload,
+        "fused_backward": config.fused_backward,
+        "gradient_checkpointing": config.gradient_checkpointing,
+        "parked_encoders": list(run.inputs.parked),  # train.free_encoders: the components that left the device
+        "block_swap": None if swap is None else {
+            "blocks": len(swap.frozen), "swapped_bytes": swap.swapped_bytes, "arrivals": swap.arrivals,
+            "most_in_at_once": swap.most_in,
+        },
+    }
+
+
 def train_record(
     run: TrainingRun, model: Model, status: str, state: TrainState, timing: dict[str, Any], outputs: dict[str, Any]
 ) -> dict[str, Any]:
@@ -67,7 +83,9 @@ def train_record(
             "s_per_step": timing["train_time_s"] / steps_run,
             "images_per_s": timing["images_per_step"] * steps_run / max(timing["train_time_s"], 1e-9),
         },
-        "memory": {"peak": records.peak_memory(accelerator.device), "cpu_allocator": allocator.state()},
+        "memory": {
+            "peak": records.peak_memory(accelerator.device), "cpu_allocator": allocator.state(), "savers": savers_used(run),
+        },
         "parameters": {
             "trainable": sum(getattr(p, "ds_numel", p.numel()) for p in run.parameters.values()),  # (ZeRO-3: partitioned)
             "components": {name: count_parameters(module) for name, module in model.components.items()},
@@ -92,5 +110,6 @@ def train_record(
         "loss_history": state.loss_history,
         "evaluation": state.evaluation,  # validation loss and images during training
         "resumed_from": state.resumed_from,
+        "changed_on_resume": state.changed_on_resume,
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }

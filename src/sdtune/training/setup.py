@@ -25,10 +25,12 @@ from sdtune.data.batches import Layout
 from sdtune.data.dataset import TrainingSet, prepare_training_set
 from sdtune.experiment import Experiment
 from sdtune.models import Model
+from sdtune.preflight import check_device_options
 from sdtune.techniques import Technique, trainable_named_parameters
-from sdtune.training import optim, sharding
+from sdtune.training import blockswap, optim, savers, sharding
 from sdtune.training import prior as prior_lib
 from sdtune.training.ema import LerpEMA
+from sdtune.training.fingerprint import RunFingerprint
 from sdtune.training.inputs import InputPipeline, open_latent_cache
 from sdtune.training.state import TrainState
 from sdtune.util.device import on_cpu, synchronize
@@ -61,24 +63,32 @@ class TrainingRun:
     train_text_encoder: bool  # a text encoder trains: conditioning is encoded every step, with gradients
     images_per_step: int  # batch × accumulation × processes
     layout: Layout  # what each micro-batch holds (pure in its position)
+    block_swap: blockswap.BlockSwap | None  # train.block_swap: the swapped transformer blocks
     training_set: TrainingSet
     inputs: InputPipeline
     timing: Mapping[str, float]  # setup split: model load, class images, data, cache
+
+    def start_trackers(self) -> None:
+        """Open the run's TensorBoard log (after a resume was accepted: a refused one writes nothing)."""
+        if self.accelerator.is_main_process:
+            self.accelerator.init_trackers("sdtune", config=flat_scalars(dataclasses.asdict(self.config)))
 
     def unwrapped_model(self) -> Model:
         """The model without accelerate's (DDP, FSDP2 container) and torch.compile's wrappers."""
         return unwrapped(self.model, self.accelerator)
 
     def new_state(self) -> TrainState:
-        """The state of a run that starts at step 0."""
-        return TrainState(layout=run_layout(self.images_per_step, self.max_steps))
+        """The state of a run that starts at step 0 (its fingerprint: what a resume must match)."""
+        return TrainState(fingerprint=self.fingerprint().flat())
 
-
-def run_layout(images_per_step: int, max_steps: int) -> dict[str, int]:
-    """What the data order and schedule depend on: a resumed run must match it. Samples and their
-    random draws follow their global position, so a run may resume on another number of processes
-    (or another split into batch × accumulation) as long as the total batch is the same."""
-    return {"total_batch": images_per_step, "max_steps": max_steps}
+    def fingerprint(self) -> RunFingerprint:
+        """The settings that shape this run (:mod:`sdtune.training.fingerprint`). Samples and their
+        random draws follow their global position, so a run may resume on another number of
+        processes (or another split into batch × accumulation) as long as the total batch is the same."""
+        return RunFingerprint.of_run(
+            self.experiment, self.name, self.training_set, self.max_steps, self.images_per_step,
+            self.accelerator.num_processes, self.sharding,
+        )
 
 
 def unwrapped(model: Model, accelerator: Accelerator) -> Model:
@@ -97,6 +107,14 @@ def setup_run(experiment: Experiment, name: str, run_dir: Path, progress: bool) 
     """Build the run of technique ``name`` (see the module docstring)."""
     config, item = experiment.train_config_for(name), experiment.techniques[name]
     accelerator = _accelerator(config, run_dir)
+    savers.check_device(config, experiment.evaluation, accelerator.device)
+    if config.fused_backward and accelerator.num_processes > 1:
+        raise ConfigError(
+            "train.fused_backward: each tensor steps before the processes average its gradient; train on one process"
+        )
+    sharded = sharding.configure(accelerator, config)  # FSDP2 / DeepSpeed when launched with them
+    evaluates = experiment.evaluation.every_steps is not None or experiment.validation is not None
+    sharding.check_evaluation_during_training(accelerator, sharded, config.use_ema, evaluates)
     weight_dtype = WEIGHT_DTYPES.get(config.mixed_precision, torch.float32)
     timing, started = {}, time.perf_counter()
     model = experiment.family.load(experiment.model)
@@ -107,14 +125,18 @@ def setup_run(experiment: Experiment, name: str, run_dir: Path, progress: bool) 
     torch.manual_seed(config.seed)  # adapter initialisation is random: same seed, same start
     technique.prepare(model)
     trained = [component for component in model.trainable_names() if trains(model.components[component])]
-    sharded = sharding.configure(accelerator, config)  # FSDP2 / DeepSpeed when launched with them
-    _place(model, accelerator.device, weight_dtype, config, trained)
+    swap = blockswap.attach(  # before placing: the swapped blocks' frozen weights never go to the device whole
+        model.denoiser, model.swappable_blocks, config.block_swap, model.family, accelerator.device,
+        savers.parking_device(), weight_dtype,
+    )
+    _place(model, accelerator.device, weight_dtype, config, trained, swap.parameter_ids if swap else set())
     synchronize(accelerator.device)
     timing["model_load_time_s"], started = time.perf_counter() - started, time.perf_counter()
     training_set = prepare_training_set(
         experiment.data, progress and accelerator.is_main_process, model.pixel_stride, held_out=experiment.validation
     )
-    training_set.captions = technique.training_captions(training_set.captions)
+    technique.check_captions(training_set.captions)
+    training_set.transform_captions(technique.transform_caption)  # after shuffling too (TrainingSet.caption)
     images_per_step = config.batch_size * config.gradient_accumulation_steps * accelerator.num_processes
     timing["data_setup_time_s"], started = time.perf_counter() - started, time.perf_counter()
     layout = Layout(
@@ -135,29 +157,28 @@ def setup_run(experiment: Experiment, name: str, run_dir: Path, progress: bool) 
     max_steps = config.max_train_steps or layout.steps_for_epochs(config.num_epochs)
     learning_rate = config.learning_rate * (images_per_step if config.scale_lr else 1)
     parameters = trainable_named_parameters(unwrapped(model, accelerator))
-    optimizer = optim.build_optimizer(
-        optim.parameter_groups(technique, parameters, model.denoiser_name, learning_rate), config, accelerator.device
-    )
+    parameter_groups = optim.parameter_groups(technique, parameters, model.denoiser_name, learning_rate)
     names = {id(parameter): parameter_name for parameter_name, parameter in parameters.items()}
-    groups = tuple(tuple(names[id(parameter)] for parameter in group["params"]) for group in optimizer.param_groups)
-    called, models, optimizer = sharding.prepare(accelerator, {c: model.components[c] for c in trained}, optimizer, sharded)
+    groups = tuple(tuple(names[id(parameter)] for parameter in group["params"]) for group in parameter_groups)
+    optimizer = optim.build_optimizer(parameter_groups, config, accelerator.device)
+    called, models, optimizer = sharding.prepare(
+        accelerator, {c: model.components[c] for c in trained}, optimizer, sharded, device_placement=swap is None
+    )
     model = model.replace(**called)
     parameters = trainable_named_parameters(unwrapped(model, accelerator))
     lr_scheduler = optim.build_lr_schedule(optimizer, config, max_steps)
     ema = optim.build_ema(sharding.ema_tensors(accelerator, parameters), config, accelerator.device)
     inputs = InputPipeline(
         model, training_set, layout, cache, prior, accelerator.device, weight_dtype, train_text_encoder, config.seed,
-        accelerator.process_index,
+        accelerator.process_index, parking=savers.parking_device() if config.free_encoders else None,
     )
-    if accelerator.is_main_process:
-        accelerator.init_trackers("sdtune", config=flat_scalars(dataclasses.asdict(config)))
     return TrainingRun(
         experiment=experiment, name=name, run_dir=run_dir, config=config, technique=technique, accelerator=accelerator,
         model=model, models=tuple(models), parameters=parameters, optimizer_groups=groups, optimizer=optimizer,
         lr_scheduler=lr_scheduler, ema=ema, max_steps=max_steps,
         objective=diffusion.build_objective(model.objective, model.noise_schedule(), item.objective),
         weight_dtype=weight_dtype, input_dtype=sharding.input_dtype(accelerator, weight_dtype), sharding=sharded,
-        train_text_encoder=train_text_encoder, images_per_step=images_per_step, layout=layout,
+        train_text_encoder=train_text_encoder, images_per_step=images_per_step, layout=layout, block_swap=swap,
         training_set=training_set, inputs=inputs, timing=dict(timing),
     )
 
@@ -166,8 +187,7 @@ def _accelerator(config: TrainConfig, run_dir: Path) -> Accelerator:
     from accelerate.state import AcceleratorState
     from accelerate.utils import ProjectConfiguration
 
-    if config.mixed_precision == "fp16" and not torch.cuda.is_available():
-        raise ConfigError("train.mixed_precision: 'fp16' needs a CUDA GPU; use 'bf16' or 'no' here")
+    check_device_options(config)  # (checked before the run folder was claimed; again for direct callers)
     gc.collect()  # the previous technique's model, if the caller dropped it
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -189,14 +209,20 @@ def _accelerator(config: TrainConfig, run_dir: Path) -> Accelerator:
     return accelerator
 
 
-def _place(model: Model, device: torch.device, weight_dtype: torch.dtype, config: TrainConfig, trained: list[str]) -> None:
+def _place(
+    model: Model, device: torch.device, weight_dtype: torch.dtype, config: TrainConfig, trained: list[str], swapped: set[int]
+) -> None:
     """Frozen weights in the compute dtype (the VAE in fp32 where the family says so), trained ones in
-    fp32, all on the device; memory-format and gradient-checkpointing options."""
+    fp32, all on the device but the ``swapped`` ones (block swap keeps them); memory-format and
+    gradient-checkpointing options."""
     for component, module in model.components.items():
         frozen_dtype = torch.float32 if component == "vae" and model.vae_in_fp32 else weight_dtype
         for parameter in module.parameters():
-            parameter.data = parameter.data.to(device, torch.float32 if parameter.requires_grad else frozen_dtype)
-        module.to(device)
+            if id(parameter) not in swapped:
+                parameter.data = parameter.data.to(device, torch.float32 if parameter.requires_grad else frozen_dtype)
+        for name, buffer in list(module.named_buffers()):  # (not module.to: it would move the swapped weights too)
+            owner, _, leaf = name.rpartition(".")
+            setattr(module.get_submodule(owner), leaf, buffer.to(device))
     if config.channels_last:
         model.denoiser.to(memory_format=torch.channels_last)
     if config.gradient_checkpointing:

@@ -6,13 +6,20 @@ the loop then hands accelerate the trained model and the optimizer together (FSD
 parameters with sharded DTensors and accelerate moves the optimizer onto them). Several trained
 components (a text encoder too) are handed over as one container model (:func:`prepare`), since
 accelerate prepares one model for FSDP2/DeepSpeed. Frozen parts (VAE, text encoders that do not
-train) stay whole on every process. Gradient accumulation keeps
-the loop's explicit ``no_sync`` (FSDP2: ``set_requires_gradient_sync(False)``, one reduce-scatter
+train) stay whole on every process. Gradient accumulation is
+accelerate's ``accumulate()`` (FSDP2: ``set_requires_gradient_sync(False)``, one reduce-scatter
 on the last micro-step). EMA is kept sharded like the parameters it follows.
 
-Checkpoints and the saved weights have the same layout as on one process: sharded tensors are
-gathered (every process takes part; rank 0 writes), and a resumed run cuts the full tensors back
-into this run's shards, so a run may resume on another number of processes, sharded or not.
+Checkpoints and the saved weights have the same layout as on one process, so a run may resume on
+another number of processes, sharded or not. FSDP2, DDP and one process alike go through torch's
+distributed-checkpoint state-dict API (``torch.distributed.checkpoint.state_dict``) with full state
+dicts: ``get_model_state_dict``/``get_optimizer_state_dict`` gather the trained tensors (frozen ones
+left out) and Adam's state whole onto rank 0's CPU (every process takes part; rank 0 writes), and
+``set_model_state_dict``/``set_optimizer_state_dict`` cut a checkpoint's whole tensors into this
+run's shards. The trained components are handed to it as one :class:`TrainedComponents` of the
+unwrapped modules, so its names are sdtune's, ``<component>.<parameter>``; the optimizer's state is
+stored in torch's index layout, counted through the param groups in their order. The EMA is neither
+a module nor an optimizer: its FSDP2 shards go through DTensor's ``full_tensor``/``distribute_tensor``.
 
 DeepSpeed: ``accelerate launch`` with a DeepSpeed config sets ``ACCELERATE_USE_DEEPSPEED=true``;
 the micro-batch, accumulation and clipping of the DeepSpeed config are filled from the train
@@ -21,8 +28,9 @@ engine casts the trained model to that dtype and the loop feeds the denoiser its
 (:func:`input_dtype`); the noising maths and the loss stay fp32. What is saved comes from the
 optimizer's fp32 master weights (``safe_get_full_fp32_param``) and Adam moments
 (``safe_get_full_optimizer_state``), written back with ``safe_set_full_*``; EMA follows the fp32
-master weights, each process its fragment. Under ZeRO-3 models load whole (:func:`load_whole`) and
-the engine partitions only the trained model.
+master weights, each process its fragment. (torch's state-dict API knows FSDP, DDP and DTensors, not
+ZeRO's flat partitions or its fp32 master weights, hence DeepSpeed's own helpers.) Under ZeRO-3
+models load whole (:func:`load_whole`) and the engine partitions only the trained model.
 
 accelerate routes FSDP and DeepSpeed only to GPUs; on a CPU process group (gloo) the same code
 paths are switched on here (:func:`configure`), which is how both are tested on CPUs.
@@ -31,12 +39,14 @@ paths are switched on here (:func:`configure`), which is how both are tested on 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 
 from sdtune.errors import UserError
-from sdtune.training.checkpoint import CheckpointError, restore_parameters
+from sdtune.preflight import sharded_option_problem
+from sdtune.training.checkpoint import check_trainable_names
 
 FSDP2, DEEPSPEED = "fsdp2", "deepspeed"
 
@@ -96,11 +106,36 @@ def configure(accelerator: Any, config: Any) -> str | None:
     return FSDP2
 
 
+def check_evaluation_during_training(accelerator: Any, sharded: str | None, use_ema: bool, evaluates: bool) -> None:
+    """Evaluation during training (validation loss, images) runs the live model on the main process
+    alone while the others wait: refused where that process does not hold the whole weights it
+    would evaluate (before anything loads)."""
+    if not evaluates or sharded is None:
+        return
+    if sharded == FSDP2:
+        reason = "FSDP2 shards the trained weights over the processes"
+    elif _zero_stage(accelerator) == 3:
+        reason = "DeepSpeed ZeRO-3 partitions the trained weights over the processes"
+    elif use_ema:
+        reason = "under DeepSpeed each process keeps only its fragment of the EMA weights (train.use_ema)"
+    else:
+        return  # ZeRO-1/2 without EMA: every process holds the whole weights
+    raise ShardingError(
+        f"evaluation during training (evaluation.every_steps, data.validation) runs on the main process alone, but "
+        f"{reason}; for this launch remove both (`sdtune compare` evaluates the finished model), or launch without sharding"
+    )
+
+
+def _zero_stage(accelerator: Any) -> int | None:
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    stage = None if plugin is None else (plugin.deepspeed_config.get("zero_optimization") or {}).get("stage", plugin.zero_stage)
+    return int(stage) if isinstance(stage, (int, str)) and str(stage).isdigit() else None
+
+
 def _check_options(config: Any, what: str) -> None:
-    if config.compile:
-        raise ShardingError(f"train.compile: true is not supported with {what}; set train.compile: false")
-    if config.use_8bit_adam:
-        raise ShardingError(f"train.use_8bit_adam is not supported with {what} (sharded parameters); set it to false")
+    problem = sharded_option_problem(config, what)
+    if problem:
+        raise ShardingError(problem)
 
 
 def _configure_deepspeed(accelerator: Any, config: Any) -> str:
@@ -123,7 +158,7 @@ def _configure_deepspeed(accelerator: Any, config: Any) -> str:
     wanted = {
         "train_micro_batch_size_per_gpu": (config.batch_size, "train.batch_size"),
         "gradient_accumulation_steps": (config.gradient_accumulation_steps, "train.gradient_accumulation_steps"),
-        "gradient_clipping": (config.max_grad_norm, "train.max_grad_norm"),
+        "gradient_clipping": (config.max_grad_norm or 0.0, "train.max_grad_norm"),  # (0: none)
         "train_batch_size": (config.batch_size * config.gradient_accumulation_steps * accelerator.num_processes, "the total batch"),
     }
     for key, (value, source) in wanted.items():
@@ -178,7 +213,8 @@ def _route(distributed_type: Any) -> None:
 
 
 def prepare(
-    accelerator: Any, trained: dict[str, torch.nn.Module], optimizer: Any, sharded: str | None
+    accelerator: Any, trained: dict[str, torch.nn.Module], optimizer: Any, sharded: str | None,
+    device_placement: bool = True,
 ) -> tuple[dict[str, Any], list[torch.nn.Module], Any]:
     """Prepare the trained components and their optimizer in one call (FSDP2 needs them together:
     sharding replaces the parameters the optimizer holds). Returns what the bundle calls for each
@@ -187,7 +223,8 @@ def prepare(
     FSDP2 and DeepSpeed prepare one model: several trained components (a text encoder too) are
     prepared as one :class:`TrainedComponents` container, and each is called through it."""
     if not sharded or len(trained) == 1:
-        prepared = accelerator.prepare(*trained.values(), optimizer)
+        # (device_placement False: already placed, and block swap keeps some weights on the CPU)
+        prepared = accelerator.prepare(*trained.values(), optimizer, device_placement=[device_placement] * (len(trained) + 1))
         return dict(zip(trained, prepared[:-1])), list(prepared[:-1]), prepared[-1]
     container, optimizer = accelerator.prepare(TrainedComponents(trained), optimizer)
     inner = accelerator.unwrap_model(container)
@@ -222,61 +259,8 @@ def unrouted(component: Any) -> Any:
     return component.module if isinstance(component, Routed) else component
 
 
-def _is_sharded(tensor: Any) -> bool:
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(tensor, DTensor)
-
-
-def gathered(value: Any) -> Any:
-    """``value`` (nested dicts/lists/tuples) with every sharded tensor gathered whole.
-
-    A collective: every process must call it, with the same structure, in the same order."""
-    if _is_sharded(value):
-        return value.full_tensor()
-    if isinstance(value, dict):
-        return {key: gathered(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(gathered(item) for item in value)
-    return value
-
-
-def shard_like(reference: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
-    """``full`` cut into this process's shard of ``reference`` (a plain tensor stays as it is)."""
-    if not _is_sharded(reference) or _is_sharded(full):
-        return full
-    from torch.distributed.tensor import distribute_tensor
-
-    # every process holds the same full tensor (read from the checkpoint), so no data moves
-    full = full.to(reference.device, reference.dtype)
-    return distribute_tensor(full, reference.device_mesh, reference.placements, src_data_rank=None)
-
-
-def shard_parameters(parameters: dict[str, torch.nn.Parameter], full: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Saved full tensors shaped like the live (maybe sharded) parameters of the same names."""
-    return {name: shard_like(parameters[name], tensor) if name in parameters else tensor for name, tensor in full.items()}
-
-
-def shard_optimizer_state(optimizer: Any, saved: dict[str, Any]) -> dict[str, Any]:
-    """A gathered optimizer state (torch's layout: states by parameter index) cut into the shards
-    of the optimizer's live parameters; per-parameter scalars (Adam's ``step``) stay as they are."""
-    parameters = [p for group in optimizer.param_groups for p in group["params"]]
-    state = {}
-    for index, entries in saved["state"].items():
-        parameter = parameters[index]
-        state[index] = {
-            key: shard_like(parameter, value)
-            if isinstance(value, torch.Tensor) and tuple(value.shape) == tuple(parameter.shape) and value.dim() > 0
-            else value
-            for key, value in entries.items()
-        }
-    return {**saved, "state": state}
-
-
 # ----------------------------------------------------------------------------------------------
 # The loop's few sharding-aware steps
-
-
 
 
 def input_dtype(accelerator: Any, weight_dtype: torch.dtype) -> torch.dtype:
@@ -284,19 +268,6 @@ def input_dtype(accelerator: Any, weight_dtype: torch.dtype) -> torch.dtype:
     model to that dtype and runs no autocast, so its inputs are cast as in diffusers' example scripts
     (``weight_dtype``); elsewhere fp32 goes in (autocast, or FSDP2's mixed precision, casts)."""
     return weight_dtype if is_deepspeed(accelerator) else torch.float32
-
-
-
-
-def full_parameters(accelerator: Any, parameters: dict[str, torch.nn.Parameter]) -> dict[str, torch.Tensor]:
-    """The trained tensors whole in fp32, as the model holds them (with EMA: after ``copy_to``). A
-    collective when sharded. DeepSpeed: its optimizer's fp32 master weights (the model itself may
-    hold bf16/fp16 copies)."""
-    if is_deepspeed(accelerator):
-        from deepspeed.utils import safe_get_full_fp32_param
-
-        return {name: safe_get_full_fp32_param(parameter) for name, parameter in parameters.items()}
-    return gathered(dict(parameters))
 
 
 # EMA under DeepSpeed follows the optimizer's fp32 master weights, this process's fragment of each
@@ -320,9 +291,118 @@ def _local_fp32(parameter: torch.nn.Parameter) -> torch.Tensor:
     return mapping.get_hp_fragment() if mapping is not None else parameter.new_empty(0, dtype=torch.float32)
 
 
+# ----------------------------------------------------------------------------------------------
+# Whole tensors out, shards back in. FSDP2, DDP and one process: torch's distributed-checkpoint
+# state-dict API with full state dicts. DeepSpeed: its own safe_get/set_full_* helpers, because that
+# API knows FSDP/DDP/DTensor but not ZeRO's flat partitions and fp32 master weights (which hold the
+# trained values under bf16/fp16).
+
+
+def _state_root(
+    components: Mapping[str, torch.nn.Module], parameters: dict[str, torch.nn.Parameter]
+) -> torch.nn.Module:
+    """The trained components (unwrapped: no DDP or compile wrapper; FSDP2 shards a module in place
+    and keeps its names) as one module for torch's state-dict API, whose names (FQNs) are then
+    sdtune's, ``<component>.<parameter>``, also when several are prepared as one container."""
+    trained = dict.fromkeys(name.partition(".")[0] for name in parameters)
+    return TrainedComponents({component: components[component] for component in trained})
+
+
+def _to_rank_0(**options: bool) -> Any:
+    """Options that gather whole tensors onto rank 0's CPU (``cpu_offload`` with ``full_state_dict``):
+    rank 0 writes them; the other processes take part and get {}."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True, **options)
+
+
+def _from_whole(**options: bool) -> Any:
+    """Options that load whole tensors, which every process read, into this process's shards."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, **options)
+
+
+def full_parameters(
+    accelerator: Any, components: Mapping[str, torch.nn.Module], parameters: dict[str, torch.nn.Parameter]
+) -> dict[str, torch.Tensor]:
+    """The trained tensors whole in fp32, as the model holds them (with EMA: after ``copy_to``), on the
+    main process ({} on the others, which take part: a collective when sharded). DeepSpeed: its
+    optimizer's fp32 master weights (the model itself may hold bf16/fp16 copies)."""
+    if is_deepspeed(accelerator):
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        return {name: safe_get_full_fp32_param(parameter) for name, parameter in parameters.items()}
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    root = _state_root(components, parameters)
+    full = get_model_state_dict(root, options=_to_rank_0(ignore_frozen_params=True))
+    return {name: full[name] for name in parameters} if full else {}
+
+
+def full_optimizer_state(
+    accelerator: Any, components: Mapping[str, torch.nn.Module], parameters: dict[str, torch.nn.Parameter],
+    optimizer: Any, groups: list[list[str]],
+) -> dict[str, Any]:
+    """The optimizer state whole, in torch's layout (states by parameter index, counted through the
+    param groups; ``groups``: the names in each group), as one process saves it; on the main process
+    ({} on the others, which take part: a collective when sharded)."""
+    if is_deepspeed(accelerator):
+        return _deepspeed_full_optimizer_state(parameters, optimizer, groups)
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    inner = _torch_optimizer(optimizer)
+    if not inner.state:  # no step taken (fp16: every step skipped): nothing to gather, and the API
+        return inner.state_dict()  # would create the state with a step of learning rate 0
+    root = _state_root(components, parameters)
+    full = get_optimizer_state_dict(root, inner, options=_to_rank_0())
+    if not full:
+        return {}
+    named = [list(group["params"]) for group in full["param_groups"]]  # (FQNs: sdtune's names)
+    if named != groups:
+        raise RuntimeError(f"the optimizer's groups ({[len(g) for g in named]} names) differ from the run's")
+    index = {name: position for position, name in enumerate(name for names in groups for name in names)}
+    return _relabelled(full, index.__getitem__)
+
+
+def load_training_state(
+    accelerator: Any, components: Mapping[str, torch.nn.Module], parameters: dict[str, torch.nn.Parameter],
+    optimizer: Any, trainable: dict[str, torch.Tensor], optimizer_state: dict[str, Any], groups: list[list[str]],
+) -> None:
+    """Put a checkpoint's whole tensors back: cut into this run's shards, or given to DeepSpeed."""
+    check_trainable_names(parameters, trainable)
+    if is_deepspeed(accelerator):
+        _deepspeed_load_training_state(accelerator, parameters, optimizer, trainable, optimizer_state, groups)
+        return
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    root = _state_root(components, parameters)
+    set_model_state_dict(root, dict(trainable), options=_from_whole())  # (it adds the frozen entries to the dict)
+    names = [name for group in groups for name in group]
+    named = _relabelled(optimizer_state, names.__getitem__)
+    inner = _torch_optimizer(optimizer)
+    # strict=False: a trained tensor that never had a gradient (its output unused) has no saved state
+    set_optimizer_state_dict(root, inner, named, options=_from_whole(strict=False))
+    for name in set(names) - set(named["state"]):  # the API gave every tensor a state (one step at rate
+        inner.state.pop(parameters[name], None)  # 0, to learn the shapes): keep torch's "none yet"
+    for group, saved in zip(inner.param_groups, optimizer_state["param_groups"]):  # its flattening turned
+        group.update({key: value for key, value in saved.items() if key != "params"})  # tuples (betas) into lists
+
+
+def _relabelled(optimizer_state: dict[str, Any], label: Callable[[Any], Any]) -> dict[str, Any]:
+    """The optimizer state with each tensor's key (in ``state`` and in the groups' ``params``) relabelled:
+    torch's index (our files) ↔ its name (torch's state-dict API), in the same order."""
+    groups = optimizer_state["param_groups"]
+    return {
+        "state": {label(key): entries for key, entries in optimizer_state["state"].items()},
+        "param_groups": [{**group, "params": [label(key) for key in group["params"]]} for group in groups],
+    }
+
+
 def full_ema_state(accelerator: Any, parameters: dict[str, torch.nn.Parameter], ema: Any) -> dict[str, Any] | None:
-    """The EMA state with whole shadow weights under DeepSpeed (a collective); else as it is (FSDP2's
-    sharded shadows are gathered with the rest of the training state)."""
+    """The EMA state with whole shadow weights (a collective when sharded). The EMA is neither a module
+    nor an optimizer, so torch's state-dict API does not take it: FSDP2's sharded shadows are gathered
+    with DTensor's own ``full_tensor``; DeepSpeed's fragments through the fp32 master slot."""
     if ema is None:
         return None
     state = ema.state_dict()
@@ -330,15 +410,34 @@ def full_ema_state(accelerator: Any, parameters: dict[str, torch.nn.Parameter], 
         state["shadow_params"] = [
             _through_master(parameter, shadow, get=True) for parameter, shadow in zip(parameters.values(), state["shadow_params"])
         ]
+    else:
+        state["shadow_params"] = [_whole(shadow) for shadow in state["shadow_params"]]
     return state
 
 
 def shard_ema_state(accelerator: Any, parameters: dict[str, torch.nn.Parameter], saved: dict[str, Any]) -> dict[str, Any]:
-    """A saved (whole) EMA state cut like :func:`ema_tensors` of this run."""
+    """A saved (whole) EMA state cut like :func:`ema_tensors` of this run (FSDP2: DTensor's own
+    ``distribute_tensor``, placed like the parameter each shadow follows)."""
     shadows = saved.get("shadow_params") or []
     if is_deepspeed(accelerator):
         return {**saved, "shadow_params": [_through_master(p, s, get=False) for p, s in zip(parameters.values(), shadows)]}
-    return {**saved, "shadow_params": [shard_like(p, s) for p, s in zip(parameters.values(), shadows)]}
+    return {**saved, "shadow_params": [_placed_like(p, s) for p, s in zip(parameters.values(), shadows)]}
+
+
+def _whole(tensor: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def _placed_like(parameter: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if not isinstance(parameter, DTensor):
+        return full
+    # every process read the same whole tensor from the checkpoint, so no data moves (src_data_rank=None)
+    full = full.to(parameter.device, parameter.dtype)
+    return distribute_tensor(full, parameter.device_mesh, parameter.placements, src_data_rank=None)
 
 
 @torch.no_grad()
@@ -360,16 +459,13 @@ def _through_master(parameter: torch.nn.Parameter, value: torch.Tensor, get: boo
     return result
 
 
-def full_optimizer_state(
-    accelerator: Any, parameters: dict[str, torch.nn.Parameter], optimizer: Any, groups: list[list[str]]
+def _deepspeed_full_optimizer_state(
+    parameters: dict[str, torch.nn.Parameter], optimizer: Any, groups: list[list[str]]
 ) -> dict[str, Any]:
-    """The optimizer state whole, in torch's layout (states by parameter index, counted through the
-    param groups; ``groups``: the names in each group), as one process saves it. A collective when sharded."""
-    if not is_deepspeed(accelerator):
-        return gathered(optimizer.state_dict())
+    """Adam's moments whole through ``safe_get_full_optimizer_state``, written in torch's layout."""
     from deepspeed.utils import safe_get_full_optimizer_state
 
-    inner = _deepspeed_torch_optimizer(optimizer)
+    inner = _torch_optimizer(optimizer)
     _link_optimizer_state(optimizer)
     step = next(iter(inner.state.values()), {}).get("step", torch.tensor(0.0))
     state, param_groups = {}, []
@@ -383,19 +479,13 @@ def full_optimizer_state(
     return {"state": state, "param_groups": param_groups}
 
 
-def load_training_state(
+def _deepspeed_load_training_state(
     accelerator: Any, parameters: dict[str, torch.nn.Parameter], optimizer: Any, trainable: dict, optimizer_state: dict,
     groups: list[list[str]],
 ) -> None:
-    """Put a checkpoint's whole tensors back: cut into this run's shards, or given to DeepSpeed."""
-    if not is_deepspeed(accelerator):
-        restore_parameters(parameters, shard_parameters(parameters, trainable))
-        optimizer.load_state_dict(shard_optimizer_state(optimizer, optimizer_state))
-        return
     import deepspeed
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
-    _check_names(parameters, trainable)
     _deepspeed_optimizer_state_ready(optimizer)
     for index, name in enumerate(name for names in groups for name in names):  # torch's state layout
         parameter = parameters[name]
@@ -404,10 +494,10 @@ def load_training_state(
         safe_set_full_fp32_param(parameter, trainable[name].to(accelerator.device))  # the optimizer's master copy
         for key in ("exp_avg", "exp_avg_sq"):
             safe_set_full_optimizer_state(parameter, optimizer_state["state"][index][key].to(accelerator.device), key)
-    for group, saved in zip(_deepspeed_torch_optimizer(optimizer).param_groups, optimizer_state["param_groups"]):
+    for group, saved in zip(_torch_optimizer(optimizer).param_groups, optimizer_state["param_groups"]):
         group["lr"] = saved["lr"]  # the rate of the step resumed at (the schedule sets it only after a step)
     step = optimizer_state["state"][0]["step"] if optimizer_state["state"] else None
-    for entries in _deepspeed_torch_optimizer(optimizer).state.values():
+    for entries in _torch_optimizer(optimizer).state.values():
         if step is not None and "step" in entries:
             dtype = entries["step"].dtype if torch.is_tensor(entries["step"]) else None  # (a copy each: torch
             entries["step"] = torch.as_tensor(step, dtype=dtype).clone()  # increments it in place, per group)
@@ -416,7 +506,7 @@ def load_training_state(
 def _deepspeed_optimizer_state_ready(optimizer: Any) -> None:
     """Create Adam's state before the first step (torch creates it lazily, in the first step) and
     let DeepSpeed link it to each parameter's fragment, so saved moments can be written into it."""
-    inner = _deepspeed_torch_optimizer(optimizer)
+    inner = _torch_optimizer(optimizer)
     zero = optimizer.optimizer  # accelerate's wrapper → DeepSpeed's ZeRO optimizer
     # ZeRO-3 puts its fp32 partitions into the torch optimizer's groups only while it steps
     flats = getattr(zero, "fp32_partitioned_groups_flat", None) or [p for g in inner.param_groups for p in g["params"]]
@@ -437,16 +527,8 @@ def _link_optimizer_state(optimizer: Any) -> None:
         zero._lazy_init_hp_params_optimizer_state()
 
 
-def _check_names(parameters: dict[str, torch.nn.Parameter], trainable: dict[str, torch.Tensor]) -> None:
-    if set(parameters) != set(trainable):
-        raise CheckpointError(
-            f"checkpoint does not match this technique ({len(set(parameters) ^ set(trainable))} trainable tensors "
-            "differ); resume with the same experiment and technique"
-        )
-
-
-def _deepspeed_torch_optimizer(optimizer: Any) -> torch.optim.Optimizer:
-    """The torch optimizer under accelerate's wrapper and DeepSpeed's ZeRO optimizer."""
+def _torch_optimizer(optimizer: Any) -> torch.optim.Optimizer:
+    """The torch optimizer under accelerate's wrapper (and DeepSpeed's ZeRO optimizer)."""
     inner = optimizer
     while not type(inner).__module__.startswith("torch.optim") and hasattr(inner, "optimizer"):
         inner = inner.optimizer

@@ -19,7 +19,8 @@ class TrainState:
     loss_history: list[dict[str, float]] = field(default_factory=list)  # {step, loss, lr} of every step
     train_time_s: float = 0.0  # device-synchronised loop time of every session of the run
     resumed_from: list[str] = field(default_factory=list)  # checkpoints this run was resumed from, in order
-    layout: dict[str, int] = field(default_factory=dict)  # what the data order depends on (see loop.run_layout)
+    fingerprint: dict[str, Any] = field(default_factory=dict)  # what shapes the run (training.fingerprint), flat
+    changed_on_resume: list[dict[str, Any]] = field(default_factory=list)  # {step, key, before, after} accepted
     evaluation: list[dict[str, Any]] = field(default_factory=list)  # validation loss and images per evaluated step
 
     def state_dict(self) -> dict[str, Any]:

@@ -7,23 +7,38 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sdtune.config import ConfigError
+from sdtune.config import ConfigError, read_experiment_file
 from sdtune.experiment import load_experiment
 
-ROOT = Path(__file__).resolve().parents[1]
-SHIPPED = sorted((ROOT / "configs").rglob("*.yaml"))
+ROOT = Path(__file__).resolve().parents[2]
+FOLDER = ROOT / "src" / "sdtune" / "configs"  # package data: every install has them
+SHIPPED = sorted(FOLDER.rglob("*.yaml"))
 
 
 def test_every_shipped_config_loads():
-    assert len(SHIPPED) == 7, [p.name for p in SHIPPED]  # update when adding a config
+    assert len(SHIPPED) == 10, [p.name for p in SHIPPED]  # update when adding a config
     for path in SHIPPED:
         experiment = load_experiment(path)
         for name in experiment.techniques:
             experiment.train_config_for(name)
 
 
+def test_shipped_configs_are_found_by_name_from_any_folder(tmp_path, monkeypatch):
+    from sdtune.config.shipped import shipped_configs
+
+    assert shipped_configs() == SHIPPED
+    monkeypatch.chdir(tmp_path)  # no configs/ folder here
+    for given in ("pokemon-paper", "pokemon-paper.yaml", "configs/pokemon-paper.yaml"):
+        experiment = load_experiment(given)
+        assert experiment.name == "pokemon-paper" and experiment.config.source_path == str(FOLDER / "pokemon-paper.yaml")
+    for given in ("configs/cards/sdxl-lora-12gb.yaml", "cards/sdxl-lora-12gb", "sdxl-lora-12gb"):
+        assert read_experiment_file(given).source_path == str(FOLDER / "cards" / "sdxl-lora-12gb.yaml")
+    with pytest.raises(ConfigError, match="does not exist .*pokemon-paper"):
+        load_experiment("no-such-experiment.yaml")
+
+
 def test_pokemon_paper_has_the_study_parameters():
-    experiment = load_experiment(ROOT / "configs" / "pokemon-paper.yaml")
+    experiment = load_experiment(FOLDER / "pokemon-paper.yaml")
     data, train = experiment.data, experiment.train
     assert (data.resolution, data.center_crop, data.random_flip) == (512, True, True)
     assert train.batch_size * train.gradient_accumulation_steps == 16
@@ -49,7 +64,7 @@ def _write(tmp_path, raw) -> Path:
         (lambda r: r["data"].update(resolution=500), "data.resolution: 500 is not allowed; expected a positive multiple of 8"),
         (lambda r: r.update(model="./no/such/model"), "does not exist"),
         (lambda r: r["data"].update(source="/no/such/folder"), "data.source: '/no/such/folder' does not exist"),
-        (lambda r: r["techniques"].update(x={"kind": "qlora"}), "'qlora' is not a technique; choose one of: boft, dora, full, loha, lokr, lora, oft, partial"),
+        (lambda r: r["techniques"].update(x={"kind": "qlora"}), "'qlora' is not a technique; choose one of: boft, dora, full, loha, lokr, lora, oft, partial, textual-inversion"),
         (lambda r: r["techniques"]["lora"].update(rnak=4), "techniques.lora.rnak: not an option of technique kind 'lora'"),
         (lambda r: r["train"].update(mixed_precision="fp8"), "expected one of 'no', 'fp16', 'bf16'"),
         (lambda r: r["train"].update(max_train_steps=None), "give max_train_steps or num_epochs"),
@@ -68,7 +83,7 @@ def _write(tmp_path, raw) -> Path:
     ],
 )
 def test_bad_values_fail_at_load_with_one_line(tmp_path, tiny_model, tiny_data, change, message):
-    from conftest import experiment_dict
+    from sdtune.testing import experiment_dict
 
     raw = experiment_dict(tiny_model, tiny_data)
     change(raw)
@@ -79,7 +94,7 @@ def test_bad_values_fail_at_load_with_one_line(tmp_path, tiny_model, tiny_data, 
 
 
 def test_overrides_and_number_strings(tmp_path, tiny_model, tiny_data):
-    from conftest import experiment_dict
+    from sdtune.testing import experiment_dict
 
     raw = experiment_dict(tiny_model, tiny_data)
     raw["train"]["learning_rate"] = "1e-5"  # YAML 1.1 reads this as a string
@@ -97,7 +112,7 @@ def test_overrides_and_number_strings(tmp_path, tiny_model, tiny_data):
 def test_relative_paths_resolve_against_the_file(tmp_path, tiny_model, tiny_data):
     import shutil
 
-    from conftest import experiment_dict
+    from sdtune.testing import experiment_dict
 
     shutil.copytree(tiny_data, tmp_path / "images")
     raw = experiment_dict(tiny_model, "images")

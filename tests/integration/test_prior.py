@@ -72,6 +72,9 @@ def test_class_images_are_deterministic_and_missing_ones_are_filled_in(write_exp
     (folder / "00001.png").unlink()
     assert ensure_class_images(experiment, model, tmp_path / "out", torch.device("cpu"), progress=False)[1] == 1
     assert {p.name: p.read_bytes() for p in folder.glob("*.png")} == first
+    (folder / "00002.png").write_bytes(first["00002.png"][:100])  # cut short (a full disk, an older sdtune)
+    assert ensure_class_images(experiment, model, tmp_path / "out", torch.device("cpu"), progress=False)[1] == 1
+    assert {p.name: p.read_bytes() for p in folder.glob("*.png")} == first  # drawn again, the same bits
 
 
 def _interrupt_at(step):

@@ -20,7 +20,10 @@ def _run(*args):
 def test_help_lists_technique_kinds(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--help"])
-    assert "boft, dora, full, loha, lokr, lora, oft, partial" in capsys.readouterr().out
+    from sdtune.techniques import TECHNIQUES
+
+    assert f"technique kinds: {', '.join(TECHNIQUES.names())}" in " ".join(capsys.readouterr().out.split())
+    assert "textual-inversion" in TECHNIQUES.names()
 
 
 def test_bad_config_is_one_line_and_exit_2(write_experiment):

@@ -21,7 +21,6 @@ import logging
 import pytest
 import torch
 import yaml
-from conftest import experiment_dict
 from safetensors.torch import load_file
 
 from sdtune.config import ConfigError, ModelConfig
@@ -31,6 +30,7 @@ from sdtune.formats import community
 from sdtune.formats.families import export_facts
 from sdtune.generation import load_run_pipeline
 from sdtune.models import FAMILIES, detect_family_name
+from sdtune.testing import experiment_dict
 from sdtune.training import train_technique
 
 # random initial weights (peft's init_* = False); alpha ≠ rank so that a wrong alpha shows, except

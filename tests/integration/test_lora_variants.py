@@ -130,14 +130,16 @@ def test_lora_variant_files_load_on_the_unmodified_base(variant, write_experimen
     expected = _effective_weights(result.model, components)
     assert not torch.allclose(expected["unet"][f"{to_q}.weight"], original, atol=1e-4)  # the adapter did something
 
-    # the kohya file's alpha: every loader's alpha / rank is peft's scale (rsLoRA: alpha / √r)
+    # the kohya file: every layer carries the file's network alpha (ss_network_alpha); where peft's
+    # scale (rsLoRA: alpha / √r) is not alpha / rank, the rest is folded into lora_up (the loaders
+    # below read it as the trained model)
     rank, alpha = options["rank"], options["alpha"]
-    scale = alpha / math.sqrt(rank) if options.get("use_rslora") else alpha / rank
+    converted = options["init_lora_weights"] in ("pissa", "olora")  # [A ; A₀]: rank 2r, the same scale
+    file_alpha = alpha * ((math.sqrt(2) if options.get("use_rslora") else 2) if converted else 1)
     kohya = load_file(run_dir / "pytorch_lora_weights_kohya.safetensors")
     downs = [k for k in kohya if k.endswith(".lora_down.weight")]
-    file_rank = 2 * rank if options["init_lora_weights"] in ("pissa", "olora") else rank  # [A ; A₀]
-    assert downs and all(kohya[k].shape[0] == file_rank for k in downs)
-    assert all(kohya[k.replace("lora_down.weight", "alpha")].item() / file_rank == pytest.approx(scale) for k in downs)
+    assert downs and all(kohya[k].shape[0] == (2 * rank if converted else rank) for k in downs)
+    assert all(kohya[k.replace("lora_down.weight", "alpha")].item() == pytest.approx(file_alpha) for k in downs)
 
     # diffusers reads both files onto the original base: the trained model's weights
     for weight_name in ("pytorch_lora_weights.safetensors", "pytorch_lora_weights_kohya.safetensors"):

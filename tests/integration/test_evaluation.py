@@ -97,9 +97,9 @@ def test_evaluation_during_training_changes_nothing_and_survives_a_resume(write_
     import os
     import signal
 
-    from conftest import make_imagefolder
     from safetensors.torch import load_file
 
+    from sdtune.testing import make_imagefolder
     from sdtune.training import train_technique
 
     validation = make_imagefolder(tmp_path / "validation", count=3, seed=5)
@@ -194,9 +194,13 @@ def test_compare_measures_quality_and_validation_loss_over_training(
             evaluation = json.loads((root / "records" / name).read_text())
             assert evaluation["step"] == (1 if "step1" in name else 2)
             assert evaluation["references"] == {"set": "validation", "count": 2}
-            for metric in ("dino", "clip_i", "clip_t", "drift"):
-                assert evaluation["metrics"][metric]["skipped"] is None, (name, metric)
-                assert math.isfinite(evaluation["metrics"][metric]["value"])
+            for metric, (low, high) in {"dino": (-1, 1), "clip_i": (-1, 1), "clip_t": (-1, 1), "drift": (0, 1)}.items():
+                entry = evaluation["metrics"][metric]
+                assert entry["skipped"] is None, (name, metric)
+                # a cosine (DINO, CLIP-I, CLIP-T) or peft's drift (1 − cos) / 2, with its CI around it
+                assert low <= entry["details"]["ci_low"] <= entry["value"] <= entry["details"]["ci_high"] <= high
+            # CLIP-T over every image; DINO and CLIP-I over the in-domain ones; drift over the out-of-domain
+            assert evaluation["metrics"]["clip_t"]["details"]["n"] == len(evaluation["images"])
             # the config stored is the one the run used: a loadable experiment with its own seed
             assert evaluation["config"]["train"]["seed"] == seed
             assert experiment_from_dict(evaluation["config"]).train.seed == seed

@@ -9,11 +9,10 @@ import yaml
 
 from sdtune.config import ConfigError, learning_rate_grid
 from sdtune.experiment import experiment_from_dict, load_experiment
+from sdtune.testing import experiment_dict
 
 
 def _raw(tiny_model, tiny_data, **tuning):
-    from conftest import experiment_dict
-
     raw = experiment_dict(tiny_model, tiny_data)
     raw["data"]["validation"] = 0.25
     raw["tuning"] = {"learning_rate": [1.0e-4, 1.0e-3, 1.0e-2], "steps": 2, **tuning}

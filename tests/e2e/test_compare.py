@@ -82,6 +82,7 @@ train_module.train_technique = crashing
 """
 
 
+@pytest.mark.slow
 def test_failed_technique_keeps_others_and_is_marked(compare_experiment, monkeypatch, tmp_path):
     """Each technique trains in its own process: a crash there (injected into the child through
     sitecustomize) is recorded with its traceback, and the others go on."""
@@ -148,6 +149,7 @@ def _open_in_chromium(report, expected_images):
     shutil.rmtree(profile, ignore_errors=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["sdxl", "sd3"])
 def test_compare_runs_and_reports_on_every_family(family, write_experiment, family_model, tiny_clip_dir):
     path = write_experiment(max_train_steps=2, model=family_model(family))
@@ -169,6 +171,7 @@ def test_compare_runs_and_reports_on_every_family(family, write_experiment, fami
     assert "| full | full | finished |" in markdown and "| lora | lora | finished |" in markdown
 
 
+@pytest.mark.slow
 def test_plan_commands_then_evaluate_only(compare_experiment, tmp_path):
     """--plan: one independent command per technique × seed (what a SLURM array runs); then
     --evaluate-only evaluates what finished and marks what did not as missing."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -57,5 +58,9 @@ def test_quick_demo_end_to_end(tmp_path):
     assert step["step"] == 1 and step["metrics"]["judge_prompt_accuracy"]["skipped"] is None
     train = json.loads((root / "records" / "train-lora-seed0.json").read_text())
     assert [e["step"] for e in train["evaluation"]] == [0, 1, 2]
-    assert all(e["validation_loss"] > 0 for e in train["evaluation"])
+    full = json.loads((root / "records" / "train-full-seed0.json").read_text())
+    assert all(math.isfinite(e["validation_loss"]) and e["validation_loss"] > 0 for e in train["evaluation"])
+    # at step 0 every technique is the base model (LoRA's B starts at zero): the same fixed-noise loss
+    assert train["evaluation"][0]["validation_loss"] == pytest.approx(full["evaluation"][0]["validation_loss"], rel=1e-6)
+    assert train["evaluation"][-1]["validation_loss"] != full["evaluation"][-1]["validation_loss"]
     assert "Quality over training steps" in markdown and "Validation loss over training" in markdown

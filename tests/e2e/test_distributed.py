@@ -60,7 +60,7 @@ def _max_difference(a, b):
     return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
-@pytest.mark.parametrize("name", ["lora", "full"])
+@pytest.mark.parametrize("name", ["lora", pytest.param("full", marks=pytest.mark.slow)])
 def test_two_processes_train_what_one_process_trains(name, write_experiment, tmp_path):
     path = write_experiment(data={"cache": "memory"}, log_every=1)
     two = _torchrun("train", str(path), "--technique", name, "--output", str(tmp_path / "two"), "--no-progress")
@@ -83,6 +83,7 @@ def test_two_processes_train_what_one_process_trains(name, write_experiment, tmp
     assert np.allclose(losses, [h["loss"] for h in one.record["loss_history"]], rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_a_stop_on_one_rank_stops_both_and_resumes_on_one_process(write_experiment, tmp_path):
     path = write_experiment(data={"cache": "memory"}, log_every=1, max_train_steps=4)
     inject = tmp_path / "inject"
@@ -101,6 +102,7 @@ def test_a_stop_on_one_rank_stops_both_and_resumes_on_one_process(write_experime
     assert _max_difference(_weights(resumed.run_dir, "lora"), _weights(straight.run_dir, "lora")) <= TOLERANCE["lora"]
 
 
+@pytest.mark.slow
 def test_evaluation_split_over_two_processes_gives_the_same_images(write_experiment, tiny_clip_dir, tmp_path):
     path = write_experiment(techniques={"lora": {"kind": "lora"}}, max_train_steps=2)
     raw = yaml.safe_load(path.read_text())

@@ -7,16 +7,26 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
 from safetensors.torch import load_file
 from test_distributed import TOLERANCE, _max_difference, _torchrun, _weights
 
+from sdtune.config import TrainConfig
 from sdtune.experiment import load_experiment
 from sdtune.training import train_technique
-from sdtune.training.sharding import Routed, ShardingError, TrainedComponents, configure, unrouted
+from sdtune.training.checkpoint import split_tensors
+from sdtune.training.sharding import (
+    Routed,
+    ShardingError,
+    TrainedComponents,
+    configure,
+    full_optimizer_state,
+    full_parameters,
+    load_training_state,
+    unrouted,
+)
 
 # what `accelerate launch` sets from an FSDP2 config (accelerate config → fsdp_config)
 FSDP2_ENV = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}
@@ -123,29 +133,29 @@ def _train_sharded_match_one_process_and_resume(write_experiment, tmp_path, envi
         assert _max_difference(_trained(resumed / name, name), _trained(sharded / name, name)) <= RESUME_TOLERANCE
 
 
-class _Accelerator(SimpleNamespace):
-    pass
-
-
 @pytest.mark.parametrize(
     ("environment", "options", "message"),
     [
-        (ZERO2_ENV, {"use_8bit_adam": True}, "train.use_8bit_adam is not supported with DeepSpeed"),
+        (ZERO2_ENV, {"optimizer": "adamw8bit"}, "train.optimizer: 'adamw8bit' is not supported with DeepSpeed"),
         ({**FSDP2_ENV, "FSDP_VERSION": "1"}, {}, "FSDP1 is not supported"),
         (FSDP2_ENV, {"compile": True}, "train.compile: true is not supported with FSDP2"),
     ],
 )
 def test_sharded_setups_that_cannot_run_are_refused_in_one_line(environment, options, message, monkeypatch):
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
-    for key, value in environment.items():
+    AcceleratorState._reset_state()  # (as sdtune does before each Accelerator)
+    accelerator = Accelerator(cpu=True)
+    for key, value in environment.items():  # the launcher's variables, set after the one-process accelerator
         monkeypatch.setenv(key, value)
+    # the state accelerate gives a 2-process FSDP launch on GPUs (undone after the test)
     plugin = FullyShardedDataParallelPlugin() if "FSDP_VERSION" in environment else None
-    accelerator = _Accelerator(
-        distributed_type=DistributedType.FSDP, num_processes=2, device=torch.device("cpu"),
-        state=SimpleNamespace(fsdp_plugin=plugin),
-    )
-    config = SimpleNamespace(**{"mixed_precision": "no", "compile": False, "use_8bit_adam": False, **options})
+    monkeypatch.setattr(accelerator.state, "distributed_type", DistributedType.FSDP)
+    monkeypatch.setattr(accelerator.state, "num_processes", 2)
+    monkeypatch.setattr(accelerator.state, "fsdp_plugin", plugin, raising=False)
+    config = TrainConfig(max_train_steps=1, **options)
     with pytest.raises(ShardingError, match=message):
         configure(accelerator, config)
 
@@ -162,3 +172,49 @@ def test_components_prepared_as_one_container_are_called_through_it():
     assert torch.equal(routed(inputs), text_encoder(inputs)) and calls == ["text_encoder"]
     assert routed.weight is text_encoder.weight and routed.out_features == 4
     assert unrouted(routed) is text_encoder and unrouted(unet) is unet
+
+
+def _components_and_optimizer(seed):
+    """Two trained components (one with a frozen tensor), AdamW with a param group each."""
+    torch.manual_seed(seed)
+    components = {"unet": torch.nn.Linear(3, 2), "text_encoder": torch.nn.Linear(3, 4)}
+    components["text_encoder"].bias.requires_grad_(False)
+    parameters = {f"{c}.{n}": p for c, m in components.items() for n, p in m.named_parameters() if p.requires_grad}
+    groups = [["unet.weight", "unet.bias"], ["text_encoder.weight"]]
+    rates = (0.1, 0.01)
+    optimizer = torch.optim.AdamW([{"params": [parameters[n] for n in names], "lr": lr} for names, lr in zip(groups, rates)])
+    return components, parameters, groups, optimizer
+
+
+def _same(a, b):
+    """Equal nested states as a checkpoint stores them: the same JSON text and equal tensors."""
+    (structure_a, tensors_a), (structure_b, tensors_b) = split_tensors(a), split_tensors(b)
+    return json.dumps(structure_a) == json.dumps(structure_b) and tensors_a.keys() == tensors_b.keys() and all(
+        torch.equal(tensors_a[k], tensors_b[k]) for k in tensors_a
+    )
+
+
+def test_trained_state_gathered_and_put_back_through_torch_state_dict_api_on_one_process():
+    """One process (no group): the checkpoint's trained tensors are the trained parameters by
+    <component>.<parameter> (frozen ones left out), its optimizer state is torch's own index layout,
+    and putting both into a fresh model and optimizer restores them exactly; a trained tensor that never
+    had a gradient keeps no Adam state (as torch keeps none)."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()
+    accelerator = Accelerator(cpu=True)
+    components, parameters, groups, optimizer = _components_and_optimizer(seed=0)
+    for _ in range(2):
+        components["unet"](torch.ones(1, 3)).square().sum().backward()  # the text encoder gets no gradient
+        optimizer.step()
+    trainable = full_parameters(accelerator, components, parameters)
+    saved = full_optimizer_state(accelerator, components, parameters, optimizer, groups)
+    assert list(trainable) == list(parameters) and all(torch.equal(trainable[n], parameters[n]) for n in parameters)
+    assert sorted(saved["state"]) == [0, 1] and [g["params"] for g in saved["param_groups"]] == [[0, 1], [2]]
+    assert _same(saved, optimizer.state_dict())
+    fresh_components, fresh, _, fresh_optimizer = _components_and_optimizer(seed=1)
+    load_training_state(accelerator, fresh_components, fresh, fresh_optimizer, trainable, saved, groups)
+    assert all(torch.equal(fresh[n], parameters[n]) for n in parameters)
+    assert not torch.equal(fresh_components["text_encoder"].bias, components["text_encoder"].bias)  # frozen: untouched
+    assert _same(fresh_optimizer.state_dict(), optimizer.state_dict())

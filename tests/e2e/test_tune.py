@@ -42,8 +42,9 @@ def _train_records(root: Path) -> dict[str, str]:
     return {str(p.relative_to(root)): p.read_text() for p in sorted(root.rglob("records/train-*.json"))}
 
 
+@pytest.mark.slow  # (two trial processes: ~30 s on 2 shared cores)
 def test_trials_choose_the_rate_that_moves(tune_experiment):
-    """The default tier's tune: one technique, two rates, one step each, no final runs."""
+    """The smallest tune: one technique, two rates, one step each, no final runs."""
     path = tune_experiment({"lora": {"kind": "lora", "rank": 4, "alpha": 8}}, learning_rate=[USELESS, 1.0e-2], steps=1)
     experiment = load_experiment(path)
     root = Path(experiment.output_dir)
@@ -135,23 +136,3 @@ def test_a_changed_tuning_section_refuses_to_mix(tune_experiment, tmp_path):
     changed = load_experiment(tune_experiment(steps=1))
     with pytest.raises(TuningMismatch, match=r"holds a tuning study of another experiment \(tuning.steps: 2 → 1\)"):
         tune(changed, output_dir=root, progress=False)
-
-
-def test_stop_after_evaluates_there_and_resumes_to_the_same_run(write_experiment, tmp_path):
-    """asha's rungs: a run stopped after a step is evaluated and checkpointed there; resumed, it is the same run."""
-    from sdtune.training import CheckpointError, train_technique
-
-    path = write_experiment({"lora": {"kind": "lora", "rank": 4, "alpha": 8}}, data={"validation": 0.25}, max_train_steps=3)
-    first = train_technique(load_experiment(path, [f"output_dir={tmp_path / 'straight'}"]), "lora", progress=False)
-    stopped = load_experiment(path, [f"output_dir={tmp_path / 'stopped'}"])
-    half = train_technique(stopped, "lora", progress=False, stop_after=2)
-    assert half.status == "interrupted" and half.record["steps"]["done"] == 2
-    assert [entry["step"] for entry in half.record["evaluation"]] == [0, 2]  # the validation loss where it stopped
-    assert (half.run_dir / "checkpoints" / "checkpoint-00000002").is_dir()
-    with pytest.raises(CheckpointError, match="is already at step 2"):
-        train_technique(stopped, "lora", progress=False, resume=True, stop_after=2)
-    resumed = train_technique(stopped, "lora", progress=False, resume=True)
-    assert resumed.status == "finished"
-    assert [h["loss"] for h in resumed.record["loss_history"]] == [h["loss"] for h in first.record["loss_history"]]
-    final = {e["step"]: e["validation_loss"] for e in first.record["evaluation"]}
-    assert {e["step"]: e["validation_loss"] for e in resumed.record["evaluation"]} == {**final, 2: half.record["evaluation"][-1]["validation_loss"]}

@@ -97,11 +97,13 @@ def test_asha_stops_the_worst_at_a_rung_and_replays_on_a_rerun(ray_experiment, l
 
 @pytest.mark.slow
 def test_the_ray_it_starts_is_shut_down_and_a_blind_node_is_one_line(tmp_path, monkeypatch):
-    """Without a running Ray and without --address, the engine starts one (this machine's CPUs), checks that
+    """Without a running Ray and without --address, the engine starts one (here: 2 CPUs), checks that
     every node sees the output folder, and shuts it down on close; no Ray process is left."""
     from sdtune.tuning import ray_engine
 
     assert not ray.is_initialized()
+    start = ray.init  # (the engine starts Ray on all the machine's CPUs; a test keeps it to 2)
+    monkeypatch.setattr(ray, "init", lambda **options: start(num_cpus=2, **options))
     engine = ray_engine.RayEngine(tmp_path / "out", max_concurrent=1)
     try:
         assert engine.started and ray.is_initialized() and engine.threads() >= 1

@@ -107,3 +107,34 @@ def test_ray_missing_is_one_line_naming_the_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray → ImportError
     with pytest.raises(RayMissing, match=r"^--engine ray needs Ray, which is not installed; pip install 'sdtune\[ray\]'$"):
         require_ray()
+
+
+def test_bad_input_to_tune_is_one_line_and_changes_nothing(tmp_path, tiny_model, tiny_data, capsys):
+    """Through the CLI: a bad range, an output that is a file, another command's output, another study."""
+    from sdtune.cli import main
+    from sdtune.tuning.study import open_selection
+
+    path = tmp_path / "tune.yaml"
+    path.write_text(yaml.safe_dump(_raw(tiny_model, tiny_data, learning_rate={"min": 1e-3, "max": 1e-4, "points": 3})))
+    assert main(["tune", str(path), "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "tuning.learning_rate" in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    path.write_text(yaml.safe_dump(_raw(tiny_model, tiny_data)))
+    (tmp_path / "file").write_text("mine")
+    assert main(["tune", str(path), "--output", str(tmp_path / "file")]) == 2
+    assert "is a file; give a folder" in capsys.readouterr().err and (tmp_path / "file").read_text() == "mine"
+    compared = tmp_path / "compared"
+    (compared / "records").mkdir(parents=True)
+    (compared / "report.html").write_text("the comparison's report")
+    assert main(["tune", str(path), "--output", str(compared)]) == 2
+    err = capsys.readouterr().err
+    assert "holds the output of another command (records, report.html), not a tuning study" in err
+    assert sorted(p.name for p in compared.iterdir()) == ["records", "report.html"]
+    assert (compared / "report.html").read_text() == "the comparison's report"
+    study = tmp_path / "study"
+    open_selection(load_experiment(path), study, "local")
+    before = (study / "tuning.json").read_text()
+    assert main(["tune", str(path), "--output", str(study), "--set", "tuning.steps=1", "--plan"]) == 2
+    err = capsys.readouterr().err
+    assert "holds a tuning study of another experiment (tuning.steps: 2 → 1)" in err and len(err.strip().splitlines()) == 1
+    assert (study / "tuning.json").read_text() == before and sorted(p.name for p in study.iterdir()) == ["tuning.json"]

@@ -23,6 +23,7 @@ from typing import Any
 import yaml
 
 from sdtune.demo.run import TECHNIQUES, DemoSettings, demo_experiment
+from sdtune.util import atomic
 
 SHARED_LEARNING_RATE = 3.0e-4  # one rate for every technique (the study's confound), a point of the grid
 # one grid for every technique, from full fine-tuning's usual rate to LoKr's (the demo's own rates are
@@ -80,7 +81,7 @@ def tune_experiment(output_dir: Path, settings: TuneSettings, scheduler: str = "
         "pareto": ["judge_full_style", "judge_heldout_accuracy"],
     }
     header = "# Written by `sdtune demo --tune`; rerun with `sdtune tune experiment.yaml`.\n"
-    path.write_text(header + yaml.safe_dump(raw, sort_keys=False))
+    atomic.write_text(path, header + yaml.safe_dump(raw, sort_keys=False))
     return path
 
 
@@ -114,11 +115,11 @@ def grid_vs_asha(output: Path, settings: TuneSettings, progress: bool) -> str | 
     raw = sdtune.load_experiment(output / "experiment.yaml").to_dict()  # (as resolved: absolute paths)
     raw["tuning"]["scheduler"] = "asha"
     raw["output_dir"] = str(folder)
-    asha_path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    atomic.write_text(asha_path, yaml.safe_dump(raw, sort_keys=False))
     sdtune.tune(sdtune.load_experiment(asha_path), engine="ray", finals=False, progress=progress)
     grid, asha = _selection(output), _selection(folder)
     summary = compare_selections(grid, asha)
-    (output / "grid-vs-asha.json").write_text(json.dumps(summary, indent=2) + "\n")
+    atomic.write_json(output / "grid-vs-asha.json", summary)
     return format_comparison(summary)
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from sdtune.report.format import rate
 from sdtune.report.summary import BASE, metric_names, metric_summary
 from sdtune.report.tuning_summary import Study
+from sdtune.util import atomic
 
 FIDELITY = ("dino", "fidelity", "clip_i")  # learning the data: closeness of in-domain images to real ones
 DRIFT = ("drift", "preservation")  # forgetting: how far out-of-domain images moved from the base model's
@@ -135,6 +136,6 @@ def pareto(study: Study, folder: Path, pair: tuple[str, str]) -> Path | None:
 
 
 def _save(plt, figure, path: Path) -> Path:
-    figure.savefig(path, dpi=110, bbox_inches="tight")
+    atomic.save_figure(path, figure, dpi=110, bbox_inches="tight")
     plt.close(figure)
     return path

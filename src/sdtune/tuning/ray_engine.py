@@ -28,6 +28,7 @@ from sdtune import records
 from sdtune.errors import UserError
 from sdtune.tuning.jobs import Job, run_job, threads_per_run
 from sdtune.tuning.select import loss_at
+from sdtune.util import atomic
 
 INSTALL = "pip install 'sdtune[ray]'"
 SCORE = "validation_loss"  # what an asha trial reports at each rung (lower is better)
@@ -161,7 +162,7 @@ def check_shared_storage(ray: Any, root: Path) -> None:
 
     root.mkdir(parents=True, exist_ok=True)
     marker = root.resolve() / f".sdtune-storage-check-{uuid.uuid4().hex[:8]}"
-    marker.write_text("sdtune\n")  # (removed below: not a result, never read by anything else)
+    atomic.write_text(marker, "sdtune\n")  # (removed below: not a result, never read by anything else)
     try:
         remote = ray.remote(_sees)
         checks = {

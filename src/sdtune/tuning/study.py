@@ -29,6 +29,7 @@ from sdtune import records
 from sdtune.config import VALIDATION_LOSS, ConfigError
 from sdtune.errors import UserError
 from sdtune.experiment import Experiment
+from sdtune.preflight import check_tuning
 from sdtune.report.tuning import render_tuning_report
 from sdtune.training import output_root
 from sdtune.tuning import plan
@@ -65,7 +66,7 @@ def tune(
     unless ``address`` names a cluster or Ray is already initialised). ``only``: these techniques.
     ``finals=False`` stops after the selection. Rerunning resumes: nothing finished is trained again.
     """
-    names = _checked(experiment, engine, address, max_concurrent, only)
+    names = _checked(experiment, engine, address, max_concurrent, only, output_dir)
     root = output_root(experiment, output_dir).resolve()
     selection = open_selection(experiment, root, engine)
     live = LiveStatus(root)
@@ -84,7 +85,7 @@ def tune_plan(experiment: Experiment, output_dir: str | Path | None = None, only
     """The trials and final runs of :func:`tune`, each with the ``sdtune train`` command that runs it
     elsewhere (the experiment files they name are written under the output folder). The tuned
     finals have commands once the selection exists (``sdtune tune`` on the finished trials makes it)."""
-    names = _checked(experiment, None, None, 1, only)
+    names = _checked(experiment, None, None, 1, only, output_dir)
     root = output_root(experiment, output_dir).resolve()
     existing = _existing_selection(experiment, root)
     chosen = {name: ((existing.techniques.get(name) or {}) if existing else {}).get("chosen_learning_rate") for name in names}
@@ -92,7 +93,8 @@ def tune_plan(experiment: Experiment, output_dir: str | Path | None = None, only
 
 
 def _checked(
-    experiment: Experiment, engine: str | None, address: str | None, max_concurrent: int, only: list[str] | None
+    experiment: Experiment, engine: str | None, address: str | None, max_concurrent: int, only: list[str] | None,
+    output_dir: str | Path | None,
 ) -> list[str]:
     """The techniques to tune; every command-line choice checked in one line (``engine`` None: a plan,
     which runs nothing)."""
@@ -110,10 +112,7 @@ def _checked(
         raise ConfigError(f"--address {address!r} names a Ray cluster; add --engine ray")
     if max_concurrent < 1:
         raise ConfigError(f"--max-concurrent {max_concurrent}: give 1 or more runs at a time")
-    for name in only or []:
-        if name not in experiment.techniques:
-            raise ConfigError(f"--only {name!r} is not a technique of the experiment; it has: {', '.join(experiment.techniques)}")
-    return [name for name in experiment.techniques if not only or name in only]
+    return check_tuning(experiment, output_dir, only)  # names, output folder, data, launch (before any work)
 
 
 def _engine(engine: str, root: Path, max_concurrent: int, address: str | None) -> Any:

@@ -23,8 +23,9 @@ The public API, each one import away (the ``sdtune`` command is one call of thes
 - :func:`export_merged` and :func:`export_single_file`: a run as a diffusers folder with its weights
   folded in, or one original-layout checkpoint for A1111/ComfyUI; :func:`check_export_targets` checks
   both targets before either is written;
-- :func:`check_training` and :func:`check_comparison`: the preflight of every command that trains
-  (names, output, data listing, launch), run by :func:`train`/:func:`compare` before any work;
+- :func:`check_training`, :func:`check_comparison` and :func:`check_tuning`: the preflight of every
+  command that trains (names, output, data listing, launch), run by :func:`train`/:func:`compare`/
+  :func:`tune` before any work;
 - :class:`UserError`: the base of every error whose message names the bad input and the fix.
 
 Plug-in points: :mod:`sdtune.techniques` (``TECHNIQUES``), :mod:`sdtune.models` (``FAMILIES``) and
@@ -58,6 +59,7 @@ _EXPORTS = {  # public name → the module that defines it (imported on first us
     "check_export_targets": "sdtune.export",
     "check_training": "sdtune.preflight",
     "check_comparison": "sdtune.preflight",
+    "check_tuning": "sdtune.preflight",
     "UserError": "sdtune.errors",
 }
 __all__ = sorted(_EXPORTS)

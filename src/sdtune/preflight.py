@@ -16,9 +16,8 @@ world, and is checked here, in this order:
    than there is work for, and options that need a CUDA GPU on a machine without one.
 
 :func:`check_training` is the preflight of every command that trains one or more techniques of
-an experiment (``sdtune train``, ``sdtune compare``, and ``sdtune tune``: call it once with the
-trial's output folder before the first trial); :func:`check_comparison` adds what ``compare``
-needs. The commands that read a finished run check it where they read it
+an experiment (``sdtune train``); :func:`check_comparison` adds what ``compare`` needs and
+:func:`check_tuning` what ``tune`` needs (its output folder is not another command's). The commands that read a finished run check it where they read it
 (:mod:`sdtune.generation`, :mod:`sdtune.export`, :mod:`sdtune.report`).
 """
 

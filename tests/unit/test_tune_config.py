@@ -138,3 +138,17 @@ def test_bad_input_to_tune_is_one_line_and_changes_nothing(tmp_path, tiny_model,
     err = capsys.readouterr().err
     assert "holds a tuning study of another experiment (tuning.steps: 2 → 1)" in err and len(err.strip().splitlines()) == 1
     assert (study / "tuning.json").read_text() == before and sorted(p.name for p in study.iterdir()) == ["tuning.json"]
+
+
+def test_a_trials_learning_rate_is_in_its_run_fingerprint(tmp_path, tiny_model, tiny_data):
+    """A trial resumed at another rate is another run: its rate is what the checkpoint's fingerprint compares."""
+    from sdtune.training.fingerprint import RunFingerprint, compare
+    from sdtune.tuning.plan import trial_experiment, trials
+
+    experiment = _load(tmp_path, _raw(tiny_model, tiny_data))
+    low, high = trials(experiment, tmp_path, ["lora"])[:2]
+    saved = RunFingerprint.of_config(trial_experiment(experiment, low), "lora").flat()
+    resumed = RunFingerprint.of_config(trial_experiment(experiment, high), "lora").flat()
+    assert saved["train.learning_rate"] == low.learning_rate != high.learning_rate
+    refused, accepted = compare(saved, resumed, steps_done=1)
+    assert [change.key for change in refused] == ["train.learning_rate"] and not accepted

@@ -401,18 +401,17 @@ class LiveStatus:
     def queued(self, jobs: list[Job]) -> None:
         with self.lock:
             for job in jobs:
-                self.statuses[job.label] = {"label": job.label, "state": "queued"}
+                self.statuses[job.label] = _status(job.label, "queued")
         self.show()
 
     def event(self, job: Job, what: str, record: dict[str, Any] | None) -> None:
         with self.lock:
             if record is None:
-                self.statuses[job.label] = {"label": job.label, "state": "running"}
+                self.statuses[job.label] = _status(job.label, "running")
             else:
                 steps = record.get("steps") or {}
                 state = {"finished": "finished", "failed": "failed"}.get(record["status"], "queued")
-                self.statuses[job.label] = {"label": job.label, "state": state, "step": steps.get("done"),
-                                            "max_steps": steps.get("max"), "error": record.get("error")}
+                self.statuses[job.label] = _status(job.label, state, steps.get("done"), steps.get("max"), record.get("error"))
                 print(_job_line(job, record), flush=True)
         self.show()
 
@@ -420,6 +419,12 @@ class LiveStatus:
         with self.lock:
             statuses = list(self.statuses.values())
         show_live(self.root, statuses, done)
+
+
+def _status(label: str, state: str, step: int | None = None, max_steps: int | None = None,
+            error: str | None = None) -> dict[str, Any]:
+    """One run's status, every field of the live report's ``RunStatus`` given."""
+    return {"label": label, "state": state, "step": step, "max_steps": max_steps, "error": error}
 
 
 def show_live(root: Path, statuses: list[dict[str, Any]], done: bool) -> None:

@@ -1,11 +1,11 @@
-"""The ``--estimate`` of each shipped card config (configs/cards/), for docs/memory.md.
+"""The ``--estimate`` of each shipped card config (src/sdtune/configs/cards/), for docs/memory.md.
 
 ``sdtune train --estimate`` reads only a model's configs and tokenizer files. This machine reaches no
 model hub, so the configs of SD 1.5, SDXL base 1.0 and SD 3.5 Large are written here from their
 published ``config.json`` values (architecture only: the tokenizer is a small one; the text
 encoders keep CLIP's 49 408-token embedding through ``vocab_size``), and each card config is
 estimated with ``--set model.path=<that folder>``. With hub access the same numbers come from
-``sdtune train configs/cards/<card>.yaml --estimate --budget <size>`` directly.
+``sdtune train <card> --estimate --budget <size>`` directly.
 
     python benchmarks/card_estimates.py [--out benchmarks/results/card_estimates.json]
 """
@@ -16,7 +16,6 @@ import argparse
 import json
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
 CLIP_VOCAB = 49408
 CARDS = {  # config → (architecture, budget)
     "sdxl-lora-12gb": ("sdxl", "12GB"),
@@ -124,11 +123,10 @@ def main() -> int:
     results = {}
     for card, (architecture, budget) in CARDS.items():
         folder = write_architecture(architecture, Path(args.work) / architecture)
-        experiment = sdtune.load_experiment(
-            HERE.parent / "configs" / "cards" / f"{card}.yaml", [f"model.path={folder}", f"data.source={args.data}"]
-        )
+        # a shipped config, found by its bare name
+        experiment = sdtune.load_experiment(card, [f"model.path={folder}", f"data.source={args.data}"])
         for estimate in sdtune.estimate_memory(experiment, budget=budget):
-            print(f"$ sdtune train configs/cards/{card}.yaml --estimate --budget {budget}\n{estimate.describe()}\n", flush=True)
+            print(f"$ sdtune train {card} --estimate --budget {budget}\n{estimate.describe()}\n", flush=True)
             results[card] = {"budget": budget, "total_bytes": estimate.total, "text": estimate.describe(),
                              "fits_with": estimate.fits_with, "fitted_total_bytes": estimate.fitted_total}
     if args.out:

@@ -26,6 +26,8 @@ The public API, each one import away (the ``sdtune`` command is one call of thes
 - :func:`check_training`, :func:`check_comparison` and :func:`check_tuning`: the preflight of every
   command that trains (names, output, data listing, launch), run by :func:`train`/:func:`compare`/
   :func:`tune` before any work;
+- :func:`weight_anatomy` (``source, base, out``) → (record, path): what a run, or a LoRA/LyCORIS file,
+  changed in the base model's weights (norms, ranks, intruder dimensions, per layer, block and in total);
 - :class:`UserError`: the base of every error whose message names the bad input and the fix.
 
 Plug-in points: :mod:`sdtune.techniques` (``TECHNIQUES``), :mod:`sdtune.models` (``FAMILIES``) and
@@ -56,6 +58,7 @@ _EXPORTS = {  # public name → the module that defines it (imported on first us
     "summary_table": "sdtune.report",
     "export_merged": "sdtune.export",
     "export_single_file": "sdtune.export",
+    "weight_anatomy": "sdtune.anatomy",
     "check_export_targets": "sdtune.export",
     "check_training": "sdtune.preflight",
     "check_comparison": "sdtune.preflight",

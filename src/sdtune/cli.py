@@ -135,6 +135,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     report = commands.add_parser("report", help="re-render the report of a comparison from its records")
     report.add_argument("output", metavar="DIR", help="the comparison's output folder")
+
+    anatomy = commands.add_parser(
+        "anatomy", help="what a run, or a LoRA/LyCORIS file, changed in the base model's weights: per layer, block and "
+        "in total (norms, ranks, intruder dimensions)"
+    )
+    anatomy.add_argument("source", metavar="RUN_DIR|FILE",
+                         help="a run folder (OUTPUT/<technique>) or a .safetensors LoRA/LyCORIS file (kohya/ComfyUI naming)")
+    anatomy.add_argument("--base", metavar="MODEL",
+                         help="the base model: a folder, hub id or file (a file needs it; a run: default its record's model)")
+    anatomy.add_argument("--out", metavar="FILE", help="the record (default: RUN_DIR/anatomy.json or FILE.anatomy.json)")
     return parser
 
 
@@ -248,6 +258,8 @@ def _print_result(result: Any) -> None:
 
     if launch_rank() != 0:  # under a launcher, one process reports
         return
+    from sdtune.records import check_failure_line
+
     record, timing = result.record, result.record["timing"]
     print(
         f"{record['technique']['name']}: {result.status} at step {record['steps']['done']}/{record['steps']['max']}, "
@@ -255,6 +267,9 @@ def _print_result(result: Any) -> None:
         f"{record['bytes_on_disk'] / 1e6:.2f} MB written → {result.run_dir}",
         flush=True,
     )
+    failed = check_failure_line(record)
+    if failed:
+        print(failed, flush=True)
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -339,6 +354,30 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _anatomy(args: argparse.Namespace) -> int:
+    import sdtune
+
+    record, path = sdtune.weight_anatomy(args.source, base=args.base, out=args.out)
+    anatomy = record.anatomy
+    total, intruders = anatomy["total"], anatomy["method"]["intruders"]
+    where = sorted(anatomy["blocks"].items(), key=lambda item: -item[1]["share"])
+    kinds = sorted(anatomy["kinds"].items(), key=lambda item: -item[1]["share"])
+    print(
+        f"{record.source} ({record.technique}, {record.family}): {total['changed_layers']} weight matrices changed, "
+        f"relative ΔW {_figure(total['relative'])}; median effective rank {total['effective_rank_median']:.2f}, "
+        f"numerical rank ≤ {total['numerical_rank_max']}; {total['intruders']} intruder dimensions in "
+        f"{total['layers_with_intruders']} layers (k={intruders['k']}, ε={intruders['epsilon']})"
+    )
+    print("where: " + ", ".join(f"{name} {100 * group['share']:.0f} %" for name, group in where if group["share"] >= 0.005))
+    print("what: " + ", ".join(f"{name} {100 * group['share']:.0f} %" for name, group in kinds if group["share"] >= 0.005))
+    print(f"{anatomy['time_s']:.1f} s; record: {path}")
+    return 0
+
+
+def _figure(value: float | None) -> str:
+    return "—" if value is None else f"{value:.3g}"
+
+
 def _demo(args: argparse.Namespace) -> int:
     if args.action == "pretrain":
         if args.subject:
@@ -375,7 +414,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"train": _train, "generate": _generate, "compare": _compare, "tune": _tune, "report": _report,
-            "demo": _demo, "export": _export}
+            "demo": _demo, "export": _export, "anatomy": _anatomy}
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

@@ -3,7 +3,11 @@
 Three kinds, each a dataclass with a ``schema_version``: :class:`TrainRecord` (one training run,
 ``OUTPUT/<technique>/record.json`` and ``records/train-….json``), :class:`EvalRecord` (one
 evaluated model, or one technique at one evaluated step: ``records/eval-….json``) and
-:class:`TuningRecord` (the selection of ``sdtune tune``: ``OUTPUT/tuning.json``). Every record is
+:class:`TuningRecord` (the selection of ``sdtune tune``: ``OUTPUT/tuning.json``) and
+:class:`AnatomyRecord` (``sdtune anatomy``: the weight change of a run or of a LoRA/LyCORIS file).
+A train record carries two typed entries of its own: ``checks.trained`` (:class:`TrainedCheck`: did
+the technique train what it claims) and ``anatomy`` (:class:`Anatomy`: what the weights' change is
+made of, per layer, per block and in total). Every record is
 written with :func:`write_record` and read with :func:`read_record` / :func:`load_records`, which
 reject unknown kinds, unknown keys and newer schema versions with one line. Reports are built only
 from these records, so they can be re-rendered without retraining.
@@ -123,6 +127,8 @@ class TrainRecord:
     loss_history: list[dict[str, float]] = field(default_factory=list)
     evaluation: list[dict[str, Any]] = field(default_factory=list)
     resumed_from: list[str] = field(default_factory=list)
+    checks: dict[str, Any] = field(default_factory=dict)  # "trained": a TrainedCheck (finished runs)
+    anatomy: dict[str, Any] | None = None  # an Anatomy of the saved weights (finished runs)
     # settings changed on resume that are safe to change (docs/resume.md): {step, key, before, after}
     changed_on_resume: list[dict[str, Any]] = field(default_factory=list)
     finished_at: str | None = None
@@ -184,9 +190,115 @@ class TuningRecord:
     schema_version: int = SCHEMA_VERSION
 
 
-RECORD_CLASSES: dict[str, type] = {"train": TrainRecord, "eval": EvalRecord, "tuning": TuningRecord}
-Record = TrainRecord | EvalRecord | TuningRecord
+
+@dataclass
+class CheckFailure:
+    """One claim a run did not keep: ``item`` (gradient, moved, frozen, component, adapter layer,
+    magnitude, vector, partial, ema, resume), ``where`` (the tensor, layer or component), ``detail``."""
+
+    item: str
+    where: str
+    detail: str
+
+
+@dataclass
+class TrainedCheck:
+    """``checks.trained`` of a train record: did the technique train what it claims (see
+    docs/anatomy.md). ``failures`` are :class:`CheckFailure` mappings; ``unreachable`` the trainable
+    tensors the family's conditioning never reaches (named by the family, not held against the run);
+    ``gradient_watch_steps`` the optimizer steps during which some gradient flag was still unset
+    (None: gradients not observable, under DeepSpeed); ``digests`` how the frozen and trained tensors
+    were fingerprinted (whole, or a fixed sample of each)."""
+
+    passed: bool
+    failures: list[dict[str, str]]
+    checked: dict[str, int]
+    unreachable: list[str]
+    gradient_watch_steps: int | None
+    digests: str
+    time_s: float
+
+
+@dataclass
+class Anatomy:
+    """``anatomy`` of a train record (and of an :class:`AnatomyRecord`): the weight change ΔW of
+    every changed weight matrix (``layers``), grouped by where it lives (``blocks``: down/mid/up
+    blocks, transformer depth, text encoders; ``kinds``: self-/cross-attention, feed-forward,
+    convolution, …) and in ``total``. ``method`` states the tolerances, k and ε; ``weights`` what was
+    compared; ``time_s`` how long it took (see sdtune.anatomy)."""
+
+    method: dict[str, Any]
+    weights: str
+    total: dict[str, Any]
+    blocks: dict[str, dict[str, Any]]
+    kinds: dict[str, dict[str, Any]]
+    layers: list[dict[str, Any]]
+    time_s: float
+    device: str
+
+
+@dataclass
+class AnatomyRecord:
+    """``sdtune anatomy``: the anatomy of a run folder or of a LoRA/LyCORIS file against a base model."""
+
+    source: str  # the run folder or the file
+    base: str  # the base model it was compared with
+    family: str
+    technique: str | None  # the run's technique kind, or the file's ("lora", "loha", "lokr", "dora", "full")
+    anatomy: dict[str, Any]  # an Anatomy
+    versions: dict[str, str | None] | None = None
+    git_commit: str | None = None
+    created_at: str | None = None
+    kind: str = "anatomy"
+    schema_version: int = SCHEMA_VERSION
+
+
+RECORD_CLASSES: dict[str, type] = {"train": TrainRecord, "eval": EvalRecord, "tuning": TuningRecord, "anatomy": AnatomyRecord}
+Record = TrainRecord | EvalRecord | TuningRecord | AnatomyRecord
 TUNING_FILE = "tuning.json"
+NESTED = {  # entries whose shape is a dataclass of their own: (where in the record, class)
+    "train": (("checks", "trained", TrainedCheck), ("anatomy", None, Anatomy)),
+    "anatomy": (("anatomy", None, Anatomy),),
+}
+
+
+def trained_check(record: TrainRecord | dict[str, Any]) -> TrainedCheck | None:
+    """The run's ``checks.trained`` as a :class:`TrainedCheck` (None: not checked, e.g. unfinished)."""
+    checks = record.get("checks") if isinstance(record, dict) else record.checks
+    entry = (checks or {}).get("trained")
+    return TrainedCheck(**entry) if entry else None
+
+
+def check_failed(record: TrainRecord | dict[str, Any]) -> bool:
+    """True when the run was checked and did not train what it claims."""
+    check = trained_check(record)
+    return check is not None and not check.passed
+
+
+def check_failure_line(record: TrainRecord | dict[str, Any]) -> str | None:
+    """One line naming what a failed check found (the first tensors or layers); None when it passed."""
+    check = trained_check(record)
+    if check is None or check.passed:
+        return None
+    technique = (record.get("technique") if isinstance(record, dict) else record.technique) or {}
+    where = [failure["where"] for failure in check.failures]
+    shown = ", ".join(where[:3]) + (f" (+{len(where) - 3} more)" if len(where) > 3 else "")
+    items = ", ".join(sorted({failure["item"] for failure in check.failures}))
+    return f"{technique.get('name')}: did not train what it claims ({items}): {shown}"
+
+
+def _check_nested(kind: str, data: dict[str, Any], where: str) -> None:
+    for key, inner, cls in NESTED.get(kind, ()):
+        value = data.get(key)
+        if inner is not None:
+            value = (value or {}).get(inner)
+        if value is None:
+            continue
+        unknown = sorted(set(value) - {f.name for f in fields(cls)})
+        missing = sorted(f.name for f in fields(cls) if f.name not in value)
+        if unknown or missing:
+            problem = f"unknown key {unknown[0]!r}" if unknown else f"missing key {missing[0]!r}"
+            raise RecordError(f"{where}: {key}{'.' + inner if inner else ''}: {problem}; was it written by another tool?")
 
 
 def record_from_dict(data: dict[str, Any], where: str = "record") -> Record:
@@ -204,6 +316,7 @@ def record_from_dict(data: dict[str, Any], where: str = "record") -> Record:
     unknown = sorted(set(data) - known)
     if unknown:
         raise RecordError(f"{where}: unknown {kind} record key {unknown[0]!r}; was it written by another tool?")
+    _check_nested(kind, data, where)
     try:
         return cls(**{**data, "schema_version": SCHEMA_VERSION})
     except TypeError as error:  # a required key is missing
@@ -212,7 +325,7 @@ def record_from_dict(data: dict[str, Any], where: str = "record") -> Record:
 
 def write_record(path: Path, record: Record | dict[str, Any]) -> Record:
     """Write a record (typed, or a mapping checked by :func:`record_from_dict`) atomically."""
-    typed = record if isinstance(record, (TrainRecord, EvalRecord, TuningRecord)) else record_from_dict(record, str(path))
+    typed = record if isinstance(record, (TrainRecord, EvalRecord, TuningRecord, AnatomyRecord)) else record_from_dict(record, str(path))
     atomic.write_json(Path(path), asdict(typed), default=_default)
     return typed
 
@@ -233,7 +346,8 @@ def read_record_file(path: Path) -> Record:
 
 
 def load_records(root: Path) -> tuple[list[TrainRecord], list[EvalRecord]]:
-    """Every record of a comparison folder (``ROOT/records/*.json``): (train records, eval records).
+    """Every train and eval record of a comparison folder (``ROOT/records/*.json``): (train records,
+    eval records); anatomy records there are read (so a broken one is reported) and left to their users.
     A tuning folder's selection is read by :func:`load_tuning`."""
     folder = Path(root) / "records"
     if not folder.is_dir():

@@ -57,13 +57,15 @@ def test_compare_two_techniques_two_seeds(compare_experiment, tmp_path):
     assert "| lora | lora | finished |" in markdown and "clip_score" in markdown
     assert seconds in markdown or f"{(lora0['timing']['s_per_step'] + lora1['timing']['s_per_step']) / 2:.3g}" in markdown
     html = report.read_text()
-    assert html.count("data:image/png;base64,") == 4 and "<script" not in html
+    # 4 figures, and 3 of "What each technique changed" (heat map, ranks, change against preservation)
+    assert html.count("data:image/png;base64,") == 7 and "<script" not in html
+    assert "## What each technique changed" in markdown and "| lora | passed |" in markdown
     # re-rendering from the records alone gives the same report (before the browser check, which
     # skips on a machine without Chromium)
     (root / "report.md").unlink()
     render_report(root)
     assert (root / "report.md").read_text() == markdown
-    _open_in_chromium(report, expected_images=4)
+    _open_in_chromium(report, expected_images=7)
 
 
 CRASHING_FULL = """

@@ -64,3 +64,6 @@ def test_quick_demo_end_to_end(tmp_path):
     assert train["evaluation"][0]["validation_loss"] == pytest.approx(full["evaluation"][0]["validation_loss"], rel=1e-6)
     assert train["evaluation"][-1]["validation_loss"] != full["evaluation"][-1]["validation_loss"]
     assert "Quality over training steps" in markdown and "Validation loss over training" in markdown
+    # what each technique changed: both checked, and the generated answer to the study's question
+    assert "| full | passed |" in markdown and "| lora | passed |" in markdown
+    assert "Compared here: full fine-tuning and LoRA (the study's pair)." in markdown

@@ -72,6 +72,9 @@ def template(tmp_path_factory, tiny_model, tiny_data, family_model):
     shutil.copy(tiny_model / "model_index.json", folder / "full-run" / "model_index.json")
     shutil.copytree(run, folder / "other-run")
     shutil.copy(tiny_model / "model_index.json", folder / "other-run" / "model_index.json")
+    _edited_record(run, folder / "interrupted-run", lambda r: r.update(status="interrupted"))
+    shutil.copytree(family_model("sdxl"), folder / "sdxl-base")
+    shutil.copytree(tiny_model, folder / "sd1-base")
     for name, model in (("records-a", "one-model"), ("records-b", "another-model")):
         records.write_record(folder / "mixed-report" / "records" / f"train-{name}-seed0.json", {
             "kind": "train", "status": "failed", "technique": {"name": name, "kind": "lora"}, "seeds": {"train": 0},
@@ -212,6 +215,23 @@ CASES = [
     # report
     Case("report-no-records", ["report", "notes"], "notes has no records/ folder"),
     Case("report-two-base-models", ["report", "mixed-report"], "a report compares one base model"),
+    # anatomy
+    Case("anatomy-nothing-there", ["anatomy", "no-such-run"], "no-such-run does not exist; give a run folder"),
+    Case("anatomy-not-a-run", ["anatomy", "notes"], "notes is not an sdtune run folder"),
+    Case("anatomy-unfinished-run", ["anatomy", "interrupted-run"], "the run is interrupted; finish it with"),
+    Case("anatomy-unknown-technique-kind", ["anatomy", "unknown-kind-run"], "technique kind 'hyper-lora'"),
+    Case("anatomy-base-of-another-family", ["anatomy", "runs/lora", "--base", "sdxl-base"],
+         "runs/lora was trained on a model of family sd1, but --base 'sdxl-base' is of family sdxl"),
+    Case("anatomy-base-missing", ["anatomy", "runs/lora", "--base", "./no-base"], "--base './no-base' does not exist"),
+    Case("anatomy-recorded-base-gone", ["anatomy", "gone-base-run"], "is not there any more"),
+    Case("anatomy-recorded-base-now-another-family", ["anatomy", "moved-base-run"], "was trained on a model of family sd1"),
+    Case("anatomy-file-without-base", ["anatomy", "sdxl-lora.safetensors"], "a weights file needs its base model"),
+    Case("anatomy-file-of-another-family", ["anatomy", "sdxl-lora.safetensors", "--base", "sd1-base"],
+         "sdxl-lora.safetensors was trained (its metadata says so) on a model of family sdxl, but --base 'sd1-base'"),
+    Case("anatomy-file-not-a-lora", ["anatomy", "mine.safetensors", "--base", "sd1-base"], "mine.safetensors has weights for"),
+    Case("anatomy-not-safetensors", ["anatomy", "a-file"], "a-file is neither a run folder"),
+    Case("anatomy-out-is-a-folder", ["anatomy", "runs/lora", "--out", "notes"], "--out: 'notes' is a folder"),
+    Case("anatomy-out-unwritable", ["anatomy", "runs/lora", "--out", f"{UNWRITABLE}/a.json"], "--out: cannot write in '/sys'"),
     # demo
     Case("demo-output-is-a-file", ["demo", "--quick", "--output", "a-file"], "--output: 'a-file' is a file"),
     Case("demo-pretrain-over-my-folder", ["demo", "pretrain", "--out", "notes"], "holds files that are not a demo base model"),

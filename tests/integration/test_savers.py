@@ -45,6 +45,11 @@ def test_fused_backward_gives_the_same_weights_as_the_step_after_backward(write_
     assert all(torch.equal(normal[name], fused[name]) for name in normal)
     assert [e["loss"] for e in runs[True].record["loss_history"]] == [e["loss"] for e in runs[False].record["loss_history"]]
     assert runs[True].record["memory"]["savers"]["fused_backward"] is True
+    # the trained check: the gradients were freed inside the backward pass, so they go unobserved (not
+    # "never got one"); the digests show every tensor moved
+    checks = {fused: runs[fused].record["checks"]["trained"] for fused in runs}
+    assert checks[True]["passed"] and checks[True]["gradient_watch_steps"] is None, checks[True]["failures"]
+    assert checks[False]["passed"] and checks[False]["gradient_watch_steps"] == 1
 
 
 @pytest.mark.parametrize(
@@ -135,3 +140,24 @@ def test_block_swap_is_refused_for_unets_and_for_what_trains_whole(write_experim
     sd3 = load_experiment(write_experiment(techniques=FULL, model=family_model("sd3"), block_swap=1))
     with pytest.raises(ConfigError, match="trains every weight of the swapped blocks"):
         train_technique(sd3, "full", progress=False)
+
+
+@pytest.mark.parametrize("name", ["full", "lora"])
+def test_resume_with_8bit_adamw_equals_uninterrupted(name, write_experiment, tmp_path):
+    """The 8-bit optimiser's quantised moments and their scales travel through the checkpoint whole."""
+    import os
+    import signal
+
+    def stop_after_2(done):
+        if done == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    path = write_experiment(max_train_steps=4, techniques={**FULL, **LORA}, optimizer="adamw8bit")
+    first = train_technique(load_experiment(path, [f"output_dir={tmp_path / 'a'}"]), name, progress=False)
+    stopped = load_experiment(path, [f"output_dir={tmp_path / 'b'}"])
+    assert train_technique(stopped, name, progress=False, after_step=stop_after_2).status == "interrupted"
+    resumed = train_technique(stopped, name, progress=False, resume=True)
+    assert resumed.status == "finished" and first.record["train"]["optimizer"] == "adamw8bit"
+    a, b = _weights(first.run_dir, "unet"), _weights(resumed.run_dir, "unet")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [h["loss"] for h in first.record["loss_history"]] == [h["loss"] for h in resumed.record["loss_history"]]

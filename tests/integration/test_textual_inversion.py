@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from sdtune import records
 from sdtune.config import ConfigError
 from sdtune.experiment import load_experiment
 from sdtune.training import train_technique
@@ -57,6 +58,17 @@ def _assert_only_new_rows_trained(result, model_dir, num_vectors):
             assert torch.equal(value, base[key.replace(".original", "")]), f"{name}.{key} changed"
 
 
+def _assert_checked_and_dissected(record, num_vectors, encoders):
+    """The trained-what-it-claims check saw every vector of every encoder train; the anatomy's token
+    tables changed in the new rows only (numerical rank ≤ the number of vectors)."""
+    check = records.trained_check(record)
+    assert check is not None and check.passed, check.failures
+    assert check.checked["rows"] == num_vectors * encoders
+    layers = record["anatomy"]["layers"]
+    assert len(layers) == encoders and all(0 < layer["numerical_rank"] <= num_vectors for layer in layers)
+    assert all(layer["effective_rank"] > 0 and layer["intruders"] is not None for layer in layers)
+
+
 @pytest.mark.parametrize(("family", "num_vectors"), [("sd1", 2), ("sdxl", 1)])
 def test_only_the_new_rows_train_and_the_files_load_in_diffusers(family, num_vectors, write_experiment, family_model, tmp_path):
     model_dir = family_model(family)
@@ -66,6 +78,7 @@ def test_only_the_new_rows_train_and_the_files_load_in_diffusers(family, num_vec
     assert result.record["parameters"]["trainable"] == num_vectors * sum(
         result.model.components[n].get_input_embeddings().vectors.shape[1] for n in result.model.loaded_text_encoders)
     _assert_only_new_rows_trained(result, model_dir, num_vectors)
+    _assert_checked_and_dissected(result.record, num_vectors, len(result.model.loaded_text_encoders))
     expected = _images(result.model.pipeline())
 
     run = result.run_dir
@@ -128,6 +141,8 @@ def test_resume_is_bit_exact(write_experiment, tmp_path):
     a, b = (load_file(r.run_dir / "learned_embeds.safetensors")["<sks>"] for r in (first, resumed))
     assert torch.equal(a, b)
     assert [h["loss"] for h in first.record["loss_history"]] == [h["loss"] for h in resumed.record["loss_history"]]
+    # the check's evidence (gradient flags, the start's digests) travels through the checkpoint
+    assert records.trained_check(resumed.record).passed and records.trained_check(resumed.record).checked["rows"] == 2
     with pytest.raises(ConfigError, match="--single-file: a textual-inversion run is an embedding"):
         export_single_file(resumed.run_dir, tmp_path / "ti.safetensors")
 

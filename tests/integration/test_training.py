@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from sdtune import records
 from sdtune.experiment import experiment_from_dict, load_experiment
 from sdtune.generation import load_run_pipeline
 from sdtune.models.sampling import generate_images
@@ -84,6 +85,7 @@ def test_technique_trains_saves_and_reloads(family, name, write_experiment, fami
     assert len(record["loss_history"]) == 3 and all(np.isfinite(h["loss"]) for h in record["loss_history"])
 
     _assert_only_intended_tensors_changed(name, result.model, model_dir, initial)
+    _assert_checked_and_dissected(name, record)
 
     # reload in a fresh process (sdtune generate) → the same images as the in-memory trained model
     in_memory = result.model.pipeline()
@@ -102,6 +104,22 @@ def test_technique_trains_saves_and_reloads(family, name, write_experiment, fami
     # merged (fused) adapter equals the unmerged one within float tolerance
     fused, _ = load_run_pipeline(result.run_dir, fuse=True, device=torch.device("cpu"))
     assert np.abs(_images(fused) - expected).max() <= 2.0
+
+
+def _assert_checked_and_dissected(name, record):
+    """Every run passes the trained-what-it-claims check and carries the anatomy of its change; a LoRA of
+    rank r changes every layer by a matrix of numerical rank ≤ r."""
+    check = records.trained_check(record)
+    assert check is not None and check.passed, check.failures
+    assert check.checked["moved"] >= check.checked["trained_tensors"] - len(check.unreachable)
+    anatomy = record["anatomy"]
+    assert anatomy["total"]["changed_layers"] > 0 and anatomy["total"]["relative"] > 0
+    assert anatomy["method"]["intruders"]["k"] == 10 and anatomy["method"]["intruders"]["epsilon"] == 0.5
+    assert all({"effective_rank", "numerical_rank", "intruders", "block", "kind"} <= set(layer) for layer in anatomy["layers"])
+    spec = ALL_TECHNIQUES[name]
+    if spec["kind"] == "lora":
+        assert all(layer["numerical_rank"] <= spec["rank"] for layer in anatomy["layers"])
+        assert max(layer["numerical_rank"] for layer in anatomy["layers"]) == spec["rank"]
 
 
 def test_lora_trains_only_adapters_and_writes_diffusers_and_kohya(write_experiment, tiny_model):
@@ -321,6 +339,19 @@ def test_checkpoint_state_round_trips_without_pickles():
     assert restored["optimizer"]["param_groups"][0]["betas"] == (0.9, 0.999)
     assert torch.equal(restored["optimizer"]["state"][0]["exp_avg"], torch.ones(2))
     assert restored["state"] == state["state"] and restored["ema"] is None
+
+
+def test_checkpoint_state_with_shared_tensors_is_written_once_and_loads_shared(tmp_path):
+    """bitsandbytes' 8-bit AdamW references one quantisation map from every parameter's state."""
+    from sdtune.training.checkpoint import load_checkpoint, save_checkpoint
+
+    qmap, base = torch.linspace(-1, 1, 8), torch.arange(6.0)
+    state = {"optimizer": {"state": {0: {"qmap": qmap}, 1: {"qmap": qmap}}}, "views": [base[:3], base[3:]]}
+    saved = save_checkpoint(tmp_path, 1, {"w": torch.ones(2)}, state, total_limit=None)
+    _, restored = load_checkpoint(saved)
+    first, second = restored["optimizer"]["state"][0]["qmap"], restored["optimizer"]["state"][1]["qmap"]
+    assert torch.equal(first, qmap) and first is second
+    assert [v.tolist() for v in restored["views"]] == [[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]]
 
 
 @pytest.mark.parametrize("family", ["sd1", "sd3"])

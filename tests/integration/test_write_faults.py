@@ -190,6 +190,10 @@ def test_a_failed_final_save_keeps_the_final_state_and_resume_writes_the_outputs
     assert resumed.status == "finished" and resumed.record["steps"]["done"] == 3
     assert not (run_dir / "checkpoints" / "checkpoint-00000003").exists()  # the outputs hold it now
     _assert_equal_runs(resumed, straight, name)
+    # the trained check's evidence came through the final state: the same verdict as the straight run
+    check, expected = resumed.record["checks"]["trained"], straight.record["checks"]["trained"]
+    assert check["passed"] and check["checked"] == expected["checked"], check["failures"]
+    assert check["gradient_watch_steps"] == expected["gradient_watch_steps"]
 
 
 # -- the command line, under a real file-size limit (slow) -------------------------------------------

@@ -246,13 +246,14 @@ PEFT_LORA_SPELLINGS = {  # diffusers/peft LoRA files: their tensor names → koh
 
 
 def load_layers(
-    path: Path, components: dict[str, torch.nn.Module], prefixes: dict[str, str], sgm: tuple[str, ...] = ()
+    path: Path, components: dict[str, torch.nn.Module], prefixes: dict[str, str], sgm: tuple[str, ...] = (),
+    what: str = "init_from",
 ) -> dict[str, Tensors]:
     """The file's layers as ``<component>.<module path>`` → {community tensor name: tensor}.
 
     Reads the community layout (any of the family's prefixes; for the ``sgm`` components SGM and
     diffusers paths alike) and peft/diffusers LoRA files (``<component>.<module path>.lora_A.weight`` …,
-    scale 1 unless the file has ``alpha`` keys).
+    scale 1 unless the file has ``alpha`` keys). ``what`` names the option (or command) in errors.
     """
     from safetensors.torch import load_file
 
@@ -273,7 +274,7 @@ def load_layers(
             layer, _, tensor_name = key.partition(".")
         if layer not in names:
             raise ConfigError(
-                f"init_from: {path.name} has weights for {layer!r}, which is no layer of "
+                f"{what}: {path.name} has weights for {layer!r}, which is no layer of "
                 f"{', '.join(components)}; is it for this model family (and text encoders trained)?"
             )
         layers.setdefault(names[layer], {})[tensor_name] = value

@@ -23,6 +23,11 @@ from sdtune.models.files import load_errors, load_vae, read_model_json
 from sdtune.util.registry import Registry
 
 Conditioning = dict[str, torch.Tensor]  # batch-first tensors the denoiser takes besides latents
+# text-encoder layers by role (CLIP: self_attn, mlp, embeddings; T5: SelfAttention, DenseReluDense, shared)
+TEXT_ENCODER_KINDS = (
+    ("self_attn", "self-attention"), ("SelfAttention", "self-attention"), ("mlp", "feed-forward"),
+    ("DenseReluDense", "feed-forward"), ("embed", "embedding"), ("shared", "embedding"), ("projection", "projection"),
+)
 
 
 class Model:
@@ -85,6 +90,36 @@ class Model:
             {**self.components, **components}, self.tokenizers, self.noise_scheduler, self.inference_scheduler,
             self.source, self.extras,
         )
+
+    # -- where a layer lives (the anatomy of a weight change, sdtune.anatomy) ----------------------
+    @classmethod
+    def layer_place(cls, component: str, path: str) -> tuple[str, str]:
+        """(block, kind) of the weight layer at ``path`` in ``component``: where a change lives. A text
+        encoder is one block (its name); the family names its denoiser's blocks and kinds
+        (:meth:`denoiser_place`)."""
+        if component == cls.denoiser_name:
+            return cls.denoiser_place(path)
+        kind = next((name for marker, name in TEXT_ENCODER_KINDS if marker in path), "other")
+        return component, kind
+
+    @classmethod
+    def denoiser_place(cls, path: str) -> tuple[str, str]:
+        """(block, kind) of a denoiser layer; the family's file says (UNet blocks, transformer depth)."""
+        return cls.denoiser_name, "other"
+
+    @classmethod
+    def blocks_in_order(cls, blocks: list[str]) -> list[str]:
+        """``blocks`` (names :meth:`layer_place` gave) in the order data flows through the model: the
+        denoiser's from input to output, then the text encoders."""
+        encoders = [name for name in cls.text_encoder_names if name in blocks]
+        return [name for name in blocks if name not in encoders] + encoders
+
+    def unreachable_parameters(self) -> list[str]:
+        """fnmatch patterns (``<component>.<parameter>``) of parameters the family's conditioning never
+        uses, so that no loss gives them a gradient (SDXL: CLIP-L's last layer, as it conditions on the
+        penultimate one). A technique may wrap them, but they cannot train; the trained-what-it-claims
+        check names them instead of failing on them."""
+        return []
 
     # -- the family's own maths ------------------------------------------------------------------
     def encode_prompt(self, captions: list[str]) -> Conditioning:

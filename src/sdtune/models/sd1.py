@@ -23,6 +23,34 @@ UNET_PRESETS = {
 }
 
 
+def unet_place(path: str) -> tuple[str, str]:
+    """(block, kind) of a diffusers UNet layer: ``down.1``/``mid``/``up.0``/``input``/``output``, and
+    self-attention (attn1), cross-attention (attn2), feed-forward, projection (a transformer's
+    proj_in/proj_out), time embedding, convolution (resnets, samplers, conv_in/out)."""
+    parts = path.split(".")
+    if parts[0] in ("down_blocks", "up_blocks") and len(parts) > 1:
+        block = f"{parts[0][:-len('_blocks')]}.{parts[1]}"
+    elif parts[0] == "mid_block":
+        block = "mid"
+    else:
+        block = "output" if parts[0] in ("conv_norm_out", "conv_out") else "input"
+    roles = (("attn1", "self-attention"), ("attn2", "cross-attention"), ("ff", "feed-forward"),
+             ("proj_in", "projection"), ("proj_out", "projection"), ("time_emb_proj", "time embedding"),
+             ("time_embedding", "time embedding"), ("add_embedding", "time embedding"), ("class_embedding", "time embedding"))
+    kind = next((name for marker, name in roles if marker in parts), "convolution")
+    return block, kind
+
+
+def unet_blocks_in_order(blocks: list[str]) -> list[str]:
+    """input, down.0, down.1, …, mid, up.0, up.1, …, output (the UNet's data flow), then the others."""
+    def position(block: str) -> tuple[int, int]:
+        kind, _, index = block.partition(".")
+        rank = {"input": 0, "down": 1, "mid": 2, "up": 3, "output": 4}.get(kind, 5)
+        return rank, int(index) if index.isdigit() else 0
+
+    return sorted(blocks, key=position)
+
+
 def clip_token_ids(tokenizer: Any, captions: list[str], max_length: int | None = None) -> torch.Tensor:
     """Token ids padded to ``max_length`` (default: the tokenizer's), as the diffusers pipelines tokenize."""
     length = max_length or tokenizer.model_max_length
@@ -47,6 +75,14 @@ class StableDiffusion1(Model):
     @classmethod
     def matches_index(cls, model: str, revision: str | None = None) -> bool:
         return not _is_sd2(model, revision)
+
+    @classmethod
+    def denoiser_place(cls, path: str) -> tuple[str, str]:
+        return unet_place(path)
+
+    @classmethod
+    def blocks_in_order(cls, blocks: list[str]) -> list[str]:
+        return unet_blocks_in_order(super().blocks_in_order(blocks))
 
     def encode_prompt(self, captions: list[str]) -> Conditioning:
         encoder = self.components["text_encoder"]

@@ -51,6 +51,37 @@ class StableDiffusion3(Model):
     swappable_blocks = "transformer_blocks"  # the joint blocks (38 in SD 3.5 Large, 24 in Medium)
 
     @classmethod
+    def denoiser_place(cls, path: str) -> tuple[str, str]:
+        """The MMDiT by depth (``block 00``, …; ``input``: patch, time and text embedders; ``output``),
+        and by stream: the joint attention's image (to_q/k/v, to_out) and text (add_*_proj, to_add_out)
+        projections, the two feed-forwards, the adaptive norms' modulation."""
+        parts = path.split(".")
+        if parts[0] == "transformer_blocks" and len(parts) > 1:
+            block = f"block {int(parts[1]):02d}"
+        else:
+            block = "output" if parts[0] in ("norm_out", "proj_out") else "input"
+        roles = (("add_q_proj", "attention (text stream)"), ("add_k_proj", "attention (text stream)"),
+                 ("add_v_proj", "attention (text stream)"), ("to_add_out", "attention (text stream)"),
+                 ("attn", "attention (image stream)"), ("attn2", "attention (image stream)"),
+                 ("ff_context", "feed-forward (text stream)"), ("ff", "feed-forward"), ("norm1", "modulation"),
+                 ("norm1_context", "modulation"), ("norm_out", "modulation"), ("pos_embed", "embedding"),
+                 ("time_text_embed", "time embedding"), ("context_embedder", "projection"), ("proj_out", "projection"))
+        kind = next((name for marker, name in roles if marker in parts), "other")
+        return block, kind
+
+    @classmethod
+    def blocks_in_order(cls, blocks: list[str]) -> list[str]:
+        """input, block 00, block 01, …, output, then the text encoders."""
+        rank = {"input": 0, "output": 2}
+        return sorted(super().blocks_in_order(blocks), key=lambda block: rank.get(block, 1 if block.startswith("block ") else 3))
+
+    def unreachable_parameters(self) -> list[str]:
+        """The last joint block keeps only the image stream (``context_pre_only``): the text tokens'
+        queries there are computed and discarded, so ``add_q_proj`` gets no gradient."""
+        last = self.denoiser.config.num_layers - 1
+        return [f"transformer.transformer_blocks.{last}.attn.add_q_proj.*"]
+
+    @classmethod
     def text_encoder_kwargs(cls, path: str, config: ModelConfig | None) -> dict[str, Any]:
         index = read_model_json(path, "model_index.json", config.revision if config else None) or {}
         saved_without_t5 = index.get("text_encoder_3", [None])[0] is None and "_class_name" in index

@@ -11,7 +11,14 @@ from __future__ import annotations
 import torch
 
 from sdtune.models.base import FAMILIES, Conditioning, Model
-from sdtune.models.sd1 import CLIP_ATTENTION, UNET_ATTENTION, UNET_PRESETS, clip_token_ids
+from sdtune.models.sd1 import (
+    CLIP_ATTENTION,
+    UNET_ATTENTION,
+    UNET_PRESETS,
+    clip_token_ids,
+    unet_blocks_in_order,
+    unet_place,
+)
 
 
 def clip_penultimate_and_pooled(
@@ -38,6 +45,23 @@ class StableDiffusionXL(Model):
     pipeline_extras = {"image_encoder": None, "feature_extractor": None, "add_watermarker": False}
     detects_pipelines = ("StableDiffusionXLPipeline",)
     single_file_types = ("xl_base",)
+
+    @classmethod
+    def denoiser_place(cls, path: str) -> tuple[str, str]:
+        return unet_place(path)
+
+    @classmethod
+    def blocks_in_order(cls, blocks: list[str]) -> list[str]:
+        return unet_blocks_in_order(super().blocks_in_order(blocks))
+
+    def unreachable_parameters(self) -> list[str]:
+        """CLIP-L conditions through its penultimate hidden states only (its pooled output is not used):
+        its last layer and final norm get no gradient."""
+        encoder = self.components.get("text_encoder")
+        if encoder is None:
+            return []
+        last = encoder.config.num_hidden_layers - 1
+        return [f"text_encoder.*encoder.layers.{last}.*", "text_encoder.*final_layer_norm.*"]
 
     def encode_prompt(self, captions: list[str]) -> Conditioning:
         states = []

@@ -16,7 +16,9 @@ from typing import Any
 import yaml
 
 from sdtune.records import TUNING_FILE, EvalRecord, TrainRecord, load_records
-from sdtune.report import plots
+from sdtune.report import change_plots, plots
+from sdtune.report.answer import answer
+from sdtune.report.changes import change_points, check_failures, check_status, largest, summaries
 from sdtune.report.format import metric_cell, number, size
 from sdtune.report.summary import (
     Row,
@@ -87,6 +89,48 @@ def tables(rows: list[Row]) -> list[tuple[str, list[str], list[list[str]], str]]
     return result
 
 
+CHANGES_TITLE = "What each technique changed"
+CHANGES_COLUMNS = ["Model", "Check", "Matrices changed", "Relative ΔW", "Most change (blocks)", "Median effective rank",
+                   "Numerical rank (max)", "Intruder dims (matrices)", "Anatomy time (s)"]
+
+
+def changes_section(rows: list[Row], train: list[TrainRecord], evals: list[EvalRecord], folder: Path) -> dict[str, Any] | None:
+    """The section's table, its generated paragraph, its figures and the failed claims (None: no run
+    has an anatomy, e.g. records written before sdtune took it)."""
+    found = summaries(rows)
+    if not found:
+        return None
+    by_label = {row.label: row for row in rows}
+    body = [[
+        s["label"], check_status(by_label[s["label"]]), number(s["total"]["changed_layers"]),
+        f"{100 * (s['total']['relative'] or 0):.3g} %",
+        ", ".join(f"{name} {100 * share:.0f} %" for name, share in largest(s["blocks"])),
+        f"{s['total']['effective_rank_median']:.2f}",
+        f"{s['total']['numerical_rank_max']:.0f}" + ("" if s["rank_exact"] else "+"),
+        f"{s['total']['intruders']:.0f} ({s['total']['layers_with_intruders']:.0f})", number(s["time_s"]),
+    ] for s in found]
+    method = found[0]["method"]
+    note = (f"ΔW of every changed weight matrix: {method['delta']}. Relative ΔW: "
+            f"{method['relative']}. Rank: {method['rank_tolerance']}; {method['spectrum']} (\"+\": a lower bound). "
+            f"Effective rank: {method['effective_rank']}. Intruder dimensions: {method['intruders']['definition']}, "
+            f"k = {method['intruders']['k']}, ε = {method['intruders']['epsilon']}. Check: did the technique train what "
+            "it claims (docs/anatomy.md). Means over training seeds.")
+    points = change_points(train, evals)
+    figures = []
+    for title, drawn in (
+        ("Relative ΔW per block × technique (‖ΔW‖/‖W‖ over the block's weight matrices; log colour)",
+         change_plots.block_heatmap(found, folder / "change_heatmap.png")),
+        ("Effective rank and intruder dimensions per technique", change_plots.ranks_and_intruders(found, folder / "change_ranks.png")),
+    ):
+        if drawn:
+            figures.append((title, drawn))
+    scatter = change_plots.change_scatter(points, folder / "change_scatter.png")
+    if scatter:
+        figures.append((scatter[1], scatter[0]))
+    return {"table": (CHANGES_TITLE, CHANGES_COLUMNS, body, note), "paragraph": answer(rows, points), "figures": figures,
+            "failures": check_failures(rows)}
+
+
 def render_report(root: str | Path) -> Path:
     """Render ``report.md`` and ``report.html`` in ``root`` from its records (a comparison's, or the
     tuning report of an ``sdtune tune`` folder); return the HTML path."""
@@ -101,9 +145,10 @@ def render_report(root: str | Path) -> Path:
     figures = plots.all_figures(rows, root, figures_dir)
     context = _context(train, evals)
     all_tables = tables(rows)
-    atomic.write_text(root / "report.md", _markdown(all_tables, figures, context, root))
+    section = changes_section(rows, train, evals, figures_dir)
+    atomic.write_text(root / "report.md", _markdown(all_tables, figures, context, root, section))
     html_path = root / "report.html"
-    atomic.write_text(html_path, _html(all_tables, figures, context))
+    atomic.write_text(html_path, _html(all_tables, figures, context, section))
     return html_path
 
 
@@ -125,14 +170,26 @@ def _context(train: list[TrainRecord], evals: list[EvalRecord]) -> dict[str, Any
     }
 
 
-def _markdown(all_tables: list, figures: list[tuple[str, Path]], context: dict, root: Path) -> str:
+def _markdown_table(header: list[str], body: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in body]
+
+
+def _markdown(all_tables: list, figures: list[tuple[str, Path]], context: dict, root: Path, section: dict | None) -> str:
     lines = [f"# sdtune comparison: {context['experiment']}", ""]
     for title, header, body, note in all_tables:
-        lines += [f"## {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in body]
+        lines += [f"## {title}", "", *_markdown_table(header, body)]
         lines += ["", note, ""] if note else [""]
     for title, path in figures:
         lines += [f"## {title}", "", f"![{title}]({path.relative_to(root)})", ""]
+    if section:
+        title, header, body, note = section["table"]
+        lines += [f"## {title}", "", *_markdown_table(header, body), "", note, "", section["paragraph"], ""]
+        if section["failures"]:
+            lines += ["### Did not train what it claims", "",
+                      *_markdown_table(["Model", "Claim", "Where", "What"], section["failures"]), ""]
+        for caption, path in section["figures"]:
+            lines += [f"### {caption}", "", f"![{caption}]({path.relative_to(root)})", ""]
     lines += ["## Everything this comparison depends on", "", "```yaml", _context_yaml(context), "```", ""]
     return "\n".join(lines)
 
@@ -141,7 +198,28 @@ def _context_yaml(context: dict) -> str:
     return yaml.safe_dump(json.loads(json.dumps(context, default=str)), sort_keys=False, width=100)
 
 
-def _html(all_tables: list, figures: list[tuple[str, Path]], context: dict) -> str:
+def _html_table(header: list[str], body: list[list[str]]) -> str:
+    esc = html.escape
+    rows = "".join("<tr>" + "".join(f"<td>{esc(cell)}</td>" for cell in row) + "</tr>" for row in body)
+    return "<table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in header) + "</tr>" + rows + "</table>"
+
+
+def _html_image(caption: str, path: Path, level: int) -> str:
+    encoded = base64.b64encode(path.read_bytes()).decode()
+    return f"<h{level}>{html.escape(caption)}</h{level}><img alt='{html.escape(caption)}' src='data:image/png;base64,{encoded}'>"
+
+
+def _html_section(section: dict) -> list[str]:
+    esc = html.escape
+    title, header, body, note = section["table"]
+    parts = [f"<h2>{esc(title)}</h2>", _html_table(header, body), f"<p class='note'>{esc(note)}</p>",
+             f"<p>{esc(section['paragraph'])}</p>"]
+    if section["failures"]:
+        parts += ["<h3>Did not train what it claims</h3>", _html_table(["Model", "Claim", "Where", "What"], section["failures"])]
+    return parts + [_html_image(caption, path, 3) for caption, path in section["figures"]]
+
+
+def _html(all_tables: list, figures: list[tuple[str, Path]], context: dict, section: dict | None = None) -> str:
     esc = html.escape
     parts = [
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
@@ -157,9 +235,9 @@ def _html(all_tables: list, figures: list[tuple[str, Path]], context: dict) -> s
         parts.append(f"<h2>{esc(title)}</h2><table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in header) + "</tr>")
         parts += ["<tr>" + "".join(f"<td>{esc(cell)}</td>" for cell in row) + "</tr>" for row in body]
         parts.append("</table>" + (f"<p class='note'>{esc(note)}</p>" if note else ""))
-    for title, path in figures:
-        encoded = base64.b64encode(path.read_bytes()).decode()
-        parts.append(f"<h2>{esc(title)}</h2><img alt='{esc(title)}' src='data:image/png;base64,{encoded}'>")
+    parts += [_html_image(title, path, 2) for title, path in figures]
+    if section:
+        parts += _html_section(section)
     parts.append(f"<h2>Everything this comparison depends on</h2><pre>{esc(_context_yaml(context))}</pre>")
     parts.append("</body></html>")
     return "\n".join(parts)

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from sdtune.metrics.maths import bootstrap_ci
-from sdtune.records import EvalRecord, TrainRecord
+from sdtune.records import EvalRecord, TrainRecord, check_failed
 
 BASE = "base"
 
@@ -27,6 +27,7 @@ class Row:
     kind: str
     status: str = "finished"
     error: str | None = None
+    check_failed: bool = False  # a run of it did not train what it claims (checks.trained)
     train: list[TrainRecord] = field(default_factory=list)
     evals: list[EvalRecord] = field(default_factory=list)
     steps: list[EvalRecord] = field(default_factory=list)
@@ -42,6 +43,7 @@ def build_rows(train: list[TrainRecord], evals: list[EvalRecord]) -> list[Row]:
         name = record.technique["name"]
         row = rows.setdefault(name, Row(name, record.technique["kind"]))
         row.train.append(record)
+        row.check_failed = row.check_failed or check_failed(record)
         if record.status != "finished":
             row.status, row.error = record.status, record.error
     for record in evals:
@@ -164,7 +166,8 @@ def study_table(rows: list[Row]) -> list[dict[str, Any]]:
     base_params = (base_eval.base_parameters if base_eval else None) or {}
     table = []
     for row in rows:
-        entry: dict[str, Any] = {"model": row.label, "kind": row.kind, "status": row.status}
+        status = f"{row.status} · check FAILED" if row.check_failed else row.status
+        entry: dict[str, Any] = {"model": row.label, "kind": row.kind, "status": status}
         if row.label == BASE:  # files on disk, else fp32 parameter bytes
             sizes = {part: base_sizes.get(part) or 4 * count for part, count in base_params.items()} or base_sizes
             entry.update(component_columns(sizes))

@@ -5,9 +5,12 @@ from sdtune.techniques import adapter, full, oft, partial, textual_inversion  # 
 from sdtune.techniques.base import (
     TECHNIQUES,
     Technique,
+    TrainedEvidence,
     WeightsDoNotFit,
     count_parameters,
     trainable_named_parameters,
 )
 
-__all__ = ["TECHNIQUES", "Technique", "WeightsDoNotFit", "count_parameters", "trainable_named_parameters"]
+__all__ = [
+    "TECHNIQUES", "Technique", "TrainedEvidence", "WeightsDoNotFit", "count_parameters", "trainable_named_parameters",
+]

@@ -20,8 +20,16 @@ from sdtune.errors import first_line
 from sdtune.formats import community
 from sdtune.formats.families import export_facts, family_of_metadata
 from sdtune.models import Model
+from sdtune.records import CheckFailure
 from sdtune.techniques import lora_variants
-from sdtune.techniques.base import TECHNIQUES, Technique, TechniqueOptions, WeightsDoNotFit, files_under
+from sdtune.techniques.base import (
+    TECHNIQUES,
+    Technique,
+    TechniqueOptions,
+    TrainedEvidence,
+    WeightsDoNotFit,
+    files_under,
+)
 from sdtune.util import atomic
 
 # peft fields that describe the wrapping model, not the adapter: never set from an experiment
@@ -142,6 +150,21 @@ class AdapterTechnique(Technique):
             adapted = {name: model.components[name] for name in targets}
             facts = export_facts(model.family)
             community.initialise_from(Path(self.options.init_from), adapted, facts.community_prefixes, facts.sgm_components)
+
+    def trained_invariants(self, model: Model, evidence: TrainedEvidence) -> list[CheckFailure]:
+        """Besides the components: every adapter tensor trains (none left frozen), and every adapted
+        layer's merged ΔW is non-zero."""
+        failures = super().trained_invariants(model, evidence)
+        for component in self.component_targets(model):
+            for name, _ in model.components[component].named_parameters():
+                full_name = f"{component}.{name}"
+                if any(marker in name for marker in ADAPTER_MARKERS) and full_name not in evidence.trained:
+                    failures.append(CheckFailure("adapter tensor", full_name, "an adapter tensor is frozen: it never trained"))
+        failures += [
+            CheckFailure("adapter layer", layer, "the merged ΔW of this adapted layer is zero")
+            for layer, norm in sorted(evidence.layer_changes.items()) if norm == 0.0 and evidence.reachable(layer)
+        ]
+        return failures
 
     # -- outputs ----------------------------------------------------------------------------------
     def save(self, model: Model, out_dir: Path) -> dict[str, list[str]]:
@@ -410,6 +433,20 @@ class DoRA(LoRA):
 
     kind = "dora"
     fixed = {"use_dora": True}
+
+    def trained_invariants(self, model: Model, evidence: TrainedEvidence) -> list[CheckFailure]:
+        """Besides LoRA's: every adapted layer has a DoRA magnitude vector, and it moved (a "DoRA" that
+        trains as plain LoRA has none, or leaves them where they started)."""
+        failures = super().trained_invariants(model, evidence)
+        for layer in sorted(evidence.layer_changes):
+            if not evidence.reachable(layer):
+                continue
+            magnitudes = [n for n in evidence.trained if n.startswith(f"{layer}.lora_magnitude_vector.")]
+            if not magnitudes:
+                failures.append(CheckFailure("magnitude", layer, "no trained DoRA magnitude vector: the layer trains as plain LoRA"))
+            elif not any(evidence.moved.get(n) for n in magnitudes):
+                failures.append(CheckFailure("magnitude", layer, "the DoRA magnitude vector did not move"))
+        return failures
 
     @classmethod
     def community_output(cls, family: str) -> tuple[str, str]:

@@ -5,12 +5,18 @@ the model (freeze, inject adapters), trains whatever has ``requires_grad``, then
 ``save`` the result; ``load_into`` puts a saved result onto a base pipeline for generation. Its
 options are a dataclass (:attr:`Technique.Options`), checked once by :meth:`Technique.validate_options`
 when the experiment is resolved.
+
+After training the loop checks that the technique trained what it claims
+(:mod:`sdtune.training.trained_check`): the generic claims (every trainable tensor got a gradient and
+moved, every frozen one stayed) are the loop's; each technique adds its own in
+:meth:`Technique.trained_invariants`, judged on the :class:`TrainedEvidence` the loop observed.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -19,6 +25,7 @@ import torch
 from sdtune.config import ConfigError, build
 from sdtune.errors import UserError
 from sdtune.models import Model
+from sdtune.records import CheckFailure
 from sdtune.util.registry import Registry
 
 
@@ -33,6 +40,26 @@ class TechniqueOptions:
     train_text_encoder: bool = False  # also train the text encoders (fully, or with an adapter)
     text_encoders: list[str] | None = None  # which ones; None = the family's usual (SD3: both CLIPs, not T5)
     text_encoder_learning_rate: float | None = None  # None = the technique's learning_rate
+
+
+@dataclass(frozen=True)
+class TrainedEvidence:
+    """What the loop observed of a finished run, on which a technique's claims are judged."""
+
+    trained: frozenset[str]  # the trainable tensors, <component>.<parameter>
+    gradient: dict[str, bool] | None  # got a non-zero gradient at least once (None: not observable)
+    moved: dict[str, bool]  # differs from its value at the start of the run
+    rows: dict[str, tuple[tuple[bool | None, bool], ...]]  # per-row tensors: (gradient, moved) of each row
+    layer_changes: dict[str, float]  # <component>.<module path> → ‖ΔW‖_F of each adapted layer (merged)
+    unreachable: tuple[str, ...]  # the family's patterns of parameters no loss reaches
+
+    def reachable(self, name: str) -> bool:
+        """False for a tensor (or a layer's weight, given the layer's path) the conditioning never reaches."""
+        return not any(fnmatchcase(name, p) or fnmatchcase(f"{name}.weight", p) for p in self.unreachable)
+
+    def changed_components(self) -> set[str]:
+        """Components with a trainable tensor that moved."""
+        return {name.split(".", 1)[0] for name, moved in self.moved.items() if moved}
 
 
 class Technique:
@@ -101,6 +128,31 @@ class Technique:
         ``learning_rate`` unless the technique says otherwise (LoRA+: the B matrices higher)."""
         return [{"params": list(parameters.values()), "lr": learning_rate}] if parameters else []
 
+    # -- what it claims (the trained-what-it-claims check, sdtune.training.trained_check) ---------------
+    def claimed_components(self, model: Model) -> list[str]:
+        """The components this technique changes: the denoiser, and the text encoders it trains."""
+        return [model.denoiser_name, *self.text_encoders_to_train(model)]
+
+    def per_row_parameters(self) -> tuple[str, ...]:
+        """fnmatch patterns (``<component>.<parameter>``) of tensors each of whose rows is a claim of its
+        own (textual inversion: one vector per row); the loop watches their rows' gradients."""
+        return ()
+
+    def trained_invariants(self, model: Model, evidence: TrainedEvidence) -> list[CheckFailure]:
+        """This technique's own claims, judged on what the loop observed (``model``: as trained, EMA
+        weights in). Base: it changed exactly the components it claims to train."""
+        claimed = set(self.claimed_components(model))
+        changed = evidence.changed_components()
+        failures = [
+            CheckFailure("component", name, f"the technique trains the {name}, but none of its tensors moved")
+            for name in sorted(claimed - changed)
+        ]
+        failures += [
+            CheckFailure("component", name, f"tensors of the {name} moved, which the technique does not train")
+            for name in sorted(changed - claimed)
+        ]
+        return failures
+
     # -- outputs ----------------------------------------------------------------------------------
     def save(self, model: Model, out_dir: Path) -> dict[str, list[str]]:
         """Write the trained result to ``out_dir``; return component → files written (relative)."""
@@ -110,6 +162,14 @@ class Technique:
     def load_into(cls, pipe: Any, run_dir: Path, options: dict[str, Any]) -> Any:
         """Apply a saved result to ``pipe`` (a base pipeline) and return the pipeline to sample from."""
         raise NotImplementedError
+
+    @classmethod
+    def restore(cls, model: Model, run_dir: Path, options: dict[str, Any]) -> Model:
+        """The run's trained state on ``model`` (a fresh base model), as training left it: adapters
+        injected and not merged (``sdtune anatomy`` compares it with the base). Default: what
+        :meth:`load_into` does to the model's pipeline, whose components are the model's own."""
+        pipe = cls.load_into(model.pipeline(), run_dir, options)
+        return type(model).from_pipeline(pipe, model.source)
 
     @classmethod
     def own_pipeline(cls, run_dir: Path) -> bool:

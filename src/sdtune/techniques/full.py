@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from sdtune.config import ModelConfig
 from sdtune.models import FAMILIES, Model
 from sdtune.techniques.base import TECHNIQUES, Technique, files_under
 
@@ -34,6 +35,10 @@ class FullFineTuning(Technique):
         """Which tools read the files of a record part (``outputs.<part>.loads_in`` of the record): the
         folder is a diffusers pipeline; `sdtune export RUN --single-file` writes the A1111/ComfyUI checkpoint."""
         return [f"diffusers {FAMILIES.get(family).pipeline_class_name}.from_pretrained", "sdtune generate"]
+
+    @classmethod
+    def restore(cls, model: Model, run_dir: Path, options: dict[str, Any]) -> Model:
+        return type(model).load(ModelConfig(path=str(run_dir)))  # the run folder holds the trained model
 
     @classmethod
     def own_pipeline(cls, run_dir: Path) -> bool:

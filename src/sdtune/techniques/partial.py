@@ -20,10 +20,12 @@ from sdtune.config import ConfigError
 from sdtune.formats import community
 from sdtune.formats.families import export_facts
 from sdtune.models import Model
+from sdtune.records import CheckFailure
 from sdtune.techniques.base import (
     TECHNIQUES,
     Technique,
     TechniqueOptions,
+    TrainedEvidence,
     WeightsDoNotFit,
     files_under,
     trainable_named_parameters,
@@ -75,6 +77,19 @@ class PartialFineTuning(Technique):
         # the base values of what trains (a resumed run restores its tensors after this): the
         # community file holds trained − base
         self.base_values = {n: p.detach().to("cpu", copy=True) for n, p in trainable_named_parameters(model).items()}
+
+    def trained_invariants(self, model: Model, evidence: TrainedEvidence) -> list[CheckFailure]:
+        """Besides the components: what trained in the denoiser is exactly what the patterns choose."""
+        failures = super().trained_invariants(model, evidence)
+        patterns, denoiser = self.patterns(type(model)), model.denoiser_name
+        chosen = {
+            f"{denoiser}.{name}" for name, _ in model.denoiser.named_parameters()
+            if any(fnmatchcase(name, pattern) for pattern in patterns)
+        }
+        trained = {name for name in evidence.trained if name.startswith(f"{denoiser}.")}
+        failures += [CheckFailure("partial", name, "chosen by the patterns, but frozen") for name in sorted(chosen - trained)]
+        failures += [CheckFailure("partial", name, "trained, but not chosen by the patterns") for name in sorted(trained - chosen)]
+        return failures
 
     def save(self, model: Model, out_dir: Path) -> dict[str, list[str]]:
         tensors = {n: p.detach().contiguous().cpu() for n, p in trainable_named_parameters(model).items()}

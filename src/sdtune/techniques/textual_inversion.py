@@ -30,7 +30,8 @@ import torch
 from sdtune.config import ConfigError
 from sdtune.formats.families import export_facts
 from sdtune.models import FAMILIES, Model
-from sdtune.techniques.base import TECHNIQUES, Technique, loaded_text_encoders
+from sdtune.records import CheckFailure
+from sdtune.techniques.base import TECHNIQUES, Technique, TrainedEvidence, loaded_text_encoders
 from sdtune.util import atomic
 
 LISTING_FILE = "textual_inversion.json"  # placeholder, tokens, and which file holds which encoder's rows
@@ -55,7 +56,19 @@ class NewTokenEmbedding(torch.nn.Module):
         super().__init__()
         self.original = original.requires_grad_(False)
         self.register_buffer("token_ids", torch.tensor(token_ids), persistent=False)
+        self.register_buffer("start", vectors.detach().clone().float(), persistent=False)  # what training began from
         self.vectors = torch.nn.Parameter(vectors.detach().clone().float())
+
+    def weights_before_and_after(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The token table as training started (the new rows at their initialiser) and as it ends (the
+        learned rows): the layer's W_before and W_after for :mod:`sdtune.anatomy`."""
+        rows = max(self.original.num_embeddings, int(self.token_ids.max()) + 1)
+        before = torch.zeros(rows, self.vectors.shape[1], dtype=torch.float64, device=self.vectors.device)
+        before[: self.original.num_embeddings] = self.original.weight.detach().double()
+        after = before.clone()
+        before[self.token_ids] = self.start.double()
+        after[self.token_ids] = self.vectors.detach().double()
+        return before, after
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         embedded = self.original(input_ids.clamp(max=self.original.num_embeddings - 1))
@@ -122,6 +135,27 @@ class TextualInversion(Technique):
             start = original.weight[initializer].detach()[None].repeat(len(token_ids), 1)
             encoder.set_input_embeddings(NewTokenEmbedding(original, token_ids, start))
 
+    # -- what it claims ---------------------------------------------------------------------------
+    def claimed_components(self, model: Model) -> list[str]:
+        return self.encoders(model)  # the new word's vectors, in each text encoder; the denoiser stays frozen
+
+    def per_row_parameters(self) -> tuple[str, ...]:
+        return ("*.vectors",)  # one learned vector per row (NewTokenEmbedding)
+
+    def trained_invariants(self, model: Model, evidence: TrainedEvidence) -> list[CheckFailure]:
+        """Besides the components: every vector of the new word, in every text encoder, got a
+        gradient and moved."""
+        failures = super().trained_invariants(model, evidence)
+        tokens = self.tokens()
+        for name, rows in sorted(evidence.rows.items()):
+            for index, (gradient, moved) in enumerate(rows):
+                where = f"{name}[{index}] ({tokens[index] if index < len(tokens) else index})"
+                if gradient is False:
+                    failures.append(CheckFailure("vector", where, "this vector of the new word never got a gradient"))
+                if not moved:
+                    failures.append(CheckFailure("vector", where, "this vector of the new word did not move"))
+        return failures
+
     def check_captions(self, captions: list[str]) -> None:
         """A training set that never names the placeholder could not learn it."""
         token = self.options.placeholder_token
@@ -157,6 +191,21 @@ class TextualInversion(Technique):
         """Which tools read the files of a record part (``outputs.<part>.loads_in`` of the record)."""
         diffusers = ["diffusers load_textual_inversion"] if expands_multi_vector_prompts(FAMILIES.get(family)) else []
         return ["A1111", "ComfyUI", *diffusers] if part == "community" else [*diffusers, "sdtune generate"]
+
+    @classmethod
+    def restore(cls, model: Model, run_dir: Path, options: dict[str, Any]) -> Model:
+        """As training left it: the new tokens added and wrapped (:class:`NewTokenEmbedding`, starting
+        from the initialiser), their vectors the learned ones."""
+        from safetensors.torch import load_file
+
+        technique = cls(options)
+        technique.prepare(model)
+        listing = json.loads((run_dir / LISTING_FILE).read_text())
+        for name, file in listing["files"].items():
+            learned = load_file(run_dir / file)[listing["placeholder_token"]]
+            with torch.no_grad():
+                model.components[name].get_input_embeddings().vectors.copy_(learned)
+        return model
 
     @classmethod
     def load_into(cls, pipe: Any, run_dir: Path, options: dict[str, Any]) -> Any:

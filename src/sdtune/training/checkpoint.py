@@ -106,10 +106,21 @@ def split_tensors(value: Any, prefix: str = "state") -> tuple[Any, dict[str, tor
     only safetensors + JSON and loading one never runs code.
     """
     tensors: dict[str, torch.Tensor] = {}
+    # One tensor held under several keys (bitsandbytes' 8-bit AdamW keeps one quantisation map per
+    # optimiser, referenced from every parameter's state) is written once and loaded back shared;
+    # distinct tensors that share storage are written as copies (safetensors refuses shared storage).
+    first_key: dict[int, str] = {}
+    storages: set[int] = set()
 
     def walk(item: Any, key: str) -> Any:
         if isinstance(item, torch.Tensor):
-            tensors[key] = item.detach().contiguous().cpu()
+            if id(item) in first_key:
+                return {_TENSOR: first_key[id(item)]}
+            tensor = item.detach().contiguous().cpu()
+            pointer = tensor.untyped_storage().data_ptr()
+            tensors[key] = tensor.clone() if pointer in storages and tensor.numel() else tensor
+            storages.add(pointer)
+            first_key[id(item)] = key
             return {_TENSOR: key}
         if isinstance(item, dict):
             int_keys = [k for k in item if isinstance(k, int)]

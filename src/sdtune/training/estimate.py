@@ -19,18 +19,26 @@ How each term is counted (docs/memory.md, "The estimate"):
   runs every tensor in the compute dtype (what autocast gives matmuls and convolutions; its fp32
   norms and softmaxes are counted at half size) and the bf16/fp16 copies autocast makes of fp32
   trained weights are added (2 bytes a value);
-- the **gradients** are added to that peak whole (all of them held at once, as they are at the
-  optimizer step and through every micro-step when they accumulate; with ``fused_backward`` or a
-  gradient-freeing offload only the largest tensor's): an upper bound by at most the smaller of
-  the two terms when nothing accumulates.
+- the **gradients**: without accumulation they are kept in the measured pass, each from the moment
+  backward makes it (so the peak is counted where it really falls, activations half freed and
+  gradients half made); when micro-steps accumulate they are held through the whole next micro-step,
+  so they are added to the pass's peak whole; with ``fused_backward`` or a gradient-freeing offload
+  each lives in the pass from when backward makes it until its hook frees it. (Under mixed precision
+  the pass holds them in the compute dtype; the rest of their fp32 size is added.)
 
-The total is weights + optimizer states + EMA + the forward + backward peak (+ on a CPU the process
-itself: the interpreter and its libraries, measured in this process).
+The total is weights + optimizer states + EMA + the forward + backward peak; on a CPU (``device=
+"cpu"``: the figure the record's peak RSS measures) also **the process itself** (the interpreter and
+the libraries a training process loads, measured in this process) and **malloc's kept free blocks**:
+the heap of glibc's malloc outgrows the live tensors of a step, because small long-lived allocations
+land inside the holes that freed activations leave and pin them (measured: docs/memory.md, "Where a
+CPU run's memory goes"); with jemalloc it does not.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import importlib
 import re
 import resource
 import sys
@@ -47,6 +55,7 @@ from sdtune.models import Model
 from sdtune.models.empty import load_empty
 from sdtune.techniques import trainable_named_parameters
 from sdtune.training.step import denoising_loss
+from sdtune.util.allocator import malloc_in_use
 from sdtune.util.memtrack import LiveBytes, fused_attention
 
 WEIGHT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -57,6 +66,17 @@ EIGHT_BIT_MIN_SIZE, EIGHT_BIT_BLOCK = 4096, 256
 # 64 values; int8 (LLM.int8) = 1 byte + one fp32 scale per row (≈ 0 here)
 QUANTIZED_BYTES_PER_WEIGHT = {"nf4": 0.5 + 4 / 64, "int8": 1.0}
 GIB = 2**30
+# The bytes a CPU process's malloc holds beyond a training step's live tensors, as a share of the bytes the
+# step allocates over its course (bytes / bytes). glibc: blocks freed during a step are not all reused (the
+# free space ends up split among small live allocations), so part of each step's allocations land on the
+# heap's top, until the heap stops growing after the second step. It follows the bytes allocated loosely, and
+# the step's peak no better (over the six runs below its share of the allocations spans 4x, of the peak 5x:
+# gradient checkpointing lowers the peak 2-3x but allocates more). Measured (peak RSS − every other term) / step_allocated, 2 steps of a 71 M-parameter UNet, batch 2,
+# sdtune's kept malloc: full 0.19 / 0.13 / 0.05 and LoRA 0.20 / 0.22 / 0.11 at 128 px / 256 px / 256 px with
+# gradient checkpointing; 0.13, the middle of that 0.05-0.22 range, puts all six within ±19 % of their peak
+# RSS (table and method: docs/memory.md, "Where a CPU run's memory goes"). jemalloc keeps none to speak of:
+# the estimate without this term was +1.3 % of a LoRA 256 px run's peak RSS under LD_PRELOAD=libjemalloc.
+HEAP_KEPT_FRACTION = {"glibc": 0.13, "jemalloc": 0.0}
 
 
 @dataclass(frozen=True)
@@ -78,7 +98,10 @@ class MemoryEstimate:
     activations: int  # saved for backward at the end of the forward
     activations_other: int  # the same with gradient checkpointing the other way round
     step_peak: int  # forward + backward: activations and temporaries at their peak, + gradients
-    process: int  # the process itself (CPU only)
+    step_allocated: int  # bytes the forward + backward allocates over its course (freed ones too)
+    process: int  # the process itself: the interpreter and its libraries (CPU only)
+    heap_kept: int  # free blocks malloc keeps between live ones at the step's peak (CPU only)
+    malloc: str  # the malloc that serves the process (CPU only; "" for a GPU)
     savers: dict[str, Any]  # the run's savers
     fits_with: list[str] | None = None  # --budget: the savers that bring it under, in order ([] = as is)
     fitted_total: int | None = None  # the total with those savers
@@ -86,7 +109,8 @@ class MemoryEstimate:
 
     @property
     def total(self) -> int:
-        return sum(self.weights.values()) + self.optimizer_states + self.ema + self.step_peak + self.process
+        return (sum(self.weights.values()) + self.optimizer_states + self.ema + self.step_peak + self.process
+                + self.heap_kept)
 
     def describe(self) -> str:
         """The breakdown as ``sdtune train --estimate`` prints it."""
@@ -156,26 +180,42 @@ class _Estimator:
         self.item.build().prepare(self.model)
         self.trained = trainable_named_parameters(self.model)
         self.train_text_encoder = any(not n.startswith(self.model.denoiser_name + ".") for n in self.trained)
-        self._steps: dict[tuple, tuple[int, int]] = {}
+        self._steps: dict[tuple, tuple[int, int, int]] = {}
 
     # -- the terms -------------------------------------------------------------------------------
     def estimate(self, config: TrainConfig) -> MemoryEstimate:
         weights, elsewhere = self._weights(config)
         numel = sum(p.numel() for p in self.trained.values())
         frees_gradients = config.fused_backward or (config.optimizer_offload and config.gradient_accumulation_steps == 1)
-        activations, peak = self._step(config, config.gradient_checkpointing)
-        other, _ = self._step(config, not config.gradient_checkpointing)
+        accumulates = config.gradient_accumulation_steps > 1 and not frees_gradients
+        kept = not frees_gradients and not accumulates  # the pass keeps each gradient from when it is made
+        activations, peak, allocated = self._step(config, config.gradient_checkpointing, kept)
+        other, _, _ = self._step(config, not config.gradient_checkpointing, kept)
         largest = max((p.numel() for p in self.trained.values()), default=0)
-        peak += 4 * (largest if frees_gradients else numel)
+        compute_size = WEIGHT_DTYPES.get(config.mixed_precision, torch.float32).itemsize
+        # the pass holds gradients in the compute dtype; the run's are fp32: the rest of their size is added
+        if frees_gradients:  # each one lives in the pass from when it is made until its hook frees it
+            peak += (4 - compute_size) * largest
+        elif accumulates:  # the previous micro-steps' gradients, held through this one
+            peak += 4 * numel
+        else:
+            peak += (4 - compute_size) * numel
         if config.mixed_precision != "no":  # autocast's low-precision copies of the fp32 trained weights
             peak += 2 * numel
+        process, malloc, heap_kept, notes = 0, "", 0, []
+        if self.device == "cpu":
+            malloc, process = malloc_in_use(), _process_bytes()
+            if malloc not in HEAP_KEPT_FRACTION:
+                notes.append(f"malloc's kept free blocks are glibc's measured share: {malloc}'s was not measured")
+            heap_kept = int(HEAP_KEPT_FRACTION.get(malloc, HEAP_KEPT_FRACTION["glibc"]) * allocated)
         return MemoryEstimate(
             technique=self.name, kind=self.item.kind, device=self.device, batch_size=config.batch_size,
             resolution=self.experiment.data.resolution, mixed_precision=config.mixed_precision, weights=weights,
             weights_elsewhere=elsewhere, trainable_parameters=numel, gradients=4 * numel,
             optimizer_states=self._optimizer_states(config), ema=4 * numel if config.use_ema else 0,
-            activations=activations, activations_other=other, step_peak=peak,
-            process=_process_bytes() if self.device == "cpu" else 0, savers=_savers(config),
+            activations=activations, activations_other=other, step_peak=peak, step_allocated=allocated,
+            process=process, heap_kept=heap_kept,
+            malloc=malloc, savers=_savers(config), notes=notes,
         )
 
     def _weights(self, config: TrainConfig) -> tuple[dict[str, int], int]:
@@ -221,21 +261,22 @@ class _Estimator:
         return total
 
     # -- the measured step -----------------------------------------------------------------------
-    def _step(self, config: TrainConfig, checkpointing: bool) -> tuple[int, int]:
-        """(bytes saved for backward at the end of the forward, peak of forward + backward without the
-        gradients), measured on the meta device (each gradient is dropped as backward makes it)."""
-        key = (checkpointing, config.batch_size, config.mixed_precision)
+    def _step(self, config: TrainConfig, checkpointing: bool, keep_gradients: bool) -> tuple[int, int, int]:
+        """(bytes saved for backward at the end of the forward, peak of forward + backward, bytes it
+        allocates in all), measured on the meta device; each gradient is kept from when backward
+        makes it (``keep_gradients``) or dropped at once (the caller adds what the run holds of them)."""
+        key = (checkpointing, config.batch_size, config.mixed_precision, keep_gradients)
         if key not in self._steps:
-            self._steps[key] = self._measure(config, checkpointing)
+            self._steps[key] = self._measure(config, checkpointing, keep_gradients)
         return self._steps[key]
 
-    def _measure(self, config: TrainConfig, checkpointing: bool) -> tuple[int, int]:
+    def _measure(self, config: TrainConfig, checkpointing: bool, keep_gradients: bool) -> tuple[int, int, int]:
         model, dtype = self.model, WEIGHT_DTYPES.get(config.mixed_precision, torch.float32)
         for module in model.components.values():  # (the compute dtype throughout: see the module docstring)
             for parameter in module.parameters():
                 parameter.data = parameter.data.to(torch.float32 if module is model.vae and model.vae_in_fp32 else dtype)
         _set_checkpointing(model, checkpointing, self.train_text_encoder)
-        hooks = [p.register_post_accumulate_grad_hook(_drop_gradient) for p in self.trained.values()]
+        hooks = [] if keep_gradients else [p.register_post_accumulate_grad_hook(_drop_gradient) for p in self.trained.values()]
         objective = diffusion.build_objective(model.objective, model.noise_schedule(), self.item.objective)
         batch = config.batch_size * (2 if config.prior_preservation else 1)
         side = self.experiment.data.resolution // model.vae_downsampling
@@ -250,7 +291,9 @@ class _Estimator:
         finally:
             for hook in hooks:
                 hook.remove()
-        return saved, tracker.peak
+            for parameter in self.trained.values():
+                parameter.grad = None  # (the next measured pass starts without gradients)
+        return saved, tracker.peak, tracker.allocated
 
     def _loss(self, model: Model, objective: Any, latents: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         captions = ["a photo"] * latents.shape[0]
@@ -321,6 +364,11 @@ def _placed_dtype(parameter: torch.nn.Parameter, component: str, model: Model, c
     return WEIGHT_DTYPES.get(config.mixed_precision, torch.float32)
 
 
+# what a training process imports that the estimate itself does not: the data loaders' 🤗 datasets (the CLI
+# imports it in every command) and accelerate's tensorboard tracker (training/setup.py, log_with)
+TRAINING_PROCESS_LIBRARIES = ("datasets", "torch.utils.tensorboard")
+
+
 def _set_checkpointing(model: Model, enabled: bool, train_text_encoder: bool) -> None:
     if enabled:
         model.denoiser.enable_gradient_checkpointing()
@@ -344,8 +392,13 @@ def _savers(config: TrainConfig) -> dict[str, Any]:
 
 
 def _process_bytes() -> int:
-    """This process's resident memory now (the interpreter and the libraries a training process
-    imports too): /proc/self/statm on Linux, else the peak so far."""
+    """This process's resident memory now: the interpreter and the libraries a training process
+    imports too (its data and logging libraries are imported here first: a training process loads
+    them before its first step; 🤗 datasets alone is 80 MB), from /proc/self/statm on Linux, else
+    the peak so far."""
+    for name in TRAINING_PROCESS_LIBRARIES:
+        with contextlib.suppress(ImportError):
+            importlib.import_module(name)
     statm = Path("/proc/self/statm")
     if statm.exists():
         import os
@@ -379,7 +432,11 @@ def format_estimate(estimate: MemoryEstimate) -> str:
         f"  forward + backward peak  {size(estimate.step_peak)} (activations, temporaries, gradients)",
     ]
     if estimate.process:
-        lines.append(f"  the process itself       {size(estimate.process)}")
+        lines.append(f"  the process itself       {size(estimate.process)} (the interpreter and its libraries, measured here)")
+    if estimate.malloc:
+        share = HEAP_KEPT_FRACTION.get(estimate.malloc, HEAP_KEPT_FRACTION["glibc"])
+        lines.append(f"  malloc's free blocks     {size(estimate.heap_kept)} ({estimate.malloc}'s heap beyond the live tensors: "
+                     f"{share:.2f} × the {size(estimate.step_allocated)} a step allocates, measured)")
     lines.append(f"  total                    {size(estimate.total)}")
     if estimate.fits_with is not None:
         savers = ", ".join(estimate.fits_with) if estimate.fits_with else "nothing to change"

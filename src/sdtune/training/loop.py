@@ -33,6 +33,7 @@ from sdtune.training.run_dir import StopRequest, claim_run_dir, drop_replaced, r
 from sdtune.training.setup import TrainingRun, setup_run
 from sdtune.training.state import TrainState
 from sdtune.training.step import denoising_loss
+from sdtune.training.trained_check import GradientWitness, gradients_observable, resume_failures
 from sdtune.util.distributed import process_state
 from sdtune.util.timing import StepClock
 
@@ -104,6 +105,7 @@ def _train_claimed(
     state = run.new_state()
     if checkpoint is not None:
         restore_checkpoint(run, checkpoint, state)
+        _check_at_resume(run, state)
     run.start_trackers()
     first_step = state.step
     if stop_after is not None and stop_after <= first_step:
@@ -113,6 +115,10 @@ def _train_claimed(
     setup_time_s = time.perf_counter() - started
     evaluator = TrainingEvaluator.create(experiment, accelerator.is_main_process)  # None: nothing asked
     stop, clock, pending = StopRequest(), StepClock(accelerator.device), []  # pending: (step, loss, lr) not read back
+    witness = GradientWitness(  # which trained tensors got a gradient (trained_check); idle once all have
+        run.parameters, state.trained_evidence, run.technique, run.unwrapped_model().unreachable_parameters(), accelerator.device,
+        observable=gradients_observable(config, sharding.is_deepspeed(accelerator)),
+    )
     bar = _progress_bar(run.max_steps, first_step, progress and accelerator.is_main_process, name)
     records.reset_peak_memory(accelerator.device)
     for module in run.models:
@@ -137,6 +143,7 @@ def _train_claimed(
                     )
                     accelerator.backward(loss)  # (divided by the accumulation steps; DeepSpeed: by its engine)
                 step_loss += loss.detach().float() / config.gradient_accumulation_steps
+            witness.observe()
             lr = run.lr_scheduler.get_last_lr()[0]  # the rate this step uses
             if not config.fused_backward:  # (fused: each tensor stepped in the backward pass, optim.py)
                 optim.clip_gradients(accelerator, run.optimizer, list(run.parameters.values()), config.max_grad_norm)
@@ -156,6 +163,7 @@ def _train_claimed(
             stop_requested = stop.requested and accelerator.num_processes == 1 or scheduled_stop
             if done % config.log_every == 0 or done == run.max_steps or periodic or stop_requested:
                 stop_requested = _sync_point(run, clock, pending, state, stop.requested, bar) or scheduled_stop
+                witness.collect()
             bar.update(1)
             if evaluator is not None and (evaluator.due(done, run.max_steps) or scheduled_stop):  # validation loss, images
                 with clock.excluded():
@@ -173,11 +181,21 @@ def _train_claimed(
     if status == "finished" and not checkpoint_path(run_dir, state.step).is_dir():
         with clock.excluded():  # the final state on disk before any output is written (docs/resume.md)
             write_checkpoint(run, state, rotate=False)
-    record, model = finish_run(run, status, state, run_timing(run, clock, state, first_step, setup_time_s), started)
+    record, model = finish_run(run, status, state, run_timing(run, clock, state, first_step, setup_time_s), started, witness)
     for tracker in accelerator.trackers:  # (not end_training(): it would end the process group, which
         tracker.finish()  # the next technique or compare's evaluation in these processes still needs)
     accelerator.free_memory()
     return TrainResult(run_dir=run_dir, status=status, record=record, model=model)
+
+
+def _check_at_resume(run: TrainingRun, state: TrainState) -> None:
+    """The frozen tensors must be those the run started with (a changed base model is a failed item of
+    the trained-what-it-claims check, reported now and in the record)."""
+    failures = resume_failures(run.start_digests, state.trained_evidence.get("start", {}))
+    if failures and run.accelerator.is_main_process:
+        print(f"{run.name}: resumed on a base model whose frozen weights differ from the run's start "
+              f"({len(failures)} tensors, e.g. {failures[0]['where']}); the check will fail")
+    state.trained_evidence.setdefault("resume_failures", []).extend(failures)
 
 
 def _claim(run_dir: Path, resume: str | bool | None, overwrite: bool) -> tuple[Path | None, bool]:

@@ -54,10 +54,12 @@ def savers_used(run: TrainingRun) -> dict[str, Any]:
 
 
 def train_record(
-    run: TrainingRun, model: Model, status: str, state: TrainState, timing: dict[str, Any], outputs: dict[str, Any]
+    run: TrainingRun, model: Model, status: str, state: TrainState, timing: dict[str, Any], outputs: dict[str, Any],
+    checks: dict[str, Any] | None = None, anatomy: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The record of ``run`` after its loop: ``model`` is the trained model as saved, ``outputs`` each
-    saved part's files and bytes."""
+    saved part's files and bytes, ``checks``/``anatomy`` the trained-what-it-claims check and the
+    anatomy of the weight change (finished runs)."""
     steps_run = max(state.step, 1)
     experiment, accelerator, item = run.experiment, run.accelerator, run.experiment.techniques[run.name]
     training_set, cache = run.training_set, run.inputs.cache
@@ -110,6 +112,8 @@ def train_record(
         "loss_history": state.loss_history,
         "evaluation": state.evaluation,  # validation loss and images during training
         "resumed_from": state.resumed_from,
+        "checks": checks or {},
+        "anatomy": anatomy,
         "changed_on_resume": state.changed_on_resume,
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }

@@ -33,6 +33,7 @@ from sdtune.training.ema import LerpEMA
 from sdtune.training.fingerprint import RunFingerprint
 from sdtune.training.inputs import InputPipeline, open_latent_cache
 from sdtune.training.state import TrainState
+from sdtune.training.trained_check import digests, new_evidence
 from sdtune.util.device import on_cpu, synchronize
 
 WEIGHT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}  # else fp32
@@ -67,6 +68,7 @@ class TrainingRun:
     training_set: TrainingSet
     inputs: InputPipeline
     timing: Mapping[str, float]  # setup split: model load, class images, data, cache
+    start_digests: Mapping[str, Any]  # this session's digests of the trainable and frozen tensors (trained_check)
 
     def start_trackers(self) -> None:
         """Open the run's TensorBoard log (after a resume was accepted: a refused one writes nothing)."""
@@ -79,7 +81,7 @@ class TrainingRun:
 
     def new_state(self) -> TrainState:
         """The state of a run that starts at step 0 (its fingerprint: what a resume must match)."""
-        return TrainState(fingerprint=self.fingerprint().flat())
+        return TrainState(fingerprint=self.fingerprint().flat(), trained_evidence=new_evidence(dict(self.start_digests)))
 
     def fingerprint(self) -> RunFingerprint:
         """The settings that shape this run (:mod:`sdtune.training.fingerprint`). Samples and their
@@ -132,6 +134,9 @@ def setup_run(experiment: Experiment, name: str, run_dir: Path, progress: bool) 
     _place(model, accelerator.device, weight_dtype, config, trained, swap.parameter_ids if swap else set())
     synchronize(accelerator.device)
     timing["model_load_time_s"], started = time.perf_counter() - started, time.perf_counter()
+    # the trained-what-it-claims check's starting point, before sharding splits tensors across processes
+    start = digests(model, technique, [c for c in model.components if c not in trained] if sharded else None)
+    timing["check_digest_time_s"], started = time.perf_counter() - started, time.perf_counter()
     training_set = prepare_training_set(
         experiment.data, progress and accelerator.is_main_process, model.pixel_stride, held_out=experiment.validation
     )
@@ -179,7 +184,7 @@ def setup_run(experiment: Experiment, name: str, run_dir: Path, progress: bool) 
         objective=diffusion.build_objective(model.objective, model.noise_schedule(), item.objective),
         weight_dtype=weight_dtype, input_dtype=sharding.input_dtype(accelerator, weight_dtype), sharding=sharded,
         train_text_encoder=train_text_encoder, images_per_step=images_per_step, layout=layout, block_swap=swap,
-        training_set=training_set, inputs=inputs, timing=dict(timing),
+        training_set=training_set, inputs=inputs, timing=dict(timing), start_digests=start,
     )
 
 

@@ -22,6 +22,9 @@ class TrainState:
     fingerprint: dict[str, Any] = field(default_factory=dict)  # what shapes the run (training.fingerprint), flat
     changed_on_resume: list[dict[str, Any]] = field(default_factory=list)  # {step, key, before, after} accepted
     evaluation: list[dict[str, Any]] = field(default_factory=list)  # validation loss and images per evaluated step
+    # the trained-what-it-claims check's evidence (sdtune.training.trained_check): the start's digests,
+    # the gradient flags set so far, the steps they were watched, failures found at a resume
+    trained_evidence: dict[str, Any] = field(default_factory=dict)
 
     def state_dict(self) -> dict[str, Any]:
         return copy.deepcopy(asdict(self))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+from pathlib import Path
 
 _M_TRIM_THRESHOLD = -1  # glibc's malloc.h
 _M_MMAP_MAX = -4
@@ -42,3 +43,26 @@ def keep_freed_memory() -> str:
 def state() -> str:
     """``kept`` once :func:`keep_freed_memory` took effect in this process, else ``default``."""
     return _state
+
+
+# shared libraries that replace the C library's malloc when loaded (LD_PRELOAD or linked in)
+_REPLACEMENTS = {"libjemalloc": "jemalloc", "libtcmalloc": "tcmalloc", "libmimalloc": "mimalloc"}
+
+
+def malloc_in_use() -> str:
+    """Which malloc serves this process: ``jemalloc``, ``tcmalloc`` or ``mimalloc`` where one is
+    mapped into it (/proc/self/maps), else ``glibc`` (Linux) or ``system``. A child process started
+    with the same environment gets the same one, which is what lets the peak-memory estimate use it
+    for the run it estimates (the two differ a lot on the CPU: docs/memory.md)."""
+    maps = Path("/proc/self/maps")
+    return malloc_mapped(maps.read_text()) if maps.exists() else "system"
+
+
+def malloc_mapped(maps: str) -> str:
+    """The malloc named by a process's memory map (the text of /proc/PID/maps): a replacement
+    library where one is mapped, else ``glibc`` where the C library is, else ``system``."""
+    names = {line.rsplit("/", 1)[-1] for line in maps.splitlines() if "/" in line}
+    for prefix, name in _REPLACEMENTS.items():
+        if any(mapped.startswith(prefix) for mapped in names):
+            return name
+    return "glibc" if any(mapped.startswith(("libc.so", "libc-")) for mapped in names) else "system"

@@ -27,12 +27,14 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 
 class LiveBytes(TorchDispatchMode):
-    """Bytes of the storages created inside the mode and still alive (``live``), and their ``peak``."""
+    """Bytes of the storages created inside the mode and still alive (``live``), their ``peak``, and
+    the bytes of every storage created (``allocated``: what a malloc is asked for over the block)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.live = 0
         self.peak = 0
+        self.allocated = 0
         self._alive: set[int] = set()
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
@@ -49,6 +51,7 @@ class LiveBytes(TorchDispatchMode):
         size = storage.nbytes()
         self._alive.add(key)
         self.live += size
+        self.allocated += size
         self.peak = max(self.peak, self.live)
         weakref.finalize(storage, self._freed, key, size)
 

@@ -8,6 +8,7 @@ and evaluated step); :func:`sdtune.report.render.render_report` builds the repor
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import traceback
 from pathlib import Path
@@ -29,6 +30,7 @@ from sdtune.evaluation import (
 from sdtune.experiment import Experiment
 from sdtune.preflight import check_comparison
 from sdtune.report import render_report
+from sdtune.report.live import ERROR_FILE, LiveReport, RunStatus, run_status
 from sdtune.runner import TechniqueFailed, train_in_fresh_process
 from sdtune.training import output_root, train_technique
 from sdtune.util import atomic
@@ -60,17 +62,30 @@ def compare(
     root = output_root(experiment, output_dir)
     (root / RECORDS_DIR).mkdir(parents=True, exist_ok=True)
     train_seeds = seeds or [experiment.train.seed]
-    runs = []
-    for seed in train_seeds:
-        seeded = experiment.with_seed(seed)
-        out = root if seeds is None else root / f"seed-{seed}"
-        for name in names:
+    planned = [(seed, name) for seed in train_seeds for name in names]
+    progress_of = _Progress(root, planned, seeds is not None)
+    live = LiveReport(root, progress_of.statuses, progress_of.phase) if launch_rank() == 0 else contextlib.nullcontext()
+    with live:
+        runs = []
+        for seed, name in planned:
+            seeded = experiment.with_seed(seed)
+            out = root if seeds is None else root / f"seed-{seed}"
+            progress_of.started(seed, name)
             runs.append(train_or_reuse(seeded, name, out, root, seed, progress, train=not evaluate_only))
+            progress_of.ended(seed, name, runs[-1])
             if runs[-1]["status"] == "interrupted":
                 raise ComparisonInterrupted(
                     f"{name} was interrupted and checkpointed; run the same `sdtune compare` again to resume"
                 )
-    # evaluation: every launched process generates its share of the images; the main one measures
+        progress_of.evaluating = True
+        state = _evaluate(experiment, root, runs, progress, clip_loader)
+    if not state.is_main_process:
+        return root / "report.html"
+    return render_report(root)  # the final report replaces the live page
+
+
+def _evaluate(experiment: Experiment, root: Path, runs: list[dict], progress: bool, clip_loader: Any) -> Any:
+    """Every launched process generates its share of the images; the main one measures them."""
     state = process_state()
     overrides = {"clip": clip_loader} if clip_loader else None
     evaluation = Evaluation(
@@ -85,9 +100,60 @@ def compare(
             evaluate_model(evaluation, Target(run["technique"]["name"], run, seed, run["steps"]["done"]), state)
             if state.is_main_process:
                 evaluate_training_steps(evaluation, run)
-    if not state.is_main_process:
-        return root / "report.html"
-    return render_report(root)
+    return state
+
+
+class _Progress:
+    """What the live page shows of a comparison: the runs this job trains, in order, each queued
+    until its turn, then its run folder's status (:func:`run_status`) while its process trains,
+    then the outcome the parent got back. Written by the main thread, read by the live report's."""
+
+    def __init__(self, root: Path, planned: list[tuple[int, str]], seeded: bool) -> None:
+        self.root, self.planned, self.seeded = root, planned, seeded
+        self.current: tuple[int, str] | None = None
+        self.outcomes: dict[tuple[int, str], RunStatus] = {}
+        self.evaluating = False
+
+    def label(self, seed: int, name: str) -> str:
+        return f"{name}/seed-{seed}" if self.seeded else name
+
+    def run_dir(self, seed: int, name: str) -> Path:
+        return (self.root / f"seed-{seed}" if self.seeded else self.root) / name
+
+    def started(self, seed: int, name: str) -> None:
+        self.current = (seed, name)
+
+    def ended(self, seed: int, name: str, record: dict) -> None:
+        label, steps = self.label(seed, name), record.get("steps") or {}
+        if record["status"] == "finished":
+            self.outcomes[seed, name] = RunStatus(label, "finished", steps.get("done"), steps.get("max"))
+        else:  # failed, missing (--evaluate-only), or interrupted
+            self.outcomes[seed, name] = run_status(label, self.run_dir(seed, name))
+            if self.outcomes[seed, name].state != "failed":
+                reason = record.get("error") or f"{record['status']} at step {steps.get('done')}"
+                self.outcomes[seed, name] = RunStatus(label, "failed", steps.get("done"), steps.get("max"), reason)
+        self.current = None
+
+    def statuses(self) -> list[RunStatus]:
+        statuses = []
+        for seed, name in self.planned:
+            label = self.label(seed, name)
+            if (seed, name) in self.outcomes:
+                statuses.append(self.outcomes[seed, name])
+            elif (seed, name) == self.current:  # what its folder says, but never stale: it runs now
+                found = run_status(label, self.run_dir(seed, name))
+                running = found.state == "running" and found.step is not None
+                statuses.append(found if running else RunStatus(label, "running", None, None))
+            else:
+                statuses.append(RunStatus(label, "queued"))
+        return statuses
+
+    def phase(self) -> str | None:
+        if self.evaluating:
+            return "Training is over; evaluating the models (the tables below fill in as each is measured)."
+        if self.current is not None:
+            return f"Training {self.label(*self.current)} in its own process."
+        return None
 
 
 def compare_plan(
@@ -144,7 +210,8 @@ def train_or_reuse(
                 record = train_in_fresh_process(experiment, name, out, stop_after=stop_after, environment=environment, **options)
         except TechniqueFailed as error:  # one technique failing must not lose the others' results
             run_dir.mkdir(parents=True, exist_ok=True)
-            atomic.write_text(run_dir / "error.log", error.details or f"{error}\n")
+            # the one-line reason first (the live report shows it), then a bug's traceback
+            atomic.write_text(run_dir / ERROR_FILE, f"{error}\n" + (f"\n{error.details}" if error.details else ""))
             kind = "error" if error.user_error else "crash (a bug in sdtune; traceback in error.log)"
             print(f"technique {name} (seed {seed}) failed: {error} [{kind}]")
             record = {

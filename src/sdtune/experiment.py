@@ -79,6 +79,14 @@ class EvaluationPlan:
         both in and out of domain keeps each flag where it was listed)."""
         return [domain for domain in self.in_domain for _ in self.seeds]
 
+    def first_seeds(self, count: int | None) -> EvaluationPlan:
+        """The same prompts with only the first ``count`` seeds (None: all of them)."""
+        return EvaluationPlan(self.prompts, self.in_domain, self.seeds[:count] if count else self.seeds)
+
+    def positions_in(self, whole: EvaluationPlan) -> list[int]:
+        """Where each pair of this plan (:meth:`first_seeds` of ``whole``) sits in ``whole.pairs()``."""
+        return [p * len(whole.seeds) + whole.seeds.index(seed) for p in range(len(self.prompts)) for seed in self.seeds]
+
 
 @dataclass(frozen=True)
 class TuningPlan:
@@ -110,6 +118,12 @@ class Experiment:
     validation: ValidationSplit | None  # data.validation, parsed (None: no validation split)
     plan: EvaluationPlan
     tuning: TuningPlan | None = None  # the tuning: section, resolved (None: the file has none)
+
+    @property
+    def training_plan(self) -> EvaluationPlan:
+        """What a run generates at ``evaluation.every_steps``: the plan, with the first
+        ``evaluation.seeds_per_prompt_during_training`` seeds."""
+        return self.plan.first_seeds(self.evaluation.seeds_per_prompt_during_training)
 
     # -- the file's sections -------------------------------------------------------------------------
     name = property(lambda self: self.config.name)

@@ -10,7 +10,8 @@ the technique train what it claims) and ``anatomy`` (:class:`Anatomy`: what the 
 made of, per layer, per block and in total). Every record is
 written with :func:`write_record` and read with :func:`read_record` / :func:`load_records`, which
 reject unknown kinds, unknown keys and newer schema versions with one line. Reports are built only
-from these records, so they can be re-rendered without retraining.
+from these records, so they can be re-rendered without retraining. ``RUN/progress.json``
+(:class:`RunProgress`) is not a record: where a run stands while it trains, for the live report.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import resource
 import subprocess
 import sys
 from dataclasses import asdict, dataclass, field, fields
+from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -388,6 +390,38 @@ def check_one_base_model(loaded: list[tuple[Path, Record]]) -> None:
                 f"({first[1][1]}): a report compares one base model; move the records of the other out of "
                 f"{path.parent}"
             )
+
+
+# ----------------------------------------------------------------------------------------------
+# Progress: where a run is while it trains (the live report reads it; it is not a record)
+
+PROGRESS_FILE = "progress.json"
+
+
+@dataclass(frozen=True)
+class RunProgress:
+    """A training run's last sync point: ``step`` of ``max_steps`` done, ``state`` running (or,
+    written once at the end, finished / interrupted). ``RUN/progress.json``, rewritten atomically."""
+
+    step: int
+    max_steps: int
+    state: str  # running | finished | interrupted
+    updated_at: str | None = None  # UTC, ISO 8601 to the second
+
+
+def write_progress(run_dir: Path, progress: RunProgress) -> None:
+    stamped = RunProgress(progress.step, progress.max_steps, progress.state,
+                          datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    atomic.write_json(Path(run_dir) / PROGRESS_FILE, asdict(stamped))
+
+
+def read_progress(run_dir: Path) -> RunProgress | None:
+    """The run folder's progress, or None when there is none (or it is not one sdtune wrote)."""
+    try:
+        data = json.loads((Path(run_dir) / PROGRESS_FILE).read_text())
+        return RunProgress(**data)
+    except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError, TypeError):
+        return None
 
 
 def _default(value: Any) -> Any:

@@ -69,15 +69,30 @@ def test_compare_two_techniques_two_seeds(compare_experiment, tmp_path):
 
 
 CRASHING_FULL = """
+import pathlib
+import shutil
+import time
+
 import sdtune.runner.runs as train_module
 
 real = train_module.train_technique
 
 
-def crashing(experiment, name, *args, **kwargs):
+def snapshot_live_page(output_dir):
+    # after lora's first step: wait for the parent's live page to show it running, and keep a copy
+    page, deadline = pathlib.Path(output_dir) / "report.html", time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if "running at step 0 of 2" in page.read_text():
+            shutil.copy(page, pathlib.Path(output_dir) / "live-snapshot.html")
+            return
+        time.sleep(0.2)
+
+
+def crashing(experiment, name, output_dir, *args, **kwargs):
     if name == "full":
         raise RuntimeError("CUDA out of memory (simulated)")
-    return real(experiment, name, *args, **kwargs)
+    kwargs["after_step"] = lambda done: done == 1 and snapshot_live_page(output_dir)
+    return real(experiment, name, output_dir, *args, **kwargs)
 
 
 train_module.train_technique = crashing
@@ -87,7 +102,9 @@ train_module.train_technique = crashing
 @pytest.mark.slow
 def test_failed_technique_keeps_others_and_is_marked(compare_experiment, monkeypatch, tmp_path):
     """Each technique trains in its own process: a crash there (injected into the child through
-    sitecustomize) is recorded with its traceback, and the others go on."""
+    sitecustomize) is recorded with its traceback, and the others go on. While lora trains, the
+    parent's live report.html already says so (from lora's progress.json) and gives full's one-line
+    reason; it reloads itself until the final report replaces it."""
     experiment = compare_experiment(metrics=["clip_score"])
     (tmp_path / "inject").mkdir()
     (tmp_path / "inject" / "sitecustomize.py").write_text(CRASHING_FULL)
@@ -99,6 +116,13 @@ def test_failed_technique_keeps_others_and_is_marked(compare_experiment, monkeyp
     failed = json.loads((report.parent / "records" / "train-full-seed0.json").read_text())
     assert "Traceback" in failed["traceback"] and "crashing" in (report.parent / "full" / "error.log").read_text()
     assert (report.parent / "records" / "eval-lora-seed0.json").exists()
+    live = (report.parent / "live-snapshot.html").read_text()
+    assert "<td>full</td><td>failed: CUDA out of memory (simulated)</td>" in live
+    assert "<td>lora</td><td>running at step 0 of 2</td>" in live and "http-equiv='refresh'" in live
+    assert "<td>full</td><td>full</td><td>failed</td>" in live  # the partial table, from full's record
+    assert "http-equiv='refresh'" not in report.read_text() and "Quality metrics" in report.read_text()
+    progress = json.loads((report.parent / "lora" / "progress.json").read_text())
+    assert (progress["step"], progress["max_steps"], progress["state"]) == (2, 2, "finished")
     # a second run retries only the failed technique; lora's finished record is reused
     monkeypatch.setenv("PYTHONPATH", original) if original else monkeypatch.delenv("PYTHONPATH")
     lora_before = (report.parent / "lora" / "record.json").read_text()

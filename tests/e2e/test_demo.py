@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ import torch
 from sdtune.demo import world
 from sdtune.demo.judge import judge_many
 from sdtune.demo.metrics import prompt_targets
-from sdtune.demo.run import base_model_path, run_demo
+from sdtune.demo.run import DemoSettings, base_model_path, run_demo, torch_threads
 from sdtune.models.sampling import generate_images
 
 BAR = 0.8  # issue 4: the base model draws the captioned colour and shape in ≥ 80 % of samples
@@ -67,3 +68,17 @@ def test_quick_demo_end_to_end(tmp_path):
     # what each technique changed: both checked, and the generated answer to the study's question
     assert "| full | passed |" in markdown and "| lora | passed |" in markdown
     assert "Compared here: full fine-tuning and LoRA (the study's pair)." in markdown
+
+
+def test_demo_processes_use_one_torch_thread_unless_the_user_chose(monkeypatch):
+    """The demo runs itself and its training processes (which read OMP_NUM_THREADS) on one torch
+    thread, then puts both back; a user's OMP_NUM_THREADS is left as it is."""
+    assert DemoSettings().torch_threads == 1
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    torch.set_num_threads(2)
+    with torch_threads(1):
+        assert os.environ["OMP_NUM_THREADS"] == "1" and torch.get_num_threads() == 1
+    assert "OMP_NUM_THREADS" not in os.environ and torch.get_num_threads() == 2
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    with torch_threads(1):
+        assert os.environ["OMP_NUM_THREADS"] == "2" and torch.get_num_threads() == 2

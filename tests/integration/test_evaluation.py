@@ -125,6 +125,10 @@ def test_evaluation_during_training_changes_nothing_and_survives_a_resume(write_
     losses = [[h["loss"] for h in r.record["loss_history"]] for r in (plain, straight, resumed)]
     assert losses[0] == losses[1] == losses[2]
     assert plain.record["evaluation"] == [] and [e["step"] for e in straight.record["evaluation"]] == [0, 2, 4]
+    # the evaluations' time is their own, in neither the loop's nor the checkpoints'
+    assert plain.record["timing"]["evaluation_time_s"] == 0 < straight.record["timing"]["evaluation_time_s"]
+    generated = straight.record["evaluation"][1]["generation"]["time_s"]
+    assert straight.record["timing"]["evaluation_time_s"] > generated > 0  # (and the validation losses)
     def measured(result) -> list[dict]:  # (the generation timings differ from run to run)
         return [{k: v for k, v in e.items() if k != "generation"} for e in result.record["evaluation"]]
 
@@ -169,17 +173,19 @@ def test_compare_measures_quality_and_validation_loss_over_training(
     write_experiment, tiny_clip_dir, tiny_dino_dir
 ):
     """`sdtune compare` with data.validation and evaluation.every_steps: benchmark metrics and the
-    validation loss per technique, training seed and evaluated step; the report's curves; the
-    report re-rendered from the records alone is identical."""
+    validation loss per technique, training seed and evaluated step (its images: the first seed of
+    each prompt, seeds_per_prompt_during_training); the report's curves; the report re-rendered
+    from the records alone is identical."""
     from sdtune.comparison import compare
     from sdtune.report.render import render_report
 
     path = write_experiment(max_train_steps=2, gradient_accumulation_steps=1, data={"validation": 0.25})
     raw = yaml.safe_load(path.read_text())
     raw["evaluation"] = {
-        "prompts": ["a red circle"], "out_of_domain_prompts": ["yoda"], "seeds_per_prompt": 1,
-        "num_inference_steps": 2, "guidance_scale": 3.0, "clip_model": str(tiny_clip_dir),
-        "dino_model": str(tiny_dino_dir), "every_steps": 1, "metrics": ["dino", "clip_i", "clip_t", "drift"],
+        "prompts": ["a red circle"], "out_of_domain_prompts": ["yoda"], "seeds_per_prompt": 2,
+        "seeds_per_prompt_during_training": 1, "num_inference_steps": 2, "guidance_scale": 3.0,
+        "clip_model": str(tiny_clip_dir), "dino_model": str(tiny_dino_dir), "every_steps": 1,
+        "metrics": ["dino", "clip_i", "clip_t", "drift"],
     }
     path.write_text(yaml.safe_dump(raw))
     report = compare(load_experiment(path), seeds=[0, 1], only="lora", progress=False)
@@ -193,6 +199,8 @@ def test_compare_measures_quality_and_validation_loss_over_training(
         for name in (f"eval-lora-seed{seed}-step1.json", f"eval-lora-seed{seed}.json"):
             evaluation = json.loads((root / "records" / name).read_text())
             assert evaluation["step"] == (1 if "step1" in name else 2)
+            seeds = [0] if "step1" in name else [0, 1]  # (the drift metric: each image vs the base's same pair)
+            assert [(i["prompt"], i["seed"]) for i in evaluation["images"]] == [(p, s) for p in ("a red circle", "yoda") for s in seeds]
             assert evaluation["references"] == {"set": "validation", "count": 2}
             for metric, (low, high) in {"dino": (-1, 1), "clip_i": (-1, 1), "clip_t": (-1, 1), "drift": (0, 1)}.items():
                 entry = evaluation["metrics"][metric]
@@ -211,3 +219,13 @@ def test_compare_measures_quality_and_validation_loss_over_training(
     (root / "report.md").unlink()
     render_report(root)
     assert (root / "report.md").read_text() == markdown and report.read_text() == html
+
+
+def test_training_plan_keeps_every_prompt_with_its_first_seeds():
+    from sdtune.experiment import EvaluationPlan
+
+    plan = EvaluationPlan(("a red circle", "yoda"), (True, False), (0, 1, 2))
+    first = plan.first_seeds(1)
+    assert first.pairs() == [("a red circle", 0), ("yoda", 0)] and first.pair_in_domain() == [True, False]
+    assert first.positions_in(plan) == [0, 3]  # where the base model's image of the same pair is
+    assert plan.first_seeds(None) == plan and plan.first_seeds(2).positions_in(plan) == [0, 1, 3, 4]

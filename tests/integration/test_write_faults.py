@@ -183,7 +183,7 @@ def test_a_failed_final_save_keeps_the_final_state_and_resume_writes_the_outputs
     assert str(raised.value).startswith(f"cannot write {run_dir}: Disk quota exceeded")
     assert "checkpoint-00000003: fix that, then rerun with --resume" in str(raised.value)
     # the final state is kept; no output, no record, no temporary folder
-    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoints", "logs"]
+    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoints", "logs", "progress.json"]  # (live status)
     assert sorted(p.name for p in run_dir.parent.iterdir() if p.name != ".cache") == [name]  # (.cache: latents)
     monkeypatch.setattr(technique, "save", real)
     resumed = train_technique(experiment, name, progress=False, resume=True)

@@ -80,6 +80,8 @@ def _write(tmp_path, raw) -> Path:
         (lambda r: r.update(evaluation={"metrics": ["clip"]}), "evaluation.metrics: 'clip' is not a metric"),
         (lambda r: r.update(model={"path": r["model"], "family": "flux"}), "model.family: 'flux' is not allowed"),
         (lambda r: r["techniques"]["lora"].update(use_dora=True), "techniques.lora.use_dora: not an option"),
+        (lambda r: r.update(evaluation={"seeds_per_prompt": 2, "seeds_per_prompt_during_training": 3}),
+         "evaluation.seeds_per_prompt_during_training: 3 is not allowed; expected at most evaluation.seeds_per_prompt (2)"),
     ],
 )
 def test_bad_values_fail_at_load_with_one_line(tmp_path, tiny_model, tiny_data, change, message):

@@ -302,6 +302,7 @@ class EvaluationConfig:
     metric_plugins: list[str] = field(default_factory=list)  # modules that register more metrics
     cpu_offload: bool = False  # CUDA: each model of the pipeline on the GPU only for its forward (diffusers)
     every_steps: int | None = None  # also evaluate (images, metrics, validation loss) every N steps
+    seeds_per_prompt_during_training: int | None = None  # images at every_steps: the first N seeds; None = all
     validation_every_steps: int | None = None  # also compute the validation loss alone (no images) every N steps
     validation_timesteps: int = 4  # fixed timesteps of the validation loss
 
@@ -312,6 +313,10 @@ class EvaluationConfig:
         _positive("evaluation.every_steps", self.every_steps, allow_none=True)
         _positive("evaluation.validation_every_steps", self.validation_every_steps, allow_none=True)
         _positive("evaluation.validation_timesteps", self.validation_timesteps)
+        _positive("evaluation.seeds_per_prompt_during_training", self.seeds_per_prompt_during_training, allow_none=True)
+        if (self.seeds_per_prompt_during_training or 0) > self.seeds_per_prompt:
+            _fail("evaluation.seeds_per_prompt_during_training", self.seeds_per_prompt_during_training,
+                  f"at most evaluation.seeds_per_prompt ({self.seeds_per_prompt}), or null for all of them")
         if self.guidance_scale < 0:
             _fail("evaluation.guidance_scale", self.guidance_scale, "0 or more (7.5 is usual)")
         if self.resolution is not None and (self.resolution <= 0 or self.resolution % 8):

@@ -9,6 +9,9 @@ still follows held-out prompts it was never fine-tuned on.
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -44,7 +47,15 @@ class DemoSettings:
     guidance_scale: float = 4.0  # the base model samples best at 3-5
     validation_images: int = 24  # held-out style images (a separate set: the fine-tuning set is unchanged)
     every_steps: int | None = 50  # quality and validation loss over training (at 50, and at the end)
+    # images at step 50: one seed per prompt (60 images in all, not 240: the intermediate point of
+    # the curves; the finished models keep every seed). Measured: docs/benchmarks.md, the demo's wall time
+    seeds_during_training: int | None = 1
     techniques: tuple[str, ...] = ("full", "lora", "dora", "loha", "lokr", "cross-attention")
+    # torch threads of every demo process (None: torch's default, one per core). The demo model is
+    # too small to gain from a second thread (measured on 2 idle cores: 0.36 s/image either way; a
+    # LoRA step 0.364 s on 1 thread, 0.33 on 2), and on a busy machine two threads waiting for each
+    # other at every operation made a step 15× slower (17.2 s against 1.17 on 1 thread, load 12).
+    torch_threads: int | None = 1
 
 
 QUICK = DemoSettings(
@@ -115,6 +126,7 @@ def demo_experiment(output_dir: Path, settings: DemoSettings, seed: int = 0) -> 
             "metrics": JUDGE_METRICS,
             "metric_plugins": [PLUGIN],  # the judge metrics register themselves
             "every_steps": settings.every_steps,
+            "seeds_per_prompt_during_training": settings.seeds_during_training,
         },
         "output_dir": ".",
     }
@@ -131,4 +143,25 @@ def run_demo(output_dir: str | Path = "demo-output", quick: bool = False, progre
     settings = QUICK if quick else DemoSettings()
     check_writable_folder(output_dir, "--output")  # (before the demo's data is written there)
     path = demo_experiment(Path(output_dir), settings)
-    return sdtune.compare(sdtune.load_experiment(path), progress=progress)
+    with torch_threads(settings.torch_threads):
+        return sdtune.compare(sdtune.load_experiment(path), progress=progress)
+
+
+@contextlib.contextmanager
+def torch_threads(count: int | None) -> Iterator[None]:
+    """Inside the block, this process and the training processes it starts (they read
+    ``OMP_NUM_THREADS``) use ``count`` torch threads; both are restored afterwards. Nothing changes
+    when ``count`` is None or the user set ``OMP_NUM_THREADS``."""
+    import torch
+
+    if count is None or "OMP_NUM_THREADS" in os.environ:
+        yield
+        return
+    previous = torch.get_num_threads()
+    os.environ["OMP_NUM_THREADS"] = str(count)
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        del os.environ["OMP_NUM_THREADS"]
+        torch.set_num_threads(previous)

@@ -22,7 +22,7 @@ import yaml
 
 from sdtune.demo import world
 from sdtune.demo.metrics import PLUGIN, SUBJECT_METRICS
-from sdtune.demo.run import base_model_path
+from sdtune.demo.run import base_model_path, torch_threads
 from sdtune.util import atomic
 from sdtune.util.paths import check_writable_folder
 
@@ -131,4 +131,5 @@ def run_subject(output_dir: str | Path = "demo-subject-output", quick: bool = Fa
 
     check_writable_folder(output_dir, "--output")  # (before the round's images are written there)
     path = subject_experiment(Path(output_dir), QUICK if quick else SubjectSettings())
-    return sdtune.compare(sdtune.load_experiment(path), progress=progress)
+    with torch_threads(1):  # as the demo (DemoSettings.torch_threads): a tiny model, a busy machine
+        return sdtune.compare(sdtune.load_experiment(path), progress=progress)

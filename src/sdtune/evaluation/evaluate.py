@@ -22,7 +22,7 @@ from sdtune import records
 from sdtune.config import ConfigError
 from sdtune.data import heldout
 from sdtune.data.dataset import transform_image
-from sdtune.experiment import Experiment
+from sdtune.experiment import EvaluationPlan, Experiment
 from sdtune.generation import load_base_pipeline, load_run_pipeline
 from sdtune.models.sampling import denoiser_of, generate_images, image_name, save_images, set_scheduler
 from sdtune.util.device import default_device
@@ -193,19 +193,27 @@ def _pipeline(experiment: Experiment, target: Target, device: torch.device) -> A
 
 def evaluate_images(
     evaluation: Evaluation, target: Target, paths: list[Path], generation: dict[str, Any] | None = None,
-    **extra: Any,
+    plan: EvaluationPlan | None = None, **extra: Any,
 ) -> records.EvalRecord:
-    """Measure the images at ``paths`` (the plan's prompts × seeds, in order) and write the eval record."""
+    """Measure the images at ``paths`` (the prompts × seeds of ``plan``, by default the experiment's,
+    in order) and write the eval record. The base model's images it is compared with are those of
+    the same prompts and seeds."""
     from sdtune.metrics import MetricContext, compute_all, default_metric_names
 
-    experiment, settings, plan = evaluation.experiment, evaluation.experiment.evaluation, evaluation.experiment.plan
+    experiment, settings = evaluation.experiment, evaluation.experiment.evaluation
+    plan = plan or experiment.plan
     pairs = plan.pairs()
     images = [Image.open(path).convert("RGB") for path in paths]
     in_domain = plan.pair_in_domain()
+    base_images = evaluation.base_images
+    if target.run is None or base_images is None:
+        base_images = None
+    elif plan != experiment.plan:
+        base_images = [base_images[i] for i in plan.positions_in(experiment.plan)]
     context = MetricContext(
         images=images, prompts=[p for p, _ in pairs], seeds=[s for _, s in pairs],
         training_images=evaluation.references.images, in_domain=in_domain,
-        base_images=None if target.run is None else evaluation.base_images,
+        base_images=base_images,
         style_labels=list(settings.style_labels), clip_model=settings.clip_model, dino_model=settings.dino_model,
         pickscore_model=settings.pickscore_model, hpsv2_model=settings.hpsv2_model,
         imagereward_model=settings.imagereward_model, loaders=evaluation.encoders.loaders(),
@@ -240,17 +248,19 @@ def evaluate_images(
 
 
 def evaluate_training_steps(evaluation: Evaluation, run: dict[str, Any]) -> list[records.EvalRecord]:
-    """Measure the images a run generated at ``evaluation.every_steps`` while it trained."""
+    """Measure the images a run generated at ``evaluation.every_steps`` while it trained (the
+    experiment's ``training_plan``: its prompts × the first seeds)."""
     evaluated = []
+    plan = evaluation.experiment.training_plan
     for entry in run.get("evaluation") or []:
         if not entry.get("images"):
             continue
         folder = Path(run["run_dir"]) / entry["images"]
-        paths = [folder / image_name(i, p, s) for i, (p, s) in enumerate(evaluation.experiment.plan.pairs())]
+        paths = [folder / image_name(i, p, s) for i, (p, s) in enumerate(plan.pairs())]
         if not all(path.exists() for path in paths):
             continue  # generated for other prompts × seeds (the experiment changed since)
         target = Target(run["technique"]["name"], run, run["seeds"]["train"], entry["step"], final=False)
-        evaluated.append(evaluate_images(evaluation, target, paths, entry.get("generation")))
+        evaluated.append(evaluate_images(evaluation, target, paths, entry.get("generation"), plan))
     return evaluated
 
 

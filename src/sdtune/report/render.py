@@ -148,7 +148,7 @@ def render_report(root: str | Path) -> Path:
     section = changes_section(rows, train, evals, figures_dir)
     atomic.write_text(root / "report.md", _markdown(all_tables, figures, context, root, section))
     html_path = root / "report.html"
-    atomic.write_text(html_path, _html(all_tables, figures, context, section))
+    atomic.write_text(html_path, _html(all_tables, figures, context, section))  # over the live page
     return html_path
 
 

@@ -1,4 +1,4 @@
-"""Tiny captioned datasets and experiment files for tests and benchmarks, built in code."""
+"""Tiny captioned datasets, experiment files and records for tests and benchmarks, built in code."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from sdtune import records
 
 WORDS = ["a", "red", "green", "blue", "square", "circle", "small", "large", "yoda"]
 COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220)}
@@ -49,3 +51,15 @@ def experiment_dict(model: Path, data: Path, **train) -> dict:
             "lora": {"kind": "lora", "rank": 4, "alpha": 8, "lr_scheduler": "cosine"},
         },
     }
+
+
+def finished_train_record(name: str, steps: int = 10) -> records.TrainRecord:
+    """A finished train record of technique ``name`` with every field the report's tables read
+    (the numbers are made up)."""
+    return records.TrainRecord(
+        status="finished", technique={"name": name, "kind": name}, seeds={"train": 0},
+        config={"name": "live", "techniques": {"full": {}, "lora": {}}}, steps={"done": steps, "max": steps},
+        timing={"train_time_s": 12.5, "s_per_step": 1.25, "images_per_s": 3.2},
+        memory={"peak": {"bytes": 123_000_000, "kind": "cpu_peak_rss"}},
+        outputs={"adapter": {"bytes": 110_000}}, parameters={"trainable": 4096, "components": {"unet": 1_490_000}},
+    )

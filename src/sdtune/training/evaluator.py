@@ -9,7 +9,8 @@ scheduler compares trials there) and at the end it records, in the run's :class:
   on the held-out images of ``data.validation`` at ``evaluation.validation_timesteps`` fixed timesteps
   (evenly spaced quantiles of the schedule) and fixed noise (seeded per image and timestep), so runs,
   techniques and checkpoints are comparable;
-- at the intermediate steps, the plan's prompts × seeds generated with the live model (EMA weights
+- at the intermediate steps, the plan's prompts × seeds (the first
+  ``evaluation.seeds_per_prompt_during_training`` seeds) generated with the live model (EMA weights
   when the technique keeps an EMA) into ``RUN/evaluation/step-N/``; ``sdtune compare`` measures
   them afterwards with the same metrics as the finished models.
 """
@@ -169,7 +170,7 @@ class TrainingEvaluator:
         started = time.perf_counter()
         result = generate_images(
             pipe, [], [], settings.num_inference_steps, settings.guidance_scale, experiment.eval_resolution,
-            progress=False, pairs=experiment.plan.pairs(),
+            progress=False, pairs=experiment.training_plan.pairs(),
         )
         folder = STEP_FOLDER.format(step)
         save_images(result, run.run_dir / folder)

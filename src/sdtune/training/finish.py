@@ -37,7 +37,8 @@ def run_timing(run: TrainingRun, clock: StepClock, state: TrainState, first_step
         "setup_time_s": setup_time_s,
         "train_time_s": state.train_time_s,  # every session of the run (resumed ones added up)
         "session_train_time_s": clock.total_s,
-        "checkpoint_time_s": clock.excluded_s,
+        "checkpoint_time_s": clock.excluded_by.get("checkpoint", 0.0),
+        "evaluation_time_s": clock.excluded_by.get("evaluation", 0.0),  # validation loss, images (this session)
         "encode_time_s": run.inputs.encode_time_s if cache is not None else 0.0,  # first-use encodes in the loop
         "encoded_images": cache.encoded_images if cache is not None else None,
         "images_per_step": run.images_per_step,

@@ -124,9 +124,11 @@ def _train_claimed(
     for module in run.models:
         module.train()
     status = "finished"
-    if evaluator is not None and first_step == 0:  # the starting point of the validation-loss curve
-        evaluator.after_step(0, run, state)
+    _write_progress(run, state, "running")
     clock.start()
+    if evaluator is not None and first_step == 0:  # the starting point of the validation-loss curve
+        with clock.excluded("evaluation"):
+            evaluator.after_step(0, run, state)
     with stop.installed():
         for step in range(first_step, run.max_steps):
             step_loss = torch.zeros((), device=accelerator.device)
@@ -166,7 +168,7 @@ def _train_claimed(
                 witness.collect()
             bar.update(1)
             if evaluator is not None and (evaluator.due(done, run.max_steps) or scheduled_stop):  # validation loss, images
-                with clock.excluded():
+                with clock.excluded("evaluation"):
                     evaluator.after_step(done, run, state)
             interrupted = stop_requested and done < run.max_steps
             if interrupted or periodic:
@@ -182,6 +184,7 @@ def _train_claimed(
         with clock.excluded():  # the final state on disk before any output is written (docs/resume.md)
             write_checkpoint(run, state, rotate=False)
     record, model = finish_run(run, status, state, run_timing(run, clock, state, first_step, setup_time_s), started, witness)
+    _write_progress(run, state, status)  # after the record: a reader never sees "finished" without it
     for tracker in accelerator.trackers:  # (not end_training(): it would end the process group, which
         tracker.finish()  # the next technique or compare's evaluation in these processes still needs)
     accelerator.free_memory()
@@ -227,7 +230,14 @@ def _sync_point(
         rate = run.images_per_step / seconds if seconds else 0.0
         bar.set_postfix(loss=f"{values[-1]:.4f}", lr=f"{pending[-1][2]:.2e}", img_s=f"{rate:.2f}")
     pending.clear()
+    _write_progress(run, state, "running")
     return any_stop
+
+
+def _write_progress(run: TrainingRun, state: TrainState, status: str) -> None:
+    """``RUN/progress.json`` for the live report; at sync points only (a small atomic write, main process)."""
+    if run.accelerator.is_main_process:
+        records.write_progress(run.run_dir, records.RunProgress(state.step, run.max_steps, status))
 
 
 def _progress_bar(total: int, initial: int, enabled: bool, name: str) -> Any:

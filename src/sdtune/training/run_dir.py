@@ -14,8 +14,8 @@ from sdtune.preflight import RunExistsError
 from sdtune.training.checkpoint import checkpoint_dirs, resolve_resume
 
 # What a start that failed before its first checkpoint leaves behind (TensorBoard's event files,
-# compare's copy of the error): nothing a new start of the run would lose
-LEFTOVERS = ("logs", "error.log")
+# compare's copy of the error, the live report's progress.json): nothing a new start would lose
+LEFTOVERS = ("logs", "error.log", records.PROGRESS_FILE)
 
 
 def claim_run_dir(run_dir: Path, resume: str | bool | None, overwrite: bool) -> bool:

@@ -17,8 +17,6 @@ resumes from its checkpoint, and a changed experiment is refused rather than mix
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import importlib.util
 import os
 import threading
 from datetime import datetime, timezone
@@ -30,6 +28,7 @@ from sdtune.config import VALIDATION_LOSS, ConfigError
 from sdtune.errors import UserError
 from sdtune.experiment import Experiment
 from sdtune.preflight import check_tuning
+from sdtune.report.live import RunStatus, render_live
 from sdtune.report.tuning import render_tuning_report
 from sdtune.training import output_root
 from sdtune.tuning import plan
@@ -428,11 +427,8 @@ def _status(label: str, state: str, step: int | None = None, max_steps: int | No
 
 
 def show_live(root: Path, statuses: list[dict[str, Any]], done: bool) -> None:
-    """Re-render the live report (:mod:`sdtune.report.live`, where this build has it) with each run's status."""
-    if importlib.util.find_spec("sdtune.report.live") is None:
-        return
-    live = importlib.import_module("sdtune.report.live")
-    live.render_live(root, [live.RunStatus(**status) for status in statuses], done)
+    """Re-render the live report (:mod:`sdtune.report.live`) with each run's status."""
+    render_live(root, [RunStatus(**status) for status in statuses], done)
 
 
 def _job_line(job: Job, record: dict[str, Any]) -> str:

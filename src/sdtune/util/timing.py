@@ -27,6 +27,7 @@ class StepClock:
     device: torch.device
     total_s: float = 0.0  # loop time over all steps, exclusions removed
     excluded_s: float = 0.0
+    excluded_by: dict[str, float] = field(default_factory=dict)  # excluded_s by kind of work
     syncs: int = 0
     intervals: list[tuple[int, float]] = field(default_factory=list)  # (steps, seconds) between sync points
     _last: float = 0.0
@@ -57,9 +58,15 @@ class StepClock:
         self._last, self._steps_since = now, 0
 
     @contextlib.contextmanager
-    def excluded(self) -> Iterator[None]:
-        """Work inside is not training time (checkpoint writes): synchronise before and after."""
-        self.sync_point()
+    def excluded(self, kind: str = "checkpoint") -> Iterator[None]:
+        """Work inside is not training time (checkpoint writes, evaluation while training):
+        synchronise before and after; its time is added to ``excluded_s`` and ``excluded_by[kind]``.
+        Right after a sync point (the loop's checkpoints and evaluations come after one) no step is
+        pending: the device is synchronised, but that is no new sync point (``syncs`` counts those)."""
+        if self._steps_since:
+            self.sync_point()
+        else:
+            synchronize(self.device)
         started = time.perf_counter()
         try:
             yield
@@ -67,6 +74,7 @@ class StepClock:
             synchronize(self.device)
             self._last = time.perf_counter()
             self.excluded_s += self._last - started
+            self.excluded_by[kind] = self.excluded_by.get(kind, 0.0) + self._last - started
 
     def steady_s_per_step(self) -> float | None:
         """Seconds per step once warmed up: the intervals after the first one (which holds start-up

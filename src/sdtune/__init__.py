@@ -12,6 +12,10 @@ The public API, each one import away (the ``sdtune`` command is one call of thes
 - :func:`compare` (``experiment, output_dir, seeds, only``) → the report's path: train every technique,
   evaluate every model at the same prompts and seeds, render the report; :func:`compare_plan` the
   ``sdtune train`` commands of a comparison, for a cluster scheduler;
+- :func:`tune` (``experiment, output_dir, engine, address, max_concurrent, only``) → the report's path:
+  each technique's learning rate tuned on the validation split with an equal budget (``tuning:``),
+  then final runs over seeds at the chosen and at the shared rate, both evaluated, both tables;
+  :func:`tune_plan` its trials and final runs as ``sdtune train`` commands;
 - :func:`generate` (``run_dir, prompts, …``) → images of a finished run; :func:`load_run_pipeline` its
   diffusers pipeline;
 - :func:`render_report` (``output_dir``) → the report re-rendered from the records alone;
@@ -19,8 +23,9 @@ The public API, each one import away (the ``sdtune`` command is one call of thes
 - :func:`export_merged` and :func:`export_single_file`: a run as a diffusers folder with its weights
   folded in, or one original-layout checkpoint for A1111/ComfyUI; :func:`check_export_targets` checks
   both targets before either is written;
-- :func:`check_training` and :func:`check_comparison`: the preflight of every command that trains
-  (names, output, data listing, launch), run by :func:`train`/:func:`compare` before any work;
+- :func:`check_training`, :func:`check_comparison` and :func:`check_tuning`: the preflight of every
+  command that trains (names, output, data listing, launch), run by :func:`train`/:func:`compare`/
+  :func:`tune` before any work;
 - :func:`weight_anatomy` (``source, base, out``) → (record, path): what a run, or a LoRA/LyCORIS file,
   changed in the base model's weights (norms, ranks, intruder dimensions, per layer, block and in total);
 - :class:`UserError`: the base of every error whose message names the bad input and the fix.
@@ -45,6 +50,8 @@ _EXPORTS = {  # public name → the module that defines it (imported on first us
     "estimate_memory": "sdtune.training.estimate",
     "compare": "sdtune.comparison",
     "compare_plan": "sdtune.comparison",
+    "tune": "sdtune.tuning",
+    "tune_plan": "sdtune.tuning",
     "generate": "sdtune.generation",
     "load_run_pipeline": "sdtune.generation",
     "render_report": "sdtune.report",
@@ -55,6 +62,7 @@ _EXPORTS = {  # public name → the module that defines it (imported on first us
     "check_export_targets": "sdtune.export",
     "check_training": "sdtune.preflight",
     "check_comparison": "sdtune.preflight",
+    "check_tuning": "sdtune.preflight",
     "UserError": "sdtune.errors",
 }
 __all__ = sorted(_EXPORTS)

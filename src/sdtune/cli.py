@@ -54,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--overwrite", action="store_true", help="replace an existing finished run")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key, e.g. train.max_train_steps=10")
+    train.add_argument("--stop-after", type=int, metavar="STEP",
+                       help="stop after this optimizer step, checkpointed (--resume continues it)")
     train.add_argument("--estimate", action="store_true",
                        help="train nothing: print each technique's peak-memory estimate (no weights are read)")
     train.add_argument("--budget", metavar="SIZE", help="with --estimate: the savers that bring it under SIZE, e.g. 24GB")
@@ -89,6 +91,22 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--evaluate-only", action="store_true",
                          help="train nothing: evaluate the finished runs found (e.g. trained from --plan)")
 
+    tune = commands.add_parser(
+        "tune", help="tune each technique's learning rate on the validation split (equal budget), then compare "
+        "them at the tuned and at the shared rate over seeds: both tables in one report",
+    )
+    tune.add_argument("experiment", help="the experiment YAML file (with a tuning: section)")
+    tune.add_argument("--output", metavar="DIR", help="output folder (default: output_dir of the file or runs/<name>)")
+    tune.add_argument("--engine", choices=["local", "ray"], default="local",
+                      help="local (default): sdtune's own processes; ray: Ray tasks, and Ray Tune for scheduler: asha")
+    tune.add_argument("--address", metavar="ADDR", help="--engine ray: join this Ray cluster (default: start a local Ray)")
+    tune.add_argument("--max-concurrent", type=int, default=1, metavar="N", help="runs at a time (default 1)")
+    tune.add_argument("--only", type=_name_list, metavar="NAMES", help="only these techniques (comma-separated)")
+    tune.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key of the file")
+    tune.add_argument("--plan", choices=["yaml", "json", "shell"], nargs="?", const="yaml",
+                      help="print the trials and final runs as `sdtune train` commands (for a cluster scheduler) and exit")
+    tune.add_argument("--no-finals", action="store_true", help="stop after the trials and the selection")
+
     demo = commands.add_parser(
         "demo", help="the built-in demo: the study in miniature, on a CPU in minutes (or `demo pretrain`)"
     )
@@ -97,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--output", metavar="DIR",
                       help="output folder (default: demo-output; with --subject: demo-subject-output)")
     demo.add_argument("--quick", action="store_true", help="a few steps only (a smoke test)")
+    demo.add_argument("--tune", action="store_true",
+                      help="the fair comparison: every technique tuned on validation, both tables, grid vs asha")
     demo.add_argument("--subject", action="store_true",
                       help="the subject round instead: a new object from 6 images (textual inversion, DreamBooth)")
     demo.add_argument("--out", metavar="DIR", help="pretrain: where to write the base model")
@@ -143,6 +163,13 @@ def _seed_list(text: str) -> list[int]:
         return [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers, e.g. 0,1,2") from None
+
+
+def _name_list(text: str) -> list[str]:
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"{text!r}: give technique names separated by commas, e.g. full,lora")
+    return names
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -207,7 +234,7 @@ def _train(args: argparse.Namespace) -> int:
     _keep_freed_cpu_memory(experiment, args.technique)
     results = sdtune.train(
         experiment, args.technique, args.output, args.resume, args.overwrite, progress=not args.no_progress,
-        on_result=_print_result,
+        on_result=_print_result, stop_after=args.stop_after,
     )
     if results and results[-1].status == "interrupted":
         name = results[-1].record["technique"]["name"]
@@ -273,18 +300,39 @@ def _compare(args: argparse.Namespace) -> int:
 
     experiment = sdtune.load_experiment(args.experiment, args.set)
     if args.plan:
-        entries = sdtune.compare_plan(experiment, args.output, args.seeds, args.only)
-        if args.plan == "shell":
-            print("\n".join(shlex.join(entry["command"]) for entry in entries))
-        elif args.plan == "json":
-            print(json.dumps(entries, indent=2))
-        else:
-            print(yaml.safe_dump(entries, sort_keys=False), end="")
+        _print_plan(sdtune.compare_plan(experiment, args.output, args.seeds, args.only), args.plan)
         return 0
     report = sdtune.compare(experiment, args.output, args.seeds, args.only, evaluate_only=args.evaluate_only)
     print(sdtune.summary_table(report.parent))
     print(f"report: {report}")
     return 0
+
+
+def _tune(args: argparse.Namespace) -> int:
+    import sdtune
+
+    experiment = sdtune.load_experiment(args.experiment, args.set)
+    if args.plan:
+        _print_plan(sdtune.tune_plan(experiment, args.output, args.only), args.plan)
+        return 0
+    report = sdtune.tune(
+        experiment, args.output, engine=args.engine, address=args.address, max_concurrent=args.max_concurrent,
+        only=args.only, finals=not args.no_finals,
+    )
+    print(sdtune.summary_table(report.parent))
+    print(f"report: {report}")
+    return 0
+
+
+def _print_plan(entries: list[dict[str, Any]], form: str) -> None:
+    if form == "shell":
+        for entry in entries:
+            print(shlex.join(entry["command"]) if entry.get("command") else f"# {entry['phase']} {entry.get('arm', '')} "
+                  f"{entry['technique']} seed {entry['seed']}: after {entry.get('after', '')}")
+    elif form == "json":
+        print(json.dumps(entries, indent=2))
+    else:
+        print(yaml.safe_dump(entries, sort_keys=False), end="")
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -352,7 +400,15 @@ def _demo(args: argparse.Namespace) -> int:
         summary = pretrain(out, vae_steps=args.vae_steps, unet_steps=args.unet_steps)
         print(f"demo base model written to {out} (VAE PSNR {summary['vae']['psnr_db']:.1f} dB)")
         return 0
-    if args.subject:
+    if args.tune and args.subject:
+        from sdtune.errors import UserError
+
+        raise UserError("demo: --tune and --subject are two different demos; give one of them")
+    if args.tune:
+        from sdtune.demo.tune import run_demo_tune
+
+        report = run_demo_tune(args.output or "demo-tune-output", quick=args.quick)
+    elif args.subject:
         from sdtune.demo.subject import run_subject
 
         report = run_subject(args.output or "demo-subject-output", quick=args.quick)
@@ -367,8 +423,8 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": _train, "generate": _generate, "compare": _compare, "report": _report, "demo": _demo,
-            "export": _export, "anatomy": _anatomy}
+COMMANDS = {"train": _train, "generate": _generate, "compare": _compare, "tune": _tune, "report": _report,
+            "demo": _demo, "export": _export, "anatomy": _anatomy}
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

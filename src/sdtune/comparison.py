@@ -71,7 +71,7 @@ def compare(
             seeded = experiment.with_seed(seed)
             out = root if seeds is None else root / f"seed-{seed}"
             progress_of.started(seed, name)
-            runs.append(_train_or_reuse(seeded, name, out, root, seed, progress, train=not evaluate_only))
+            runs.append(train_or_reuse(seeded, name, out, root, seed, progress, train=not evaluate_only))
             progress_of.ended(seed, name, runs[-1])
             if runs[-1]["status"] == "interrupted":
                 raise ComparisonInterrupted(
@@ -182,11 +182,15 @@ def compare_plan(
 
 
 
-def _train_or_reuse(
-    experiment: Experiment, name: str, out: Path, root: Path, seed: int, progress: bool, train: bool = True
+def train_or_reuse(
+    experiment: Experiment, name: str, out: Path, root: Path, seed: int, progress: bool, train: bool = True,
+    stop_after: int | None = None, environment: dict[str, str] | None = None,
 ) -> dict:
-    """Train one technique (in a fresh process) unless a finished record exists; a failure becomes a
-    'failed' record that keeps the error, and the traceback when it was a bug."""
+    """Train one technique into ``out/<name>`` (in a fresh process) unless a finished record exists,
+    resuming an interrupted run; a failure becomes a 'failed' record that keeps the error, and the
+    traceback when it was a bug. The record is also written to ``root/records/train-<name>-seed<seed>.json``.
+    With ``stop_after`` the run stops after that step (``interrupted``, checkpointed); ``environment``
+    adds variables to the training process's (its thread count)."""
     run_dir = out / name
     record = records.read_record(run_dir)
     if not train and (record is None or record.get("status") != "finished"):
@@ -201,9 +205,9 @@ def _train_or_reuse(
             resumable = (run_dir / "checkpoints").exists()
             options = {"resume": True if resumable else None, "overwrite": not resumable, "progress": progress}
             if launched_processes() > 1:  # under a launcher: in the launched processes (see sdtune.training.loop.train)
-                record = _train_here(experiment, name, out, options)
+                record = _train_here(experiment, name, out, {**options, "stop_after": stop_after})
             else:
-                record = train_in_fresh_process(experiment, name, out, **options)
+                record = train_in_fresh_process(experiment, name, out, stop_after=stop_after, environment=environment, **options)
         except TechniqueFailed as error:  # one technique failing must not lose the others' results
             run_dir.mkdir(parents=True, exist_ok=True)
             # the one-line reason first (the live report shows it), then a bug's traceback

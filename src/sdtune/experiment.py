@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from sdtune.config import (
+    VALIDATION_LOSS,
     ConfigError,
     ExperimentConfig,
     ModelConfig,
@@ -26,6 +27,7 @@ from sdtune.config import (
     parse_validation,
     read_experiment_file,
     resolve_local,
+    technique_tuning,
 )
 from sdtune.diffusion import FLOW_DEFAULTS, OBJECTIVE_KEYS, ObjectiveSettings
 from sdtune.models import FAMILIES, Model, ModelLoadError, detect_family_name, model_class
@@ -91,6 +93,25 @@ class EvaluationPlan:
 
 
 @dataclass(frozen=True)
+class TuningPlan:
+    """The ``tuning:`` section resolved (``sdtune tune``): each technique's learning rates and the budget
+    every technique shares (trials, steps per trial, samples per step), the selection measure and its
+    direction, the final runs' seeds."""
+
+    learning_rates: dict[str, tuple[float, ...]]  # technique → its grid, ascending
+    steps: int  # optimizer steps of every trial
+    grace_steps: int  # asha's first rung; the interval of every trial's validation loss
+    reduction_factor: int
+    select_by: str
+    direction: str  # "lower" or "higher": which selection score is better
+    seeds: tuple[int, ...]  # the final runs' training seeds
+    scheduler: str  # grid | asha
+    rank_by: str  # what the final tables are ranked by
+    rank_direction: str
+    pareto: tuple[str, str] | None  # [fidelity, drift] metrics of the Pareto plot (None: the first measured)
+
+
+@dataclass(frozen=True)
 class Experiment:
     """A resolved experiment: the checked file (family detected, defaults filled) and what the
     registries made of it."""
@@ -100,6 +121,7 @@ class Experiment:
     techniques: dict[str, ResolvedTechnique]
     validation: ValidationSplit | None  # data.validation, parsed (None: no validation split)
     plan: EvaluationPlan
+    tuning: TuningPlan | None = None  # the tuning: section, resolved (None: the file has none)
 
     @property
     def training_plan(self) -> EvaluationPlan:
@@ -138,11 +160,13 @@ class Experiment:
                 name: {
                     "kind": item.kind, **item.plugin.file_options(item.options), **item.train_overrides,
                     **({"quantize": item.quantize_overrides} if item.quantize_overrides else {}),
+                    **({"tuning": own} if (own := config.techniques[name].tuning) is not None else {}),
                 }
                 for name, item in self.techniques.items()
             },
             "evaluation": dataclasses.asdict(config.evaluation),
             **({"dreambooth": dataclasses.asdict(config.dreambooth)} if config.dreambooth else {}),
+            **({"tuning": dataclasses.asdict(config.tuning)} if config.tuning else {}),
             **({"output_dir": config.output_dir} if config.output_dir else {}),
         }
 
@@ -154,6 +178,32 @@ class Experiment:
             for name, item in self.techniques.items()
         }
         return dataclasses.replace(self, config=dataclasses.replace(self.config, train=train), techniques=techniques)
+
+    def with_technique_train(self, name: str, **changes: Any) -> Experiment:
+        """The same experiment with keys of one technique's ``train`` set (as overrides of its entry,
+        so the file it writes back trains the same), checked like the file's."""
+        item = self.techniques[name]
+        train = dataclasses.replace(item.train, **changes)
+        train.validate()
+        changed = dataclasses.replace(item, train=train, train_overrides={**item.train_overrides, **changes})
+        return dataclasses.replace(self, techniques={**self.techniques, name: changed})
+
+    def restricted_to(self, names: list[str]) -> Experiment:
+        """The same experiment with only the named techniques, in the experiment's order."""
+        kept = [name for name in self.techniques if name in names]
+        config = dataclasses.replace(self.config, techniques={name: self.config.techniques[name] for name in kept})
+        tuning = self.tuning and dataclasses.replace(
+            self.tuning, learning_rates={name: self.tuning.learning_rates[name] for name in kept}
+        )
+        return dataclasses.replace(
+            self, config=config, techniques={name: self.techniques[name] for name in kept}, tuning=tuning
+        )
+
+    def with_evaluation(self, **changes: Any) -> Experiment:
+        """The same experiment with keys of the ``evaluation`` section set (the plan is unchanged)."""
+        evaluation = dataclasses.replace(self.config.evaluation, **changes)
+        evaluation.validate()
+        return dataclasses.replace(self, config=dataclasses.replace(self.config, evaluation=evaluation))
 
 
 def output_root(experiment: Experiment, output_dir: str | Path | None = None) -> Path:
@@ -187,7 +237,7 @@ def resolve(config: ExperimentConfig) -> Experiment:
     _check_prior_preservation(config, techniques)
     return Experiment(
         config=config, family=family, techniques=techniques, validation=parse_validation(data.validation),
-        plan=_plan(config),
+        plan=_plan(config), tuning=_tuning(config, techniques),
     )
 
 
@@ -351,6 +401,66 @@ def _check_evaluation(config: ExperimentConfig) -> None:
         for name in evaluation.metrics or []:
             if name not in METRICS:
                 raise ConfigError(f"evaluation.metrics: {name!r} is not a metric; choose from: {', '.join(METRICS.names())}")
+
+
+def _tuning(config: ExperimentConfig, techniques: dict[str, ResolvedTechnique]) -> TuningPlan | None:
+    """The tuning section with each technique's grid; the measures it names checked against the metric
+    registry; the equal budget (samples per step) checked across techniques."""
+    tuning = config.tuning
+    if tuning is None:
+        return None
+    samples = {name: item.train.batch_size * item.train.gradient_accumulation_steps for name, item in techniques.items()}
+    if len(set(samples.values())) > 1:
+        listed = ", ".join(f"{name} {count}" for name, count in samples.items())
+        raise ConfigError(
+            f"tuning: the budget must be equal, but the techniques train on different samples per step ({listed}); "
+            "give every technique the same batch_size × gradient_accumulation_steps"
+        )
+    rates = {
+        name: technique_tuning(config.techniques[name].tuning, name, tuning) or tuning.rates() for name in techniques
+    }
+    rank_by = tuning.rank_by or tuning.select_by
+    return TuningPlan(
+        learning_rates=rates, steps=tuning.trial_steps(config.train.max_train_steps),
+        grace_steps=tuning.grace(config.train.max_train_steps), reduction_factor=tuning.reduction_factor,
+        select_by=tuning.select_by, direction=_measure_direction(config, tuning.select_by, "tuning.select_by", False),
+        seeds=tuple(tuning.seeds or [config.train.seed]), scheduler=tuning.scheduler, rank_by=rank_by,
+        rank_direction=_measure_direction(config, rank_by, "tuning.rank_by", True),
+        pareto=None if tuning.pareto is None else (
+            _computed(config, tuning.pareto[0], "tuning.pareto"), _computed(config, tuning.pareto[1], "tuning.pareto")
+        ),
+    )
+
+
+def _measure_direction(config: ExperimentConfig, name: str, where: str, on_finals: bool) -> str:
+    """Which value of a selection or ranking measure is better: the validation loss's lower, a
+    metric's its registered direction (an informational metric cannot choose or rank)."""
+    if name == VALIDATION_LOSS:
+        return "lower"
+    metric = _metric(config, name, where)
+    if metric.direction not in ("higher", "lower"):
+        raise ConfigError(f"{where}: {name!r} is informational (no better direction); choose validation_loss or a metric such as dino")
+    if on_finals:
+        _computed(config, name, where)
+    return metric.direction
+
+
+def _computed(config: ExperimentConfig, name: str, where: str) -> str:
+    """A metric the final runs' evaluation computes (``evaluation.metrics``, or the default ones)."""
+    metric = _metric(config, name, where)
+    listed = config.evaluation.metrics
+    if (listed is not None and name not in listed) or (listed is None and not metric.default):
+        raise ConfigError(f"{where}: {name!r} is not computed by the evaluation; add it to evaluation.metrics")
+    return name
+
+
+def _metric(config: ExperimentConfig, name: str, where: str) -> Any:
+    from sdtune.metrics import METRICS, load_plugins  # (heavier than the rest: only when asked)
+
+    load_plugins(config.evaluation.metric_plugins)
+    if name not in METRICS:
+        raise ConfigError(f"{where}: {name!r} is not a metric; choose validation_loss or one of: {', '.join(METRICS.names())}")
+    return METRICS.get(name)
 
 
 def _plan(config: ExperimentConfig) -> EvaluationPlan:

@@ -16,9 +16,8 @@ world, and is checked here, in this order:
    than there is work for, and options that need a CUDA GPU on a machine without one.
 
 :func:`check_training` is the preflight of every command that trains one or more techniques of
-an experiment (``sdtune train``, ``sdtune compare``, and ``sdtune tune``: call it once with the
-trial's output folder before the first trial); :func:`check_comparison` adds what ``compare``
-needs. The commands that read a finished run check it where they read it
+an experiment (``sdtune train``); :func:`check_comparison` adds what ``compare`` needs and
+:func:`check_tuning` what ``tune`` needs (its output folder is not another command's). The commands that read a finished run check it where they read it
 (:mod:`sdtune.generation`, :mod:`sdtune.export`, :mod:`sdtune.report`).
 """
 
@@ -300,4 +299,36 @@ def check_comparison(
     items = None if evaluate_only else check_data(experiment, names)
     check_launch(experiment, [] if evaluate_only else names, items)
     check_launch(experiment, [], len(experiment.plan.pairs()), "evaluation images (prompts × seeds_per_prompt)")
+    return names
+
+
+# files and folders only a tuning study writes at the top of its output folder (sdtune.tuning)
+TUNING_ENTRIES = ("tuning.json", "trials", "finals", "ray", "report.md", "report.html", "report_files")
+
+
+def check_tuning(
+    experiment: Experiment, output_dir: str | Path | None = None, only: str | Iterable[str] | None = None
+) -> list[str]:
+    """:func:`check_training` for ``sdtune tune``: ``--only``, the output folder (writable, and not the
+    output of another command, whose report a tuning report would replace), the data listing and the
+    launch; returns the techniques, in the experiment's order. Whether a folder that holds a tuning
+    study holds *this* study, and each trial's folder, is checked by :mod:`sdtune.tuning` (it knows
+    their layout)."""
+    check_launch_environment()
+    requested = set(technique_names(experiment, only, "--only"))
+    names = [name for name in experiment.techniques if name in requested]
+    root, key = output_root(experiment, output_dir), output_key(experiment, output_dir)
+    check_writable_folder(root, key)
+    if root.is_dir() and not (root / TUNING_ENTRIES[0]).exists():
+        foreign = sorted(  # a comparison (records/, its report) or a run of `sdtune train` (record.json)
+            entry.name for entry in root.iterdir()
+            if entry.name in ("records", "report.html", "report.md") or (entry / records.RECORD_FILE).is_file()
+        )
+        if foreign:
+            raise RunExistsError(
+                f"{key}: {root} holds the output of another command ({', '.join(foreign[:3])}), not a tuning study; "
+                "give --output a new or empty folder (nothing there is changed)"
+            )
+    items = check_data(experiment, names)
+    check_launch(experiment, names, items)
     return names

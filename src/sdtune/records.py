@@ -3,6 +3,7 @@
 Three kinds, each a dataclass with a ``schema_version``: :class:`TrainRecord` (one training run,
 ``OUTPUT/<technique>/record.json`` and ``records/train-….json``), :class:`EvalRecord` (one
 evaluated model, or one technique at one evaluated step: ``records/eval-….json``) and
+:class:`TuningRecord` (the selection of ``sdtune tune``: ``OUTPUT/tuning.json``) and
 :class:`AnatomyRecord` (``sdtune anatomy``: the weight change of a run or of a LoRA/LyCORIS file).
 A train record carries two typed entries of its own: ``checks.trained`` (:class:`TrainedCheck`: did
 the technique train what it claims) and ``anatomy`` (:class:`Anatomy`: what the weights' change is
@@ -171,6 +172,33 @@ class EvalRecord:
 
 
 @dataclass
+class TuningRecord:
+    """The selection of ``sdtune tune``: per technique every trial (its learning rate, score, steps,
+    status and record), the chosen learning rate, whether it sits at the edge of the range, and the
+    tuning cost; the rule and the budget every technique shared; where the final runs are."""
+
+    experiment: str
+    status: str  # trials (running) | selected | finished
+    tuning: dict[str, Any]  # the tuning section as resolved: rates per technique, steps, select_by, direction, seeds
+    budget: dict[str, Any]  # trials per technique, steps and samples per trial, what is held equal, the split
+    techniques: dict[str, dict[str, Any]]  # name → {trials, chosen_learning_rate, score, at_edge, shared_learning_rate, cost}
+    fingerprint: str  # what may not change between runs into one output folder (a hash)
+    config: dict[str, Any]  # the experiment as resolved (loadable)
+    fingerprint_parts: dict[str, Any] = field(default_factory=dict)  # what the fingerprint hashes (to name a change)
+    engine: str | None = None  # local | ray
+    scheduler: str | None = None  # grid | asha
+    finals: dict[str, dict[str, Any]] = field(default_factory=dict)  # arm (shared, tuned) → {root (relative), learning_rates, evaluation}
+    asha: dict[str, Any] | None = None  # scheduler asha: rungs, reduction factor, and the steps each trial ran
+    versions: dict[str, str | None] | None = None
+    git_commit: str | None = None
+    created_at: str | None = None
+    finished_at: str | None = None
+    kind: str = "tuning"
+    schema_version: int = SCHEMA_VERSION
+
+
+
+@dataclass
 class CheckFailure:
     """One claim a run did not keep: ``item`` (gradient, moved, frozen, component, adapter layer,
     magnitude, vector, partial, ema, resume), ``where`` (the tensor, layer or component), ``detail``."""
@@ -232,8 +260,9 @@ class AnatomyRecord:
     schema_version: int = SCHEMA_VERSION
 
 
-RECORD_CLASSES: dict[str, type] = {"train": TrainRecord, "eval": EvalRecord, "anatomy": AnatomyRecord}
-Record = TrainRecord | EvalRecord | AnatomyRecord
+RECORD_CLASSES: dict[str, type] = {"train": TrainRecord, "eval": EvalRecord, "tuning": TuningRecord, "anatomy": AnatomyRecord}
+Record = TrainRecord | EvalRecord | TuningRecord | AnatomyRecord
+TUNING_FILE = "tuning.json"
 NESTED = {  # entries whose shape is a dataclass of their own: (where in the record, class)
     "train": (("checks", "trained", TrainedCheck), ("anatomy", None, Anatomy)),
     "anatomy": (("anatomy", None, Anatomy),),
@@ -303,7 +332,7 @@ def record_from_dict(data: dict[str, Any], where: str = "record") -> Record:
 
 def write_record(path: Path, record: Record | dict[str, Any]) -> Record:
     """Write a record (typed, or a mapping checked by :func:`record_from_dict`) atomically."""
-    typed = record if isinstance(record, (TrainRecord, EvalRecord, AnatomyRecord)) else record_from_dict(record, str(path))
+    typed = record if isinstance(record, (TrainRecord, EvalRecord, TuningRecord, AnatomyRecord)) else record_from_dict(record, str(path))
     atomic.write_json(Path(path), asdict(typed), default=_default)
     return typed
 
@@ -325,14 +354,28 @@ def read_record_file(path: Path) -> Record:
 
 def load_records(root: Path) -> tuple[list[TrainRecord], list[EvalRecord]]:
     """Every train and eval record of a comparison folder (``ROOT/records/*.json``): (train records,
-    eval records); anatomy records there are read (so a broken one is reported) and left to their users."""
+    eval records); anatomy records there are read (so a broken one is reported) and left to their users.
+    A tuning folder's selection is read by :func:`load_tuning`."""
     folder = Path(root) / "records"
     if not folder.is_dir():
+        if (Path(root) / TUNING_FILE).exists():
+            raise RecordError(f"{root} is the output of `sdtune tune`: its records are read with load_tuning")
         raise RecordError(f"{root} has no records/ folder; give the output folder of an `sdtune compare` run")
     paths = sorted(folder.glob("*.json"))
     loaded = [read_record_file(path) for path in paths]
     check_one_base_model(list(zip(paths, loaded)))
     return [r for r in loaded if isinstance(r, TrainRecord)], [r for r in loaded if isinstance(r, EvalRecord)]
+
+
+def load_tuning(root: Path) -> TuningRecord | None:
+    """The selection record of an ``sdtune tune`` output folder (``ROOT/tuning.json``), or None."""
+    path = Path(root) / TUNING_FILE
+    if not path.exists():
+        return None
+    record = read_record_file(path)
+    if not isinstance(record, TuningRecord):
+        raise RecordError(f"{path}: a {record.kind} record, not the selection of `sdtune tune`")
+    return record
 
 
 def check_one_base_model(loaded: list[tuple[Path, Record]]) -> None:

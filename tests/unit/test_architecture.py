@@ -80,7 +80,7 @@ def test_the_core_never_imports_the_demo_and_importing_sdtune_is_light():
 
 @pytest.mark.parametrize("name", ["load_experiment", "train", "compare", "generate", "render_report", "export_merged",
                                   "export_single_file", "compare_plan", "train_technique", "summary_table",
-                                  "estimate_memory", "weight_anatomy"])
+                                  "estimate_memory", "weight_anatomy", "tune", "tune_plan", "check_tuning"])
 def test_the_public_api_is_one_import_away_and_documented(name):
     import sdtune
 

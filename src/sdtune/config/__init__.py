@@ -19,9 +19,11 @@ from sdtune.config.sections import (
     TrainConfig,
 )
 from sdtune.config.split import ValidationSplit, held_out_rows, parse_validation
+from sdtune.config.tuning import VALIDATION_LOSS, TuningConfig, learning_rate_grid, technique_tuning
 
 __all__ = [
-    "QUANTIZATION_INSTALL", "ConfigError", "DataConfig", "DreamBoothConfig", "EvaluationConfig", "ExperimentConfig", "ModelConfig",
-    "QuantizeConfig", "TechniqueEntry", "TrainConfig", "ValidationSplit", "apply_override", "build", "coerce", "config_from_dict",
-    "held_out_rows", "looks_like_local_path", "parse_validation", "read_experiment_file", "resolve_local",
+    "QUANTIZATION_INSTALL", "ConfigError", "DataConfig", "DreamBoothConfig", "EvaluationConfig", "ExperimentConfig",
+    "ModelConfig", "QuantizeConfig", "TechniqueEntry", "TrainConfig", "TuningConfig", "VALIDATION_LOSS", "ValidationSplit",
+    "apply_override", "build", "coerce", "config_from_dict", "held_out_rows", "learning_rate_grid", "looks_like_local_path",
+    "parse_validation", "read_experiment_file", "resolve_local", "technique_tuning",
 ]

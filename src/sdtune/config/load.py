@@ -28,8 +28,9 @@ from sdtune.config.sections import (
 )
 from sdtune.config.shipped import shipped_config, shipped_configs
 from sdtune.config.split import resolve_validation_source
+from sdtune.config.tuning import TuningConfig, technique_tuning
 
-TOP_KEYS = {"name", "model", "data", "train", "techniques", "evaluation", "dreambooth", "output_dir"}
+TOP_KEYS = {"name", "model", "data", "train", "techniques", "evaluation", "dreambooth", "tuning", "output_dir"}
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 SHORTHANDS = {"model": "path", "data": "source"}  # `model: id` means `model: {path: id}`
 
@@ -104,7 +105,16 @@ def config_from_dict(
     if evaluation.prompts_file:
         evaluation = dataclasses.replace(evaluation, prompts_file=local(evaluation.prompts_file))
     evaluation.validate()
-    techniques = _techniques(raw["techniques"], train)
+    if evaluation.validation_every_steps is not None and data.validation is None:
+        raise ConfigError(
+            "evaluation.validation_every_steps: the validation loss needs held-out images; set data.validation "
+            "(e.g. 0.1), or remove this key"
+        )
+    tuning = None
+    if raw.get("tuning") is not None:
+        tuning = build(TuningConfig, raw["tuning"], "tuning")
+        tuning.validate(train.max_train_steps, data.validation is not None)
+    techniques = _techniques(raw["techniques"], train, tuning)
     dreambooth = None
     if raw.get("dreambooth") is not None:
         dreambooth = build(DreamBoothConfig, raw["dreambooth"], "dreambooth")
@@ -113,7 +123,8 @@ def config_from_dict(
     output_dir = raw.get("output_dir")
     return ExperimentConfig(
         model=model, data=data, train=train, techniques=techniques, evaluation=evaluation, dreambooth=dreambooth,
-        name=name, output_dir=None if output_dir is None else str((base_dir / Path(str(output_dir)).expanduser()).resolve()),
+        tuning=tuning, name=name,
+        output_dir=None if output_dir is None else str((base_dir / Path(str(output_dir)).expanduser()).resolve()),
         source_path=source_path,
         base_dir=str(base_dir),
     )
@@ -130,9 +141,10 @@ def _expand(value: Any, key: str) -> Any:
     return {key: value} if isinstance(value, str) else value
 
 
-def _techniques(raw: Any, train: TrainConfig) -> dict[str, TechniqueEntry]:
-    """Each entry's name, kind and ``train`` overrides (checked against the train section); its other
-    keys are the kind's options, left to the technique plug-in."""
+def _techniques(raw: Any, train: TrainConfig, tuning: TuningConfig | None) -> dict[str, TechniqueEntry]:
+    """Each entry's name, kind, ``train`` overrides (checked against the train section) and own
+    ``tuning:`` range (checked against the tuning section); its other keys are the kind's options,
+    left to the technique plug-in."""
     if not isinstance(raw, dict) or not raw:
         raise ConfigError("techniques: expected a mapping name → {kind: ...}, e.g. {lora: {kind: lora}}")
     train_hints = typing.get_type_hints(TrainConfig)
@@ -155,7 +167,11 @@ def _techniques(raw: Any, train: TrainConfig) -> dict[str, TechniqueEntry]:
         }
         dataclasses.replace(train, **overrides).validate()
         quantize = _quantize_override(entry.pop("quantize"), f"techniques.{name}.quantize") if "quantize" in entry else {}
-        entries[name] = TechniqueEntry(name=name, kind=kind, options=entry, train_overrides=overrides, quantize=quantize)
+        own_tuning = entry.pop("tuning", None)
+        technique_tuning(own_tuning, name, tuning)
+        entries[name] = TechniqueEntry(
+            name=name, kind=kind, options=entry, train_overrides=overrides, quantize=quantize, tuning=own_tuning
+        )
     return entries
 
 

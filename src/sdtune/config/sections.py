@@ -2,7 +2,8 @@
 
 An experiment file has these sections: ``model``, ``data``, ``train`` (shared by every technique),
 ``techniques`` (name → kind, technique options and per-technique overrides of ``train``),
-``evaluation`` (used by ``sdtune compare``) and ``dreambooth``. The checks here need nothing but the
+``evaluation`` (used by ``sdtune compare``), ``dreambooth`` and ``tuning`` (used by ``sdtune tune``,
+:mod:`sdtune.config.tuning`). The checks here need nothing but the
 values themselves; what needs the registries (the model family, a technique kind's options, metric
 names) is checked by :func:`sdtune.experiment.resolve`. Every error is one line naming the key, the
 value and what is allowed.
@@ -19,6 +20,7 @@ from sdtune.config.schema import ConfigError
 from sdtune.config.schema import fail as _fail
 from sdtune.config.schema import positive as _positive
 from sdtune.config.split import parse_validation
+from sdtune.config.tuning import TuningConfig
 
 # --------------------------------------------------------------------------------------------
 # Sections
@@ -293,6 +295,7 @@ class TechniqueEntry:
     train_overrides: dict[str, Any] = field(default_factory=dict)
     # this technique's `quantize:` as written: keys of QuantizeConfig (checked) that replace model.quantize's
     quantize: dict[str, Any] = field(default_factory=dict)
+    tuning: dict[str, Any] | None = None  # its own learning-rate range for `sdtune tune` (checked on load)
 
 
 @dataclass(frozen=True)
@@ -319,6 +322,7 @@ class EvaluationConfig:
     cpu_offload: bool = False  # CUDA: each model of the pipeline on the GPU only for its forward (diffusers)
     every_steps: int | None = None  # also evaluate (images, metrics, validation loss) every N steps
     seeds_per_prompt_during_training: int | None = None  # images at every_steps: the first N seeds; None = all
+    validation_every_steps: int | None = None  # also compute the validation loss alone (no images) every N steps
     validation_timesteps: int = 4  # fixed timesteps of the validation loss
     full_precision_base: bool = False  # runs trained on a quantised base are sampled on the full-precision one
 
@@ -327,6 +331,7 @@ class EvaluationConfig:
         _positive("evaluation.num_inference_steps", self.num_inference_steps)
         _positive("evaluation.max_reference_images", self.max_reference_images)
         _positive("evaluation.every_steps", self.every_steps, allow_none=True)
+        _positive("evaluation.validation_every_steps", self.validation_every_steps, allow_none=True)
         _positive("evaluation.validation_timesteps", self.validation_timesteps)
         _positive("evaluation.seeds_per_prompt_during_training", self.seeds_per_prompt_during_training, allow_none=True)
         if (self.seeds_per_prompt_during_training or 0) > self.seeds_per_prompt:
@@ -377,6 +382,7 @@ class ExperimentConfig:
     techniques: dict[str, TechniqueEntry]
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     dreambooth: DreamBoothConfig | None = None  # class images for techniques with prior_preservation
+    tuning: TuningConfig | None = None  # each technique's learning rate tuned on validation (`sdtune tune`)
     name: str = "experiment"
     output_dir: str | None = None  # default: ./runs/<name>
     source_path: str | None = None  # the file it was loaded from

@@ -15,10 +15,11 @@ from typing import Any
 
 import yaml
 
-from sdtune.records import EvalRecord, TrainRecord, load_records
+from sdtune.records import TUNING_FILE, EvalRecord, TrainRecord, load_records
 from sdtune.report import change_plots, plots
 from sdtune.report.answer import answer
 from sdtune.report.changes import change_points, check_failures, check_status, largest, summaries
+from sdtune.report.format import metric_cell, number, size
 from sdtune.report.summary import (
     Row,
     build_rows,
@@ -28,52 +29,21 @@ from sdtune.report.summary import (
     share_summary,
     study_table,
 )
+from sdtune.report.tuning import render_tuning_report
 from sdtune.util import atomic
 from sdtune.util.paths import check_writable_folder
 
 FILES_DIR = "report_files"
-MB = 1e6
-
-
-# ----------------------------------------------------------------------------------------------
-# Formatting
-
-
-def _size(value: float | None) -> str:
-    if value is None:
-        return "—"
-    return f"{value / MB:.2f} MB" if value >= 1e4 else f"{value / 1e3:.1f} kB"
-
-
-def _number(value: float | None, digits: int = 3) -> str:
-    if value is None:
-        return "—"
-    if abs(value) >= 1e6:
-        return f"{value / 1e6:.2f} M"
-    if abs(value) >= 1e3:
-        return f"{value / 1e3:.1f} k"
-    return f"{value:.{digits}g}"
-
-
-def _metric_cell(summary: dict | None) -> str:
-    if not summary:
-        return "—"
-    if "skipped" in summary:
-        return "skipped"
-    text = _number(summary["value"])
-    if summary.get("low") is not None and summary.get("high") is not None and summary["high"] > summary["low"]:
-        text += f" [{_number(summary['low'])}, {_number(summary['high'])}]"
-    return text
 
 
 STUDY_COLUMNS = [
     ("Model", lambda e: e["model"]), ("Kind", lambda e: e["kind"]), ("Status", lambda e: e["status"]),
-    ("Denoiser", lambda e: _size(e.get("denoiser"))), ("VAE", lambda e: _size(e.get("vae"))),
-    ("Text encoders", lambda e: _size(e.get("text_encoders"))), ("Adapter/weights", lambda e: _size(e.get("adapter"))),
-    ("Trainable params", lambda e: _number(e.get("trainable_params"))), ("Total params", lambda e: _number(e.get("total_params"))),
-    ("Train time (s)", lambda e: _number(e.get("train_time_s"))), ("s/step", lambda e: _number(e.get("s_per_step"))),
-    ("img/s (train)", lambda e: _number(e.get("images_per_s"))), ("Peak memory", lambda e: _size(e.get("peak_memory"))),
-    ("Load time (s)", lambda e: _number(e.get("load_time_s"))), ("s/image", lambda e: _number(e.get("s_per_image"))),
+    ("Denoiser", lambda e: size(e.get("denoiser"))), ("VAE", lambda e: size(e.get("vae"))),
+    ("Text encoders", lambda e: size(e.get("text_encoders"))), ("Adapter/weights", lambda e: size(e.get("adapter"))),
+    ("Trainable params", lambda e: number(e.get("trainable_params"))), ("Total params", lambda e: number(e.get("total_params"))),
+    ("Train time (s)", lambda e: number(e.get("train_time_s"))), ("s/step", lambda e: number(e.get("s_per_step"))),
+    ("img/s (train)", lambda e: number(e.get("images_per_s"))), ("Peak memory", lambda e: size(e.get("peak_memory"))),
+    ("Load time (s)", lambda e: number(e.get("load_time_s"))), ("s/image", lambda e: number(e.get("s_per_image"))),
 ]
 
 
@@ -95,8 +65,8 @@ def tables(rows: list[Row]) -> list[tuple[str, list[str], list[list[str]], str]]
     if numeric or validation:
         header = ["Model", *numeric, *(["validation loss"] if validation else [])]
         body = [
-            [row.label, *(_metric_cell(metric_summary(row, m)) for m in numeric),
-             *([_metric_cell(final_validation_loss(row))] if validation else [])]
+            [row.label, *(metric_cell(metric_summary(row, m)) for m in numeric),
+             *([metric_cell(final_validation_loss(row))] if validation else [])]
             for row in rows
         ]
         skipped = {m: s["skipped"] for row in rows for m in numeric if (s := metric_summary(row, m)) and "skipped" in s}
@@ -132,12 +102,12 @@ def changes_section(rows: list[Row], train: list[TrainRecord], evals: list[EvalR
         return None
     by_label = {row.label: row for row in rows}
     body = [[
-        s["label"], check_status(by_label[s["label"]]), _number(s["total"]["changed_layers"]),
+        s["label"], check_status(by_label[s["label"]]), number(s["total"]["changed_layers"]),
         f"{100 * (s['total']['relative'] or 0):.3g} %",
         ", ".join(f"{name} {100 * share:.0f} %" for name, share in largest(s["blocks"])),
         f"{s['total']['effective_rank_median']:.2f}",
         f"{s['total']['numerical_rank_max']:.0f}" + ("" if s["rank_exact"] else "+"),
-        f"{s['total']['intruders']:.0f} ({s['total']['layers_with_intruders']:.0f})", _number(s["time_s"]),
+        f"{s['total']['intruders']:.0f} ({s['total']['layers_with_intruders']:.0f})", number(s["time_s"]),
     ] for s in found]
     method = found[0]["method"]
     note = (f"ΔW of every changed weight matrix: {method['delta']}. Relative ΔW: "
@@ -162,8 +132,11 @@ def changes_section(rows: list[Row], train: list[TrainRecord], evals: list[EvalR
 
 
 def render_report(root: str | Path) -> Path:
-    """Render ``report.md`` and ``report.html`` in ``root`` from its records; return the HTML path."""
+    """Render ``report.md`` and ``report.html`` in ``root`` from its records (a comparison's, or the
+    tuning report of an ``sdtune tune`` folder); return the HTML path."""
     root = Path(root)
+    if (root / TUNING_FILE).exists():
+        return render_tuning_report(root)
     train, evals = load_records(root)
     check_writable_folder(root, "report")  # (before the figures are drawn)
     rows = build_rows(train, evals)

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sdtune.records import load_records
+from sdtune.records import TUNING_FILE, load_records
 from sdtune.report.render import tables
 from sdtune.report.summary import build_rows
+from sdtune.report.tuning import tuning_summary
 
 
 def summary_table(root: Path) -> str:
-    """A short plain-text table of the comparison for the terminal."""
+    """A short plain-text table of the comparison (or of a tuning study: both tables and the ranking
+    changes) for the terminal."""
+    if (Path(root) / TUNING_FILE).exists():
+        return tuning_summary(root)
     rows = build_rows(*load_records(root))
     lines = []
     for title, header, body, _ in tables(rows):

@@ -46,8 +46,12 @@ def train_in_fresh_process(
     resume: str | bool | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    stop_after: int | None = None,
+    environment: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Run ``sdtune train`` for one technique in a child process; return its run record."""
+    """Run ``sdtune train`` for one technique in a child process; return its run record (with
+    ``stop_after``, the run stops after that step: ``interrupted``, checkpointed, resumable).
+    ``environment`` adds variables to the child's (e.g. its thread count, ``OMP_NUM_THREADS``)."""
     with tempfile.TemporaryDirectory(prefix="sdtune-") as folder:
         experiment_file = Path(folder) / "experiment.yaml"
         atomic.write_text(experiment_file, yaml.safe_dump(experiment.to_dict(), sort_keys=False))
@@ -60,9 +64,11 @@ def train_in_fresh_process(
             command.append("--overwrite")
         if not progress:
             command.append("--no-progress")
-        environment = {**os.environ, ERROR_FILE_VARIABLE: str(error_file)}
+        if stop_after is not None:
+            command += ["--stop-after", str(stop_after)]
+        child_environment = {**os.environ, **(environment or {}), ERROR_FILE_VARIABLE: str(error_file)}
         with _interrupts_left_to_the_child():
-            returncode = subprocess.call(command, env=environment)
+            returncode = subprocess.call(command, env=child_environment)
         if error_file.exists():
             error = json.loads(error_file.read_text())
             raise TechniqueFailed(name, error["message"], error.get("traceback"), error["user_error"])

@@ -22,6 +22,7 @@ def train(
     progress: bool = True,
     isolate: bool | None = None,
     on_result: Callable[[TrainResult], None] | None = None,
+    stop_after: int | None = None,
 ) -> list[TrainResult]:
     """Train the named techniques (default: all of the experiment) one after the other.
 
@@ -31,7 +32,8 @@ def train(
     ``sdtune compare --plan`` gives one command per technique to launch separately). With
     ``resume``, techniques that already finished are skipped; a checkpoint path needs exactly one
     technique. The returned results do not keep the models (see :func:`sdtune.training.train_technique`);
-    ``on_result`` sees each one as soon as its technique ends. Every technique is checked before
+    ``on_result`` sees each one as soon as its technique ends. ``stop_after`` stops each run after
+    that optimizer step, checkpointed (``--resume`` continues it). Every technique is checked before
     the first one trains (:func:`sdtune.preflight.check_training`).
     """
     names = check_training(experiment, techniques, output_dir, resume, overwrite)  # before any technique trains
@@ -45,10 +47,12 @@ def train(
             print(f"{name}: already finished in {run_dir}; skipped")
             continue
         if isolate if isolate is not None else len(names) > 1 and launched_processes() == 1:
-            record = train_in_fresh_process(experiment, name, output_root(experiment, output_dir), resume, overwrite, progress)
+            record = train_in_fresh_process(
+                experiment, name, output_root(experiment, output_dir), resume, overwrite, progress, stop_after
+            )
             result = TrainResult(run_dir=run_dir, status=record["status"], record=record)
         else:
-            result = train_technique(experiment, name, output_dir, resume, overwrite, progress)
+            result = train_technique(experiment, name, output_dir, resume, overwrite, progress, stop_after=stop_after)
             result.model = None  # the caller gets records, not models
         results.append(result)
         if on_result is not None:

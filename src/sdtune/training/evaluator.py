@@ -1,8 +1,9 @@
 """Evaluation while a technique trains: validation loss and images at ``evaluation.every_steps``.
 
 A side effect the training loop calls (:meth:`TrainingEvaluator.after_step`); nothing here changes
-what the loop computes. Before the first step, at every ``evaluation.every_steps`` step and at the
-end it records, in the run's :class:`TrainState` (and so in its train record and its checkpoints):
+what the loop computes. Before the first step, at every ``evaluation.every_steps`` and
+``evaluation.validation_every_steps`` step, where a run is asked to stop (``stop_after``: a
+scheduler compares trials there) and at the end it records, in the run's :class:`TrainState` (and so in its train record and its checkpoints):
 
 - the **validation loss**: the denoising loss (:mod:`sdtune.training.step`, as the loop computes it)
   on the held-out images of ``data.validation`` at ``evaluation.validation_timesteps`` fixed timesteps
@@ -101,6 +102,7 @@ class TrainingEvaluator:
     def __init__(self, experiment: Experiment, batch: ValidationBatch | None) -> None:
         self.experiment, self.batch = experiment, batch
         self.every = experiment.evaluation.every_steps
+        self.validation_every = experiment.evaluation.validation_every_steps if batch is not None else None
 
     @classmethod
     def create(cls, experiment: Experiment, is_main_process: bool) -> TrainingEvaluator | None:
@@ -113,7 +115,10 @@ class TrainingEvaluator:
         return cls(experiment, batch)
 
     def due(self, step: int, max_steps: int) -> bool:
-        return step == max_steps or bool(self.every) and step % self.every == 0
+        return (
+            step == max_steps or bool(self.every) and step % self.every == 0
+            or bool(self.validation_every) and step % self.validation_every == 0
+        )
 
     def after_step(self, step: int, run: TrainingRun, state: TrainState) -> None:
         """On the main process: evaluate the model as it is after ``step`` and add the entry to the state."""
@@ -151,6 +156,7 @@ class TrainingEvaluator:
                 model, run.objective, batch, timesteps, run.config.batch_size, seed=self.experiment.validation.seed
             )
             entry["validation_loss"] = float(np.mean(losses))
+            entry["validation_images"] = len(self.batch.captions)
             entry["validation_loss_per_timestep"] = {str(t): v for t, v in zip(timesteps.tolist(), losses)}
         if self.every and step % self.every == 0 and 0 < step < run.max_steps:  # 0 and the end: compare's evaluations
             entry["images"], entry["generation"] = self._generate(step, run, model)

@@ -25,7 +25,7 @@ from sdtune.experiment import Experiment, output_root
 from sdtune.models import Model
 from sdtune.preflight import check_training
 from sdtune.training import optim, sharding
-from sdtune.training.checkpoint import checkpoint_path, resolve_resume
+from sdtune.training.checkpoint import CheckpointError, checkpoint_path, resolve_resume
 from sdtune.training.evaluator import TrainingEvaluator
 from sdtune.training.finish import finish_run, run_timing
 from sdtune.training.resume import check_resume_settings, restore_checkpoint, write_checkpoint
@@ -64,12 +64,16 @@ def train_technique(
     overwrite: bool = False,
     progress: bool = True,
     after_step: Callable[[int], None] | None = None,
+    stop_after: int | None = None,
 ) -> TrainResult:
     """Train one technique of the experiment into ``OUTPUT/<name>/`` and write its record.
 
     The result keeps the trained model (``model``, EMA weights if used) for the caller. Everything
     that can be checked first is (:func:`sdtune.preflight.check_training`); a run that ``overwrite``
-    replaces is set aside until this one finishes, and comes back if it fails.
+    replaces is set aside until this one finishes, and comes back if it fails. With ``stop_after``
+    the run stops after that optimizer step as on Ctrl-C (evaluated there, checkpointed, status
+    ``interrupted``): a scheduler such as ASHA compares trials at such steps and resumes the ones it
+    keeps; resumed, the run is the same as one never stopped.
     """
     started = time.perf_counter()
     run_dir = output_root(experiment, output_dir) / name
@@ -79,7 +83,7 @@ def train_technique(
         check_resume_settings(experiment, name, checkpoint)
     main = process_state().is_main_process
     try:
-        result = _train_claimed(experiment, name, run_dir, checkpoint, progress, after_step, started)
+        result = _train_claimed(experiment, name, run_dir, checkpoint, progress, after_step, started, stop_after)
     except BaseException:
         if main:
             release_run_dir(run_dir, new)
@@ -93,7 +97,7 @@ def train_technique(
 
 def _train_claimed(
     experiment: Experiment, name: str, run_dir: Path, checkpoint: Path | None, progress: bool,
-    after_step: Callable[[int], None] | None, started: float,
+    after_step: Callable[[int], None] | None, started: float, stop_after: int | None = None,
 ) -> TrainResult:
     """The run itself, in its claimed folder: set up, resume, the loop, the outputs and the record."""
     run = setup_run(experiment, name, run_dir, progress)
@@ -104,6 +108,8 @@ def _train_claimed(
         _check_at_resume(run, state)
     run.start_trackers()
     first_step = state.step
+    if stop_after is not None and stop_after <= first_step:
+        raise CheckpointError(f"stop after step {stop_after}: {run_dir} is already at step {first_step}")
     inputs.start(first_step, run.max_steps, config.gradient_accumulation_steps, experiment.data.num_workers,
                  accelerator.num_processes, progress and accelerator.is_main_process)
     setup_time_s = time.perf_counter() - started
@@ -155,12 +161,13 @@ def _train_claimed(
                 after_step(done)
             # the device is synchronised only here: logging steps, checkpoints, a local Ctrl-C, the end
             periodic = bool(config.checkpointing_steps) and done % config.checkpointing_steps == 0 and done < run.max_steps
-            stop_requested = stop.requested and accelerator.num_processes == 1
+            scheduled_stop = stop_after is not None and done >= stop_after  # (the same in every process)
+            stop_requested = stop.requested and accelerator.num_processes == 1 or scheduled_stop
             if done % config.log_every == 0 or done == run.max_steps or periodic or stop_requested:
-                stop_requested = _sync_point(run, clock, pending, state, stop.requested, bar)
+                stop_requested = _sync_point(run, clock, pending, state, stop.requested, bar) or scheduled_stop
                 witness.collect()
             bar.update(1)
-            if evaluator is not None and evaluator.due(done, run.max_steps):  # validation loss, images
+            if evaluator is not None and (evaluator.due(done, run.max_steps) or scheduled_stop):  # validation loss, images
                 with clock.excluded("evaluation"):
                     evaluator.after_step(done, run, state)
             interrupted = stop_requested and done < run.max_steps

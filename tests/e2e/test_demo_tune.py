@@ -1,0 +1,34 @@
+"""`sdtune demo --tune --quick`: the tuning demo end to end (grid, final runs, both tables, then asha on Ray)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from sdtune.demo.tune import compare_selections, format_comparison, run_demo_tune
+
+
+@pytest.mark.slow
+def test_quick_tuning_demo_end_to_end(tmp_path):
+    report = run_demo_tune(tmp_path / "demo-tune", quick=True, progress=False)
+    root = report.parent
+    selection = json.loads((root / "tuning.json").read_text())
+    assert selection["status"] == "finished" and set(selection["techniques"]) == {"full", "lora"}
+    page = report.read_text()
+    assert "At the shared learning rate" in page and "Ranked by validation_loss" in page
+    # asha replayed the grid's trials: it trained nothing, and counted fewer trial-steps
+    summary = json.loads((root / "grid-vs-asha.json").read_text())
+    assert summary["grid_trial_steps"] == 2 * 3 * 2 and 0 < summary["asha_trial_steps"] <= summary["grid_trial_steps"]
+    assert json.loads((root / "asha" / "tuning.json").read_text())["scheduler"] == "asha"
+
+
+def test_grid_vs_asha_summary():
+    grid = {"techniques": {"a": {"chosen_learning_rate": 1e-3, "trial_steps": 36 * 5},
+                           "b": {"chosen_learning_rate": 3e-4, "trial_steps": 36 * 5}}}
+    asha = {"techniques": {"a": {"chosen_learning_rate": 1e-3, "trial_steps": 36 + 4 * 4},
+                           "b": {"chosen_learning_rate": 1e-4, "trial_steps": 2 * 36 + 12 + 2 * 4}}}
+    summary = compare_selections(grid, asha)
+    assert summary["same_choices"] == 1 and summary["asha_fraction"] == pytest.approx((52 + 92) / 360)
+    text = format_comparison(summary)
+    assert "a: grid 1e-3, asha 1e-3 (same)" in text and "1 of 2 choices the same, at 40 % of the grid's trial-steps" in text

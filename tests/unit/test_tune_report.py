@@ -28,6 +28,8 @@ def _final(root: Path, name: str, seed: int, rate: float, loss: float, dino: flo
         "evaluation": [{"step": 0, "validation_loss": 0.9}, {"step": 4, "validation_loss": loss}],
         "timing": {"train_time_s": 4.0, "s_per_step": 1.0, "images_per_s": 4.0}, "memory": {"peak": {"bytes": 5e8, "kind": "cpu_peak_rss"}},
         "parameters": {"trainable": 1000, "components": {"unet": 5000}}, "outputs": {"adapter": {"bytes": 4000}},
+        "anatomy": {"method": {}, "weights": "the saved weights", "blocks": {}, "kinds": {}, "layers": [], "time_s": 0.1,
+                    "device": "cpu", "total": {"relative": rate * 10, "intruders": 3.0 if name == "b" else 0.0}},
     }
     records.write_record(root / "records" / f"train-{name}-seed{seed}.json", train)
     metrics = {"dino": {"value": dino, "direction": "higher"}, "drift": {"value": drift, "direction": "lower"}}
@@ -75,7 +77,8 @@ def test_a_ranking_change_between_the_shared_and_the_tuned_rates_is_stated(tmp_p
     # both tables: each technique's rate, rank and mean [CI] over the two seeds, side by side
     assert "| b | 3e-3 | 1 | 0.7 | 0.2 | 0.405 [0.4, 0.41] |" in markdown
     assert "| b | 1e-3 | 2 | 0.5 | 0.05 | 0.605 [0.6, 0.61] |" in markdown
-    assert html.count("data:image/png;base64,") == 2  # the sensitivity curves and the fidelity-vs-drift plot
+    # the sensitivity curves, the fidelity-vs-drift plot, and what each technique changed across learning rates
+    assert html.count("data:image/png;base64,") == 3 and "What each technique changed, across learning rates" in html
     assert (root / "report_files" / "sensitivity.png").exists() and (root / "report_files" / "pareto.png").exists()
     # re-rendered from the records alone: the same page
     report.unlink()
@@ -119,3 +122,16 @@ def test_ranks_rungs_labels_front_and_changes():
     assert sorted(pareto_front([("x", 0.1, 0.6), ("y", 0.2, 0.8)], "lower", "higher")) == ["x", "y"]
     assert first_change({"tuning": {"steps": 100, "seeds": [0]}}, {"tuning": {"steps": 50, "seeds": [0]}}) == "tuning.steps: 100 → 50"
     assert first_change({"a": 1}, {"a": 1}) is None
+
+
+def test_the_change_across_learning_rates_has_each_run_once(tmp_path, monkeypatch):
+    """After tune, the anatomy scatter holds every final run at each rate; a run both arms share, once."""
+    from sdtune.report import change_plots, tuning_plots
+
+    drawn = []
+    real = change_plots.change_scatter
+    monkeypatch.setattr(change_plots, "change_scatter", lambda points, path: drawn.append(points) or real(points, path))
+    figure = tuning_plots.change_across_rates(load_study(_study(tmp_path)), tmp_path)
+    assert figure is not None and figure[0].is_file() and "drift" in figure[1]
+    assert sorted((p.label, p.learning_rate, p.metrics["drift"]) for p in drawn[0]) == [
+        ("a", 1e-3, 0.10), ("a", 1e-3, 0.10), ("b", 1e-3, 0.05), ("b", 1e-3, 0.05), ("b", 3e-3, 0.20), ("b", 3e-3, 0.20)]

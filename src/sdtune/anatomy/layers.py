@@ -88,7 +88,9 @@ def merged_pair(layer: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
             merged.base_layer = dequantized_linear(merged.get_base_layer(), torch.float64)
             if hasattr(merged, "quantization_backend"):  # (OFT, BOFT: they dequantise through it; plain now)
                 merged.quantization_backend = None
-        merged = merged.to(torch.float64)
+        # one device for the copy: the adapter's (under train.block_swap the base weight waits on the CPU)
+        adapter = next((p for n, p in merged.named_parameters() if not n.startswith("base_layer")), None)
+        merged = merged.to(device=adapter.device if adapter is not None else None, dtype=torch.float64)
         before = merged.get_base_layer().weight.detach().clone()
         _plain_merge(type(layer))(merged)
         return before, merged.get_base_layer().weight.detach()
@@ -142,5 +144,6 @@ def weight_norms(components: dict[str, torch.nn.Module]) -> Iterator[tuple[str, 
             target = layer.get_base_layer() if path in adapted else layer
             if is_table(layer):
                 target = layer.original
-            if isinstance(target, WEIGHTED):
+            if isinstance(target, WEIGHTED) and not target.weight.is_meta:
+                # (meta: an encoder train.free_encoders parked on the tests' fake split has no values)
                 yield component, path, float(target.weight.detach().double().square().sum())

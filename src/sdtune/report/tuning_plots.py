@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from sdtune.report import change_plots
+from sdtune.report.changes import change_points
 from sdtune.report.format import rate
 from sdtune.report.summary import BASE, metric_names, metric_summary
 from sdtune.report.tuning_summary import Study
@@ -36,7 +38,26 @@ def all_figures(study: Study, folder: Path) -> list[tuple[str, Path]]:
     if path and pair:
         figures.append((f"Fidelity ({pair[0]}) vs drift ({pair[1]}): every technique at both learning rates "
                         "(the line joins the models no other beats on both)", path))
+    scatter = change_across_rates(study, folder)
+    if scatter:
+        figures.append((f"What each technique changed, across learning rates: {scatter[1]}", scatter[0]))
     return figures
+
+
+def change_across_rates(study: Study, folder: Path) -> tuple[Path, str] | None:
+    """The anatomy of every final run (each technique at the shared and at its tuned learning rate)
+    against its outcome metrics: :func:`sdtune.report.change_plots.change_scatter`, one point per run
+    and rate (a run both arms share, linked rather than retrained: once)."""
+    points, seen = [], set()
+    for rows in study.arms.values():  # (paired within an arm: the same label and seed exist in both)
+        train = []
+        for record in (record for row in rows for record in row.train):
+            key = (record.technique.get("name"), (record.train or {}).get("learning_rate"), record.seeds.get("train"))
+            if key not in seen:
+                seen.add(key)
+                train.append(record)
+        points += change_points(train, [e for row in rows for e in row.evals])
+    return change_plots.change_scatter(points, folder / "change_across_rates.png")
 
 
 def sensitivity(study: Study, folder: Path) -> Path | None:

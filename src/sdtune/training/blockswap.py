@@ -76,6 +76,14 @@ class BlockSwap:
             parameter.data = master if master.device == self.parking else master.new_empty(0)
         self._in.discard(index)
 
+    def home(self) -> None:
+        """Training is over: every swapped tensor holds its CPU master again (real values, on the
+        tests' fake split too), for what reads the finished model's weights (the anatomy)."""
+        for index, (parameters, masters) in enumerate(zip(self.frozen, self.masters)):
+            for parameter, master in zip(parameters, masters):
+                parameter.data = master
+            self._in.discard(index)
+
     def _before_forward(self, index: int):
         def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
             self.arrive(index)

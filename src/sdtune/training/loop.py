@@ -183,6 +183,8 @@ def _train_claimed(
     if status == "finished" and not checkpoint_path(run_dir, state.step).is_dir():
         with clock.excluded():  # the final state on disk before any output is written (docs/resume.md)
             write_checkpoint(run, state, rotate=False)
+    if run.block_swap is not None:
+        run.block_swap.home()
     record, model = finish_run(run, status, state, run_timing(run, clock, state, first_step, setup_time_s), started, witness)
     _write_progress(run, state, status)  # after the record: a reader never sees "finished" without it
     for tracker in accelerator.trackers:  # (not end_training(): it would end the process group, which

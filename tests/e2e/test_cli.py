@@ -50,6 +50,8 @@ def test_train_then_generate_end_to_end(write_experiment, tmp_path):
     assert again.returncode == 2 and "--overwrite" in again.stderr
     missing = _run("generate", str(tmp_path / "nowhere"), "--prompt", "x")
     assert missing.returncode == 2 and "not an sdtune run folder" in missing.stderr
+
+
 @pytest.mark.slow  # (default tier under 6 min: over 10 s on 2 cores)
 def test_an_error_inside_a_techniques_own_process_is_one_line(write_experiment):
     """`sdtune train` with several techniques trains each in a child process; a bad option that only

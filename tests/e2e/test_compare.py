@@ -29,6 +29,8 @@ def compare_experiment(write_experiment, tiny_clip_dir):
         return load_experiment(path)
 
     return write
+
+
 @pytest.mark.slow  # (default tier under 6 min: over 10 s on 2 cores)
 def test_compare_two_techniques_two_seeds(compare_experiment, tmp_path):
     experiment = compare_experiment()
@@ -128,6 +130,8 @@ def test_failed_technique_keeps_others_and_is_marked(compare_experiment, monkeyp
     compare(experiment, progress=False)
     assert (report.parent / "lora" / "record.json").read_text() == lora_before
     assert "| full | full | finished |" in (report.parent / "report.md").read_text()
+
+
 @pytest.mark.slow  # (default tier under 6 min: over 10 s on 2 cores)
 def test_a_bad_technique_option_is_a_failed_row_with_its_one_line_reason(compare_experiment, write_experiment):
     experiment = compare_experiment(metrics=["clip_score"])

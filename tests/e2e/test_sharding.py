@@ -36,6 +36,8 @@ ZERO3_ENV = {**ZERO2_ENV, "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}
 RESUME_TOLERANCE = 1e-6
 # bf16 DeepSpeed vs one bf16 process: mean |difference| / mean |update| (see _close_to_one_process)
 BF16_RELATIVE = 0.15
+
+
 @pytest.mark.slow  # (default tier under 6 min: over 10 s on 2 cores)
 def test_fsdp2_on_two_cpu_processes_trains_checkpoints_and_resumes(write_experiment, tmp_path):
     _train_sharded_match_one_process_and_resume(write_experiment, tmp_path, FSDP2_ENV, "fsdp2")

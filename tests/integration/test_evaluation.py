@@ -167,6 +167,8 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert "no records/ folder" in lines[0] and "--num-images 0" in lines[1] and "DDIMScheduler" in lines[2]
     with pytest.raises(UserError, match="loss became nan at step 3; lower train.learning_rate"):
         check_finite_loss(float("nan"), 3)
+
+
 @pytest.mark.slow  # (default tier under 6 min: over 10 s on 2 cores)
 def test_compare_measures_quality_and_validation_loss_over_training(
     write_experiment, tiny_clip_dir, tiny_dino_dir

@@ -59,6 +59,8 @@ def test_training_loss_follows_the_formula_and_class_images_are_made_once(write_
     assert records["prior3"]["timing"]["class_images_generated"] == 0
     folder = class_images_folder(experiment, tmp_path / "runs")
     assert sorted(p.name for p in folder.glob("*.png")) == ["00000.png", "00001.png", "00002.png"]
+
+
 @pytest.mark.slow  # (default tier under 6 min: over 10 s on 2 cores)
 def test_class_images_are_deterministic_and_missing_ones_are_filled_in(write_experiment, tiny_model, tmp_path):
 

@@ -465,6 +465,8 @@ def test_timing_record_is_split_and_synchronised(write_experiment):
     assert timing["host_syncs"] == 3  # steps 2, 4, 6: the device is synchronised only at logging steps
     assert timing["job_wall_time_s"] > timing["setup_time_s"] + timing["train_time_s"]
     assert timing["steady_s_per_step"] * 4 <= timing["train_time_s"]  # the intervals after the first
+
+
 @pytest.mark.slow  # (default tier under 6 min: over 10 s on 2 cores)
 def test_each_technique_of_train_runs_in_its_own_process(write_experiment):
     """A technique trained after a memory-hungry one records its own peak, not the earlier one's

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -21,6 +22,8 @@ import time
 from pathlib import Path
 
 import yaml
+
+from sdtune.util import atomic
 
 # variant → (technique kind, train keys); every variant: batch 1, no accumulation, no clipping (so
 # fused backward applies), fp32 on a CPU / bf16 on a GPU
@@ -45,8 +48,6 @@ def machine() -> dict:
         return {"device": "cuda", "name": torch.cuda.get_device_name(0)}
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
-    import os
-
     return {"device": "cpu", "name": cpu, "cores": os.cpu_count()}
 
 
@@ -95,19 +96,20 @@ def main() -> int:
     if not (work / "sd15-arch" / "model_index.json").exists():
         build_sd15_architecture(work / "sd15-arch", words=["a", "red", "blue", "square", "circle"])
     if not (work / "data" / "metadata.jsonl").exists():
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-        from conftest import make_imagefolder
+        from sdtune.testing import make_imagefolder
 
         make_imagefolder(work / "data", count=4, size=args.resolution + 8)
-    gpu, rows, started = torch.cuda.is_available(), [], time.perf_counter()
+    gpu, rows, started, load_before = torch.cuda.is_available(), [], time.perf_counter(), os.getloadavg()
     for variant in args.only or VARIANTS:
         row = {"variant": variant, **measure(experiment_file(work, variant, args.resolution, args.steps, gpu))}
         rows.append(row)
         shown = row.get("refused") or f"{row['peak_bytes'] / 2**30:.2f} GiB, {row['s_per_step']:.2f} s/step"
         print(f"| {variant} | {shown} |", flush=True)
-    result = {"machine": machine(), "args": vars(args), "rows": rows, "total_s": time.perf_counter() - started}
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    result = {"machine": machine(), "commit": commit, "args": vars(args), "rows": rows,
+              "total_s": time.perf_counter() - started, "load_average_1min": [load_before[0], os.getloadavg()[0]]}
     if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2))
+        atomic.write_json(args.out, result, indent=2)
     return 0
 
 

@@ -166,7 +166,7 @@ def compare_plan(
     the output folder), so every machine trains exactly the same thing."""
     import yaml
 
-    names = check_comparison(experiment, output_dir, seeds, only)
+    names = check_comparison(experiment, output_dir, seeds, only, data=False)  # (checked where each run trains)
     root = output_root(experiment, output_dir).resolve()
     root.mkdir(parents=True, exist_ok=True)
     experiment_file = root / "experiment.resolved.yaml"

@@ -272,9 +272,12 @@ def check_comparison(
     seeds: list[int] | None = None,
     only: str | Iterable[str] | None = None,
     evaluate_only: bool = False,
+    data: bool = True,
 ) -> list[str]:
     """:func:`check_training` for ``sdtune compare`` (``--only``, ``--seeds``, ``--evaluate-only``),
-    and every finished run it would reuse checked to be a run of this experiment; returns the techniques."""
+    and every finished run it would reuse checked to be a run of this experiment; returns the techniques.
+    ``data=False`` (``--plan``: the runs train elsewhere, where the data is reached and checked): the
+    data is not listed."""
     check_launch_environment()
     names = technique_names(experiment, only, "--only")
     check_seeds(seeds)
@@ -296,7 +299,7 @@ def check_comparison(
                     f"{run_dir} holds a finished run of another experiment ({difference}); compare into another "
                     "--output, or delete that run folder to train it again"
                 )
-    items = None if evaluate_only else check_data(experiment, names)
+    items = check_data(experiment, names) if data and not evaluate_only else None
     check_launch(experiment, [] if evaluate_only else names, items)
     check_launch(experiment, [], len(experiment.plan.pairs()), "evaluation images (prompts × seeds_per_prompt)")
     return names
@@ -307,13 +310,14 @@ TUNING_ENTRIES = ("tuning.json", "trials", "finals", "ray", "report.md", "report
 
 
 def check_tuning(
-    experiment: Experiment, output_dir: str | Path | None = None, only: str | Iterable[str] | None = None
+    experiment: Experiment, output_dir: str | Path | None = None, only: str | Iterable[str] | None = None,
+    data: bool = True,
 ) -> list[str]:
     """:func:`check_training` for ``sdtune tune``: ``--only``, the output folder (writable, and not the
     output of another command, whose report a tuning report would replace), the data listing and the
     launch; returns the techniques, in the experiment's order. Whether a folder that holds a tuning
     study holds *this* study, and each trial's folder, is checked by :mod:`sdtune.tuning` (it knows
-    their layout)."""
+    their layout). ``data=False`` (``--plan``: the runs train elsewhere): the data is not listed."""
     check_launch_environment()
     requested = set(technique_names(experiment, only, "--only"))
     names = [name for name in experiment.techniques if name in requested]
@@ -329,6 +333,6 @@ def check_tuning(
                 f"{key}: {root} holds the output of another command ({', '.join(foreign[:3])}), not a tuning study; "
                 "give --output a new or empty folder (nothing there is changed)"
             )
-    items = check_data(experiment, names)
+    items = check_data(experiment, names) if data else None
     check_launch(experiment, names, items)
     return names

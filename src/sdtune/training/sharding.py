@@ -225,7 +225,9 @@ def prepare(
     prepared as one :class:`TrainedComponents` container, and each is called through it."""
     if not sharded or len(trained) == 1:
         # (device_placement False: already placed, and block swap keeps some weights on the CPU)
-        prepared = accelerator.prepare(*trained.values(), optimizer, device_placement=[device_placement] * (len(trained) + 1))
+        # (DeepSpeed places what its engine holds itself; accelerate refuses a placement list there)
+        placement = None if sharded == DEEPSPEED else [device_placement] * (len(trained) + 1)
+        prepared = accelerator.prepare(*trained.values(), optimizer, device_placement=placement)
         return dict(zip(trained, prepared[:-1])), list(prepared[:-1]), prepared[-1]
     container, optimizer = accelerator.prepare(TrainedComponents(trained), optimizer)
     inner = accelerator.unwrap_model(container)

@@ -111,7 +111,8 @@ def _checked(
         raise ConfigError(f"--address {address!r} names a Ray cluster; add --engine ray")
     if max_concurrent < 1:
         raise ConfigError(f"--max-concurrent {max_concurrent}: give 1 or more runs at a time")
-    return check_tuning(experiment, output_dir, only)  # names, output folder, data, launch (before any work)
+    # names, output folder, data (not for a plan: its runs train elsewhere), launch — before any work
+    return check_tuning(experiment, output_dir, only, data=engine is not None)
 
 
 def _engine(engine: str, root: Path, max_concurrent: int, address: str | None) -> Any:

@@ -57,8 +57,20 @@ def clip_token_ids(tokenizer: Any, captions: list[str], max_length: int | None =
     return tokenizer(captions, padding="max_length", max_length=length, truncation=True, return_tensors="pt").input_ids
 
 
+class UNetBlocks:
+    """Where a UNet's weights live, for the anatomy (mixed into the UNet families before Model)."""
+
+    @classmethod
+    def denoiser_place(cls, path: str) -> tuple[str, str]:
+        return unet_place(path)
+
+    @classmethod
+    def blocks_in_order(cls, blocks: list[str]) -> list[str]:
+        return unet_blocks_in_order(super().blocks_in_order(blocks))  # type: ignore[misc]
+
+
 @FAMILIES.register("sd1")
-class StableDiffusion1(Model):
+class StableDiffusion1(UNetBlocks, Model):
     family = "sd1"
     pipeline_class_name = "StableDiffusionPipeline"
     denoiser_name = "unet"
@@ -75,14 +87,6 @@ class StableDiffusion1(Model):
     @classmethod
     def matches_index(cls, model: str, revision: str | None = None) -> bool:
         return not _is_sd2(model, revision)
-
-    @classmethod
-    def denoiser_place(cls, path: str) -> tuple[str, str]:
-        return unet_place(path)
-
-    @classmethod
-    def blocks_in_order(cls, blocks: list[str]) -> list[str]:
-        return unet_blocks_in_order(super().blocks_in_order(blocks))
 
     def encode_prompt(self, captions: list[str]) -> Conditioning:
         encoder = self.components["text_encoder"]

@@ -15,9 +15,8 @@ from sdtune.models.sd1 import (
     CLIP_ATTENTION,
     UNET_ATTENTION,
     UNET_PRESETS,
+    UNetBlocks,
     clip_token_ids,
-    unet_blocks_in_order,
-    unet_place,
 )
 
 
@@ -31,7 +30,7 @@ def clip_penultimate_and_pooled(
 
 
 @FAMILIES.register("sdxl")
-class StableDiffusionXL(Model):
+class StableDiffusionXL(UNetBlocks, Model):
     family = "sdxl"
     pipeline_class_name = "StableDiffusionXLPipeline"
     denoiser_name = "unet"
@@ -45,14 +44,6 @@ class StableDiffusionXL(Model):
     pipeline_extras = {"image_encoder": None, "feature_extractor": None, "add_watermarker": False}
     detects_pipelines = ("StableDiffusionXLPipeline",)
     single_file_types = ("xl_base",)
-
-    @classmethod
-    def denoiser_place(cls, path: str) -> tuple[str, str]:
-        return unet_place(path)
-
-    @classmethod
-    def blocks_in_order(cls, blocks: list[str]) -> list[str]:
-        return unet_blocks_in_order(super().blocks_in_order(blocks))
 
     def unreachable_parameters(self) -> list[str]:
         """CLIP-L conditions through its penultimate hidden states only (its pooled output is not used):

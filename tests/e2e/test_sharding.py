@@ -45,14 +45,12 @@ def test_fsdp2_on_two_cpu_processes_trains_checkpoints_and_resumes(write_experim
 
 @pytest.mark.slow
 def test_deepspeed_zero2_on_two_cpu_processes_trains_checkpoints_and_resumes(write_experiment, tmp_path):
-    pytest.importorskip("deepspeed")  # an optional package (not a dependency of sdtune)
     _train_sharded_match_one_process_and_resume(write_experiment, tmp_path, ZERO2_ENV, "deepspeed")
 
 
 @pytest.mark.slow
 def test_deepspeed_zero2_bf16_on_two_cpu_processes_trains_checkpoints_and_resumes(write_experiment, tmp_path):
     """DeepSpeed's bf16 engine (bf16 weights, fp32 master copy): saved files and EMA in fp32."""
-    pytest.importorskip("deepspeed")
     _train_sharded_match_one_process_and_resume(write_experiment, tmp_path, ZERO2_ENV, "deepspeed", "bf16")
 
 
@@ -60,7 +58,6 @@ def test_deepspeed_zero2_bf16_on_two_cpu_processes_trains_checkpoints_and_resume
 def test_deepspeed_zero3_on_two_cpu_processes_trains_checkpoints_and_resumes(write_experiment, tmp_path):
     """ZeRO-3 partitions the weights too (it hung before: rank 0 alone reloaded a model to save it,
     which transformers built under deepspeed.zero.Init, a collective)."""
-    pytest.importorskip("deepspeed")
     _train_sharded_match_one_process_and_resume(write_experiment, tmp_path, ZERO3_ENV, "deepspeed")
 
 

@@ -122,13 +122,17 @@ def _is_float(value: Any) -> bool:
     return isinstance(value, torch.Tensor) and value.is_floating_point()
 
 
-class _ArriveForBackward(torch.autograd.Function):
-    """Identity on a block's outputs; its backward brings the block in before the block's own."""
+class _Marker(torch.autograd.Function):
+    """Identity on a block's tensors; what its backward does to the block is the subclass's."""
 
     @staticmethod
     def forward(ctx: Any, swap: BlockSwap, index: int, token: torch.Tensor, *tensors: torch.Tensor) -> tuple:
         ctx.swap, ctx.index = swap, index
         return tuple(t.view_as(t) for t in tensors)
+
+
+class _ArriveForBackward(_Marker):
+    """On a block's outputs: its backward brings the block in before the block's own."""
 
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor) -> tuple:
@@ -137,13 +141,8 @@ class _ArriveForBackward(torch.autograd.Function):
         return (None, None, None, *grads)
 
 
-class _LeaveAfterBackward(torch.autograd.Function):
-    """Identity on a block's inputs; its backward parks the block once the block's own is done."""
-
-    @staticmethod
-    def forward(ctx: Any, swap: BlockSwap, index: int, token: torch.Tensor, *tensors: torch.Tensor) -> tuple:
-        ctx.swap, ctx.index = swap, index
-        return tuple(t.view_as(t) for t in tensors)
+class _LeaveAfterBackward(_Marker):
+    """On a block's inputs: its backward parks the block once the block's own is done."""
 
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor) -> tuple:

@@ -23,6 +23,14 @@ def test_every_shipped_config_loads():
             experiment.train_config_for(name)
 
 
+def test_no_shipped_config_points_at_a_gated_dataset():
+    """lambdalabs/pokemon-blip-captions has been gated since 2024: a user running a shipped config
+    gets its drop-in mirror, never a download that fails."""
+    gated = {"lambdalabs/pokemon-blip-captions"}
+    sources = {path.name: yaml.safe_load(path.read_text()).get("data", {}).get("source") for path in SHIPPED}
+    assert not {name: source for name, source in sources.items() if source in gated}
+
+
 def test_shipped_configs_are_found_by_name_from_any_folder(tmp_path, monkeypatch):
     from sdtune.config.shipped import shipped_configs
 

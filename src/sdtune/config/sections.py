@@ -116,7 +116,7 @@ class DataConfig:
         if looks_like_local_path(self.source) and not Path(self.source).expanduser().exists():
             raise ConfigError(
                 f"data.source: {self.source!r} does not exist; give an imagefolder, a "
-                ".parquet/.jsonl/.csv file, or a hub dataset id like 'lambdalabs/pokemon-blip-captions'"
+                ".parquet/.jsonl/.csv file, or a hub dataset id like 'reach-vb/pokemon-blip-captions'"
             )
         if self.instance_prompt is not None and self.caption_column is not None:
             raise ConfigError(

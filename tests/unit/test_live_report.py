@@ -72,3 +72,32 @@ def test_a_failed_starts_progress_file_does_not_block_the_next_start(tmp_path):
     (run / "unet_adapter.safetensors").write_bytes(b"weights")  # real work is still protected
     with pytest.raises(RunExistsError, match="is not empty"):
         claim_run_dir(run, None, False)
+
+
+def test_tunes_live_page_shows_each_running_trial_at_its_step(tmp_path):
+    """`sdtune tune`'s statuses: queued, then a started trial at the step its folder reports (re-read
+    by the page's thread while it trains), then its outcome; the last page stops reloading."""
+    from dataclasses import asdict
+
+    from sdtune.tuning.jobs import Job
+    from sdtune.tuning.study import LiveStatus
+
+    def job(rate: str) -> Job:
+        return Job(f"lora/lr-{rate}", {}, "lora", str(tmp_path / "trials" / "lora" / f"lr-{rate}"), str(tmp_path), 0, 1)
+
+    first, second = job("1e-04"), job("1e-03")
+    with LiveStatus(tmp_path) as live:
+        live.queued([first, second])
+        assert "<td>lora/lr-1e-04</td><td>queued</td>" in (tmp_path / "report.html").read_text()
+        live.event(first, "started", None)
+        assert live.current()[0] == RunStatus("lora/lr-1e-04", "running")  # no progress written yet
+        first.run_dir.mkdir(parents=True)
+        records.write_progress(first.run_dir, records.RunProgress(7, 36, "running"))
+        assert live.current()[0] == RunStatus("lora/lr-1e-04", "running", 7, 36)
+        live.report.render(done=False)  # what the page's thread does every few seconds
+        page = (tmp_path / "report.html").read_text()
+        assert "running at step 7 of 36" in page and "http-equiv='refresh'" in page
+        live.event(first, "ended", asdict(finished_train_record("lora", 36)))
+        assert live.current()[0] == RunStatus("lora/lr-1e-04", "finished", 36, 36)
+    page = (tmp_path / "report.html").read_text()
+    assert "http-equiv='refresh'" not in page and "<td>lora/lr-1e-03</td><td>queued</td>" in page

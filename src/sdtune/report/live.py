@@ -240,6 +240,7 @@ class LiveReport:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="sdtune-live-report", daemon=True)
         self._last: str | None = None
+        self._rendering = threading.Lock()  # the caller's thread and the poller's: one page at a time
         self.failed = False
 
     def __enter__(self) -> LiveReport:
@@ -254,17 +255,18 @@ class LiveReport:
 
     def render(self, done: bool) -> None:
         """Write the page now (unless an earlier render failed); skipped when nothing changed."""
-        if self.failed:
-            return
-        try:
-            statuses, phase = self.statuses(), self.phase()
-            key = repr((statuses, phase, done, self._records_state()))
-            if key != self._last:
-                render_live(self.root, statuses, done, phase, self.refresh_s)
-                self._last = key
-        except Exception:  # a bug of ours in a side show: keep its traceback in the log, keep the job
-            self.failed = True
-            log.exception("the live report could not be rendered; it stops here (the final report is unaffected)")
+        with self._rendering:
+            if self.failed:
+                return
+            try:
+                statuses, phase = self.statuses(), self.phase()
+                key = repr((statuses, phase, done, self._records_state()))
+                if key != self._last:
+                    render_live(self.root, statuses, done, phase, self.refresh_s)
+                    self._last = key
+            except Exception:  # a bug of ours in a side show: keep its traceback in the log, keep the job
+                self.failed = True
+                log.exception("the live report could not be rendered; it stops here (the final report is unaffected)")
 
     def _records_state(self) -> list[tuple[str, int]]:
         """What the page's tables and images depend on, cheaply: file names and change times."""

@@ -28,7 +28,7 @@ from sdtune.config import VALIDATION_LOSS, ConfigError
 from sdtune.errors import UserError
 from sdtune.experiment import Experiment
 from sdtune.preflight import check_tuning
-from sdtune.report.live import RunStatus, render_live
+from sdtune.report.live import LiveReport, RunStatus, run_status
 from sdtune.report.tuning import render_tuning_report
 from sdtune.training import output_root
 from sdtune.tuning import plan
@@ -68,15 +68,14 @@ def tune(
     names = _checked(experiment, engine, address, max_concurrent, only, output_dir)
     root = output_root(experiment, output_dir).resolve()
     selection = open_selection(experiment, root, engine)
-    live = LiveStatus(root)
     runner = _engine(engine, root, max_concurrent, address)
     try:
-        selection = run_trials(experiment, root, names, runner, selection, live)
-        if finals:
-            run_finals(experiment, root, names, runner, selection, live, progress)
+        with LiveStatus(root) as live:
+            selection = run_trials(experiment, root, names, runner, selection, live)
+            if finals:
+                run_finals(experiment, root, names, runner, selection, live, progress)
     finally:
         runner.close()
-        live.show(done=True)
     return render_tuning_report(root)
 
 
@@ -393,43 +392,52 @@ def _evaluated(arm_root: Path, names: list[str], seeds: tuple[int, ...]) -> bool
 
 
 class LiveStatus:
-    """Each run's state (queued, running, finished, failed), shown in the live report as it changes."""
+    """Each run's state (queued, running at step N, finished, failed), shown in the live report as it
+    changes: at every event, and every few seconds while runs train (a running run's step is read from
+    its folder's ``progress.json``, :func:`run_status`). Use it as a context manager around the job."""
 
     def __init__(self, root: Path) -> None:
-        self.root, self.statuses, self.lock = root, {}, threading.Lock()
+        self.root, self.lock = root, threading.Lock()
+        self.statuses: dict[str, RunStatus] = {}
+        self.running: dict[str, Job] = {}
+        self.report = LiveReport(root, self.current)
+
+    def __enter__(self) -> LiveStatus:
+        self.report.__enter__()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.report.__exit__(*exc_info)  # the last page: no more reloading
 
     def queued(self, jobs: list[Job]) -> None:
         with self.lock:
             for job in jobs:
-                self.statuses[job.label] = _status(job.label, "queued")
-        self.show()
+                self.statuses[job.label] = RunStatus(job.label, "queued")
+        self.report.render(done=False)
 
     def event(self, job: Job, what: str, record: dict[str, Any] | None) -> None:
         with self.lock:
             if record is None:
-                self.statuses[job.label] = _status(job.label, "running")
+                self.statuses[job.label] = RunStatus(job.label, "running")
+                self.running[job.label] = job
             else:
                 steps = record.get("steps") or {}
                 state = {"finished": "finished", "failed": "failed"}.get(record["status"], "queued")
-                self.statuses[job.label] = _status(job.label, state, steps.get("done"), steps.get("max"), record.get("error"))
+                self.statuses[job.label] = RunStatus(job.label, state, steps.get("done"), steps.get("max"), record.get("error"))
+                self.running.pop(job.label, None)
                 print(_job_line(job, record), flush=True)
-        self.show()
+        self.report.render(done=False)
 
-    def show(self, done: bool = False) -> None:
+    def current(self) -> list[RunStatus]:
+        """Every run's status now; a running one at the step its folder reports (never stale: it runs)."""
         with self.lock:
-            statuses = list(self.statuses.values())
-        show_live(self.root, statuses, done)
-
-
-def _status(label: str, state: str, step: int | None = None, max_steps: int | None = None,
-            error: str | None = None) -> dict[str, Any]:
-    """One run's status, every field of the live report's ``RunStatus`` given."""
-    return {"label": label, "state": state, "step": step, "max_steps": max_steps, "error": error}
-
-
-def show_live(root: Path, statuses: list[dict[str, Any]], done: bool) -> None:
-    """Re-render the live report (:mod:`sdtune.report.live`) with each run's status."""
-    render_live(root, [RunStatus(**status) for status in statuses], done)
+            statuses, running = list(self.statuses.values()), dict(self.running)
+        shown = []
+        for status in statuses:
+            job = running.get(status.label)
+            found = run_status(status.label, job.run_dir) if job is not None else None
+            shown.append(found if found is not None and found.state == "running" and found.step is not None else status)
+        return shown
 
 
 def _job_line(job: Job, record: dict[str, Any]) -> str:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from sdtune import records
 from sdtune.report.tuning import render_tuning_report, tuning_summary
-from sdtune.report.tuning_plots import pareto_front
+from sdtune.report.tuning_plots import pareto_front, point_labels
 from sdtune.report.tuning_summary import load_study, ranking_sentences, ranks
 from sdtune.tuning.plan import first_change, rate_label
 from sdtune.tuning.ray_engine import asha_rungs
@@ -135,3 +135,9 @@ def test_the_change_across_learning_rates_has_each_run_once(tmp_path, monkeypatc
     assert figure is not None and figure[0].is_file() and "drift" in figure[1]
     assert sorted((p.label, p.learning_rate, p.metrics["drift"]) for p in drawn[0]) == [
         ("a", 1e-3, 0.10), ("a", 1e-3, 0.10), ("b", 1e-3, 0.05), ("b", 1e-3, 0.05), ("b", 3e-3, 0.20), ("b", 3e-3, 0.20)]
+
+
+def test_models_on_the_same_point_of_the_pareto_plot_share_one_readable_label():
+    points = [("lora @3e-4", 1.0, 0.0), ("loha @3e-4", 1.0, 0.0), ("lora @3e-2", 0.8, 0.65)]
+    assert point_labels(points, (1.0, 0.0)) == {(1.0, 0.0): "base\nlora @3e-4\nloha @3e-4", (0.8, 0.65): "lora @3e-2"}
+    assert point_labels(points[2:], None) == {(0.8, 0.65): "lora @3e-2"}

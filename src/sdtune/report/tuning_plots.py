@@ -144,16 +144,27 @@ def pareto(study: Study, folder: Path, pair: tuple[str, str]) -> Path | None:
     front = set(pareto_front(points, _direction(study, drift), _direction(study, fidelity)))
     for label, x, y in points:
         axis.scatter([x], [y], s=40, color="#d62728" if label in front else "#5b8def")
-        axis.annotate(label, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7)
     line = sorted((x, y) for label, x, y in points if label in front)
     axis.plot([p[0] for p in line], [p[1] for p in line], color="#d62728", linewidth=1, alpha=0.7)
     if base:
         axis.scatter([base[0]], [base[1]], marker="s", color="black", s=40)
-        axis.annotate("base", base, textcoords="offset points", xytext=(5, 4), fontsize=7)
+    for (x, y), text in point_labels(points, base).items():
+        axis.annotate(text, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7, va="bottom")
     axis.set_xlabel(f"{drift} ({_direction(study, drift)} is better: forgets less)")
     axis.set_ylabel(f"{fidelity} ({_direction(study, fidelity)} is better: learns more)")
     axis.grid(alpha=0.3)
     return _save(plt, figure, folder / "pareto.png")
+
+
+def point_labels(points: list[tuple[str, float, float]], base: tuple[float, float] | None) -> dict[tuple[float, float], str]:
+    """One label per place on the plot: the models that sit on the same point (e.g. every adapter that
+    learned nothing at the shared rate, and the base) are listed together, one per line."""
+    at: dict[tuple[float, float], list[str]] = {}
+    if base:
+        at.setdefault(base, []).append("base")
+    for label, x, y in points:
+        at.setdefault((x, y), []).append(label)
+    return {place: "\n".join(labels) for place, labels in at.items()}
 
 
 def _save(plt, figure, path: Path) -> Path:

@@ -228,11 +228,14 @@ def check_device_options(
         raise ConfigError(
             f"{quantize_key}: quantised components need bitsandbytes; {QUANTIZATION_INSTALL}, or remove {quantize_key}"
         )
-    if config.optimizer != "adamw" and importlib.util.find_spec("bitsandbytes") is None:
-        raise ConfigError(f"{where}.optimizer: {config.optimizer!r} needs bitsandbytes; pip install 'sdtune[bnb]' or use adamw")
-    if config.optimizer_offload and importlib.util.find_spec("torchao") is None:
-        raise ConfigError(f"{where}.optimizer_offload: true needs torchao; pip install 'sdtune[offload]' or set it to false")
     cuda = torch.cuda.is_available() and not on_cpu()
+    # a CUDA-only saver without CUDA is refused for that when the run starts (savers.check_device), never
+    # for a package whose install would not make it run here
+    paged = config.optimizer.startswith("paged_")
+    if config.optimizer != "adamw" and (cuda or not paged) and importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError(f"{where}.optimizer: {config.optimizer!r} needs bitsandbytes; pip install 'sdtune[bnb]' or use adamw")
+    if config.optimizer_offload and cuda and importlib.util.find_spec("torchao") is None:
+        raise ConfigError(f"{where}.optimizer_offload: true needs torchao; pip install 'sdtune[offload]' or set it to false")
     if config.mixed_precision == "fp16" and not cuda:
         raise ConfigError(f"{where}.mixed_precision: 'fp16' needs a CUDA GPU; use 'bf16' or 'no' here")
     if config.compile:

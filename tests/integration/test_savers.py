@@ -91,6 +91,25 @@ def test_cuda_only_savers_are_refused_on_the_cpu_in_one_line(write_experiment, t
     assert "\n" not in str(error.value)
 
 
+@pytest.mark.parametrize(
+    ("train", "package", "message"),
+    [
+        ({"optimizer_offload": True}, "torchao", "train.optimizer_offload: true needs a CUDA GPU"),
+        ({"optimizer": "paged_adamw8bit"}, "bitsandbytes", "train.optimizer: paged_adamw8bit needs a CUDA GPU"),
+    ],
+)
+def test_a_cuda_only_saver_on_the_cpu_names_the_gpu_not_a_package(write_experiment, monkeypatch, train, package, message):
+    """Without its package too, the CPU's refusal is the one that holds: installing the package would
+    not make the saver run here."""
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == package else find_spec(name, *a))
+    experiment = load_experiment(write_experiment(techniques=LORA, **train))
+    with pytest.raises(savers.DeviceSaverError, match=message):
+        train_technique(experiment, "lora", progress=False)
+
+
 def test_free_encoders_encodes_everything_first_then_never_touches_them(write_experiment, tmp_path, monkeypatch):
     """Fake split: the VAE and text encoder go to the meta device after the encode-ahead; the run
     (with dropped captions, whose empty conditioning is encoded ahead too) still trains exactly as

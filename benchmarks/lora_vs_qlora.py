@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import platform
 import statistics
 import sys
 import tempfile
@@ -48,7 +47,7 @@ def main() -> int:
     args = parser.parse_args()
     import sdtune
     from sdtune.demo.run import QUICK, DemoSettings, demo_experiment
-    from sdtune.records import package_versions
+    from sdtune.records import device_description, git_commit, package_versions
 
     output = Path(args.output or tempfile.mkdtemp(prefix="sdtune-qlora-")) / "lora-vs-qlora"
     settings = dataclasses.replace(QUICK if args.quick else DemoSettings(), techniques=TECHNIQUES, every_steps=None)
@@ -65,8 +64,7 @@ def main() -> int:
     for row in rows:
         row["step_cpu_s"] = step_cpu[row["technique"]]
     result = {
-        "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-                    "platform": platform.platform()},
+        "machine": device_description(torch.device("cpu")), "commit": git_commit(),
         "versions": package_versions(),
         "settings": dataclasses.asdict(settings), "compare_wall_s": wall, "rows": rows, "quantized_base_drift": base_drift, "report": str(report),
     }

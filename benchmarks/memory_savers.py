@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ from pathlib import Path
 
 import yaml
 
+from sdtune.records import git_commit
 from sdtune.util import atomic
 
 # variant → (technique kind, train keys); every variant: batch 1, no accumulation, no clipping (so
@@ -44,11 +44,9 @@ VARIANTS = {
 def machine() -> dict:
     import torch
 
-    if torch.cuda.is_available():
-        return {"device": "cuda", "name": torch.cuda.get_device_name(0)}
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    return {"device": "cpu", "name": cpu, "cores": os.cpu_count()}
+    from sdtune.records import device_description
+
+    return device_description(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 def experiment_file(work: Path, variant: str, resolution: int, steps: int, gpu: bool) -> Path:
@@ -105,7 +103,7 @@ def main() -> int:
         rows.append(row)
         shown = row.get("refused") or f"{row['peak_bytes'] / 2**30:.2f} GiB, {row['s_per_step']:.2f} s/step"
         print(f"| {variant} | {shown} |", flush=True)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = git_commit()
     result = {"machine": machine(), "commit": commit, "args": vars(args), "rows": rows,
               "total_s": time.perf_counter() - started, "load_average_1min": [load_before[0], os.getloadavg()[0]]}
     if args.out:

@@ -71,9 +71,21 @@ def device_description(device: torch.device) -> dict[str, Any]:
         info["name"] = torch.cuda.get_device_name(device)
         info["total_memory_bytes"] = torch.cuda.get_device_properties(device).total_memory
     else:
-        info["name"] = platform.processor() or platform.machine()
+        info["name"] = cpu_name()
         info["torch_threads"] = torch.get_num_threads()
     return info
+
+
+def cpu_name(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The CPU's model name ("AMD EPYC 7B13"): Linux's /proc/cpuinfo, else what the platform says
+    (on Linux ``platform.processor()`` is often empty, and ``machine()`` only says "x86_64")."""
+    try:
+        for line in cpuinfo.read_text(errors="replace").splitlines():
+            if line.startswith("model name") and ":" in line:
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def reset_peak_memory(device: torch.device) -> None:

@@ -150,7 +150,7 @@ def _train_claimed(
             if not config.fused_backward:  # (fused: each tensor stepped in the backward pass, optim.py)
                 optim.clip_gradients(accelerator, run.optimizer, list(run.parameters.values()), config.max_grad_norm)
                 run.optimizer.step()
-            run.lr_scheduler.step()
+            optim.step_scheduler(run.lr_scheduler, config.fused_backward)
             run.optimizer.zero_grad(set_to_none=True)
             if run.ema is not None:
                 run.ema.step(sharding.ema_tensors(accelerator, run.parameters))

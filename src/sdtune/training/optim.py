@@ -5,6 +5,7 @@ docs/memory.md."""
 
 from __future__ import annotations
 
+import warnings
 from functools import partial
 from typing import Any
 
@@ -106,6 +107,19 @@ def _step_one(optimizer: torch.optim.Optimizer, owner: int, parameter: torch.Ten
         for group, params in zip(optimizer.param_groups, kept):
             group["params"] = params
     parameter.grad = None
+
+
+def step_scheduler(scheduler: Any, fused_backward: bool) -> None:
+    """Advance the learning-rate schedule after the step. With ``fused_backward`` the tensors were
+    stepped in the backward pass through the optimizer itself (:func:`step_in_backward`), not through
+    the wrapper torch's scheduler watches, so its warning that the schedule was stepped before the
+    optimizer (and would skip its first rate) is not so here, and is not shown."""
+    if not fused_backward:
+        scheduler.step()
+        return
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before `optimizer\.step\(\)`")
+        scheduler.step()
 
 
 def clip_gradients(accelerator: Any, optimizer: Any, parameters: list[torch.nn.Parameter], max_norm: float | None) -> None:

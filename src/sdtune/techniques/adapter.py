@@ -125,12 +125,15 @@ class AdapterTechnique(Technique):
         own = {k: v for k, v in dataclasses.asdict(options).items() if k != "peft"}
         return {**own, **options.peft}  # peft's own field names are accepted keys
 
-    def peft_config(self, target_modules: list[str]) -> Any:
-        return self.config_class()(**{**self.options.peft, "target_modules": target_modules}, **self.fixed)
+    def peft_config(self, target_modules: list[str], component: torch.nn.Module) -> Any:
+        """The peft config of one adapted component (``rank_pattern``/``alpha_pattern``: its own keys)."""
+        args = own_patterns({**self.options.peft, "target_modules": target_modules}, component)
+        return self.config_class()(**args, **self.fixed)
 
-    def saved_peft_config(self, target_modules: list[str]) -> Any:
-        """The peft config of the saved files (LoRA from PiSSA/OLoRA: the converted adapter's)."""
-        return self.config_class()(**{**self.saved_peft_args(), "target_modules": target_modules}, **self.fixed)
+    def saved_peft_config(self, target_modules: list[str], component: torch.nn.Module) -> Any:
+        """The peft config of one component's saved files (LoRA from PiSSA/OLoRA: the converted adapter's)."""
+        args = own_patterns({**self.saved_peft_args(), "target_modules": target_modules}, component)
+        return self.config_class()(**args, **self.fixed)
 
     def saved_peft_args(self) -> dict[str, Any]:
         """The peft arguments the saved files describe (the trained ones unless the technique converts)."""
@@ -150,7 +153,7 @@ class AdapterTechnique(Technique):
 
         targets = self.component_targets(model)
         for name, modules in targets.items():
-            inject_adapter_in_model(self.peft_config(modules), model.components[name])
+            inject_adapter_in_model(self.peft_config(modules, model.components[name]), model.components[name])
             _check_injected(model.components[name], modules, name)
         if self.options.init_from:  # after injection: the file's tensors replace the fresh initialisation
             adapted = {name: model.components[name] for name in targets}
@@ -219,9 +222,9 @@ class AdapterTechnique(Technique):
     def _save_peft(self, adapted: list, out_dir: Path) -> list[str]:
         """peft's own format: ``<component>_adapter.safetensors`` + ``<component>_adapter_config.json``."""
         written = []
-        for name, _, targets, state in adapted:
+        for name, module, targets, state in adapted:
             atomic.save_tensors(out_dir / f"{name}_adapter.safetensors", state, {"format": "pt"})
-            config = self.saved_peft_config(targets).to_dict()
+            config = self.saved_peft_config(targets, module).to_dict()
             atomic.write_json(out_dir / f"{name}_adapter_config.json", _jsonable(config))
             written += [out_dir / f"{name}_adapter.safetensors", out_dir / f"{name}_adapter_config.json"]
         return files_under(out_dir, written)
@@ -319,6 +322,26 @@ def check_file_family(path: Path, family: str, where: str) -> None:
         )
 
 
+def own_patterns(peft_args: dict[str, Any], component: torch.nn.Module) -> dict[str, Any]:
+    """``peft_args`` with only the ``rank_pattern``/``alpha_pattern`` keys that name a module of
+    ``component``, matched as peft matches them (``get_pattern_key``: the key is the end of a module's
+    path). A technique's patterns cover every component it adapts (``to_q`` is the UNet's, ``q_proj``
+    the text encoder's); peft ignores another component's keys with a warning, and they would be
+    written into this component's files as if they applied there."""
+    import re
+
+    names = [name for name, _ in component.named_modules()]
+    kept = dict(peft_args)
+    for field_name in ("rank_pattern", "alpha_pattern"):
+        patterns = peft_args.get(field_name)
+        if patterns:
+            kept[field_name] = {
+                key: value for key, value in patterns.items()
+                if any(re.match(rf"(.*\.)?({key})$", name) for name in names)
+            }
+    return kept
+
+
 def _check_injected(module: torch.nn.Module, targets: list[str], what: str) -> None:
     if not any(p.requires_grad for p in module.parameters()):
         raise ConfigError(f"target_modules {targets} matched no layer of the {what}")
@@ -369,7 +392,7 @@ class LoRA(AdapterTechnique):
     def make_trainable(self, model: Model) -> None:
         mutates = lora_variants.mutates_base(self.options.peft.get("init_lora_weights", True))
         for name, modules in self.component_targets(model).items() if mutates else ():
-            lora_variants.check_linear_targets(self.peft_config(modules), model.components[name], name)
+            lora_variants.check_linear_targets(self.peft_config(modules, model.components[name]), model.components[name], name)
         super().make_trainable(model)
         self.initial_states = None
         if mutates:
@@ -400,17 +423,17 @@ class LoRA(AdapterTechnique):
             # peft's keys, as diffusers writes them itself: its older converted spelling renames only
             # attention layers, and a file mixing both spellings (LoCon) loads without the attention ones
             lora_layers[f"{name}_lora_layers"] = scale_folded(module, state)
-            lora_layers[f"{name}_lora_adapter_metadata"] = _jsonable(self.unit_scale_config(targets).to_dict())
+            lora_layers[f"{name}_lora_adapter_metadata"] = _jsonable(self.unit_scale_config(targets, module).to_dict())
         model.pipeline_class().save_lora_weights(
             out_dir, weight_name=DIFFUSERS_LORA_FILE, safe_serialization=True, **lora_layers
         )
         parts["diffusers_lora"] = [DIFFUSERS_LORA_FILE]
         return {**parts, **self._save_community(model, adapted, out_dir)}
 
-    def unit_scale_config(self, targets: list[str]) -> Any:
+    def unit_scale_config(self, targets: list[str], component: torch.nn.Module) -> Any:
         """The saved peft config with every layer's alpha equal to its rank (scale 1), for a file
         whose scales are folded into its B matrices (:func:`scale_folded`)."""
-        config = self.saved_peft_config(targets)
+        config = self.saved_peft_config(targets, component)
         config.lora_alpha, config.use_rslora = config.r, False
         config.alpha_pattern = dict(config.rank_pattern or {})
         return config

@@ -112,12 +112,17 @@ def write_architecture(name: str, folder: Path) -> Path:
     return folder
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def estimate_arguments(description: str) -> argparse.Namespace:
+    """The command line of the estimate benchmarks: where the architectures go, the data, the output."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--work", default="/tmp/sdtune-card-architectures")
     parser.add_argument("--data", required=True, help="any captioned imagefolder (the estimate reads no image)")
     parser.add_argument("--out", default=None)
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main() -> int:
+    args = estimate_arguments(__doc__.splitlines()[0])
     import sdtune
 
     results = {}

@@ -10,7 +10,6 @@ hub access ``sdtune train lora-vs-qlora --estimate`` prints the same numbers.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import sys
 from pathlib import Path
@@ -19,13 +18,10 @@ HERE = Path(__file__).resolve().parent
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--work", default="/tmp/sdtune-card-architectures")
-    parser.add_argument("--data", required=True, help="any captioned imagefolder (the estimate reads no image)")
-    parser.add_argument("--out", default=None)
-    args = parser.parse_args()
     sys.path.insert(0, str(HERE))
-    from card_estimates import write_architecture
+    from card_estimates import estimate_arguments, write_architecture
+
+    args = estimate_arguments(__doc__.splitlines()[0])
 
     import sdtune
     from sdtune.config.shipped import shipped_config

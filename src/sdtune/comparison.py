@@ -30,7 +30,7 @@ from sdtune.evaluation import (
 from sdtune.experiment import Experiment
 from sdtune.preflight import check_comparison
 from sdtune.report import render_report
-from sdtune.report.live import ERROR_FILE, LiveReport, RunStatus, run_status
+from sdtune.report.live import ERROR_FILE, LiveReport, RunStatus, run_status, running_status
 from sdtune.runner import TechniqueFailed, train_in_fresh_process
 from sdtune.training import output_root, train_technique
 from sdtune.util import atomic
@@ -141,9 +141,7 @@ class _Progress:
             if (seed, name) in self.outcomes:
                 statuses.append(self.outcomes[seed, name])
             elif (seed, name) == self.current:  # what its folder says, but never stale: it runs now
-                found = run_status(label, self.run_dir(seed, name))
-                running = found.state == "running" and found.step is not None
-                statuses.append(found if running else RunStatus(label, "running", None, None))
+                statuses.append(running_status(label, self.run_dir(seed, name)))
             else:
                 statuses.append(RunStatus(label, "queued"))
         return statuses

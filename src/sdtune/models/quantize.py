@@ -79,11 +79,9 @@ def quantize_component(
     for name, child in list(module.named_modules()):
         if type(child) is not torch.nn.Linear or any(part in kept for part in name.split(".")):
             continue
-        parent_name, _, attribute = name.rpartition(".")
-        parent = module.get_submodule(parent_name) if parent_name else module
         layer = _quantized_linear(bnb, child, kind, config).to(device)  # bitsandbytes quantises on the move
         layer.train(child.training)
-        setattr(parent, attribute, layer)
+        _replace(module, name, layer)
     setattr(module, LOADED_FLAGS[kind], True)
     setattr(module, MARK, kind)
 
@@ -114,6 +112,12 @@ def _quantized_linear(bnb: Any, linear: torch.nn.Linear, kind: str, config: Any)
     if has_bias:
         layer.bias = torch.nn.Parameter(linear.bias.detach().to("cpu"), requires_grad=False)
     return layer
+
+
+def _replace(module: torch.nn.Module, name: str, layer: torch.nn.Module) -> None:
+    """Put ``layer`` at ``name`` in ``module`` (``get_submodule("")`` is the module itself)."""
+    owner, _, attribute = name.rpartition(".")
+    setattr(module.get_submodule(owner), attribute, layer)
 
 
 def quantization_of(module: torch.nn.Module) -> str | None:
@@ -209,8 +213,7 @@ def dequantize_component(module: torch.nn.Module, dtype: torch.dtype) -> None:
     """Replace every bitsandbytes layer of ``module`` by its :func:`dequantized_linear` in ``dtype``,
     and unmark the module."""
     for name, layer in quantized_layers(module).items():
-        parent_name, _, attribute = name.rpartition(".")
-        setattr(module.get_submodule(parent_name) if parent_name else module, attribute, dequantized_linear(layer, dtype))
+        _replace(module, name, dequantized_linear(layer, dtype))
     for flag in (*LOADED_FLAGS.values(), MARK):
         if hasattr(module, flag):
             delattr(module, flag)

@@ -84,6 +84,13 @@ def run_status(label: str, run_dir: Path) -> RunStatus:
     return RunStatus(label, state, progress.step, progress.max_steps)
 
 
+def running_status(label: str, run_dir: Path) -> RunStatus:
+    """A run known to train now: its folder's step, or plain running while its folder says nothing
+    newer (no progress written yet, or a stale state from an earlier attempt)."""
+    found = run_status(label, run_dir)
+    return found if found.state == "running" and found.step is not None else RunStatus(label, "running")
+
+
 def _one_line(text: str, limit: int = 300) -> str:
     """An error's one line: its first line, or a traceback's last (the exception and its message)."""
     lines = [line.strip() for line in text.strip().splitlines() if line.strip()]

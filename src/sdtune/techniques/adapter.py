@@ -127,12 +127,14 @@ class AdapterTechnique(Technique):
 
     def peft_config(self, target_modules: list[str], component: torch.nn.Module) -> Any:
         """The peft config of one adapted component (``rank_pattern``/``alpha_pattern``: its own keys)."""
-        args = own_patterns({**self.options.peft, "target_modules": target_modules}, component)
-        return self.config_class()(**args, **self.fixed)
+        return self._component_config(self.options.peft, target_modules, component)
 
     def saved_peft_config(self, target_modules: list[str], component: torch.nn.Module) -> Any:
         """The peft config of one component's saved files (LoRA from PiSSA/OLoRA: the converted adapter's)."""
-        args = own_patterns({**self.saved_peft_args(), "target_modules": target_modules}, component)
+        return self._component_config(self.saved_peft_args(), target_modules, component)
+
+    def _component_config(self, peft_args: dict[str, Any], target_modules: list[str], component: torch.nn.Module) -> Any:
+        args = own_patterns({**peft_args, "target_modules": target_modules}, component)
         return self.config_class()(**args, **self.fixed)
 
     def saved_peft_args(self) -> dict[str, Any]:
@@ -330,13 +332,14 @@ def own_patterns(peft_args: dict[str, Any], component: torch.nn.Module) -> dict[
     written into this component's files as if they applied there."""
     import re
 
+    if not (peft_args.get("rank_pattern") or peft_args.get("alpha_pattern")):
+        return peft_args
     names = [name for name, _ in component.named_modules()]
     kept = dict(peft_args)
     for field_name in ("rank_pattern", "alpha_pattern"):
-        patterns = peft_args.get(field_name)
-        if patterns:
+        if peft_args.get(field_name):
             kept[field_name] = {
-                key: value for key, value in patterns.items()
+                key: value for key, value in peft_args[field_name].items()
                 if any(re.match(rf"(.*\.)?({key})$", name) for name in names)
             }
     return kept

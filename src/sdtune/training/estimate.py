@@ -165,8 +165,10 @@ def quantized_weight_bytes(
     for submodule in module.modules():
         for name, parameter in submodule.named_parameters(recurse=False):
             frozen_linear = isinstance(submodule, torch.nn.Linear) and name == "weight" and not parameter.requires_grad
-            placed = _placed_dtype(parameter, component, model, config).itemsize
-            per_value = QUANTIZED_BYTES_PER_WEIGHT[kind] if frozen_linear else placed
+            per_value = (
+                QUANTIZED_BYTES_PER_WEIGHT[kind] if frozen_linear
+                else _placed_dtype(parameter, component, model, config).itemsize
+            )
             total += int(parameter.numel() * per_value)
     return total
 

@@ -28,7 +28,7 @@ from sdtune.config import VALIDATION_LOSS, ConfigError
 from sdtune.errors import UserError
 from sdtune.experiment import Experiment
 from sdtune.preflight import check_tuning
-from sdtune.report.live import LiveReport, RunStatus, run_status
+from sdtune.report.live import LiveReport, RunStatus, running_status
 from sdtune.report.tuning import render_tuning_report
 from sdtune.training import output_root
 from sdtune.tuning import plan
@@ -432,12 +432,10 @@ class LiveStatus:
         """Every run's status now; a running one at the step its folder reports (never stale: it runs)."""
         with self.lock:
             statuses, running = list(self.statuses.values()), dict(self.running)
-        shown = []
-        for status in statuses:
-            job = running.get(status.label)
-            found = run_status(status.label, job.run_dir) if job is not None else None
-            shown.append(found if found is not None and found.state == "running" and found.step is not None else status)
-        return shown
+        return [
+            running_status(status.label, running[status.label].run_dir) if status.label in running else status
+            for status in statuses
+        ]
 
 
 def _job_line(job: Job, record: dict[str, Any]) -> str:
